@@ -1,0 +1,191 @@
+// The one contract between model code and a device. Model code (worker/model/*) is written once against
+// `Backend` and never sees which backend runs it. Ops are coarse and fused, each forward next to its backward.
+//
+// Legend for shape comments:
+//   N  tokens in the micro-batch (= B·T, row-major [B, T, ...] flattened)
+//   B  sequences, T  time steps, H  hidden size, I  MLP intermediate size, V  vocabulary
+//   Hq query heads, Hk key/value heads (GQA: query head h uses kv head h / (Hq/Hk)), D  head dim
+//   r  LoRA rank
+//
+// Conventions:
+// - All ops are synchronous from the caller's view (the cuda backend may queue work on a stream and only
+//   synchronise in `download`/`sumSquares`/`crossEntropy`, which return host values).
+// - Float tensors on the cpu backend are float32. On the cuda backend activations are bf16 and LoRA weights,
+//   optimizer state and gradients are f32; the model code does not care (it asks for 'act' tensors).
+// - Ops allocate their outputs unless an `out` tensor is passed. Callers `free` what they no longer need
+//   (the cpu backend's free is a no-op hint; the cuda backend returns memory to its pool).
+// - Weight matrices use the PyTorch nn.Linear convention: W is [out, in] and y = x · Wᵀ.
+
+/** Element types a backend tensor may hold. 'act' in requests means "the backend's activation type". */
+export type DType = 'f32' | 'bf16' | 'f16' | 'i32' | 'u8';
+
+/** An opaque device tensor. Backends extend it with their own storage. */
+export interface Tensor {
+  readonly shape: readonly number[];
+  readonly dtype: DType;
+  /** Number of elements. */
+  readonly size: number;
+}
+
+/**
+ * Host-side NF4 weight with optional double quantization, exactly the bitsandbytes layout (qlora-spec §1–3).
+ * Produced by worker/engine/nf4.ts (quantizeNf4) or read from a pre-quantized checkpoint.
+ */
+export interface Nf4Weight {
+  /** Logical weight shape [out, in]. */
+  readonly shape: readonly [number, number];
+  /** Packed codes, two per byte, even flat element in the high nibble; length ceil(out·in / 2). */
+  readonly packed: Uint8Array;
+  /** Elements per quantization block (64 by default). */
+  readonly blocksize: number;
+  /** The 16-entry code table (NF4 table of spec §1.1 normally; read from the checkpoint's quant_map). */
+  readonly quantMap: Float32Array;
+  /** Per-block scale: float32 when not double-quantized, else uint8 codes into nestedQuantMap. */
+  readonly absmax: Float32Array | Uint8Array;
+  /** Double quantization state, present iff absmax is Uint8Array. */
+  readonly nested?: {
+    readonly absmax: Float32Array;      // [ceil(nblocks / nestedBlocksize)]
+    readonly quantMap: Float32Array;    // [256] signed dynamic map
+    readonly blocksize: number;         // 256
+    readonly offset: number;            // float32 mean of the original absmax
+  };
+  /** dtype the weight had before quantization ('bfloat16' | 'float16' | 'float32'), kept for serialization. */
+  readonly sourceDtype: 'bfloat16' | 'float16' | 'float32';
+}
+
+/** A quantized weight resident on the device (opaque). */
+export interface QuantizedTensor {
+  readonly shape: readonly [number, number];
+  /** Bytes this weight occupies on the device. */
+  readonly bytes: number;
+}
+
+/** Saved state of an attention forward, needed by its backward. */
+export interface AttentionSaved {
+  /** Output [B, T, Hq, D]. */
+  readonly out: Tensor;
+  /** Log-sum-exp of each softmax row [B, Hq, T] (f32). */
+  readonly lse: Tensor;
+}
+
+/** Dropout mask address: the mask of element (row, j) is a pure function of these numbers (see rng.ts). */
+export interface DropoutKey {
+  /** Keep probability is 1 − p. p = 0 means identity. */
+  readonly p: number;
+  /** Two 32-bit key words (e.g. mixKey(seed), mixKey(step)). */
+  readonly k0: number;
+  readonly k1: number;
+  /** Which LoRA module (layer · 16 + module index): third counter word. */
+  readonly stream: number;
+  /** Per row: the global sample id (first counter word) [N]. */
+  readonly rowSample: Int32Array;
+  /** Per row: the token position inside its sample (second counter word, combined with column j) [N]. */
+  readonly rowPos: Int32Array;
+}
+
+export interface AdamWHyper {
+  readonly lr: number;
+  readonly beta1: number;
+  readonly beta2: number;
+  readonly eps: number;
+  readonly weightDecay: number;
+  /** 1-based optimizer step (for bias correction). */
+  readonly step: number;
+}
+
+export interface Backend {
+  readonly name: 'cpu' | 'cuda';
+  /** Activation dtype this backend computes in ('f32' on cpu, 'bf16' on cuda). */
+  readonly actDtype: DType;
+
+  // ---- memory -------------------------------------------------------------------------------------
+  /** Copies host data to a new device tensor. f32 data may be stored as actDtype when dtype='act'. */
+  upload(data: Float32Array | Int32Array | Uint8Array, shape: readonly number[], dtype?: DType | 'act'): Tensor;
+  zeros(shape: readonly number[], dtype?: DType | 'act'): Tensor;
+  /** Copies a device tensor to the host as float32 (float tensors) or int32 / uint8. */
+  download(t: Tensor): Float32Array | Int32Array | Uint8Array;
+  /** Releases device memory. Using t afterwards is an error. */
+  free(t: Tensor): void;
+  /** Same data, new shape (no copy). Size must match. */
+  reshape(t: Tensor, shape: readonly number[]): Tensor;
+  /** Bytes of device memory held by live tensors (for the leak checks and metrics). */
+  memoryInUse(): number;
+
+  // ---- NF4 ----------------------------------------------------------------------------------------
+  /** Moves a host NF4 weight to the device (packed: no full-precision copy is kept). */
+  uploadNf4(w: Nf4Weight): QuantizedTensor;
+  freeQuantized(q: QuantizedTensor): void;
+  /** Full dequantized weight [out, in] in f32 (for merge / tests; not used in training). */
+  dequantize(q: QuantizedTensor): Tensor;
+
+  // ---- linear algebra -------------------------------------------------------------------------------
+  /**
+   * out = alpha · op(a) · op(b) (+ out when accumulate), op = transpose when the flag is set.
+   * a: [M, K] (or [K, M] with transA), b: [K, Nn] (or [Nn, K] with transB), out: [M, Nn].
+   */
+  matmul(a: Tensor, b: Tensor, opts?: { transA?: boolean; transB?: boolean; alpha?: number; out?: Tensor; accumulate?: boolean }): Tensor;
+  /** y = x · deq(W)ᵀ (+ bias).   x [N, in], W [out, in], bias [out] → y [N, out]. */
+  nf4Linear(x: Tensor, w: QuantizedTensor, bias?: Tensor): Tensor;
+  /** dx = dy · deq(W).   dy [N, out] → dx [N, in]. (No weight gradient: the base is frozen.) */
+  nf4LinearBackward(dy: Tensor, w: QuantizedTensor): Tensor;
+
+  // ---- elementwise / reductions ----------------------------------------------------------------------
+  /** a += alpha · b (same shape), in place; returns a. */
+  axpy(a: Tensor, b: Tensor, alpha?: number): Tensor;
+  /** a ·= s in place; returns a. */
+  scale(a: Tensor, s: number): Tensor;
+  /** Sum of squares of all elements, as a host number (float64 accumulation where possible). */
+  sumSquares(t: Tensor): number;
+  /** Sum over rows: x [N, C] → [C] (bias gradients). */
+  sumRows(x: Tensor): Tensor;
+
+  // ---- layers ---------------------------------------------------------------------------------------
+  /** table [V, H], ids i32 [N] → [N, H]. Ids outside [0, V) are an error. */
+  embedding(ids: Tensor, table: Tensor): Tensor;
+
+  /** y = x / sqrt(mean(x²) + eps) · w.  x [N, H], w [H] → y [N, H], rstd [N] (f32). */
+  rmsnorm(x: Tensor, w: Tensor, eps: number): { y: Tensor; rstd: Tensor };
+  /** dx for rmsnorm (w frozen).  dy [N, H] → dx [N, H]. */
+  rmsnormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor): Tensor;
+
+  /**
+   * Rotary embedding, HF "rotate_half" layout (dim i pairs with i + D/2), applied to the first `rotaryDim`
+   * dims of each head (D for Llama). x [N, nh, D], pos i32 [N], invFreq f32 [rotaryDim/2] (already scaled
+   * per rope_scaling; attention scaling factor folded in as `mscale`). Returns a new tensor.
+   * Backward is the rotation by the negative angle: call with inverse = true.
+   */
+  rope(x: Tensor, pos: Tensor, invFreq: Tensor, opts: { rotaryDim: number; mscale?: number; inverse?: boolean }): Tensor;
+
+  /**
+   * Causal self-attention with GQA and key padding. q [B, T, Hq, D], k/v [B, T, Hk, D],
+   * keyMask i32 [B, T] (1 = real token, 0 = padding). A query attends to keys at positions ≤ its own that
+   * are real tokens; a row with no such key outputs zeros. Softmax in f32.
+   */
+  attention(q: Tensor, k: Tensor, v: Tensor, keyMask: Tensor, scale: number): AttentionSaved;
+  attentionBackward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, keyMask: Tensor, saved: AttentionSaved, scale: number): { dq: Tensor; dk: Tensor; dv: Tensor };
+
+  /** h = silu(gate) · up.  gate/up [N, I] → h [N, I]. */
+  swiglu(gate: Tensor, up: Tensor): Tensor;
+  swigluBackward(dh: Tensor, gate: Tensor, up: Tensor): { dgate: Tensor; dup: Tensor };
+
+  /**
+   * Inverted dropout for the LoRA branch input: y = x · mask / (1 − p), mask from the counter-based RNG
+   * addressed by `key` (identical bits on every backend). x [N, C]. Backward = the same op on dy.
+   */
+  dropout(x: Tensor, key: DropoutKey): Tensor;
+
+  /**
+   * Cross-entropy over the vocabulary for each row with target ≠ −100, computed in f32 in chunks.
+   * logits [N, V], targets i32 [N]. Returns the SUM of the per-token losses and the count of targets.
+   * When gradScale is given, also returns dlogits = (softmax − onehot) · gradScale (0 on ignored rows),
+   * written into the logits tensor in place when inPlace is set (saves a [N, V] buffer).
+   */
+  crossEntropy(logits: Tensor, targets: Tensor, opts?: { gradScale?: number; inPlace?: boolean }): { lossSum: number; count: number; dlogits?: Tensor };
+
+  // ---- optimizer -----------------------------------------------------------------------------------
+  /**
+   * One AdamW step in place (torch.optim.AdamW semantics: decoupled weight decay applied before the update):
+   * p ← p − lr·wd·p; m ← β1 m + (1−β1) g; v ← β2 v + (1−β2) g²; p ← p − lr · m̂ / (sqrt(v̂) + eps).
+   */
+  adamw(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, h: AdamWHyper): void;
+}
