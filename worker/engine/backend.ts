@@ -108,6 +108,11 @@ export interface Backend {
   free(t: Tensor): void;
   /** Same data, new shape (no copy). Size must match. */
   reshape(t: Tensor, shape: readonly number[]): Tensor;
+  /**
+   * A view of rows [start, end) of t (first dimension), sharing storage (no copy): reads see t's data and
+   * writes (e.g. matmul `out`) land in t. `free` on a view is a no-op; the view dies with t.
+   */
+  rows(t: Tensor, start: number, end: number): Tensor;
   /** Bytes of device memory held by live tensors (for the leak checks and metrics). */
   memoryInUse(): number;
 
