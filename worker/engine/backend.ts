@@ -106,7 +106,7 @@ export interface Backend {
   download(t: Tensor): Float32Array | Int32Array | Uint8Array;
   /** Releases device memory. Using t afterwards is an error. */
   free(t: Tensor): void;
-  /** Same data, new shape (no copy). Size must match. */
+  /** Same data, new shape (no copy): an alias. Size must match. Free exactly one of the aliases of a storage. */
   reshape(t: Tensor, shape: readonly number[]): Tensor;
   /**
    * A view of rows [start, end) of t (first dimension), sharing storage (no copy): reads see t's data and

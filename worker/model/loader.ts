@@ -1,0 +1,137 @@
+// Loads the tensors one stage needs from a Hugging Face model directory, tensor by tensor: decoder linears are
+// quantized to NF4 (+ double quantization) on the way in, or taken as they are from a pre-quantized
+// bitsandbytes checkpoint; norms, embeddings and the LM head are kept in full precision (spec §4.2).
+import type { Backend, Tensor } from '../engine/backend.ts';
+import { LoraParams, QLoraLinear } from '../engine/lora.ts';
+import { quantizeNf4 } from '../engine/nf4.ts';
+import { ModelWeights } from '../../common/safetensors.ts';
+import { isPrequantized, nf4FromRecords } from './bnb.ts';
+import { loadModelConfig, type ModelConfig } from './config.ts';
+import { LINEAR_MODULES, LlamaStage, hyperFor, isTargeted, modulePath, type LayerWeights, type LinearModule, type LoraConfig, type StageSpec, type StageWeights } from './llama.ts';
+import { FormatError, ShapeError } from '../../common/errors.ts';
+import { logger } from '../../common/log.ts';
+
+const log = logger('loader');
+
+export interface LoadOptions {
+  /** LoRA to create (fresh, PEFT init) on targeted modules; undefined = base model only. */
+  readonly lora?: LoraConfig;
+  /** Seed for the LoRA init. */
+  readonly seed?: number;
+  readonly blocksize?: number;
+  readonly doubleQuant?: boolean;
+  readonly gradientCheckpointing?: boolean;
+  /** Progress callback: tensors done / total. */
+  readonly onProgress?: (done: number, total: number, name: string) => void;
+}
+
+/** Expected [out, in] of each decoder linear. */
+export function linearShape(cfg: ModelConfig, m: LinearModule): [number, number] {
+  const H = cfg.hiddenSize, D = cfg.headDim;
+  switch (m) {
+    case 'q_proj': return [cfg.numHeads * D, H];
+    case 'k_proj': case 'v_proj': return [cfg.numKvHeads * D, H];
+    case 'o_proj': return [H, cfg.numHeads * D];
+    case 'gate_proj': case 'up_proj': return [cfg.intermediateSize, H];
+    case 'down_proj': return [H, cfg.intermediateSize];
+  }
+}
+
+function hasBias(cfg: ModelConfig, m: LinearModule): boolean {
+  if (m === 'q_proj' || m === 'k_proj' || m === 'v_proj') return cfg.qkvBias;
+  if (m === 'o_proj') return cfg.oBias;
+  return cfg.mlpBias;
+}
+
+function sourceDtype(dt: string): 'bfloat16' | 'float16' | 'float32' {
+  return dt === 'BF16' ? 'bfloat16' : dt === 'F16' ? 'float16' : 'float32';
+}
+
+/** Opens a model directory and builds the stage `spec` on backend `be`. */
+export function loadStage(be: Backend, modelDir: string, spec: StageSpec, opts: LoadOptions = {}): LlamaStage {
+  const cfg = loadModelConfig(modelDir);
+  const w = ModelWeights.open(modelDir);
+  try {
+    const weights = loadStageWeights(be, cfg, w, spec, opts);
+    return new LlamaStage(be, cfg, spec, weights, { gradientCheckpointing: opts.gradientCheckpointing ?? true });
+  } finally {
+    w.close();
+  }
+}
+
+export function loadStageWeights(be: Backend, cfg: ModelConfig, w: ModelWeights, spec: StageSpec, opts: LoadOptions): StageWeights {
+  if (spec.firstLayer < 0 || spec.lastLayer > cfg.numLayers || spec.firstLayer > spec.lastLayer) {
+    throw new ShapeError(`stage layers [${spec.firstLayer}, ${spec.lastLayer}) are outside the model's ${cfg.numLayers} layers`);
+  }
+  const H = cfg.hiddenSize;
+  const nLayers = spec.lastLayer - spec.firstLayer;
+  const total = nLayers * (2 + LINEAR_MODULES.length) + (spec.hasEmbedding ? 1 : 0) + (spec.hasHead ? 2 : 0);
+  let done = 0;
+  const progress = (name: string): void => { done++; opts.onProgress?.(done, total, name); };
+
+  const dense = (name: string, shape: readonly number[]): Tensor => {
+    if (!w.has(name)) throw new FormatError(`tensor '${name}' is missing from the checkpoint`, { hint: 'is this a Llama/Mistral/Qwen2 checkpoint in Hugging Face format?' });
+    const info = w.info(name);
+    if (info.shape.length !== shape.length || info.shape.some((d, i) => d !== shape[i])) {
+      throw new ShapeError(`tensor '${name}' has shape [${info.shape}], config.json implies [${shape}]`, { hint: 'config.json and the weights disagree: wrong config or a truncated export?' });
+    }
+    const t = be.upload(w.readF32(name), shape, 'act');
+    progress(name);
+    return t;
+  };
+
+  let embed: Tensor | undefined;
+  const needEmbedTable = spec.hasEmbedding || (spec.hasHead && cfg.tieWordEmbeddings);
+  if (needEmbedTable) embed = dense('model.embed_tokens.weight', [cfg.vocabSize, H]);
+
+  const layers: LayerWeights[] = [];
+  for (let l = spec.firstLayer; l < spec.lastLayer; l++) {
+    const p = `model.layers.${l}`;
+    const inputNorm = dense(`${p}.input_layernorm.weight`, [H]);
+    const postNorm = dense(`${p}.post_attention_layernorm.weight`, [H]);
+    const linears = {} as Record<LinearModule, QLoraLinear>;
+    for (const m of LINEAR_MODULES) {
+      const path = modulePath(l, m);
+      const [out, inF] = linearShape(cfg, m);
+      let q;
+      if (isPrequantized(`${path}.weight`, (n) => w.has(n))) {
+        const nf4 = nf4FromRecords(`${path}.weight`, (n) => {
+          if (!w.has(n)) return undefined;
+          const i = w.info(n);
+          return { dtype: i.dtype, shape: i.shape, data: w.readRaw(n) };
+        }, modelDir(w));
+        if (nf4.shape[0] !== out || nf4.shape[1] !== inF) throw new ShapeError(`pre-quantized '${path}.weight' has shape [${nf4.shape}], config.json implies [${out}, ${inF}]`);
+        q = be.uploadNf4(nf4);
+      } else {
+        const name = `${path}.weight`;
+        if (!w.has(name)) throw new FormatError(`tensor '${name}' is missing from the checkpoint`);
+        const info = w.info(name);
+        if (info.shape[0] !== out || info.shape[1] !== inF || info.shape.length !== 2) throw new ShapeError(`tensor '${name}' has shape [${info.shape}], config.json implies [${out}, ${inF}]`);
+        const nf4 = quantizeNf4(w.readF32(name), [out, inF], { blocksize: opts.blocksize ?? 64, doubleQuant: opts.doubleQuant ?? true, sourceDtype: sourceDtype(info.dtype) });
+        q = be.uploadNf4(nf4);
+      }
+      const bias = hasBias(cfg, m) ? be.upload(w.readF32(`${path}.bias`), [out], 'act') : undefined;
+      let lora: LoraParams | undefined;
+      if (opts.lora && isTargeted(path, opts.lora.targetModules)) {
+        lora = LoraParams.init(be, path, inF, out, hyperFor(path, opts.lora), opts.seed ?? 0);
+      }
+      linears[m] = new QLoraLinear(be, path, q, bias, lora);
+      progress(path);
+    }
+    layers.push({ inputNorm, postNorm, linears });
+  }
+
+  let finalNorm: Tensor | undefined, lmHead: Tensor | undefined;
+  if (spec.hasHead) {
+    finalNorm = dense('model.norm.weight', [H]);
+    if (cfg.tieWordEmbeddings) { lmHead = embed; progress('lm_head (tied)'); }
+    else lmHead = dense('lm_head.weight', [cfg.vocabSize, H]);
+  }
+  log.debug({ spec, layers: nLayers, memory: be.memoryInUse() }, 'stage loaded');
+  return { embed: spec.hasEmbedding ? embed : undefined, layers, finalNorm, lmHead };
+}
+
+function modelDir(w: ModelWeights): string {
+  const names = w.names();
+  return names.length ? w.info(names[0]).file : 'model';
+}
