@@ -1,0 +1,47 @@
+// Answers prompts with a local pipeline of stages, with or without the LoRA branch: the seed's before/after check.
+import type { LlamaStage } from '../worker/model/llama.ts';
+import { LINEAR_MODULES } from '../worker/model/llama.ts';
+import type { LoraParams } from '../worker/engine/lora.ts';
+import { generateTokens } from '../worker/model/generate.ts';
+import { formatPrompt } from './data/format.ts';
+import type { TokenizerLike } from './data/tokenize.ts';
+
+export interface AnswerOptions {
+  readonly maxNewTokens: number;
+  /** false: answer with the base model (LoRA branches switched off). */
+  readonly lora: boolean;
+  readonly temperature?: number;
+  readonly topK?: number;
+  readonly topP?: number;
+  readonly seed?: number;
+  /** Extra stop ids besides the tokenizer's EOS (e.g. generation_config.json eos_token_id list). */
+  readonly eosIds?: readonly number[];
+}
+
+export interface Decoder extends TokenizerLike { decode(ids: number[], opts?: { skipSpecialTokens?: boolean }): string }
+
+/** Encodes a prompt exactly as training encoded the prompt part of an alpaca record (template + BOS rule). */
+export function encodePrompt(tok: TokenizerLike, instruction: string): number[] {
+  const ids = tok.encode(formatPrompt({ instruction }, tok), { addSpecialTokens: false });
+  if (tok.bosId !== null && ids[0] !== tok.bosId) ids.unshift(tok.bosId);
+  return ids;
+}
+
+/** Runs `fn` with every LoRA branch of the stages detached (the frozen base model), then restores them. */
+export function withoutLora<T>(stages: LlamaStage[], fn: () => T): T {
+  const saved: [{ lora: LoraParams | undefined }, LoraParams | undefined][] = [];
+  for (const s of stages) for (const lw of s.weights.layers) for (const m of LINEAR_MODULES) { saved.push([lw.linears[m], lw.linears[m].lora]); lw.linears[m].lora = undefined; }
+  try { return fn(); } finally { for (const [lin, p] of saved) lin.lora = p; }
+}
+
+export function answerPrompts(stages: LlamaStage[], tok: Decoder, prompts: string[], o: AnswerOptions): string[] {
+  const run = (): string[] => {
+    const eos = [...new Set([...(tok.eosId !== null ? [tok.eosId] : []), ...(o.eosIds ?? [])])];
+    const out = generateTokens(stages, prompts.map((p) => encodePrompt(tok, p)), {
+      maxNewTokens: o.maxNewTokens, temperature: o.temperature, topK: o.topK, topP: o.topP, seed: o.seed,
+      eosIds: eos, padId: tok.padId ?? tok.eosId ?? 0,
+    });
+    return out.map((ids) => tok.decode(ids, { skipSpecialTokens: true }).trim());
+  };
+  return o.lora ? run() : withoutLora(stages, run);
+}

@@ -1,0 +1,147 @@
+// Training checkpoints: everything an exact resume needs, written atomically with checksums.
+//
+//   <output_dir>/checkpoints/step-000120/
+//     adapter/                     PEFT adapter (adapter_config.json + adapter_model.safetensors + README.md)
+//     optimizer.safetensors        AdamW moments: "<module path>.lora_A.exp_avg" / ".exp_avg_sq", same for lora_B
+//     trainer_state.json           step, epoch, histories, the config and data fingerprints
+//     manifest.json                sha256 + size of every file above; written last, its presence marks a complete checkpoint
+//
+// The directory is assembled under a temp name and renamed into place, so a crash leaves either the old set of
+// checkpoints or the new one, never a torn one; a checkpoint whose files do not match its manifest is refused.
+import { createHash } from 'node:crypto';
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { join, relative } from 'node:path';
+import { CheckpointError } from '../common/errors.ts';
+import { SafetensorsFile, writeSafetensors, type TensorRecord } from '../common/safetensors.ts';
+import { loadAdapter, saveAdapter, type LoraTensors } from '../worker/model/adapter.ts';
+import type { LoraConfig } from '../worker/model/llama.ts';
+
+export interface OptimizerMoments {
+  readonly path: string;
+  readonly mA: Float32Array; readonly vA: Float32Array;
+  readonly mB: Float32Array; readonly vB: Float32Array;
+}
+
+export interface TrainerState {
+  /** Optimizer steps completed. */
+  step: number;
+  totalSteps: number;
+  stepsPerEpoch: number;
+  /** Fingerprints: resuming with another config or dataset is refused. */
+  configHash: string;
+  dataHash: string;
+  history: { step: number; loss: number; lr: number; gradNorm: number; tokens: number }[];
+  evalHistory: { step: number; loss: number; perplexity: number }[];
+}
+
+export interface Checkpoint {
+  readonly dir: string;
+  readonly state: TrainerState;
+  readonly modules: LoraTensors[];
+  readonly moments: OptimizerMoments[];
+  readonly loraConfig: LoraConfig;
+}
+
+export function checkpointRoot(outputDir: string): string { return join(outputDir, 'checkpoints'); }
+
+function stepDirName(step: number): string { return `step-${String(step).padStart(6, '0')}`; }
+
+function sha256File(path: string): string {
+  return createHash('sha256').update(readFileSync(path)).digest('hex');
+}
+
+function listFiles(dir: string): string[] {
+  const out: string[] = [];
+  for (const e of readdirSync(dir, { withFileTypes: true })) {
+    const p = join(dir, e.name);
+    if (e.isDirectory()) out.push(...listFiles(p)); else out.push(p);
+  }
+  return out.sort();
+}
+
+function fsyncDir(dir: string): void {
+  try { const fd = openSync(dir, 'r'); fsyncSync(fd); closeSync(fd); } catch { /* not supported everywhere */ }
+}
+
+/** Writes checkpoint `state.step` under outputDir and prunes old ones (keeps `keep`). Returns its directory. */
+export function saveCheckpoint(outputDir: string, ck: Omit<Checkpoint, 'dir'>, baseModel: string, keep: number): string {
+  const root = checkpointRoot(outputDir);
+  mkdirSync(root, { recursive: true });
+  const final = join(root, stepDirName(ck.state.step));
+  const tmp = `${final}.tmp-${process.pid}`;
+  rmSync(tmp, { recursive: true, force: true });
+  mkdirSync(tmp, { recursive: true });
+  saveAdapter(join(tmp, 'adapter'), ck.modules, ck.loraConfig, baseModel);
+  const recs: TensorRecord[] = [];
+  for (const m of [...ck.moments].sort((a, b) => a.path.localeCompare(b.path))) {
+    const mod = ck.modules.find((x) => x.path === m.path);
+    if (!mod) throw new CheckpointError(`optimizer state for '${m.path}' has no matching adapter module`);
+    recs.push({ name: `${m.path}.lora_A.exp_avg`, dtype: 'F32', shape: [mod.r, mod.inFeatures], data: m.mA });
+    recs.push({ name: `${m.path}.lora_A.exp_avg_sq`, dtype: 'F32', shape: [mod.r, mod.inFeatures], data: m.vA });
+    recs.push({ name: `${m.path}.lora_B.exp_avg`, dtype: 'F32', shape: [mod.outFeatures, mod.r], data: m.mB });
+    recs.push({ name: `${m.path}.lora_B.exp_avg_sq`, dtype: 'F32', shape: [mod.outFeatures, mod.r], data: m.vB });
+  }
+  writeSafetensors(join(tmp, 'optimizer.safetensors'), recs, { format: 'dqlora-adamw' });
+  writeFileSync(join(tmp, 'trainer_state.json'), JSON.stringify(ck.state, null, 1) + '\n');
+  const files: Record<string, { sha256: string; bytes: number }> = {};
+  for (const f of listFiles(tmp)) files[relative(tmp, f)] = { sha256: sha256File(f), bytes: statSync(f).size };
+  const manifestPath = join(tmp, 'manifest.json');
+  writeFileSync(manifestPath, JSON.stringify({ format: 'dqlora-checkpoint/1', step: ck.state.step, files }, null, 1) + '\n');
+  const fd = openSync(manifestPath, 'r'); fsyncSync(fd); closeSync(fd);
+  fsyncDir(tmp);
+  rmSync(final, { recursive: true, force: true });
+  renameSync(tmp, final);
+  fsyncDir(root);
+  // Prune: keep the newest `keep` complete checkpoints, drop leftovers of crashed writes.
+  const all = listCheckpoints(outputDir);
+  for (const old of all.slice(0, Math.max(0, all.length - keep))) rmSync(old.dir, { recursive: true, force: true });
+  for (const e of readdirSync(root)) if (e.includes('.tmp-')) rmSync(join(root, e), { recursive: true, force: true });
+  return final;
+}
+
+/** Complete checkpoints (those with a manifest), oldest first. */
+export function listCheckpoints(outputDir: string): { dir: string; step: number }[] {
+  const root = checkpointRoot(outputDir);
+  if (!existsSync(root)) return [];
+  return readdirSync(root)
+    .map((n) => /^step-(\d+)$/.exec(n))
+    .filter((m): m is RegExpExecArray => m !== null && existsSync(join(root, m[0], 'manifest.json')))
+    .map((m) => ({ dir: join(root, m[0]), step: Number(m[1]) }))
+    .sort((a, b) => a.step - b.step);
+}
+
+/** Verifies every file against the manifest, then loads the checkpoint. */
+export function loadCheckpoint(dir: string): Checkpoint {
+  const manifestPath = join(dir, 'manifest.json');
+  if (!existsSync(manifestPath)) throw new CheckpointError(`${dir} is not a complete checkpoint (no manifest.json)`, { hint: 'it was probably interrupted while being written; use an older checkpoint' });
+  let manifest: { files: Record<string, { sha256: string; bytes: number }> };
+  try { manifest = JSON.parse(readFileSync(manifestPath, 'utf8')); } catch (e) { throw new CheckpointError(`${manifestPath}: unreadable (${(e as Error).message})`); }
+  if (!manifest || typeof manifest.files !== 'object') throw new CheckpointError(`${manifestPath}: no file list`);
+  for (const [name, want] of Object.entries(manifest.files)) {
+    const p = join(dir, name);
+    if (!existsSync(p)) throw new CheckpointError(`checkpoint ${dir}: file ${name} is missing`);
+    const got = sha256File(p);
+    if (got !== want.sha256) throw new CheckpointError(`checkpoint ${dir}: ${name} is corrupt (sha256 ${got.slice(0, 12)}…, manifest says ${want.sha256.slice(0, 12)}…)`, { hint: 'restore it from a backup or resume from an older checkpoint' });
+  }
+  const adapter = loadAdapter(join(dir, 'adapter'));
+  const state = JSON.parse(readFileSync(join(dir, 'trainer_state.json'), 'utf8')) as TrainerState;
+  const f = SafetensorsFile.open(join(dir, 'optimizer.safetensors'));
+  try {
+    const moments: OptimizerMoments[] = adapter.modules.map((m) => {
+      const get = (k: string): Float32Array => {
+        const name = `${m.path}.${k}`;
+        if (!f.has(name)) throw new CheckpointError(`checkpoint ${dir}: optimizer state '${name}' is missing`);
+        return f.readF32(name);
+      };
+      return { path: m.path, mA: get('lora_A.exp_avg'), vA: get('lora_A.exp_avg_sq'), mB: get('lora_B.exp_avg'), vB: get('lora_B.exp_avg_sq') };
+    });
+    return { dir, state, modules: adapter.modules, moments, loraConfig: adapter.config };
+  } finally {
+    f.close();
+  }
+}
+
+/** A stable fingerprint of JSON-able data. */
+export function fingerprint(v: unknown): string {
+  return createHash('sha256').update(JSON.stringify(v)).digest('hex').slice(0, 16);
+}

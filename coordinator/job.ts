@@ -1,0 +1,122 @@
+// The job config (job.yaml): one validated object, every field documented. Errors name the field path.
+// The README's configuration reference is generated from these descriptions (`coordinator config-doc`).
+import { readFileSync, existsSync } from 'node:fs';
+import { dirname, isAbsolute, resolve } from 'node:path';
+import { parse as parseYaml, YAMLParseError } from 'yaml';
+import { z } from 'zod';
+import { ConfigError } from '../common/errors.ts';
+
+const positiveInt = z.number().int().positive();
+
+export const JobSchema = z.object({
+  name: z.string().min(1).default('job').describe('Job name: used in logs, metrics labels and the NATS subjects.'),
+  model: z.string().min(1).describe('Base model: a Hugging Face model directory (config.json, *.safetensors, tokenizer.json). Pre-quantized bitsandbytes NF4 checkpoints are accepted.'),
+  output_dir: z.string().min(1).describe('Where the adapter, checkpoints and logs go.'),
+  backend: z.enum(['cpu', 'cuda', 'auto']).default('auto').describe('Tensor backend: cpu (TypeScript + native kernels), cuda (the N-API addon), auto = cuda when available.'),
+  data: z.object({
+    train: z.string().min(1).describe('Training data: JSON or JSONL; records {instruction, input?, output, system?} (alpaca), {messages: [{role, content}]} (chat) or {text}.'),
+    validation: z.string().min(1).optional().describe('Validation file (same formats). When absent, validation_split carves one out of the training data.'),
+    validation_split: z.number().min(0).default(0).describe('Fraction (< 1) or number (≥ 1) of training records held out for validation when no validation file is given.'),
+    dedup: z.boolean().default(true).describe('Drop exact duplicate records (same instruction, input, output, system / messages / text) before splitting.'),
+    max_length: positiveInt.default(512).describe('Maximum tokens per example (prompt + answer); longer examples are truncated.'),
+    on_error: z.enum(['throw', 'skip']).default('throw').describe('Malformed dataset lines: stop with file:line (throw) or skip them and report the count (skip).'),
+  }).strict(),
+  quantization: z.object({
+    blocksize: z.union([z.literal(32), z.literal(64), z.literal(128), z.literal(256), z.literal(512), z.literal(1024), z.literal(2048), z.literal(4096)]).default(64).describe('NF4 block size (elements per absmax).'),
+    double_quant: z.boolean().default(true).describe('Quantize the per-block absmax again (8-bit, blocks of 256): 4.127 instead of 4.5 bits per parameter.'),
+  }).strict().prefault({}),
+  lora: z.object({
+    r: positiveInt.default(8).describe('LoRA rank.'),
+    alpha: z.number().positive().default(16).describe('LoRA alpha; scale = alpha / r (alpha / sqrt(r) with use_rslora).'),
+    dropout: z.number().min(0).lt(1).default(0.05).describe('Dropout on the LoRA branch input.'),
+    target_modules: z.union([z.literal('all-linear'), z.array(z.string().min(1)).min(1)]).optional().describe("Modules to adapt: a list of names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or 'all-linear'. Default: PEFT's per-model default (q_proj, v_proj for Llama/Mistral/Qwen2)."),
+    use_rslora: z.boolean().default(false).describe('Rank-stabilised LoRA scaling alpha / sqrt(r).'),
+    rank_pattern: z.record(z.string(), positiveInt).default({}).describe('Per-module rank overrides, e.g. {"layers.0.self_attn.q_proj": 16}.'),
+    alpha_pattern: z.record(z.string(), z.number().positive()).default({}).describe('Per-module alpha overrides.'),
+  }).strict().prefault({}),
+  training: z.object({
+    epochs: z.number().positive().default(1).describe('Passes over the training data (ignored when max_steps is set).'),
+    max_steps: positiveInt.optional().describe('Total optimizer steps; overrides epochs.'),
+    micro_batch_size: positiveInt.default(4).describe('Sequences per micro-batch (per replica).'),
+    grad_accum: positiveInt.default(1).describe('Micro-batches per optimizer step (per replica). The loss is normalised by the label tokens of the whole step.'),
+    lr: z.number().positive().default(2e-4).describe('Peak learning rate.'),
+    schedule: z.enum(['linear', 'cosine', 'constant', 'constant_with_warmup']).default('linear').describe('Learning-rate schedule (as in Hugging Face Trainer; constant ignores warmup).'),
+    warmup_steps: z.number().min(0).default(0).describe('Warmup optimizer steps; a value < 1 is a fraction of the total steps.'),
+    weight_decay: z.number().min(0).default(0).describe('AdamW decoupled weight decay.'),
+    adam_beta1: z.number().min(0).lt(1).default(0.9).describe('AdamW beta1.'),
+    adam_beta2: z.number().min(0).lt(1).default(0.999).describe('AdamW beta2.'),
+    adam_eps: z.number().positive().default(1e-8).describe('AdamW epsilon.'),
+    max_grad_norm: z.number().min(0).default(1).describe('Clip the global gradient L2 norm to this (0 disables).'),
+    seed: z.number().int().min(0).default(42).describe('Seed for LoRA init, shuffling, dropout and the validation split: same seed, same adapter.'),
+    gradient_checkpointing: z.boolean().default(true).describe('Recompute each layer forward in backward (saves activation memory).'),
+    log_every: positiveInt.default(1).describe('Log a line every N optimizer steps.'),
+    eval_every: z.number().int().min(0).default(0).describe('Evaluate the validation loss every N optimizer steps (0: only at the end).'),
+    save_every: z.number().int().min(0).default(0).describe('Write a checkpoint every N optimizer steps (0: only at the end).'),
+    keep_checkpoints: positiveInt.default(2).describe('How many recent checkpoints to keep.'),
+    resume: z.union([z.boolean(), z.string()]).default(true).describe('Resume from the newest valid checkpoint in output_dir (true), from a given checkpoint directory, or start fresh (false).'),
+  }).strict().prefault({}),
+  compare: z.object({
+    prompts: z.array(z.string()).default([]).describe('Prompts (instructions) answered by the base and the fine-tuned model after training.'),
+    max_new_tokens: positiveInt.default(64).describe('Tokens generated per answer.'),
+  }).strict().prefault({}),
+  distributed: z.object({
+    stages: z.union([positiveInt, z.literal('auto')]).default(1).describe('Pipeline stages (layers split across workers).'),
+    replicas: z.union([positiveInt, z.literal('auto')]).default(1).describe('Data-parallel replicas per stage.'),
+    workers: z.union([z.number().int().min(0), z.literal('local')]).default(0).describe("0: train in this process; 'local': start stages × replicas worker processes on this machine; N: wait for N remote workers."),
+  }).strict().prefault({}),
+}).strict();
+
+export type JobConfig = z.infer<typeof JobSchema>;
+
+function formatIssues(err: z.ZodError, source: string): string {
+  return err.issues.map((i) => `  ${source}: ${i.path.length ? i.path.join('.') : '(top level)'}: ${i.message}`).join('\n');
+}
+
+/** Validates a parsed job object; relative paths are resolved against `baseDir`. */
+export function parseJob(obj: unknown, source: string, baseDir: string): JobConfig {
+  const r = JobSchema.safeParse(obj ?? {});
+  if (!r.success) throw new ConfigError(`invalid job config:\n${formatIssues(r.error, source)}`, { hint: 'see the configuration reference in README.md' });
+  const job = r.data;
+  const abs = (p: string): string => (isAbsolute(p) ? p : resolve(baseDir, p));
+  job.model = abs(job.model);
+  job.output_dir = abs(job.output_dir);
+  job.data.train = abs(job.data.train);
+  if (job.data.validation) job.data.validation = abs(job.data.validation);
+  if (typeof job.training.resume === 'string') job.training.resume = abs(job.training.resume);
+  return job;
+}
+
+export function loadJob(path: string): JobConfig {
+  if (!existsSync(path)) throw new ConfigError(`job config ${path} not found`);
+  let obj: unknown;
+  try {
+    obj = parseYaml(readFileSync(path, 'utf8'), { prettyErrors: true, uniqueKeys: true });
+  } catch (e) {
+    const where = e instanceof YAMLParseError && e.linePos ? `${path}:${e.linePos[0].line}:${e.linePos[0].col}` : path;
+    throw new ConfigError(`${where}: not valid YAML: ${(e as Error).message.split('\n')[0]}`);
+  }
+  return parseJob(obj, path, dirname(resolve(path)));
+}
+
+/** Markdown table of every field (path, default, description) — the README's configuration reference. */
+export function configReference(): string {
+  const lines = ['| field | default | description |', '|---|---|---|'];
+  const walk = (schema: z.ZodType, path: string): void => {
+    let s: z.ZodType = schema;
+    let dflt: unknown;
+    for (;;) {
+      if (s instanceof z.ZodDefault || s instanceof z.ZodPrefault) { dflt = (s.def as { defaultValue: unknown }).defaultValue; s = s.unwrap() as z.ZodType; continue; }
+      if (s instanceof z.ZodOptional) { s = s.unwrap() as z.ZodType; continue; }
+      break;
+    }
+    if (s instanceof z.ZodObject) {
+      for (const [k, v] of Object.entries(s.shape)) walk(v as z.ZodType, path ? `${path}.${k}` : k);
+      return;
+    }
+    const desc = schema.description ?? s.description ?? '';
+    const d = dflt === undefined ? (schema instanceof z.ZodOptional ? '—' : '**required**') : `\`${JSON.stringify(dflt)}\``;
+    lines.push(`| \`${path}\` | ${d} | ${desc} |`);
+  };
+  walk(JobSchema, '');
+  return lines.join('\n');
+}

@@ -1,0 +1,26 @@
+// Picks a Backend by name. 'auto' prefers cuda when its addon is built and a GPU is present, else cpu.
+import type { Backend } from './backend.ts';
+import { createCpuBackend } from './cpu.ts';
+import { BackendError } from '../../common/errors.ts';
+import { logger } from '../../common/log.ts';
+
+export type BackendName = 'cpu' | 'cuda' | 'auto';
+
+export async function createBackend(name: BackendName = 'auto'): Promise<Backend> {
+  if (name === 'cpu') return createCpuBackend();
+  let cudaErr: unknown;
+  try {
+    const mod = await import('./cuda/cuda.ts');
+    return mod.createCudaBackend();
+  } catch (e) {
+    cudaErr = e;
+  }
+  if (name === 'cuda') {
+    throw new BackendError(`the cuda backend is not available: ${(cudaErr as Error).message}`, {
+      hint: 'it needs nvcc at `npm ci` time (to build worker/engine/cuda) and an NVIDIA GPU; use backend: cpu otherwise',
+      cause: cudaErr,
+    });
+  }
+  logger('engine').debug({ reason: (cudaErr as Error).message }, 'cuda backend not available, using cpu');
+  return createCpuBackend();
+}
