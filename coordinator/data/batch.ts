@@ -1,0 +1,98 @@
+// Micro-batches and the per-epoch step plan.
+//
+// Legend: B micro-batch size (rows), T padded sequence length, R data-parallel replicas, GA gradient accumulation.
+import { ConfigError } from '../../common/errors.ts';
+import { shuffledIndices } from '../../common/rng.ts';
+import { IGNORE_INDEX, type Example } from './tokenize.ts';
+
+export interface MicroBatch {
+  B: number;
+  T: number;
+  ids: Int32Array;        // [B, T] right-padded with padId
+  targets: Int32Array;    // [B, T] SHIFTED: targets[b, t] = labels[b, t+1]; −100 at t = T−1, on padding, on prompt
+  keyMask: Int32Array;    // [B, T] 1 on real tokens, 0 on padding
+  positions: Int32Array;  // [B, T] 0..len−1, 0 on padding
+  sampleIds: Int32Array;  // [B] global sample index (index into the training set; keys dropout masks)
+  labelCount: number;     // number of targets ≠ −100 (the loss normaliser's share of this micro-batch)
+}
+
+/**
+ * Pads `examples` (right) to the longest, rounded up to `padToMultiple` (e.g. 8 for tensor cores).
+ * `sampleIds[b]` defaults to examples[b].sourceIndex; pass the plan's indices to key by training-set position.
+ */
+export function makeMicroBatch(examples: Example[], opts: { padId: number; padToMultiple?: number; sampleIds?: ArrayLike<number> }): MicroBatch {
+  const B = examples.length;
+  if (B === 0) throw new ConfigError('cannot make an empty micro-batch');
+  if (opts.sampleIds && opts.sampleIds.length !== B) throw new ConfigError(`sampleIds has ${opts.sampleIds.length} entries for ${B} examples`);
+  const mult = opts.padToMultiple ?? 1;
+  if (!Number.isInteger(mult) || mult < 1) throw new ConfigError(`padToMultiple must be a positive integer, got ${mult}`);
+  let longest = 0;
+  for (const e of examples) longest = Math.max(longest, e.inputIds.length);
+  const T = Math.ceil(Math.max(longest, 1) / mult) * mult;
+  const ids = new Int32Array(B * T).fill(opts.padId);
+  const targets = new Int32Array(B * T).fill(IGNORE_INDEX);
+  const keyMask = new Int32Array(B * T);
+  const positions = new Int32Array(B * T);
+  const sampleIds = new Int32Array(B);
+  let labelCount = 0;
+  for (let b = 0; b < B; b++) {
+    const e = examples[b], len = e.inputIds.length, row = b * T;
+    ids.set(e.inputIds, row);
+    for (let t = 0; t < len; t++) {
+      keyMask[row + t] = 1;
+      positions[row + t] = t;
+      if (t + 1 < len) {
+        const y = e.labels[t + 1];
+        targets[row + t] = y;
+        if (y !== IGNORE_INDEX) labelCount++;
+      }
+    }
+    sampleIds[b] = opts.sampleIds ? opts.sampleIds[b] : e.sourceIndex;
+  }
+  return { B, T, ids, targets, keyMask, positions, sampleIds, labelCount };
+}
+
+/** The order samples are visited in an epoch: a permutation of 0..n−1 from (seed, epoch), same on every machine. */
+export function epochOrder(n: number, seed: number, epoch: number): Int32Array {
+  return shuffledIndices(n, seed, epoch);
+}
+
+/**
+ * The epoch's schedule: `plan[step][replica][micro]` = training-set indices of one micro-batch.
+ *
+ * The epoch order is cut into consecutive steps of S = microBatchSize · gradAccum · replicas samples; the last
+ * step keeps the remainder (nothing is dropped, as HF's Trainer). A step's slice is split into `replicas`
+ * contiguous shares as evenly as possible (the first ones get one more), and each share into micro-batches of
+ * microBatchSize (the last one smaller). Full steps thus give every replica exactly gradAccum micro-batches of
+ * microBatchSize; in the last step a replica may get fewer, or none at all when fewer samples than replicas are
+ * left — it then contributes zero gradients to the all-reduce. Every sample appears exactly once per epoch, and
+ * a step's sample set does not depend on how it is spread over replicas.
+ */
+export function planSteps(nTrain: number, opts: { microBatchSize: number; gradAccum: number; replicas: number; seed: number; epoch: number }): number[][][][] {
+  for (const k of ['microBatchSize', 'gradAccum', 'replicas'] as const) {
+    if (!Number.isInteger(opts[k]) || opts[k] < 1) throw new ConfigError(`${k} must be a positive integer, got ${opts[k]}`);
+  }
+  const order = epochOrder(nTrain, opts.seed, opts.epoch);
+  const { microBatchSize: mb, gradAccum: ga, replicas: R } = opts;
+  const perStep = mb * ga * R;
+  const plan: number[][][][] = [];
+  for (let start = 0; start < nTrain; start += perStep) {
+    const n = Math.min(perStep, nTrain - start);
+    const step: number[][][] = [];
+    let off = start;
+    for (let r = 0; r < R; r++) {
+      const share = Math.floor(n / R) + (r < n % R ? 1 : 0);
+      const micros: number[][] = [];
+      for (let k = 0; k < share; k += mb) micros.push(Array.from(order.subarray(off + k, off + Math.min(share, k + mb))));
+      off += share;
+      step.push(micros);
+    }
+    plan.push(step);
+  }
+  return plan;
+}
+
+/** Number of optimizer steps in one epoch (HF: ceil(len(dataloader) / GA), here with the global batch). */
+export function stepsPerEpoch(nTrain: number, opts: { microBatchSize: number; gradAccum: number; replicas: number }): number {
+  return Math.ceil(nTrain / (opts.microBatchSize * opts.gradAccum * opts.replicas));
+}

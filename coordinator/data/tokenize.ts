@@ -1,0 +1,127 @@
+// Records → token ids + labels (−100 where nothing is trained), truncated to maxLength.
+//
+// Encoding is PIECEWISE: each piece from format.ts is encoded on its own with addSpecialTokens=false and the ids
+// are concatenated. The prompt/answer boundary therefore falls exactly between tokens (no BPE merge straddles it,
+// so no label ever covers part prompt, part answer) — the same choice as TRL's prompt/completion tokenization.
+// The price: ids can differ from encoding the joined string in one go at a boundary; generation must build its
+// prompt the same way (encode the prompt alone), which `formatPrompt` + encode does.
+//
+// BOS ('auto', the default): when the tokenizer defines a BOS id and the sequence does not already start with it
+// (a template like Llama 3's writes it as text), BOS is prepended with label −100. `true` insists (error without
+// a BOS id); `false` never adds one. EOS: appended where format.ts asks (template-less completions, text records).
+//
+// Truncation to maxLength: 'right' (default) cuts the end; 'left-prompt' first removes the oldest prompt tokens
+// (keeping a leading BOS) so the answer survives, then cuts the end if the answer alone is still too long.
+// An example left with no trainable target (labels[1..] all −100; label 0 is never a target after the shift) is
+// dropped and counted.
+import { ConfigError, DataError, DqloraError } from '../../common/errors.ts';
+import { formatRecord } from './format.ts';
+import type { Record } from './records.ts';
+
+export interface TokenizerLike {
+  encode(text: string, opts?: { addSpecialTokens?: boolean }): number[];
+  eosId: number | null;
+  bosId: number | null;
+  padId: number | null;
+  chatTemplate: string | null;
+  applyChatTemplate(messages: { role: string; content: string }[], opts?: { addGenerationPrompt?: boolean }): string;
+}
+
+export interface Example {
+  inputIds: Int32Array; // [T]
+  labels: Int32Array;   // [T] −100 on prompt / untrained tokens, else = inputIds (NOT shifted; batch.ts shifts)
+  /** Index of the record in the array given to tokenizeRecords (for buildDataset: in the file's records). */
+  sourceIndex: number;
+}
+
+export const IGNORE_INDEX = -100;
+
+export interface TokenizeOptions {
+  maxLength: number;
+  truncation?: 'right' | 'left-prompt';
+  addBos?: 'auto' | boolean;
+  /** 'skip': a record the template cannot render is counted in `skipped` instead of throwing. Default 'throw'. */
+  onError?: 'throw' | 'skip';
+}
+
+export interface TokenizeResult {
+  examples: Example[];
+  /** Examples that were longer than maxLength and were cut (including dropped ones). */
+  truncated: number;
+  /** Examples dropped because no trainable target was left after truncation. */
+  droppedNoLabels: number;
+  /** Records that could not be formatted (only with onError 'skip'). */
+  skipped: number;
+}
+
+export function tokenizeRecords(records: Record[], tok: TokenizerLike, opts: TokenizeOptions): TokenizeResult {
+  checkOptions(opts, tok);
+  const examples: Example[] = [];
+  let truncated = 0, droppedNoLabels = 0, skipped = 0;
+  for (let i = 0; i < records.length; i++) {
+    let full: { ids: number[]; labels: number[] };
+    try {
+      full = encodeRecord(records[i], tok, opts.addBos ?? 'auto');
+    } catch (e) {
+      if (opts.onError === 'skip' && e instanceof DataError) { skipped++; continue; }
+      if (e instanceof DataError) throw new DataError(`record ${i}: ${e.message}`, { cause: e });
+      throw e;
+    }
+    let { ids, labels } = full;
+    if (ids.length > opts.maxLength) {
+      truncated++;
+      ({ ids, labels } = truncate(ids, labels, opts.maxLength, opts.truncation ?? 'right',
+        opts.addBos !== false && tok.bosId !== null && ids[0] === tok.bosId));
+    }
+    let targets = 0;
+    for (let t = 1; t < labels.length; t++) if (labels[t] !== IGNORE_INDEX) targets++;
+    if (targets === 0) { droppedNoLabels++; continue; }
+    examples.push({ inputIds: Int32Array.from(ids), labels: Int32Array.from(labels), sourceIndex: i });
+  }
+  return { examples, truncated, droppedNoLabels, skipped };
+}
+
+function checkOptions(opts: TokenizeOptions, tok: TokenizerLike): void {
+  if (!Number.isInteger(opts.maxLength) || opts.maxLength < 2) {
+    throw new ConfigError(`maxLength must be an integer ≥ 2, got ${opts.maxLength}`, { hint: 'set data.max_length, e.g. 512' });
+  }
+  if (opts.truncation !== undefined && opts.truncation !== 'right' && opts.truncation !== 'left-prompt') {
+    throw new ConfigError(`truncation must be 'right' or 'left-prompt', got ${JSON.stringify(opts.truncation)}`);
+  }
+  if (opts.addBos === true && tok.bosId === null) {
+    throw new ConfigError('addBos is true but the tokenizer has no BOS token', { hint: "set bos_token in tokenizer_config.json or use addBos 'auto'" });
+  }
+}
+
+/** Full (untruncated) ids and labels of one record. */
+export function encodeRecord(rec: Record, tok: TokenizerLike, addBos: 'auto' | boolean = 'auto'): { ids: number[]; labels: number[] } {
+  const ids: number[] = [], labels: number[] = [];
+  for (const piece of formatRecord(rec, tok)) {
+    const enc = tok.encode(piece.text, { addSpecialTokens: false });
+    for (const id of enc) { ids.push(id); labels.push(piece.trained ? id : IGNORE_INDEX); }
+    if (piece.eos) {
+      if (tok.eosId === null) throw new DqloraError('internal: format asked for EOS but the tokenizer has none');
+      ids.push(tok.eosId); labels.push(piece.trained ? tok.eosId : IGNORE_INDEX);
+    }
+  }
+  if (addBos !== false && tok.bosId !== null && ids[0] !== tok.bosId) {
+    ids.unshift(tok.bosId); labels.unshift(IGNORE_INDEX);
+  }
+  return { ids, labels };
+}
+
+function truncate(ids: number[], labels: number[], maxLength: number, mode: 'right' | 'left-prompt', keepFirst: boolean): { ids: number[]; labels: number[] } {
+  if (mode === 'left-prompt') {
+    const start = keepFirst ? 1 : 0;
+    let firstTrained = labels.findIndex((l) => l !== IGNORE_INDEX);
+    if (firstTrained < 0) firstTrained = labels.length;
+    // Keep one prompt token before the answer so the first answer token is still a target after the shift.
+    const removable = Math.max(0, firstTrained - 1 - start);
+    const cut = Math.min(ids.length - maxLength, removable);
+    if (cut > 0) {
+      ids = ids.slice(0, start).concat(ids.slice(start + cut));
+      labels = labels.slice(0, start).concat(labels.slice(start + cut));
+    }
+  }
+  return { ids: ids.slice(0, maxLength), labels: labels.slice(0, maxLength) };
+}
