@@ -1,0 +1,78 @@
+// `coordinator merge`: folds a LoRA adapter into the base weights and writes a plain HF checkpoint (bf16/f16/f32).
+//
+// Which base? The adapter was trained against dequant(NF4(W)), not W (spec §12 pitfall 2). `--base dequantized`
+// (default) merges into exactly the weights training saw, so the merged model reproduces the QLoRA model's outputs;
+// `--base original` merges into the unquantized W (what PEFT's merge_and_unload does on a 16-bit base) and adds the
+// quantization error back. Tensor by tensor; the whole output is held in memory once before writing.
+import { copyFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { ModelWeights, writeShardedSafetensors, type TensorRecord } from '../common/safetensors.ts';
+import { f32ToBf16, f32ToF16 } from '../common/halfprec.ts';
+import { loadAdapter, loraDelta } from '../worker/model/adapter.ts';
+import { hyperFor } from '../worker/model/llama.ts';
+import { loraScale } from '../worker/engine/lora.ts';
+import { quantizeNf4, dequantizeNf4 } from '../worker/engine/nf4.ts';
+import { isPrequantized, nf4FromRecords } from '../worker/model/bnb.ts';
+import { loadModelConfig } from '../worker/model/config.ts';
+import { ConfigError, ShapeError } from '../common/errors.ts';
+
+export interface MergeOptions {
+  readonly dtype: 'bfloat16' | 'float16' | 'float32';
+  readonly base: 'dequantized' | 'original';
+  readonly blocksize?: number;
+  readonly doubleQuant?: boolean;
+  readonly maxShardBytes?: number;
+  readonly onProgress?: (done: number, total: number, name: string) => void;
+}
+
+const TOKENIZER_FILES = ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'generation_config.json', 'tokenizer.model', 'chat_template.jinja'];
+
+export function mergeAdapter(modelDir: string, adapterDir: string, outDir: string, o: MergeOptions): { merged: number; tensors: number } {
+  if (existsSync(join(outDir, 'config.json'))) throw new ConfigError(`${outDir} already holds a model`, { hint: 'choose an empty --out directory' });
+  const cfg = loadModelConfig(modelDir);
+  const adapter = loadAdapter(adapterDir);
+  const byPath = new Map(adapter.modules.map((m) => [m.path, m]));
+  const w = ModelWeights.open(modelDir);
+  const records: TensorRecord[] = [];
+  const st = o.dtype === 'bfloat16' ? 'BF16' : o.dtype === 'float16' ? 'F16' : 'F32';
+  const encode = (x: Float32Array): Float32Array | Uint16Array => (o.dtype === 'bfloat16' ? f32ToBf16(x) : o.dtype === 'float16' ? f32ToF16(x) : x);
+  let merged = 0;
+  try {
+    // Logical tensor names: pre-quantized checkpoints store W as packed bytes plus quant-state keys.
+    const names = w.names().filter((n) => !/\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*)$/.test(n));
+    names.forEach((name, i) => {
+      const path = name.replace(/\.weight$/, '');
+      const pre = isPrequantized(name, (n) => w.has(n));
+      let x: Float32Array, shape: number[];
+      if (pre) {
+        const q = nf4FromRecords(name, (n) => (w.has(n) ? { dtype: w.info(n).dtype, shape: w.info(n).shape, data: w.readRaw(n) } : undefined), modelDir);
+        x = dequantizeNf4(q); shape = [...q.shape];
+      } else {
+        x = w.readF32(name); shape = w.info(name).shape;
+      }
+      const lora = byPath.get(path);
+      if (lora) {
+        if (shape.length !== 2 || shape[0] !== lora.outFeatures || shape[1] !== lora.inFeatures) throw new ShapeError(`adapter module ${path} is [${lora.outFeatures}, ${lora.inFeatures}] but the weight is [${shape}]`);
+        if (!pre && o.base === 'dequantized') x = dequantizeNf4(quantizeNf4(x, [shape[0], shape[1]], { blocksize: o.blocksize ?? 64, doubleQuant: o.doubleQuant ?? true }));
+        const delta = loraDelta(lora, loraScale({ ...hyperFor(path, adapter.config), r: lora.r }));
+        for (let k = 0; k < x.length; k++) x[k] += delta[k];
+        merged++;
+      }
+      const floatName = w.info(name).dtype.startsWith('F') || w.info(name).dtype === 'BF16' || pre;
+      records.push(floatName ? { name, dtype: st, shape, data: encode(x) } : { name, dtype: w.info(name).dtype, shape, data: w.readRaw(name) });
+      o.onProgress?.(i + 1, names.length, name);
+    });
+  } finally {
+    w.close();
+  }
+  if (merged !== adapter.modules.length) throw new ShapeError(`only ${merged} of the adapter's ${adapter.modules.length} modules were found in ${modelDir}`, { hint: 'was the adapter trained on another model?' });
+  mkdirSync(outDir, { recursive: true });
+  writeShardedSafetensors(outDir, records, { maxShardBytes: o.maxShardBytes ?? 4_000_000_000, metadata: { format: 'pt' } });
+  const raw = JSON.parse(readFileSync(join(modelDir, 'config.json'), 'utf8')) as Record<string, unknown>;
+  delete raw.quantization_config;
+  raw.torch_dtype = o.dtype;
+  writeFileSync(join(outDir, 'config.json'), JSON.stringify(raw, null, 2) + '\n');
+  for (const f of TOKENIZER_FILES) if (existsSync(join(modelDir, f))) copyFileSync(join(modelDir, f), join(outDir, f));
+  void cfg;
+  return { merged, tensors: records.length };
+}
