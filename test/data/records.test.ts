@@ -73,7 +73,7 @@ test('JSONL errors name file:line and what is wrong', () => {
     const p = writeFile(dir, 'bad.jsonl', `${good}\n${bad}\n${good}\n`);
     dataErr(() => readRecords(p), new RegExp('bad\\.jsonl' + re.source));
   }
-  dataErr(() => readRecords(writeFile(dir, 'gbk.jsonl', Buffer.from([0x7b, 0xc4, 0xe3, 0x7d, 0x0a]))), /gbk\.jsonl:1: not valid UTF-8/);
+  dataErr(() => readRecords(writeFile(dir, 'gbk.jsonl', Uint8Array.from([0x7b, 0xc4, 0xe3, 0x7d, 0x0a]))), /gbk\.jsonl:1: not valid UTF-8/);
   dataErr(() => readRecords(writeFile(dir, 'bin.json', 'PK\x03\x04')), /bin\.json: not a JSON\/JSONL dataset/);
   dataErr(() => readRecords(`${dir}/missing.jsonl`), /missing\.jsonl: cannot open dataset file \(ENOENT\)/);
 });
