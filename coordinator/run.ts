@@ -9,7 +9,8 @@ import type { Backend } from '../worker/engine/backend.ts';
 import { TextTokenizer } from '../common/tokenizer.ts';
 import { loadModelConfig, type ModelConfig } from '../worker/model/config.ts';
 import { loadStage } from '../worker/model/loader.ts';
-import { defaultTargetModules, type LlamaStage, type LoraConfig, type StageSpec } from '../worker/model/llama.ts';
+import { defaultTargetModules, type LlamaStage, type LoraConfig } from '../worker/model/llama.ts';
+import { splitStages } from './plan.ts';
 import { saveAdapter } from '../worker/model/adapter.ts';
 import { buildDataset } from './data/dataset.ts';
 import { Trainer, type StepResult } from './train.ts';
@@ -26,18 +27,6 @@ export function loraConfigOf(job: JobConfig, cfg: ModelConfig): LoraConfig {
     targetModules: job.lora.target_modules ?? defaultTargetModules(cfg.modelType),
     rankPattern: job.lora.rank_pattern, alphaPattern: job.lora.alpha_pattern,
   };
-}
-
-/** Splits layers into `n` contiguous stages (embedding on the first, head on the last), balanced by layer count. */
-export function splitStages(numLayers: number, n: number): StageSpec[] {
-  if (n < 1 || n > numLayers) throw new ConfigError(`distributed.stages = ${n} must be between 1 and the model's ${numLayers} layers`);
-  const specs: StageSpec[] = [];
-  for (let i = 0, first = 0; i < n; i++) {
-    const count = Math.floor(numLayers / n) + (i < numLayers % n ? 1 : 0);
-    specs.push({ firstLayer: first, lastLayer: first + count, hasEmbedding: i === 0, hasHead: i === n - 1 });
-    first += count;
-  }
-  return specs;
 }
 
 export interface RunOutcome {

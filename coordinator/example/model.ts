@@ -23,12 +23,17 @@ export interface TinyLlamaShape {
   readonly padTokenId?: number | null;
   readonly qkvBias?: boolean;           // Qwen2-style
   readonly modelType?: 'llama' | 'qwen2' | 'mistral';
+  /**
+   * Std of the embedding / LM head init (default 0.02, as HF). A frozen random head caps how confident the model can
+   * become (max logit ≈ std·H), so models meant to be fine-tuned through LoRA alone use a larger one.
+   */
+  readonly embedStd?: number;
 }
 
 /** The example's shape: small enough to train in minutes on 2 CPU cores. */
 export const EXAMPLE_SHAPE: Omit<TinyLlamaShape, 'vocabSize'> = {
   hiddenSize: 256, intermediateSize: 704, numLayers: 4, numHeads: 8, numKvHeads: 4,
-  maxPositionEmbeddings: 512, tieWordEmbeddings: true, ropeTheta: 10000, rmsNormEps: 1e-5,
+  maxPositionEmbeddings: 512, tieWordEmbeddings: true, ropeTheta: 10000, rmsNormEps: 1e-5, embedStd: 0.125,
 };
 
 /** config.json as transformers writes it for LlamaForCausalLM / Qwen2ForCausalLM. */
@@ -65,7 +70,7 @@ export function writeRandomLlama(dir: string, s: TinyLlamaShape, seed: number): 
   const recs: TensorRecord[] = [];
   const add = (name: string, shape: number[], data: Float32Array): void => { recs.push({ name, dtype: 'F32', shape, data }); };
   const resid = 0.02 / Math.sqrt(2 * s.numLayers);
-  add('model.embed_tokens.weight', [V, H], normal(V * H, 0.02));
+  add('model.embed_tokens.weight', [V, H], normal(V * H, s.embedStd ?? 0.02));
   for (let l = 0; l < s.numLayers; l++) {
     const p = `model.layers.${l}`;
     add(`${p}.input_layernorm.weight`, [H], ones(H));
@@ -84,7 +89,7 @@ export function writeRandomLlama(dir: string, s: TinyLlamaShape, seed: number): 
     add(`${p}.mlp.down_proj.weight`, [H, I], normal(H * I, resid));
   }
   add('model.norm.weight', [H], ones(H));
-  if (!s.tieWordEmbeddings) add('lm_head.weight', [V, H], normal(V * H, 0.02));
+  if (!s.tieWordEmbeddings) add('lm_head.weight', [V, H], normal(V * H, s.embedStd ?? 0.02));
   writeSafetensors(join(dir, 'model.safetensors'), recs, { format: 'pt' });
   writeFileSync(join(dir, 'config.json'), JSON.stringify(hfConfigJson(s), null, 2) + '\n');
   writeFileSync(join(dir, 'generation_config.json'), JSON.stringify({
