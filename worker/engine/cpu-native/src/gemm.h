@@ -1,0 +1,282 @@
+// Cache-blocked, register-tiled SGEMM (the BLIS loop structure) with an NF4-dequantizing B-packer.
+//
+//   C[M, N] = alpha · A'[M, K] · B'[K, N] + beta · C        A'(i, k) = a[i·rs + k·cs], B' likewise or NF4.
+//
+// Work is split into jobs = (row group × column panel) tiles of C; each job runs in one thread and sums every
+// one of its elements over k in the same fixed order (KC blocks ascending, k ascending inside a block, one
+// accumulator per element), so results are bit-identical for any thread count. Micro-kernels: AVX-512
+// (12×32), AVX2+FMA (6×16), portable scalar (4×4), chosen once at load with __builtin_cpu_supports; each is
+// compiled with its own target attribute so the binary runs on any x86-64 (and the scalar one anywhere).
+// Partial edge tiles use masked loads/stores with the same arithmetic as full tiles.
+#pragma once
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <cmath>
+#include "pool.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define DQ_X86 1
+#endif
+
+namespace dq {
+
+// ---- scratch -------------------------------------------------------------------------------------------------
+
+struct Buf {
+  float* p = nullptr;
+  size_t n = 0;
+  float* get(size_t m) {
+    if (m > n) {
+      std::free(p);
+      size_t bytes = ((m * sizeof(float) + 63) / 64) * 64;
+      p = static_cast<float*>(std::aligned_alloc(64, bytes));
+      if (!p) throw std::bad_alloc();
+      n = m;
+    }
+    return p;
+  }
+};
+
+/** Per-thread scratch: a/b for GEMM packing, s/t/u for callers (attention scores, etc.). */
+struct Scratch { Buf a, b, s, t, u; };
+inline Scratch* scratch() { static Scratch* s = new Scratch[kMaxThreads]; return s; }
+
+// ---- operand sources ------------------------------------------------------------------------------------------
+
+struct ASrc { const float* a; long rs, cs; };
+
+/** B'(k, j): dense a[k·rs + j·cs], or NF4 element f = k·fk + j·fj of a packed [out, in] weight. */
+struct BSrc {
+  const float* b = nullptr; long rs = 0, cs = 0;
+  const uint8_t* packed = nullptr; const float* absmax = nullptr; const float* table = nullptr;
+  long fk = 0, fj = 0; int bs = 64, bshift = 6;  // bshift < 0: blocksize not a power of two
+};
+
+inline float nf4At(const BSrc& s, long f) {
+  uint8_t byte = s.packed[f >> 1];
+  int code = (f & 1) ? (byte & 15) : (byte >> 4);
+  long blk = s.bshift >= 0 ? (f >> s.bshift) : (f / s.bs);
+  return s.table[code] * s.absmax[blk];
+}
+
+// ---- micro-kernels ----------------------------------------------------------------------------------------------
+
+typedef void (*Ukr)(int kc, const float* A, const float* B, float* C, long ldc, int mr, int nr, float alpha, float beta);
+
+struct Kern { int MR, NR; Ukr ukr; const char* name; };
+
+static void ukrScalar(int kc, const float* A, const float* B, float* C, long ldc, int mr, int nr, float alpha, float beta) {
+  float acc[4][4] = {{0}};
+  for (int k = 0; k < kc; k++, A += 4, B += 4)
+    for (int r = 0; r < 4; r++)
+      for (int c = 0; c < 4; c++) acc[r][c] += A[r] * B[c];
+  for (int r = 0; r < mr; r++)
+    for (int c = 0; c < nr; c++) {
+      float* p = C + r * ldc + c;
+      *p = beta == 0.0f ? alpha * acc[r][c] : alpha * acc[r][c] + beta * *p;
+    }
+}
+
+#ifdef DQ_X86
+__attribute__((target("avx2,fma"))) static void ukrAvx2(int kc, const float* A, const float* B, float* C, long ldc, int mr, int nr,
+                                                       float alpha, float beta) {
+  __m256 c0[6], c1[6];
+#pragma GCC unroll 6
+  for (int r = 0; r < 6; r++) { c0[r] = _mm256_setzero_ps(); c1[r] = _mm256_setzero_ps(); }
+  for (int k = 0; k < kc; k++, A += 6, B += 16) {
+    __m256 b0 = _mm256_load_ps(B), b1 = _mm256_load_ps(B + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; r++) {
+      __m256 a = _mm256_broadcast_ss(A + r);
+      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+  __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+  alignas(32) int32_t m[16];
+  for (int c = 0; c < 16; c++) m[c] = c < nr ? -1 : 0;
+  __m256i m0 = _mm256_load_si256((const __m256i*)m), m1 = _mm256_load_si256((const __m256i*)(m + 8));
+  bool full = nr == 16;
+  for (int r = 0; r < mr; r++) {
+    float* p = C + r * ldc;
+    __m256 o0 = full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m0);
+    __m256 o1 = full ? _mm256_loadu_ps(p + 8) : _mm256_maskload_ps(p + 8, m1);
+    __m256 r0 = beta == 0.0f ? _mm256_mul_ps(va, c0[r]) : _mm256_fmadd_ps(va, c0[r], _mm256_mul_ps(vb, o0));
+    __m256 r1 = beta == 0.0f ? _mm256_mul_ps(va, c1[r]) : _mm256_fmadd_ps(va, c1[r], _mm256_mul_ps(vb, o1));
+    if (full) { _mm256_storeu_ps(p, r0); _mm256_storeu_ps(p + 8, r1); }
+    else { _mm256_maskstore_ps(p, m0, r0); _mm256_maskstore_ps(p + 8, m1, r1); }
+  }
+}
+
+__attribute__((target("avx512f"))) static void ukrAvx512(int kc, const float* A, const float* B, float* C, long ldc, int mr, int nr,
+                                                        float alpha, float beta) {
+  __m512 c0[12], c1[12];
+#pragma GCC unroll 12
+  for (int r = 0; r < 12; r++) { c0[r] = _mm512_setzero_ps(); c1[r] = _mm512_setzero_ps(); }
+  for (int k = 0; k < kc; k++, A += 12, B += 32) {
+    __m512 b0 = _mm512_load_ps(B), b1 = _mm512_load_ps(B + 16);
+#pragma GCC unroll 12
+    for (int r = 0; r < 12; r++) {
+      __m512 a = _mm512_set1_ps(A[r]);
+      c0[r] = _mm512_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+  __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  __mmask16 k0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
+  __mmask16 k1 = nr >= 32 ? (__mmask16)0xFFFF : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : (__mmask16)0;
+  for (int r = 0; r < mr; r++) {
+    float* p = C + r * ldc;
+    __m512 r0, r1;
+    if (beta == 0.0f) { r0 = _mm512_mul_ps(va, c0[r]); r1 = _mm512_mul_ps(va, c1[r]); }
+    else {
+      r0 = _mm512_fmadd_ps(va, c0[r], _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(k0, p)));
+      r1 = _mm512_fmadd_ps(va, c1[r], _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(k1, p + 16)));
+    }
+    _mm512_mask_storeu_ps(p, k0, r0);
+    _mm512_mask_storeu_ps(p + 16, k1, r1);
+  }
+}
+#endif
+
+inline const Kern& kern() {
+  static const Kern k = [] {
+#ifdef DQ_X86
+    __builtin_cpu_init();
+    if (getenv("DQLORA_CPU_ISA") == nullptr || std::strcmp(getenv("DQLORA_CPU_ISA"), "avx512") == 0)
+      if (__builtin_cpu_supports("avx512f")) return Kern{12, 32, ukrAvx512, "avx512"};
+    if (getenv("DQLORA_CPU_ISA") == nullptr || std::strcmp(getenv("DQLORA_CPU_ISA"), "scalar") != 0)
+      if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Kern{6, 16, ukrAvx2, "avx2"};
+#endif
+    return Kern{4, 4, ukrScalar, "scalar"};
+  }();
+  return k;
+}
+
+// ---- packing ----------------------------------------------------------------------------------------------------
+
+constexpr int KC = 256, MC = 192, NC = 256;
+
+/** Rows [i0, i0+mc) × k [p0, p0+kc) of A' into MR-row panels: out[(panel·kc + k)·MR + r], zero-padded. */
+inline void packA(const ASrc& A, int i0, int mc, int p0, int kc, int MR, float* out) {
+  for (int ip = 0; ip < mc; ip += MR) {
+    int mr = std::min(MR, mc - ip);
+    float* o = out + (long)ip * kc;
+    if (A.cs == 1) {
+      for (int r = 0; r < mr; r++) {
+        const float* src = A.a + (long)(i0 + ip + r) * A.rs + p0;
+        for (int k = 0; k < kc; k++) o[k * MR + r] = src[k];
+      }
+    } else {
+      for (int k = 0; k < kc; k++) {
+        const float* src = A.a + (long)(p0 + k) * A.cs + (long)(i0 + ip) * A.rs;
+        for (int r = 0; r < mr; r++) o[k * MR + r] = src[r * A.rs];
+      }
+    }
+    for (int r = mr; r < MR; r++)
+      for (int k = 0; k < kc; k++) o[k * MR + r] = 0.0f;
+  }
+}
+
+/** k [p0, p0+kc) × columns [j0, j0+nc) of B' into NR-column panels: out[(panel·kc + k)·NR + c], zero-padded. */
+inline void packB(const BSrc& B, int p0, int kc, int j0, int nc, int NR, float* out) {
+  for (int jp = 0; jp < nc; jp += NR) {
+    int nr = std::min(NR, nc - jp);
+    float* o = out + (long)jp * kc;
+    if (B.packed) {
+      if (B.fj == 1) {  // dx = dy·W: a k-row of B' is a contiguous run of W's row
+        for (int k = 0; k < kc; k++) {
+          long f = (long)(p0 + k) * B.fk + (j0 + jp);
+          for (int c = 0; c < nr; c++) o[k * NR + c] = nf4At(B, f + c);
+        }
+      } else {  // y = x·Wᵀ: a column of B' is a contiguous run of W's row
+        for (int c = 0; c < nr; c++) {
+          long f = (long)(j0 + jp + c) * B.fj + p0;
+          for (int k = 0; k < kc; k++) o[k * NR + c] = nf4At(B, f + k);
+        }
+      }
+    } else if (B.cs == 1) {
+      for (int k = 0; k < kc; k++) {
+        const float* src = B.b + (long)(p0 + k) * B.rs + (j0 + jp);
+        for (int c = 0; c < nr; c++) o[k * NR + c] = src[c];
+      }
+    } else {
+      for (int c = 0; c < nr; c++) {
+        const float* src = B.b + (long)(j0 + jp + c) * B.cs + (long)p0 * B.rs;
+        for (int k = 0; k < kc; k++) o[k * NR + c] = src[(long)k * B.rs];
+      }
+    }
+    if (nr < NR)
+      for (int k = 0; k < kc; k++)
+        for (int c = nr; c < NR; c++) o[k * NR + c] = 0.0f;
+  }
+}
+
+// ---- driver -----------------------------------------------------------------------------------------------------
+
+/** One job: C rows [i0, i1) × columns [j0, j1), full K. */
+inline void gemmTile(int K, float alpha, const ASrc& A, const BSrc& B, float beta, float* C, long ldc,
+                     int i0, int i1, int j0, int j1, Scratch& s) {
+  const Kern& kn = kern();
+  if (K == 0) {
+    for (int i = i0; i < i1; i++)
+      for (int j = j0; j < j1; j++) C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
+    return;
+  }
+  float* bp = s.b.get((size_t)KC * (NC + kn.NR));
+  float* ap = s.a.get((size_t)KC * (MC + kn.MR));
+  for (int pc = 0; pc < K; pc += KC) {
+    int kc = std::min(KC, K - pc);
+    float bet = pc == 0 ? beta : 1.0f;
+    for (int jc = j0; jc < j1; jc += NC) {
+      int nc = std::min(NC, j1 - jc);
+      packB(B, pc, kc, jc, nc, kn.NR, bp);
+      for (int ic = i0; ic < i1; ic += MC) {
+        int mc = std::min(MC, i1 - ic);
+        packA(A, ic, mc, pc, kc, kn.MR, ap);
+        for (int jr = 0; jr < nc; jr += kn.NR)
+          for (int ir = 0; ir < mc; ir += kn.MR)
+            kn.ukr(kc, ap + (long)ir * kc, bp + (long)jr * kc, C + (long)(ic + ir) * ldc + jc + jr, ldc,
+                   std::min(kn.MR, mc - ir), std::min(kn.NR, nc - jr), alpha, bet);
+      }
+    }
+  }
+}
+
+/** Whole GEMM in the calling thread (used inside other parallel kernels). */
+inline void gemmSerial(int M, int N, int K, float alpha, const ASrc& A, const BSrc& B, float beta, float* C, long ldc, Scratch& s) {
+  if (M > 0 && N > 0) gemmTile(K, alpha, A, B, beta, C, ldc, 0, M, 0, N, s);
+}
+
+/**
+ * Parallel GEMM over (row group × column panel) jobs. Column panels are NC wide, narrower (down to one NR
+ * panel) when C has few columns, so that skinny products still give every thread work; row groups split M.
+ */
+inline void gemmParallel(int M, int N, int K, float alpha, const ASrc& A, const BSrc& B, float beta, float* C, long ldc, int threads) {
+  if (M <= 0 || N <= 0) return;
+  const Kern& kn = kern();
+  threads = std::max(1, std::min(threads, kMaxThreads));
+  const long flops = 2L * M * N * std::max(K, 1);
+  if (threads == 1 || flops < 2000000L) {
+    gemmSerial(M, N, K, alpha, A, B, beta, C, ldc, scratch()[0]);
+    return;
+  }
+  const int want = 4 * threads;
+  int nw = NC;
+  while (nw > kn.NR && (N + nw - 1) / nw * std::max(1, M / 96) < want) nw /= 2;
+  nw = std::max(nw, kn.NR);
+  int nCol = (N + nw - 1) / nw;
+  int rowGroups = std::max(1, std::min((want + nCol - 1) / nCol, (M + 95) / 96));
+  int mg = (M + rowGroups - 1) / rowGroups;
+  mg = (mg + kn.MR - 1) / kn.MR * kn.MR;
+  rowGroups = (M + mg - 1) / mg;
+  pool().run(rowGroups * nCol, threads, [&](int job, int tid) {
+    int rg = job / nCol, cp = job % nCol;
+    int i0 = rg * mg, i1 = std::min(M, i0 + mg), j0 = cp * nw, j1 = std::min(N, j0 + nw);
+    gemmTile(K, alpha, A, B, beta, C, ldc, i0, i1, j0, j1, scratch()[tid]);
+  });
+}
+
+}  // namespace dq

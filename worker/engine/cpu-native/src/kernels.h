@@ -1,0 +1,258 @@
+// Attention, cross-entropy, dropout and a peak-FLOP probe, built on gemm.h and pool.h. Semantics are those of
+// worker/engine/backend.ts (see the TypeScript twins in worker/engine/cpu/*.ts, which the tests compare).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <chrono>
+#include <limits>
+#include "gemm.h"
+
+namespace dq {
+
+// ---- vectorised exp over a row ------------------------------------------------------------------------------------
+// Cephes-style expf (max error ~2 ulp): n = round(x·log2 e), r = x − n·ln2 (two-part), degree-5 polynomial,
+// scale by 2^n. Used for the softmax sums where glibc's scalar expf would dominate (a [rows, 32000] vocabulary).
+
+/** out[i] = exp(x[i] − m); returns Σ out[i] (float64 sum of float32 lane sums, fixed order). */
+static double expRowScalar(const float* x, float m, float* out, int n) {
+  double s = 0;
+  for (int i = 0; i < n; i++) { float e = std::exp(x[i] - m); out[i] = e; s += e; }
+  return s;
+}
+
+#ifdef DQ_X86
+__attribute__((target("avx512f"))) static double expRowAvx512(const float* x, float m, float* out, int n) {
+  const __m512 vm = _mm512_set1_ps(m), lo = _mm512_set1_ps(-88.0f), log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
+  const __m512 p0 = _mm512_set1_ps(1.9875691500e-4f), p1 = _mm512_set1_ps(1.3981999507e-3f), p2 = _mm512_set1_ps(8.3334519073e-3f);
+  const __m512 p3 = _mm512_set1_ps(4.1665795894e-2f), p4 = _mm512_set1_ps(1.6666665459e-1f), p5 = _mm512_set1_ps(5.0000001201e-1f);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  __m512 acc = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 16) {
+    __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+    __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), vm);
+    __mmask16 under = _mm512_cmp_ps_mask(v, lo, _CMP_LT_OQ);
+    v = _mm512_max_ps(v, lo);
+    __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(fx, c1, v);
+    r = _mm512_fnmadd_ps(fx, c2, r);
+    __m512 y = _mm512_fmadd_ps(p0, r, p1);
+    y = _mm512_fmadd_ps(y, r, p2); y = _mm512_fmadd_ps(y, r, p3); y = _mm512_fmadd_ps(y, r, p4); y = _mm512_fmadd_ps(y, r, p5);
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, one));
+    y = _mm512_scalef_ps(y, fx);
+    y = _mm512_maskz_mov_ps(k & ~under, y);
+    _mm512_mask_storeu_ps(out + i, k, y);
+    acc = _mm512_add_ps(acc, y);
+  }
+  alignas(64) float l[16];
+  _mm512_store_ps(l, acc);
+  double s = 0;
+  for (int i = 0; i < 16; i++) s += l[i];
+  return s;
+}
+#endif
+
+inline double expRow(const float* x, float m, float* out, int n) {
+#ifdef DQ_X86
+  if (std::strcmp(kern().name, "avx512") == 0) return expRowAvx512(x, m, out, n);
+#endif
+  return expRowScalar(x, m, out, n);
+}
+
+// ---- attention ------------------------------------------------------------------------------------------------------
+
+struct AttnDims { int B, T, Hq, Hk, D; };
+
+/** Masked softmax of one score row in place; returns lse (−inf and a zero row when no key is valid). */
+inline float softmaxRow(float* row, const int32_t* mask, int t, int T, float* tmp) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int s = 0; s <= t; s++) if (mask[s] && row[s] > m) m = row[s];
+  if (m == -std::numeric_limits<float>::infinity()) {
+    for (int s = 0; s < T; s++) row[s] = 0.0f;
+    return m;
+  }
+  for (int s = 0; s <= t; s++) if (!mask[s]) row[s] = -std::numeric_limits<float>::infinity();  // exp → exactly 0
+  double sum = expRow(row, m, tmp, t + 1);
+  float inv = (float)(1.0 / sum);
+  for (int s = 0; s <= t; s++) row[s] = tmp[s] * inv;
+  for (int s = t + 1; s < T; s++) row[s] = 0.0f;
+  return m + (float)std::log(sum);
+}
+
+inline void attentionForward(const float* q, const float* k, const float* v, const int32_t* mask, AttnDims d, float scale,
+                             float* out, float* lse, int threads) {
+  const int g = d.Hq / d.Hk;
+  pool().run(d.B * d.Hq, threads, [&](int job, int tid) {
+    int b = job / d.Hq, h = job % d.Hq, kh = h / g;
+    Scratch& sc = scratch()[tid];
+    float* S = sc.s.get((size_t)d.T * d.T);
+    float* tmp = sc.t.get((size_t)d.T + 16);
+    const float* qb = q + ((long)b * d.T * d.Hq + h) * d.D;
+    const float* kb = k + ((long)b * d.T * d.Hk + kh) * d.D;
+    const float* vb = v + ((long)b * d.T * d.Hk + kh) * d.D;
+    const long qs = (long)d.Hq * d.D, ks = (long)d.Hk * d.D;
+    BSrc kt; kt.b = kb; kt.rs = 1; kt.cs = ks;  // B'(dim, s) = K[s, dim]
+    gemmSerial(d.T, d.T, d.D, scale, ASrc{qb, qs, 1}, kt, 0.0f, S, d.T, sc);
+    const int32_t* mb = mask + (long)b * d.T;
+    for (int t = 0; t < d.T; t++) lse[((long)b * d.Hq + h) * d.T + t] = softmaxRow(S + (long)t * d.T, mb, t, d.T, tmp);
+    BSrc vv; vv.b = vb; vv.rs = ks; vv.cs = 1;
+    gemmSerial(d.T, d.D, d.T, 1.0f, ASrc{S, d.T, 1}, vv, 0.0f, out + ((long)b * d.T * d.Hq + h) * d.D, qs, sc);
+  });
+}
+
+/** One job per (b, kv head): dk/dv of a kv head are summed over its query heads in one thread, in head order. */
+inline void attentionBackward(const float* dout, const float* q, const float* k, const float* v, const int32_t* mask,
+                              const float* out, const float* lse, AttnDims d, float scale, float* dq, float* dk, float* dv, int threads) {
+  const int g = d.Hq / d.Hk;
+  pool().run(d.B * d.Hk, threads, [&](int job, int tid) {
+    int b = job / d.Hk, kh = job % d.Hk;
+    Scratch& sc = scratch()[tid];
+    const long T = d.T, qs = (long)d.Hq * d.D, ks = (long)d.Hk * d.D;
+    float* P = sc.s.get((size_t)T * T);
+    float* dP = sc.t.get((size_t)T * T);
+    float* Di = sc.u.get((size_t)T);
+    const float* kb = k + ((long)b * T * d.Hk + kh) * d.D;
+    const float* vb = v + ((long)b * T * d.Hk + kh) * d.D;
+    float* dkb = dk + ((long)b * T * d.Hk + kh) * d.D;
+    float* dvb = dv + ((long)b * T * d.Hk + kh) * d.D;
+    const int32_t* mb = mask + (long)b * T;
+    for (int h = kh * g; h < (kh + 1) * g; h++) {
+      const float first = h == kh * g ? 0.0f : 1.0f;
+      const long qo = ((long)b * T * d.Hq + h) * d.D;
+      const float* qb = q + qo; const float* gb = dout + qo; const float* ob = out + qo;
+      const float* L = lse + ((long)b * d.Hq + h) * T;
+      BSrc kt; kt.b = kb; kt.rs = 1; kt.cs = ks;
+      gemmSerial(T, T, d.D, scale, ASrc{qb, qs, 1}, kt, 0.0f, P, T, sc);  // scores
+      for (long t = 0; t < T; t++) {
+        float* row = P + t * T;
+        if (L[t] == -std::numeric_limits<float>::infinity()) { for (long s = 0; s < T; s++) row[s] = 0.0f; Di[t] = 0.0f; continue; }
+        for (long s = 0; s <= t; s++) if (!mb[s]) row[s] = -std::numeric_limits<float>::infinity();
+        expRow(row, L[t], row, (int)t + 1);
+        for (long s = t + 1; s < T; s++) row[s] = 0.0f;
+        double di = 0;
+        for (int e = 0; e < d.D; e++) di += (double)gb[t * qs + e] * ob[t * qs + e];
+        Di[t] = (float)di;
+      }
+      BSrc go; go.b = gb; go.rs = qs; go.cs = 1;  // B'(t, dim) = dO[t, dim]
+      gemmSerial(T, d.D, T, 1.0f, ASrc{P, 1, T}, go, first, dvb, ks, sc);  // dV += Pᵀ dO
+      BSrc vt; vt.b = vb; vt.rs = 1; vt.cs = ks;
+      gemmSerial(T, T, d.D, 1.0f, ASrc{gb, qs, 1}, vt, 0.0f, dP, T, sc);  // dP = dO Vᵀ
+      for (long t = 0; t < T; t++)
+        for (long s = 0; s < T; s++) dP[t * T + s] = P[t * T + s] * (dP[t * T + s] - Di[t]);  // dS
+      BSrc kk; kk.b = kb; kk.rs = ks; kk.cs = 1;
+      gemmSerial(T, d.D, T, scale, ASrc{dP, T, 1}, kk, 0.0f, dq + qo, qs, sc);  // dQ = scale dS K
+      BSrc qq; qq.b = qb; qq.rs = qs; qq.cs = 1;
+      gemmSerial(T, d.D, T, scale, ASrc{dP, 1, T}, qq, first, dkb, ks, sc);  // dK += scale dSᵀ Q
+    }
+  });
+}
+
+// ---- cross-entropy ---------------------------------------------------------------------------------------------------
+
+inline void crossEntropy(const float* x, const int32_t* tg, int N, int V, float* rowLoss, float* dl, float gs, int threads) {
+  const int rowsPerJob = 4;
+  pool().run((N + rowsPerJob - 1) / rowsPerJob, threads, [&](int job, int tid) {
+    Scratch& sc = scratch()[tid];
+    float* tmp = sc.s.get((size_t)V + 16);
+    for (int n = job * rowsPerJob; n < std::min(N, (job + 1) * rowsPerJob); n++) {
+      const float* xr = x + (long)n * V;
+      float* dr = dl ? dl + (long)n * V : nullptr;
+      int t = tg[n];
+      if (t == -100) {
+        rowLoss[n] = 0.0f;
+        if (dr) std::memset(dr, 0, sizeof(float) * V);
+        continue;
+      }
+      float m = -std::numeric_limits<float>::infinity();
+      for (int j = 0; j < V; j++) m = xr[j] > m ? xr[j] : m;
+      float xt = xr[t];
+      float* e = dr ? dr : tmp;  // exp values land directly in dlogits (may alias logits: xr is not read again)
+      double s = expRow(xr, m, e, V);
+      rowLoss[n] = (float)(std::log(s) + (double)m - (double)xt);
+      if (dr) {
+        float f = (float)(gs / s);
+        for (int j = 0; j < V; j++) dr[j] *= f;
+        dr[t] -= gs;
+      }
+    }
+  });
+}
+
+// ---- dropout (Philox4x32-10, word 0; see cpu.ts for the mask definition) ----------------------------------------------
+
+inline uint32_t philoxWord0(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  for (int r = 0; r < 10; r++) {
+    uint64_t p0 = (uint64_t)0xD2511F53u * c0, p1 = (uint64_t)0xCD9E8D57u * c2;
+    uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0, n1 = (uint32_t)p1, n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1, n3 = (uint32_t)p0;
+    c0 = n0; c1 = n1; c2 = n2; c3 = n3;
+    k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+inline void dropout(const float* x, float* y, int N, int C, double p, float scale, uint32_t k0, uint32_t k1, uint32_t stream,
+                    const int32_t* rowSample, const int32_t* rowPos, int threads) {
+  pool().run((N + 7) / 8, threads, [&](int job, int) {
+    for (int n = job * 8; n < std::min(N, job * 8 + 8); n++) {
+      uint32_t c1 = (uint32_t)rowPos[n], c2 = (uint32_t)rowSample[n];
+      for (int j = 0; j < C; j++) {
+        double u = (double)(philoxWord0((uint32_t)j, c1, c2, stream, k0, k1) >> 8) * (1.0 / 16777216.0);
+        y[(long)n * C + j] = u >= p ? x[(long)n * C + j] * scale : 0.0f;
+      }
+    }
+  });
+}
+
+// ---- peak probe --------------------------------------------------------------------------------------------------------
+
+#ifdef DQ_X86
+__attribute__((target("avx512f"))) static long fmaLoopAvx512(long iters, float* sink) {
+  __m512 a[12];
+  for (int i = 0; i < 12; i++) a[i] = _mm512_set1_ps(1.0f + i * 1e-7f);
+  const __m512 m = _mm512_set1_ps(0.9999999f), c = _mm512_set1_ps(1e-7f);
+  for (long it = 0; it < iters; it++) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; i++) a[i] = _mm512_fmadd_ps(a[i], m, c);
+  }
+  __m512 s = a[0];
+  for (int i = 1; i < 12; i++) s = _mm512_add_ps(s, a[i]);
+  *sink = _mm512_reduce_add_ps(s);
+  return iters * 12 * 16 * 2;
+}
+__attribute__((target("avx2,fma"))) static long fmaLoopAvx2(long iters, float* sink) {
+  __m256 a[10];
+  for (int i = 0; i < 10; i++) a[i] = _mm256_set1_ps(1.0f + i * 1e-7f);
+  const __m256 m = _mm256_set1_ps(0.9999999f), c = _mm256_set1_ps(1e-7f);
+  for (long it = 0; it < iters; it++) {
+#pragma GCC unroll 10
+    for (int i = 0; i < 10; i++) a[i] = _mm256_fmadd_ps(a[i], m, c);
+  }
+  float l[8]; __m256 s = a[0];
+  for (int i = 1; i < 10; i++) s = _mm256_add_ps(s, a[i]);
+  _mm256_storeu_ps(l, s);
+  *sink = l[0];
+  return iters * 10 * 8 * 2;
+}
+#endif
+
+inline double peakGflops(double ms, int threads) {
+  std::atomic<long> flops{0};
+  auto t0 = std::chrono::steady_clock::now();
+  pool().run(threads, threads, [&](int, int) {
+    float sink = 0; long f = 0;
+    auto start = std::chrono::steady_clock::now();
+    while (std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count() < ms) {
+#ifdef DQ_X86
+      if (std::strcmp(kern().name, "avx512") == 0) f += fmaLoopAvx512(1 << 16, &sink);
+      else if (std::strcmp(kern().name, "avx2") == 0) f += fmaLoopAvx2(1 << 16, &sink);
+      else
+#endif
+      { volatile float a = 1.0f; for (int i = 0; i < (1 << 16); i++) a = a * 0.9999999f + 1e-7f; f += 2L << 16; sink = a; }
+    }
+    flops += f + (sink == 12345.0f ? 1 : 0);
+  });
+  double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return (double)flops.load() / sec / 1e9;
+}
+
+}  // namespace dq
