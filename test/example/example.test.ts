@@ -61,7 +61,7 @@ test('BPE: @huggingface/tokenizers loads the trained tokenizer.json and round-tr
   // special tokens are single ids at the end of the vocabulary, never split
   tj.added_tokens.forEach((t, k) => {
     assert.equal(t.id, size - EXAMPLE_SPECIAL_TOKENS.length + k);
-    assert.deepEqual(tok.encode(`x${t.content}y`).ids.filter((id) => id === t.id).length, 1);
+    assert.deepEqual(tok.encode(`x${t.content}y`).ids.filter((id: number) => id === t.id).length, 1);
   });
   // bytes are ids 0..255 so any byte string is encodable
   assert.equal(tj.model.vocab[BYTE_TO_CHAR[0xe4]], 0xe4);
