@@ -12,7 +12,7 @@ import { BackendError, ShapeError, check } from '../../common/errors.ts';
 import { philox4x32, u32ToUnit } from '../../common/rng.ts';
 import { CpuTensor, Storage, asCpu, cpuData, shapeSize, storageDtype, type CpuData } from './cpu/tensor.ts';
 import { Scratch, gemmTs } from './cpu/gemm-ts.ts';
-import { CpuQuantized, absmaxF32, checkNf4, dequantRows } from './cpu/nf4-tiles.ts';
+import { CpuQuantized, dequantRows } from './cpu/nf4-tiles.ts';
 import { attentionBackwardTs, attentionForwardTs } from './cpu/attention-ts.ts';
 import { loadCpuNative, type CpuNative } from './cpu/native.ts';
 
@@ -101,11 +101,9 @@ export class CpuBackend implements Backend {
   // ---- NF4 ----------------------------------------------------------------------------------------
 
   uploadNf4(w: Nf4Weight): QuantizedTensor {
-    checkNf4(w);
-    const absmax = absmaxF32(w);
-    const bytes = w.packed.byteLength + absmax.byteLength + 64;
-    this.bytesLive += bytes;
-    return new CpuQuantized([w.shape[0], w.shape[1]], bytes, w.packed, absmax, Float32Array.from(w.quantMap), w.blocksize);
+    const q = new CpuQuantized(w);
+    this.bytesLive += q.bytes;
+    return q;
   }
 
   freeQuantized(q: QuantizedTensor): void {
