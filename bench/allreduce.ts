@@ -1,0 +1,135 @@
+// All-reduce throughput over NATS vs raw NATS pub/sub throughput, measured in the same run against a
+// nats-server started here (127.0.0.1, OS-assigned port, default 1 MiB max_payload).
+//   node --import tsx bench/allreduce.ts [--sizes 1,4,16,64] [--ranks 2,4] [--reps 5]
+// Every rank runs in its own child process with its own connection, as separate workers would; the raw
+// baseline is one publisher process → one subscriber process, the same message size, the same bytes. Columns:
+//   algbw = buffer bytes / all-reduce time;  busbw = algbw × 2(R−1)/R (bytes each rank sends — and
+//   receives — per byte of buffer, NCCL's convention), which is what to compare with the raw stream.
+import os from 'node:os';
+import { fork, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { connect, type NatsConnection } from '@nats-io/transport-node';
+import { NatsAllReduce } from '../worker/allreduce.ts';
+import { startNatsServer, natsServerMissing } from '../test/helpers/nats.ts';
+
+const MB = 1 << 20;
+/** Wall clock in ms with sub-ms resolution, comparable across processes on one machine. */
+const now = (): number => performance.timeOrigin + performance.now();
+
+type Job =
+  | { kind: 'rank'; url: string; jobId: string; rank: number; worldSize: number; floats: number }
+  | { kind: 'raw-pub' | 'raw-sub'; url: string; subject: string; bytes: number; msgBytes: number };
+type Cmd = { go: number } | { stop: true };
+
+/** Child side: waits for {go: i}, does round i, answers with {done: i, ms, check}. */
+async function childMain(job: Job): Promise<void> {
+  const nc: NatsConnection = await connect({ servers: job.url });
+  const port = {
+    on: (ev: 'message', f: (m: Cmd) => void): void => { process.on(ev, f); },
+    postMessage: (m: object): void => { process.send!(m); },
+    close: (): void => { process.disconnect(); },
+  };
+  if (job.kind === 'rank') {
+    const ar = new NatsAllReduce(nc, { jobId: job.jobId, stage: 0, rank: job.rank, worldSize: job.worldSize, timeoutMs: 120_000 });
+    const buf = new Float32Array(job.floats);
+    port.on('message', async (m: Cmd) => {
+      if ('stop' in m) { ar.close(); await nc.close(); port.close(); return; }
+      buf.fill(job.rank + 1);
+      const start = now();
+      await ar.allReduceSum(m.go, buf);
+      port.postMessage({ done: m.go, start, end: now(), check: buf[0] + buf[buf.length - 1] });
+    });
+  } else if (job.kind === 'raw-sub') {
+    let got = 0, target = 0, round = -1;
+    nc.subscribe(job.subject, { callback: (_e, msg) => {
+      got += msg.data.length;
+      if (got >= target) { port.postMessage({ done: round, end: now(), check: got }); got = 0; }
+    } });
+    await nc.flush();
+    port.on('message', async (m: Cmd) => {
+      if ('stop' in m) { await nc.close(); port.close(); return; }
+      round = m.go; target = job.bytes;
+      port.postMessage({ ready: m.go });
+    });
+  } else {
+    const payload = new Uint8Array(job.msgBytes);
+    port.on('message', async (m: Cmd) => {
+      if ('stop' in m) { await nc.close(); port.close(); return; }
+      const start = now();
+      for (let sent = 0; sent < job.bytes; sent += job.msgBytes) nc.publish(job.subject, payload.subarray(0, Math.min(job.msgBytes, job.bytes - sent)));
+      await nc.flush();
+      port.postMessage({ done: m.go, start, end: now(), check: 0 });
+    });
+  }
+  port.postMessage({ started: true });
+}
+
+type Child = ChildProcess & { postMessage(m: Cmd): void };
+function spawn(job: Job): Promise<Child> {
+  const c = fork(fileURLToPath(import.meta.url), [], { execArgv: ['--import', 'tsx'], env: { ...process.env, DQLORA_BENCH_CHILD: JSON.stringify(job) } }) as Child;
+  c.postMessage = (m: Cmd) => { c.send(m); };
+  return new Promise((res, rej) => { c.once('message', () => res(c)); c.once('error', rej); });
+}
+function next<T>(w: Child, pred: (m: T) => boolean): Promise<T> {
+  return new Promise((res) => { const f = (m: unknown): void => { if (pred(m as T)) { w.off('message', f); res(m as T); } }; w.on('message', f); });
+}
+function median(xs: number[]): number { const s = [...xs].sort((a, b) => a - b); return s[Math.floor(s.length / 2)]; }
+function arg(name: string, def: string): string { const i = process.argv.indexOf(`--${name}`); return i >= 0 && process.argv[i + 1] ? process.argv[i + 1] : def; }
+
+async function main(): Promise<void> {
+  const missing = natsServerMissing();
+  if (missing) { console.error(missing); process.exit(1); }
+  const sizesMB = arg('sizes', '1,4,16,64').split(',').map(Number);
+  const ranksList = arg('ranks', '2,4').split(',').map(Number);
+  const reps = Number(arg('reps', '7'));
+  // Slow-consumer headroom: one thread may fall behind by a whole 64 MB buffer while others publish.
+  const server = await startNatsServer({ extraConfig: ['max_pending: 1073741824'] });
+  const probe = await connect({ servers: server.url });
+  const maxPayload = probe.info!.max_payload;
+  await probe.close();
+  console.log(`# NATS all-reduce vs raw pub/sub — ${new Date().toISOString()} — ${os.cpus()[0]?.model ?? 'cpu'} × ${os.cpus().length} threads, node ${process.version}, nats-server max_payload ${maxPayload}, median of ${reps}`);
+  console.log('| buffer | R | raw pub→sub MB/s | all-reduce ms | algbw MB/s | busbw MB/s | busbw / raw |');
+  console.log('|---:|---:|---:|---:|---:|---:|---:|');
+  let seq = 0;
+  for (const R of ranksList) {
+    for (const mb of sizesMB) {
+      const bytes = mb * MB;
+      const subject = `bench.raw.${seq}`;
+      const sub = await spawn({ kind: 'raw-sub', url: server.url, subject, bytes, msgBytes: maxPayload - 256 });
+      const pub = await spawn({ kind: 'raw-pub', url: server.url, subject, bytes, msgBytes: maxPayload - 256 });
+      const ranks = await Promise.all(Array.from({ length: R }, (_, rank) => spawn({ kind: 'rank', url: server.url, jobId: `bench${seq}`, rank, worldSize: R, floats: bytes / 4 })));
+      seq++;
+      const raw: number[] = [], ar: number[] = [];
+      for (let i = 0; i < reps + 3; i++) {
+        // Baseline and all-reduce alternate so both see the same machine state; rounds 0–2 warm up (JIT).
+        const ready = next<{ ready?: number }>(sub, (m) => m.ready === i);
+        sub.postMessage({ go: i });
+        await ready;
+        // Raw: from the publisher's first publish to the subscriber's last byte.
+        const rawDone = next<{ done?: number; end: number }>(sub, (m) => m.done === i);
+        const pubDone = next<{ done?: number; start: number }>(pub, (m) => m.done === i);
+        pub.postMessage({ go: i });
+        const rawMs = (await rawDone).end - (await pubDone).start;
+        // All-reduce: from the moment the last rank entered the call to the last rank leaving it (a rank
+        // that enters early just waits; the commands reach the processes a little apart).
+        const dones = ranks.map((w) => next<{ done?: number; start: number; end: number; check: number }>(w, (m) => m.done === i));
+        for (const w of ranks) w.postMessage({ go: i });
+        const res = await Promise.all(dones);
+        const arMs = Math.max(...res.map((r) => r.end)) - Math.max(...res.map((r) => r.start));
+        const expect = 2 * (R * (R + 1)) / 2;
+        for (const r of res) if (r.check !== expect) throw new Error(`wrong all-reduce result ${r.check}, expected ${expect}`);
+        if (i >= 3) { raw.push(rawMs); ar.push(arMs); }
+      }
+      for (const w of [sub, pub, ...ranks]) w.postMessage({ stop: true });
+      const rawMBs = mb / (median(raw) / 1000);
+      const t = median(ar) / 1000;
+      const alg = mb / t, bus = alg * 2 * (R - 1) / R;
+      console.log(`| ${mb} MB | ${R} | ${rawMBs.toFixed(0)} | ${(t * 1000).toFixed(1)} | ${alg.toFixed(0)} | ${bus.toFixed(0)} | ${(bus / rawMBs).toFixed(2)} |`);
+    }
+  }
+  await server.stop();
+}
+
+const child = process.env.DQLORA_BENCH_CHILD;
+if (!child) main().catch((e) => { console.error(e); process.exit(1); });
+else childMain(JSON.parse(child) as Job).catch((e) => { console.error(e); process.exit(1); });
