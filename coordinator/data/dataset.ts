@@ -8,7 +8,9 @@
 import { ConfigError } from '../../common/errors.ts';
 import { logger } from '../../common/log.ts';
 import { shuffledIndices } from '../../common/rng.ts';
-import { readRecords, type Record } from './records.ts';
+import { readRecords, recordKey, type Record } from './records.ts';
+
+export { recordKey };
 import { tokenizeRecords, type Example, type TokenizerLike } from './tokenize.ts';
 
 const log = logger('data');
@@ -47,15 +49,6 @@ export interface DatasetStats {
 }
 
 export interface Dataset { train: Example[]; validation: Example[]; stats: DatasetStats }
-
-/** The identity used for dedup and for keeping copies on one side of the split. */
-export function recordKey(r: Record): string {
-  switch (r.kind) {
-    case 'alpaca': return JSON.stringify(['a', r.instruction, r.input ?? '', r.output, r.system ?? '']);
-    case 'chat': return JSON.stringify(['c', ...r.messages.map((m) => [m.role, m.content])]);
-    case 'text': return JSON.stringify(['t', r.text]);
-  }
-}
 
 export function buildDataset(opts: DatasetOptions, tok: TokenizerLike): Dataset {
   if (opts.validationPath !== undefined && opts.validationSplit !== undefined) {

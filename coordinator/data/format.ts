@@ -101,13 +101,22 @@ function render(tok: TokenizerLike, messages: ChatMessage[], addGenerationPrompt
 }
 
 function formatChatTemplated(messages: ChatMessage[], tok: TokenizerLike): Piece[] {
-  const full = render(tok, messages, false);
+  // Renderings of the first k messages, memoised: for the usual [system?, user, assistant] the full rendering is
+  // also the last "with reply" one, so a record costs two renders, not three.
+  const memo = new Map<string, string>();
+  const prefix = (k: number, gen: boolean): string => {
+    const key = `${k}:${gen}`;
+    let r = memo.get(key);
+    if (r === undefined) { r = render(tok, messages.slice(0, k), gen); memo.set(key, r); }
+    return r;
+  };
+  const full = prefix(messages.length, false);
   const pieces: Piece[] = [];
   let pos = 0;
   for (let i = 0; i < messages.length; i++) {
     if (messages[i].role !== 'assistant') continue;
-    const prompt = render(tok, messages.slice(0, i), true);
-    const withReply = render(tok, messages.slice(0, i + 1), false);
+    const prompt = prefix(i, true);
+    const withReply = prefix(i + 1, false);
     if (!withReply.startsWith(prompt) || !full.startsWith(withReply) || prompt.length < pos) {
       const [a, b] = !withReply.startsWith(prompt) ? [prompt, withReply] : [withReply, full];
       const at = firstDiff(a, b);

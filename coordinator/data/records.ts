@@ -31,6 +31,15 @@ export interface ReadResult {
   format: 'json' | 'jsonl';
 }
 
+/** The identity of a record's content: used for dedup, the split, and memoising tokenization. */
+export function recordKey(r: Record): string {
+  switch (r.kind) {
+    case 'alpaca': return JSON.stringify(['a', r.instruction, r.input ?? '', r.output, r.system ?? '']);
+    case 'chat': return JSON.stringify(['c', ...r.messages.map((m) => [m.role, m.content])]);
+    case 'text': return JSON.stringify(['t', r.text]);
+  }
+}
+
 const ROLES: ReadonlySet<string> = new Set(['system', 'user', 'assistant']);
 /** A longer line is almost surely not a dataset record (a binary file, a missing newline in a dump). */
 const MAX_LINE_BYTES = 64 * 1024 * 1024;

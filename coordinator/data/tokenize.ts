@@ -16,7 +16,7 @@
 // dropped and counted.
 import { ConfigError, DataError, DqloraError } from '../../common/errors.ts';
 import { formatRecord } from './format.ts';
-import type { Record } from './records.ts';
+import { recordKey, type Record } from './records.ts';
 
 export interface TokenizerLike {
   encode(text: string, opts?: { addSpecialTokens?: boolean }): number[];
@@ -58,10 +58,16 @@ export function tokenizeRecords(records: Record[], tok: TokenizerLike, opts: Tok
   checkOptions(opts, tok);
   const examples: Example[] = [];
   let truncated = 0, droppedNoLabels = 0, skipped = 0;
+  // Datasets like the seed's repeat records and prompts a lot; template rendering and encoding dominate the cost.
+  const cache = new Map<string, number[]>(); // piece text → ids
+  const done = new Map<string, { ids: number[]; labels: number[] }>(); // record content → full encoding
   for (let i = 0; i < records.length; i++) {
     let full: { ids: number[]; labels: number[] };
     try {
-      full = encodeRecord(records[i], tok, opts.addBos ?? 'auto');
+      const key = recordKey(records[i]);
+      const hit = done.get(key);
+      full = hit ?? encodeRecord(records[i], tok, opts.addBos ?? 'auto', cache);
+      if (!hit) done.set(key, full);
     } catch (e) {
       if (opts.onError === 'skip' && e instanceof DataError) { skipped++; continue; }
       if (e instanceof DataError) throw new DataError(`record ${i}: ${e.message}`, { cause: e });
@@ -94,10 +100,14 @@ function checkOptions(opts: TokenizeOptions, tok: TokenizerLike): void {
 }
 
 /** Full (untruncated) ids and labels of one record. */
-export function encodeRecord(rec: Record, tok: TokenizerLike, addBos: 'auto' | boolean = 'auto'): { ids: number[]; labels: number[] } {
+export function encodeRecord(rec: Record, tok: TokenizerLike, addBos: 'auto' | boolean = 'auto', cache?: Map<string, number[]>): { ids: number[]; labels: number[] } {
   const ids: number[] = [], labels: number[] = [];
   for (const piece of formatRecord(rec, tok)) {
-    const enc = tok.encode(piece.text, { addSpecialTokens: false });
+    let enc = cache?.get(piece.text);
+    if (enc === undefined) {
+      enc = tok.encode(piece.text, { addSpecialTokens: false });
+      cache?.set(piece.text, enc);
+    }
     for (const id of enc) { ids.push(id); labels.push(piece.trained ? id : IGNORE_INDEX); }
     if (piece.eos) {
       if (tok.eosId === null) throw new DqloraError('internal: format asked for EOS but the tokenizer has none');
