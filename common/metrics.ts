@@ -1,0 +1,176 @@
+// Prometheus metrics for the coordinator and the workers (prom-client), each in its own Registry — never
+// the global default one, so tests and a coordinator + local workers in one process do not collide.
+//
+// Naming follows the Prometheus conventions: `dqlora_` prefix, base units in the name (seconds, bytes),
+// `_total` on counters only, `_ratio` for fractions; the process/Node.js default metrics keep their
+// standard names (process_*, nodejs_*) so stock dashboards work. Checked by `promtool check metrics`
+// in test/distributed/metrics.test.ts. The series each metric carries:
+//   loss, eval loss, learning rate, grad norm, tokens/s          gauges, set once per optimizer step
+//   step / stage (forward, backward) / all-reduce durations        histograms, seconds
+//   pipeline bubble                                                 gauge, fraction of step time idle
+//   bytes over gRPC and NATS                                        counters, label transport=grpc|nats
+//   workers by state                                                gauge, label state
+//   checkpoint duration / size                                      histogram, seconds / gauge, bytes
+//   memory in use                                                   gauge, bytes, label device
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+
+/** Durations of whole optimizer steps: 10 ms … ~11 min. */
+const STEP_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 650];
+/** Durations of per-stage work and all-reduces: 1 ms … 2 min. */
+const FAST_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120];
+/** Checkpoint writes: 10 ms … 10 min. */
+const CHECKPOINT_BUCKETS = [0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600];
+
+export type Transport = 'grpc' | 'nats';
+export type Phase = 'forward' | 'backward';
+/** Worker states as the coordinator counts them (mirrors proto WorkerState, lower-case). */
+export const WORKER_STATES = ['registered', 'loading', 'ready', 'training', 'checkpointing', 'failed', 'stopped'] as const;
+export type WorkerStateLabel = (typeof WORKER_STATES)[number];
+
+/** Metrics both roles export. */
+interface CommonMetrics {
+  registry: Registry;
+  sentBytes: Counter<'transport'>;
+  receivedBytes: Counter<'transport'>;
+  checkpointDuration: Histogram<never>;
+  checkpointSize: Gauge<never>;
+  memoryInUse: Gauge<'device'>;
+}
+
+export interface CoordinatorMetrics extends CommonMetrics {
+  loss: Gauge<never>;
+  evalLoss: Gauge<never>;
+  learningRate: Gauge<never>;
+  gradNorm: Gauge<never>;
+  tokensPerSecond: Gauge<never>;
+  tokens: Counter<never>;
+  steps: Counter<never>;
+  stepDuration: Histogram<never>;
+  /** Per stage, from the workers' step reports. */
+  stageDuration: Histogram<'stage' | 'phase'>;
+  allReduceDuration: Histogram<'stage'>;
+  pipelineBubble: Gauge<never>;
+  workers: Gauge<'state'>;
+  /** Sets the worker-count gauge for every state (states absent from `counts` become 0). */
+  setWorkerCounts(counts: Partial<Record<WorkerStateLabel, number>>): void;
+}
+
+export interface WorkerMetrics extends CommonMetrics {
+  stageDuration: Histogram<'phase'>;
+  allReduceDuration: Histogram<never>;
+  stepDuration: Histogram<never>;
+  /** This worker's current step (−1 before the first). */
+  step: Gauge<never>;
+}
+
+export interface MetricsOptions {
+  /** Labels added to every series of this registry, e.g. { worker_id: 'w3', stage: '1' }. */
+  defaultLabels?: Record<string, string>;
+  /** Also export process_* and nodejs_* metrics (default true). */
+  processMetrics?: boolean;
+}
+
+function newRegistry(opts: MetricsOptions): Registry {
+  const registry = new Registry();
+  if (opts.defaultLabels) registry.setDefaultLabels(opts.defaultLabels);
+  if (opts.processMetrics ?? true) {
+    collectDefaultMetrics({ register: registry });
+    // prom-client exports these totals as gauges with a `_total` suffix, which breaks the naming rules
+    // (promtool flags them); the same numbers remain available as nodejs_active_{handles,requests,resources}.
+    for (const name of ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total']) {
+      registry.removeSingleMetric(name);
+    }
+  }
+  return registry;
+}
+
+function common(registry: Registry, role: string): CommonMetrics {
+  const registers = [registry];
+  return {
+    registry,
+    sentBytes: new Counter({ name: 'dqlora_sent_bytes_total', help: `Bytes this ${role} sent, by transport (gRPC pipeline/control, NATS all-reduce).`, labelNames: ['transport'] as const, registers }),
+    receivedBytes: new Counter({ name: 'dqlora_received_bytes_total', help: `Bytes this ${role} received, by transport.`, labelNames: ['transport'] as const, registers }),
+    checkpointDuration: new Histogram({ name: 'dqlora_checkpoint_duration_seconds', help: `Time to write a checkpoint (${role === 'worker' ? 'this worker\'s shard' : 'manifest and all shards'}).`, buckets: CHECKPOINT_BUCKETS, registers }),
+    checkpointSize: new Gauge({ name: 'dqlora_checkpoint_size_bytes', help: `Size of the last checkpoint written (${role === 'worker' ? 'this worker\'s shard' : 'all shards'}).`, registers }),
+    memoryInUse: new Gauge({ name: 'dqlora_memory_in_use_bytes', help: 'Memory in use by model state, by device (cpu, cuda:N).', labelNames: ['device'] as const, registers }),
+  };
+}
+
+export function createCoordinatorMetrics(opts: MetricsOptions = {}): CoordinatorMetrics {
+  const registry = newRegistry(opts);
+  const registers = [registry];
+  const workers = new Gauge({ name: 'dqlora_workers', help: 'Registered workers by state.', labelNames: ['state'] as const, registers });
+  for (const s of WORKER_STATES) workers.set({ state: s }, 0);
+  return {
+    ...common(registry, 'coordinator'),
+    loss: new Gauge({ name: 'dqlora_train_loss', help: 'Training loss of the last optimizer step (mean over label tokens).', registers }),
+    evalLoss: new Gauge({ name: 'dqlora_eval_loss', help: 'Loss on the validation split at the last evaluation.', registers }),
+    learningRate: new Gauge({ name: 'dqlora_learning_rate', help: 'Learning rate of the last optimizer step.', registers }),
+    gradNorm: new Gauge({ name: 'dqlora_grad_norm', help: 'Global L2 norm of the LoRA gradients of the last step (before clipping).', registers }),
+    tokensPerSecond: new Gauge({ name: 'dqlora_tokens_per_second', help: 'Training throughput of the last optimizer step, tokens per second.', registers }),
+    tokens: new Counter({ name: 'dqlora_tokens_total', help: 'Training tokens processed (including padding-free prompt tokens).', registers }),
+    steps: new Counter({ name: 'dqlora_optimizer_steps_total', help: 'Optimizer steps completed.', registers }),
+    stepDuration: new Histogram({ name: 'dqlora_step_duration_seconds', help: 'Wall time of one optimizer step, schedule start to last update.', buckets: STEP_BUCKETS, registers }),
+    stageDuration: new Histogram({ name: 'dqlora_stage_duration_seconds', help: 'Compute time of one stage per step, by phase, as reported by the workers.', labelNames: ['stage', 'phase'] as const, buckets: FAST_BUCKETS, registers }),
+    allReduceDuration: new Histogram({ name: 'dqlora_allreduce_duration_seconds', help: 'LoRA gradient all-reduce time per step, by stage, as reported by the workers.', labelNames: ['stage'] as const, buckets: FAST_BUCKETS, registers }),
+    pipelineBubble: new Gauge({ name: 'dqlora_pipeline_bubble_ratio', help: 'Fraction of the last step\'s stage time spent idle waiting on other stages (0..1).', registers }),
+    workers,
+    setWorkerCounts(counts) {
+      for (const s of WORKER_STATES) workers.set({ state: s }, counts[s] ?? 0);
+    },
+  };
+}
+
+export function createWorkerMetrics(opts: MetricsOptions = {}): WorkerMetrics {
+  const registry = newRegistry(opts);
+  const registers = [registry];
+  return {
+    ...common(registry, 'worker'),
+    stageDuration: new Histogram({ name: 'dqlora_stage_duration_seconds', help: 'Compute time of this worker\'s stage per micro-batch, by phase.', labelNames: ['phase'] as const, buckets: FAST_BUCKETS, registers }),
+    allReduceDuration: new Histogram({ name: 'dqlora_allreduce_duration_seconds', help: 'LoRA gradient all-reduce time per step over NATS.', buckets: FAST_BUCKETS, registers }),
+    stepDuration: new Histogram({ name: 'dqlora_step_duration_seconds', help: 'Wall time of this worker\'s part of one optimizer step.', buckets: STEP_BUCKETS, registers }),
+    step: new Gauge({ name: 'dqlora_step', help: 'Last optimizer step this worker completed (-1 before the first).', registers }),
+  };
+}
+
+export interface MetricsServer {
+  port: number;
+  close(): Promise<void>;
+}
+
+/**
+ * Serves `GET /metrics` (Prometheus text format) and `GET /healthz` ("ok") on host:port (port 0 = any free
+ * port; the bound one is returned). Binds 127.0.0.1 unless told otherwise: exposing it is a deployment choice.
+ */
+export function serveMetrics(registry: Registry, port: number, host = '127.0.0.1'): Promise<MetricsServer> {
+  const server = http.createServer((req, res) => {
+    const path = (req.url ?? '/').split('?')[0];
+    if (req.method !== 'GET' && req.method !== 'HEAD') {
+      res.writeHead(405, { allow: 'GET, HEAD' }).end();
+    } else if (path === '/metrics') {
+      registry.metrics().then(
+        (text) => res.writeHead(200, { 'content-type': registry.contentType }).end(req.method === 'HEAD' ? undefined : text),
+        (err: unknown) => res.writeHead(500, { 'content-type': 'text/plain' }).end(`collecting metrics failed: ${String(err)}\n`),
+      );
+    } else if (path === '/healthz') {
+      res.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
+    } else {
+      res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics or /healthz\n');
+    }
+  });
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
+      server.off('error', reject);
+      resolve({
+        port: (server.address() as AddressInfo).port,
+        close: () => new Promise<void>((res, rej) => {
+          server.close((e) => (e ? rej(e) : res()));
+          server.closeAllConnections();
+        }),
+      });
+    });
+  });
+}
