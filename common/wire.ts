@@ -60,19 +60,21 @@ function wireDtypeOf(d: unknown): WireDtype | undefined {
  * Checks a shape and returns its element count. Rejects non-integers, negatives and products above
  * `maxNumel` (checked while multiplying, so a shape like [2^40, 2^40] cannot overflow into a small number).
  */
-export function checkShape(shape: readonly unknown[], maxNumel: number, what: string): number {
-  if (!Array.isArray(shape)) throw new WireError(`${what}: shape is not a list`);
-  if (shape.length > 8) throw new WireError(`${what}: shape [${shape.slice(0, 9).join(', ')}, …] has ${shape.length} dimensions, at most 8 are allowed`);
+export function checkShape(
+  shape: readonly unknown[], maxNumel: number, what: string,
+  fail: (kind: 'malformed' | 'oversized', message: string, hint?: string) => Error = (_k, m, hint) => new WireError(m, { hint }),
+): number {
+  if (!Array.isArray(shape)) throw fail('malformed', `${what}: shape is not a list`);
+  if (shape.length > 8) throw fail('malformed', `${what}: shape [${shape.slice(0, 9).join(', ')}, …] has ${shape.length} dimensions, at most 8 are allowed`);
   let numel = 1;
   for (const d of shape) {
     if (typeof d !== 'number' || !Number.isSafeInteger(d) || d < 0) {
-      throw new WireError(`${what}: shape [${shape.join(', ')}] has dimension ${String(d)}, expected non-negative integers`);
+      throw fail('malformed', `${what}: shape [${shape.join(', ')}] has dimension ${String(d)}, expected non-negative integers`);
     }
     numel *= d;
     if (numel > maxNumel) {
-      throw new WireError(`${what}: shape [${shape.join(', ')}] has more than ${maxNumel} elements (the receive limit)`, {
-        hint: 'use smaller micro-batches or raise the receiver\'s maxNumel',
-      });
+      throw fail('oversized', `${what}: shape [${shape.join(', ')}] has more than ${maxNumel} elements (the receive limit)`,
+        'use smaller micro-batches or raise the receiver\'s maxNumel');
     }
   }
   return numel;
@@ -255,6 +257,18 @@ export function decodeChunk(bytes: Uint8Array): TensorChunk {
   }
 }
 
+/** Why a chunk stream was rejected (transports map these to status codes). */
+export type ChunkErrorReason = 'malformed' | 'foreign-job' | 'stale' | 'duplicate' | 'out-of-order' | 'oversized' | 'corrupt' | 'incomplete';
+
+/** A rejected chunk or chunk stream; `reason` classifies it, the message says what and where. */
+export class ChunkError extends WireError {
+  readonly reason: ChunkErrorReason;
+  constructor(reason: ChunkErrorReason, message: string, opts: { hint?: string; cause?: unknown } = {}) {
+    super(message, opts);
+    this.reason = reason;
+  }
+}
+
 export interface AssemblerOptions {
   /** The receiver's job; chunks of any other job are rejected. */
   jobId: string;
@@ -300,43 +314,43 @@ export class ChunkAssembler {
 
   push(c: TensorChunk): HostTensor | undefined {
     const what = this.opts.what ?? 'tensor stream';
-    if (c === null || typeof c !== 'object') throw new WireError(`${what}: chunk is not a message`);
+    if (c === null || typeof c !== 'object') throw new ChunkError('malformed', `${what}: chunk is not a message`);
     if (c.jobId !== this.opts.jobId) {
-      throw new WireError(`${what}: chunk belongs to job "${String(c.jobId)}", this worker serves job "${this.opts.jobId}"`, {
+      throw new ChunkError('foreign-job', `${what}: chunk belongs to job "${String(c.jobId)}", this worker serves job "${this.opts.jobId}"`, {
         hint: 'a worker of another job (or an old run) is sending to this address',
       });
     }
     const at = `${what} step ${String(c.step)} micro-batch ${String(c.microBatch)} chunk ${String(c.chunkIndex)}/${String(c.numChunks)}`;
-    if (this.result !== undefined) throw new WireError(`${at}: too many chunks, the tensor was already complete`);
+    if (this.result !== undefined) throw new ChunkError('duplicate', `${at}: too many chunks, the tensor was already complete`);
     if (!this.first) this.start(c, at);
     const f = this.first!;
     if (c.step !== f.step || c.microBatch !== f.microBatch) {
-      throw new WireError(`${at}: chunk of step ${String(c.step)} micro-batch ${String(c.microBatch)} inside the stream of step ${f.step} micro-batch ${f.microBatch} (stale or misrouted)`);
+      throw new ChunkError('stale', `${at}: chunk of step ${String(c.step)} micro-batch ${String(c.microBatch)} inside the stream of step ${f.step} micro-batch ${f.microBatch} (stale or misrouted)`);
     }
-    if (c.numChunks !== f.numChunks) throw new WireError(`${at}: chunk count changed from ${f.numChunks} to ${String(c.numChunks)} mid-stream`);
-    if (!Number.isInteger(c.chunkIndex) || c.chunkIndex < 0) throw new WireError(`${at}: invalid chunk index`);
-    if (c.chunkIndex >= f.numChunks) throw new WireError(`${at}: too many chunks, index ${c.chunkIndex} ≥ count ${f.numChunks}`);
-    if (c.chunkIndex < this.nextIndex) throw new WireError(`${at}: duplicate chunk ${c.chunkIndex} (already received 0..${this.nextIndex - 1})`);
-    if (c.chunkIndex > this.nextIndex) throw new WireError(`${at}: out-of-order chunk, expected index ${this.nextIndex}`);
-    if (c.crc32 !== f.crc) throw new WireError(`${at}: checksum field changed mid-stream`);
+    if (c.numChunks !== f.numChunks) throw new ChunkError('malformed', `${at}: chunk count changed from ${f.numChunks} to ${String(c.numChunks)} mid-stream`);
+    if (!Number.isInteger(c.chunkIndex) || c.chunkIndex < 0) throw new ChunkError('malformed', `${at}: invalid chunk index`);
+    if (c.chunkIndex >= f.numChunks) throw new ChunkError('malformed', `${at}: too many chunks, index ${c.chunkIndex} ≥ count ${f.numChunks}`);
+    if (c.chunkIndex < this.nextIndex) throw new ChunkError('duplicate', `${at}: duplicate chunk ${c.chunkIndex} (already received 0..${this.nextIndex - 1})`);
+    if (c.chunkIndex > this.nextIndex) throw new ChunkError('out-of-order', `${at}: out-of-order chunk, expected index ${this.nextIndex}`);
+    if (c.crc32 !== f.crc) throw new ChunkError('malformed', `${at}: checksum field changed mid-stream`);
     const t = c.tensor;
     if (!t || t.dtype !== f.protoDtype || !sameShape(t.shape, f.shape)) {
-      throw new WireError(`${at}: dtype/shape differ from the first chunk's ${f.dtype} [${f.shape.join(', ')}]`);
+      throw new ChunkError('malformed', `${at}: dtype/shape differ from the first chunk's ${f.dtype} [${f.shape.join(', ')}]`);
     }
-    if (!(t.data instanceof Uint8Array)) throw new WireError(`${at}: data is not bytes`);
+    if (!(t.data instanceof Uint8Array)) throw new ChunkError('malformed', `${at}: data is not bytes`);
     if (this.received + t.data.byteLength > f.total) {
-      throw new WireError(`${at}: size overflow, chunks carry more than the ${f.total} bytes of ${f.dtype} [${f.shape.join(', ')}]`);
+      throw new ChunkError('oversized', `${at}: size overflow, chunks carry more than the ${f.total} bytes of ${f.dtype} [${f.shape.join(', ')}]`);
     }
     this.buf!.set(t.data, this.received);
     this.received += t.data.byteLength;
     this.nextIndex++;
     if (this.nextIndex < f.numChunks) return undefined;
     if (this.received !== f.total) {
-      throw new WireError(`${at}: truncated tensor, ${this.received} of ${f.total} bytes after the last chunk`);
+      throw new ChunkError('corrupt', `${at}: truncated tensor, ${this.received} of ${f.total} bytes after the last chunk`);
     }
     const crc = crc32(this.buf!);
     if (crc !== f.crc) {
-      throw new WireError(`${at}: checksum mismatch (crc32 ${hex(crc)} received, ${hex(f.crc)} sent): data corrupted in transit`);
+      throw new ChunkError('corrupt', `${at}: checksum mismatch (crc32 ${hex(crc)} received, ${hex(f.crc)} sent): data corrupted in transit`);
     }
     this.result = fromBytes(f.dtype, f.shape, f.numel, this.buf!);
     this.buf = undefined;
@@ -347,36 +361,36 @@ export class ChunkAssembler {
   finish(): HostTensor {
     const what = this.opts.what ?? 'tensor stream';
     if (this.result) return this.result;
-    if (!this.first) throw new WireError(`${what}: stream ended before any chunk arrived`);
-    throw new WireError(`${what} step ${this.first.step} micro-batch ${this.first.microBatch}: stream ended after ${this.nextIndex} of ${this.first.numChunks} chunks`);
+    if (!this.first) throw new ChunkError('incomplete', `${what}: stream ended before any chunk arrived`);
+    throw new ChunkError('incomplete', `${what} step ${this.first.step} micro-batch ${this.first.microBatch}: stream ended after ${this.nextIndex} of ${this.first.numChunks} chunks`);
   }
 
   private start(c: TensorChunk, at: string): void {
     const o = this.opts;
-    if (!Number.isSafeInteger(c.step) || c.step < 0) throw new WireError(`${at}: invalid step`);
-    if (!Number.isInteger(c.microBatch) || c.microBatch < 0) throw new WireError(`${at}: invalid micro-batch`);
+    if (!Number.isSafeInteger(c.step) || c.step < 0) throw new ChunkError('malformed', `${at}: invalid step`);
+    if (!Number.isInteger(c.microBatch) || c.microBatch < 0) throw new ChunkError('malformed', `${at}: invalid micro-batch`);
     if (o.minStep !== undefined && c.step < o.minStep) {
-      throw new WireError(`${at}: stale step ${c.step}, this stage is at step ${o.minStep}`, { hint: 'a late retry or duplicate from an earlier step; it is dropped' });
+      throw new ChunkError('stale', `${at}: stale step ${c.step}, this stage is at step ${o.minStep}`, { hint: 'a late retry or duplicate from an earlier step; it is dropped' });
     }
     if (o.expect && (c.step !== o.expect.step || c.microBatch !== o.expect.microBatch)) {
-      throw new WireError(`${at}: expected step ${o.expect.step} micro-batch ${o.expect.microBatch}`);
+      throw new ChunkError('stale', `${at}: expected step ${o.expect.step} micro-batch ${o.expect.microBatch}`);
     }
     const maxChunks = o.maxChunks ?? DEFAULT_MAX_CHUNKS;
     if (!Number.isInteger(c.numChunks) || c.numChunks < 1 || c.numChunks > maxChunks) {
-      throw new WireError(`${at}: chunk count ${String(c.numChunks)} outside 1..${maxChunks}`);
+      throw new ChunkError('malformed', `${at}: chunk count ${String(c.numChunks)} outside 1..${maxChunks}`);
     }
-    if (c.chunkIndex !== 0) throw new WireError(`${at}: stream must start at chunk 0 (out of order or a lost first chunk)`);
+    if (c.chunkIndex !== 0) throw new ChunkError('out-of-order', `${at}: stream must start at chunk 0 (out of order or a lost first chunk)`);
     const t = c.tensor;
-    if (!t) throw new WireError(`${at}: missing tensor`);
+    if (!t) throw new ChunkError('malformed', `${at}: missing tensor`);
     const dtype = wireDtypeOf(t.dtype);
-    if (dtype === undefined) throw new WireError(`${at}: unknown dtype ${String(t.dtype)}, expected one of f32, bf16, i32, u8`);
+    if (dtype === undefined) throw new ChunkError('malformed', `${at}: unknown dtype ${String(t.dtype)}, expected one of f32, bf16, i32, u8`);
     const maxNumel = o.maxNumel ?? DEFAULT_MAX_NUMEL;
-    const numel = checkShape(t.shape, maxNumel, at);
+    const numel = checkShape(t.shape, maxNumel, at, (kind, m, hint) => new ChunkError(kind, m, { hint }));
     const total = numel * DTYPE_INFO[dtype].size;
     const maxBytes = o.maxBytes ?? maxNumel * 4;
-    if (total > maxBytes) throw new WireError(`${at}: ${dtype} [${t.shape.join(', ')}] is ${total} bytes, over the ${maxBytes}-byte limit`);
-    if (c.numChunks > Math.max(1, total)) throw new WireError(`${at}: ${c.numChunks} chunks for ${total} bytes (chunks may not be empty)`);
-    if (!Number.isInteger(c.crc32) || c.crc32 < 0 || c.crc32 > 0xffffffff) throw new WireError(`${at}: invalid crc32`);
+    if (total > maxBytes) throw new ChunkError('oversized', `${at}: ${dtype} [${t.shape.join(', ')}] is ${total} bytes, over the ${maxBytes}-byte limit`);
+    if (c.numChunks > Math.max(1, total)) throw new ChunkError('malformed', `${at}: ${c.numChunks} chunks for ${total} bytes (chunks may not be empty)`);
+    if (!Number.isInteger(c.crc32) || c.crc32 < 0 || c.crc32 > 0xffffffff) throw new ChunkError('malformed', `${at}: invalid crc32`);
     this.first = { step: c.step, microBatch: c.microBatch, numChunks: c.numChunks, dtype, protoDtype: t.dtype, shape: [...t.shape], numel, total, crc: c.crc32 };
     this.buf = new Uint8Array(total);
   }

@@ -5,7 +5,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { WireError } from '../../common/errors.ts';
 import {
-  ChunkAssembler, chunkTensor, crc32, crc32Js, decodeChunk, decodeTensor, decodeTensorAs, encodeTensor,
+  ChunkAssembler, ChunkError, chunkTensor, crc32, crc32Js, decodeChunk, decodeTensor, decodeTensorAs, encodeTensor,
   f32ToBf16Tensor, f32ToTensor, hostToF32, i32ToTensor, u8ToTensor, bf16ToTensor, type HostTensor, type TensorChunk,
 } from '../../common/wire.ts';
 import { Dtype, Tensor } from '../../proto/gen/dqlora/v1/tensor.ts';
@@ -140,6 +140,34 @@ test('the assembler rejects duplicate, out-of-order, stale, foreign, oversized a
   const one = chunkTensor(ids, f32ToTensor(new Float32Array(4), [4]), 1 << 20);
   rejects([{ ...one[0], tensor: { ...one[0].tensor!, data: fat.subarray(0, 24) } }], /size overflow/);
   rejects([{ ...one[0], tensor: { ...one[0].tensor!, data: Buffer.alloc(12) } }], /truncated tensor, 12 of 16 bytes/);
+});
+
+test('every rejection carries a reason transports map to status codes', () => {
+  const { chunks } = chunksOf(1000, 600);
+  const reason = (cs: TensorChunk[], opts = {}): string => {
+    try {
+      const a = new ChunkAssembler({ jobId: 'job-a', ...opts });
+      for (const c of cs) a.push(c);
+      a.finish();
+    } catch (e) {
+      assert.ok(e instanceof ChunkError && e instanceof WireError);
+      return e.reason;
+    }
+    return 'accepted';
+  };
+  const flipped = Buffer.from(chunks[1].tensor!.data);
+  flipped[0] ^= 4;
+  assert.deepEqual([
+    reason(chunks),
+    reason([chunks[0], chunks[0]]),
+    reason([chunks[0], chunks[2]]),
+    reason(chunks, { minStep: 9 }),
+    reason([{ ...chunks[0], jobId: 'x' }]),
+    reason(chunks, { maxNumel: 999 }),
+    reason([chunks[0], { ...chunks[1], tensor: { ...chunks[1].tensor!, data: flipped } }, ...chunks.slice(2)]),
+    reason(chunks.slice(0, 1)),
+    reason([{ ...chunks[0], tensor: { ...chunks[0].tensor!, shape: [-3] } }]),
+  ], ['accepted', 'duplicate', 'out-of-order', 'stale', 'foreign-job', 'oversized', 'corrupt', 'incomplete', 'malformed']);
 });
 
 test('fuzz: mutated chunk streams give the original tensor or a WireError, never anything else', () => {
