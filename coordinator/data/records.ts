@@ -210,7 +210,7 @@ function lineOf(text: string, pos: number): number {
 const SHAPES_HINT = 'expected {"instruction", "output"} (alpaca), {"messages": [{"role", "content"}]} (chat) or {"text"}';
 
 /** Checks one parsed JSON value and returns it as a typed record; throws RecordProblem. */
-export function validateRecord(v: unknown): Record {
+function validateRecord(v: unknown): Record {
   if (v === null || typeof v !== 'object' || Array.isArray(v)) {
     throw new RecordProblem(`record is ${v === null ? 'null' : Array.isArray(v) ? 'an array' : typeof v}, not an object`, SHAPES_HINT);
   }
