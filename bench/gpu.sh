@@ -19,14 +19,14 @@ export DQLORA_CUDA_ADDON=$PWD/worker/engine/cuda/build/dqlora_cuda.node
 [ -f "$DQLORA_CUDA_ADDON" ] || { echo "addon not built"; cp worker/engine/cuda/build/build.log "$OUT/" 2>/dev/null; exit 1; }
 
 echo "== cuda tests"
-node --test --test-reporter=spec .device/cuda-ops.test.mjs 2>&1 | tee "$OUT/tests.txt"
+timeout 240 node --test --test-reporter=spec .device/cuda-ops.test.mjs 2>&1 | tee "$OUT/tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
 echo "== dqlora cuda bench"
-node .device/cuda-bench.mjs --layers "$L" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --json "$OUT/cuda-bench.json" 2>&1 | grep -v '^DQLORA_JSON' | tee "$OUT/cuda-bench.txt"
+timeout 240 node .device/cuda-bench.mjs --layers "$L" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --json "$OUT/cuda-bench.json" 2>&1 | grep -v '^DQLORA_JSON' | tee "$OUT/cuda-bench.txt"
 
 echo "== pytorch + peft"
-PYTHONUNBUFFERED=1 python3 bench/gpu/torch_bench.py --layers "$L" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --json "$OUT/torch-bench.json" 2>&1 | grep -v '^TORCH_JSON' | tee "$OUT/torch-bench.txt"
+PYTHONUNBUFFERED=1 timeout 200 python3 bench/gpu/torch_bench.py --layers "$L" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --json "$OUT/torch-bench.json" 2>&1 | grep -v '^TORCH_JSON' | tee "$OUT/torch-bench.txt"
 
 # The full-model comparison (worker/model through the Backend, same checkpoint as transformers) goes here once
 # the model code exists: bench/gpu/model-bench.ts, bundled by pack.sh.
