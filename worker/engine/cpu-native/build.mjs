@@ -7,7 +7,7 @@
 // attributes and are chosen at load time. -ffp-contract=off keeps the compiler from fusing a·b + c on its own,
 // so the arithmetic is exactly what the source says. Env: CXX (compiler), DQLORA_SKIP_NATIVE=1 (skip).
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -55,6 +55,7 @@ const t0 = Date.now();
 const r = spawnSync(cxx, args, { encoding: 'utf8' });
 if (r.error || r.status !== 0) {
   const why = r.error ? r.error.message : (r.stderr || '').split('\n').find((l) => l.includes('error')) ?? `exit ${r.status}`;
+  rmSync(out, { force: true }); // never leave a stale binary built from older sources
   say(`build failed (${why.trim()}); using TypeScript kernels`);
 }
 say(`built ${out} in ${((Date.now() - t0) / 1000).toFixed(1)} s`);

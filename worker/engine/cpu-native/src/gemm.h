@@ -39,8 +39,8 @@ struct Buf {
   }
 };
 
-/** Per-thread scratch: a/b for GEMM packing, s/t/u for callers (attention scores, etc.). */
-struct Scratch { Buf a, b, s, t, u; };
+/** Per-thread scratch: a/b/d for GEMM packing (d: NF4 rows before transposing), s/t/u for callers (attention). */
+struct Scratch { Buf a, b, d, s, t, u; };
 inline Scratch* scratch() { static Scratch* s = new Scratch[kMaxThreads]; return s; }
 
 // ---- operand sources ------------------------------------------------------------------------------------------
@@ -159,16 +159,49 @@ inline const Kern& kern() {
 
 constexpr int KC = 256, MC = 192, NC = 256;
 
+/**
+ * out[k·ldo + r] = src[r·lds + k] for r < rows, k < cols. Walks k in chunks of 16 so that the 16 destination
+ * rows being written stay in L1 while each source row is read contiguously.
+ */
+inline void transposeInto(const float* src, long lds, int rows, int cols, float* out, int ldo) {
+  for (int k0 = 0; k0 < cols; k0 += 16) {
+    int kn = std::min(16, cols - k0);
+    for (int r = 0; r < rows; r++) {
+      const float* s = src + r * lds + k0;
+      float* o = out + (long)k0 * ldo + r;
+      for (int k = 0; k < kn; k++) o[k * ldo] = s[k];
+    }
+  }
+}
+
+/** Dequantizes n consecutive flat NF4 elements starting at f into out[0..n): one scaled 16-entry table per block. */
+inline void nf4Run(const BSrc& B, long f, int n, float* out) {
+  float lut[16];
+  long end = f + n;
+  while (f < end) {
+    long blk = B.bshift >= 0 ? (f >> B.bshift) : (f / B.bs);
+    long bEnd = std::min(end, (blk + 1) * (long)B.bs);
+    float sc = B.absmax[blk];
+    for (int c = 0; c < 16; c++) lut[c] = B.table[c] * sc;
+    if (f & 1) *out++ = lut[B.packed[f >> 1] & 15], f++;
+    for (; f + 1 < bEnd; f += 2) {
+      uint8_t byte = B.packed[f >> 1];
+      out[0] = lut[byte >> 4];
+      out[1] = lut[byte & 15];
+      out += 2;
+    }
+    if (f < bEnd) *out++ = lut[B.packed[f >> 1] >> 4], f++;
+  }
+}
+
+
 /** Rows [i0, i0+mc) × k [p0, p0+kc) of A' into MR-row panels: out[(panel·kc + k)·MR + r], zero-padded. */
 inline void packA(const ASrc& A, int i0, int mc, int p0, int kc, int MR, float* out) {
   for (int ip = 0; ip < mc; ip += MR) {
     int mr = std::min(MR, mc - ip);
     float* o = out + (long)ip * kc;
     if (A.cs == 1) {
-      for (int r = 0; r < mr; r++) {
-        const float* src = A.a + (long)(i0 + ip + r) * A.rs + p0;
-        for (int k = 0; k < kc; k++) o[k * MR + r] = src[k];
-      }
+      transposeInto(A.a + (long)(i0 + ip) * A.rs + p0, A.rs, mr, kc, o, MR);
     } else {
       for (int k = 0; k < kc; k++) {
         const float* src = A.a + (long)(p0 + k) * A.cs + (long)(i0 + ip) * A.rs;
@@ -181,21 +214,17 @@ inline void packA(const ASrc& A, int i0, int mc, int p0, int kc, int MR, float* 
 }
 
 /** k [p0, p0+kc) × columns [j0, j0+nc) of B' into NR-column panels: out[(panel·kc + k)·NR + c], zero-padded. */
-inline void packB(const BSrc& B, int p0, int kc, int j0, int nc, int NR, float* out) {
+inline void packB(const BSrc& B, int p0, int kc, int j0, int nc, int NR, float* out, float* tmp) {
   for (int jp = 0; jp < nc; jp += NR) {
     int nr = std::min(NR, nc - jp);
     float* o = out + (long)jp * kc;
     if (B.packed) {
       if (B.fj == 1) {  // dx = dy·W: a k-row of B' is a contiguous run of W's row
-        for (int k = 0; k < kc; k++) {
-          long f = (long)(p0 + k) * B.fk + (j0 + jp);
-          for (int c = 0; c < nr; c++) o[k * NR + c] = nf4At(B, f + c);
-        }
-      } else {  // y = x·Wᵀ: a column of B' is a contiguous run of W's row
-        for (int c = 0; c < nr; c++) {
-          long f = (long)(j0 + jp + c) * B.fj + p0;
-          for (int k = 0; k < kc; k++) o[k * NR + c] = nf4At(B, f + k);
-        }
+        for (int k = 0; k < kc; k++) nf4Run(B, (long)(p0 + k) * B.fk + (j0 + jp), nr, o + k * NR);
+      } else {  // y = x·Wᵀ: a column of B' is a contiguous run of W's row: dequantize runs, then transpose
+        float* t = tmp;
+        for (int c = 0; c < nr; c++) nf4Run(B, (long)(j0 + jp + c) * B.fj + p0, kc, t + (long)c * kc);
+        transposeInto(t, kc, nr, kc, o, NR);
       }
     } else if (B.cs == 1) {
       for (int k = 0; k < kc; k++) {
@@ -203,10 +232,7 @@ inline void packB(const BSrc& B, int p0, int kc, int j0, int nc, int NR, float* 
         for (int c = 0; c < nr; c++) o[k * NR + c] = src[c];
       }
     } else {
-      for (int c = 0; c < nr; c++) {
-        const float* src = B.b + (long)(j0 + jp + c) * B.cs + (long)p0 * B.rs;
-        for (int k = 0; k < kc; k++) o[k * NR + c] = src[(long)k * B.rs];
-      }
+      transposeInto(B.b + (long)(j0 + jp) * B.cs + (long)p0 * B.rs, B.cs, nr, kc, o, NR);
     }
     if (nr < NR)
       for (int k = 0; k < kc; k++)
@@ -226,13 +252,14 @@ inline void gemmTile(int K, float alpha, const ASrc& A, const BSrc& B, float bet
     return;
   }
   float* bp = s.b.get((size_t)KC * (NC + kn.NR));
+  float* tp = B.packed ? s.d.get((size_t)KC * kn.NR) : nullptr;
   float* ap = s.a.get((size_t)KC * (MC + kn.MR));
   for (int pc = 0; pc < K; pc += KC) {
     int kc = std::min(KC, K - pc);
     float bet = pc == 0 ? beta : 1.0f;
     for (int jc = j0; jc < j1; jc += NC) {
       int nc = std::min(NC, j1 - jc);
-      packB(B, pc, kc, jc, nc, kn.NR, bp);
+      packB(B, pc, kc, jc, nc, kn.NR, bp, tp);
       for (int ic = i0; ic < i1; ic += MC) {
         int mc = std::min(MC, i1 - ic);
         packA(A, ic, mc, pc, kc, kn.MR, ap);
@@ -263,15 +290,27 @@ inline void gemmParallel(int M, int N, int K, float alpha, const ASrc& A, const 
     gemmSerial(M, N, K, alpha, A, B, beta, C, ldc, scratch()[0]);
     return;
   }
-  const int want = 4 * threads;
-  int nw = NC;
-  while (nw > kn.NR && (N + nw - 1) / nw * std::max(1, M / 96) < want) nw /= 2;
-  nw = std::max(nw, kn.NR);
+  // Pick (column panel width, row groups) minimising an estimate of the busiest thread's time: its FMAs plus
+  // its packing (A rows re-packed for every column panel, B re-packed for every row group; dequantizing NF4
+  // costs more per element). Any choice gives the same bits; this only decides speed.
+  const double packA = 16, packB = B.packed ? 48 : 16;
+  double bestCost = 1e300;
+  int nw = NC, mg = M;
+  for (int w = NC; w >= kn.NR; w /= 2) {
+    int nCol = (N + w - 1) / w;
+    for (int rg = 1; rg <= std::max(1, M / kn.MR); rg = rg < 8 ? rg + 1 : rg * 2) {
+      int rows = ((M + rg - 1) / rg + kn.MR - 1) / kn.MR * kn.MR;
+      int groups = (M + rows - 1) / rows, jobs = groups * nCol;
+      int cols = std::min(w, N);
+      double perJob = (double)rows * cols * std::max(K, 1) + packA * rows * K + packB * (double)K * cols;
+      double cost = std::ceil((double)jobs / threads) * perJob;
+      if (cost < bestCost * 0.97) { bestCost = cost; nw = w; mg = rows; }
+      if (rows <= kn.MR) break;
+    }
+    if (w <= kn.NR) break;
+  }
   int nCol = (N + nw - 1) / nw;
-  int rowGroups = std::max(1, std::min((want + nCol - 1) / nCol, (M + 95) / 96));
-  int mg = (M + rowGroups - 1) / rowGroups;
-  mg = (mg + kn.MR - 1) / kn.MR * kn.MR;
-  rowGroups = (M + mg - 1) / mg;
+  int rowGroups = (M + mg - 1) / mg;
   pool().run(rowGroups * nCol, threads, [&](int job, int tid) {
     int rg = job / nCol, cp = job % nCol;
     int i0 = rg * mg, i1 = std::min(M, i0 + mg), j0 = cp * nw, j1 = std::min(N, j0 + nw);
