@@ -18,7 +18,7 @@ export interface AnswerOptions {
   readonly eosIds?: readonly number[];
 }
 
-export interface Decoder extends TokenizerLike { decode(ids: number[], opts?: { skipSpecialTokens?: boolean }): string }
+export interface Decoder extends TokenizerLike { readonly vocabSize: number; decode(ids: number[], opts?: { skipSpecialTokens?: boolean }): string }
 
 /** Encodes a prompt exactly as training encoded the prompt part of an alpaca record (template + BOS rule). */
 export function encodePrompt(tok: TokenizerLike, instruction: string): number[] {
@@ -41,7 +41,9 @@ export function answerPrompts(stages: LlamaStage[], tok: Decoder, prompts: strin
       maxNewTokens: o.maxNewTokens, temperature: o.temperature, topK: o.topK, topP: o.topP, seed: o.seed,
       eosIds: eos, padId: tok.padId ?? tok.eosId ?? 0,
     });
-    return out.map((ids) => tok.decode(ids, { skipSpecialTokens: true }).trim());
+    // Models often pad their embedding past the tokenizer's vocabulary (e.g. to a multiple of 64); ids there have
+    // no text, so they are dropped when decoding (as HF's fast tokenizers do).
+    return out.map((ids) => tok.decode(ids.filter((i) => i < tok.vocabSize), { skipSpecialTokens: true }).trim());
   };
   return o.lora ? run() : withoutLora(stages, run);
 }

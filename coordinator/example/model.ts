@@ -33,7 +33,7 @@ export interface TinyLlamaShape {
 /** The example's shape: small enough to train in minutes on 2 CPU cores. */
 export const EXAMPLE_SHAPE: Omit<TinyLlamaShape, 'vocabSize'> = {
   hiddenSize: 256, intermediateSize: 704, numLayers: 4, numHeads: 8, numKvHeads: 4,
-  maxPositionEmbeddings: 512, tieWordEmbeddings: true, ropeTheta: 10000, rmsNormEps: 1e-5, embedStd: 0.125,
+  maxPositionEmbeddings: 512, tieWordEmbeddings: false, ropeTheta: 10000, rmsNormEps: 1e-5, embedStd: 0.125,
 };
 
 /** config.json as transformers writes it for LlamaForCausalLM / Qwen2ForCausalLM. */
