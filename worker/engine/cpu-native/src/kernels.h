@@ -63,6 +63,9 @@ inline double expRow(const float* x, float m, float* out, int n) {
 
 struct AttnDims { int B, T, Hq, Hk, D; };
 
+/** Query rows per causal block. */
+constexpr int kAttnRows = 64;
+
 /** Masked softmax of one score row in place; returns lse (−inf and a zero row when no key is valid). */
 inline float softmaxRow(float* row, const int32_t* mask, int t, int T, float* tmp) {
   float m = -std::numeric_limits<float>::infinity();
@@ -87,16 +90,20 @@ inline void attentionForward(const float* q, const float* k, const float* v, con
     Scratch& sc = scratch()[tid];
     float* S = sc.s.get((size_t)d.T * d.T);
     float* tmp = sc.t.get((size_t)d.T + 16);
+    const long qs = (long)d.Hq * d.D, ks = (long)d.Hk * d.D;
     const float* qb = q + ((long)b * d.T * d.Hq + h) * d.D;
     const float* kb = k + ((long)b * d.T * d.Hk + kh) * d.D;
     const float* vb = v + ((long)b * d.T * d.Hk + kh) * d.D;
-    const long qs = (long)d.Hq * d.D, ks = (long)d.Hk * d.D;
     BSrc kt; kt.b = kb; kt.rs = 1; kt.cs = ks;  // B'(dim, s) = K[s, dim]
-    gemmSerial(d.T, d.T, d.D, scale, ASrc{qb, qs, 1}, kt, 0.0f, S, d.T, sc);
-    const int32_t* mb = mask + (long)b * d.T;
-    for (int t = 0; t < d.T; t++) lse[((long)b * d.Hq + h) * d.T + t] = softmaxRow(S + (long)t * d.T, mb, t, d.T, tmp);
     BSrc vv; vv.b = vb; vv.rs = ks; vv.cs = 1;
-    gemmSerial(d.T, d.D, d.T, 1.0f, ASrc{S, d.T, 1}, vv, 0.0f, out + ((long)b * d.T * d.Hq + h) * d.D, qs, sc);
+    const int32_t* mb = mask + (long)b * d.T;
+    // Causal: query rows [t0, t1) only need keys [0, t1), so scores and P·V run on row blocks (≈40% less work at T=256).
+    for (int t0 = 0; t0 < d.T; t0 += kAttnRows) {
+      int t1 = std::min(d.T, t0 + kAttnRows);
+      gemmSerial(t1 - t0, t1, d.D, scale, ASrc{qb + t0 * qs, qs, 1}, kt, 0.0f, S + (long)t0 * d.T, d.T, sc);
+      for (int t = t0; t < t1; t++) lse[((long)b * d.Hq + h) * d.T + t] = softmaxRow(S + (long)t * d.T, mb, t, t1, tmp);
+      gemmSerial(t1 - t0, d.D, t1, 1.0f, ASrc{S + (long)t0 * d.T, d.T, 1}, vv, 0.0f, out + ((long)b * d.T * d.Hq + h) * d.D + t0 * qs, qs, sc);
+    }
   });
 }
 
@@ -110,39 +117,45 @@ inline void attentionBackward(const float* dout, const float* q, const float* k,
     const long T = d.T, qs = (long)d.Hq * d.D, ks = (long)d.Hk * d.D;
     float* P = sc.s.get((size_t)T * T);
     float* dP = sc.t.get((size_t)T * T);
-    float* Di = sc.u.get((size_t)T);
+    float* Di = sc.u.get((size_t)kAttnRows);
     const float* kb = k + ((long)b * T * d.Hk + kh) * d.D;
     const float* vb = v + ((long)b * T * d.Hk + kh) * d.D;
     float* dkb = dk + ((long)b * T * d.Hk + kh) * d.D;
     float* dvb = dv + ((long)b * T * d.Hk + kh) * d.D;
     const int32_t* mb = mask + (long)b * T;
+    for (long t = 0; t < T; t++)
+      for (int e = 0; e < d.D; e++) { dkb[t * ks + e] = 0.0f; dvb[t * ks + e] = 0.0f; }
+    BSrc kt; kt.b = kb; kt.rs = 1; kt.cs = ks;  // B'(dim, s) = K[s, dim]
+    BSrc vt; vt.b = vb; vt.rs = 1; vt.cs = ks;  // B'(dim, s) = V[s, dim]
+    BSrc kk; kk.b = kb; kk.rs = ks; kk.cs = 1;  // B'(s, dim) = K[s, dim]
     for (int h = kh * g; h < (kh + 1) * g; h++) {
-      const float first = h == kh * g ? 0.0f : 1.0f;
       const long qo = ((long)b * T * d.Hq + h) * d.D;
       const float* qb = q + qo; const float* gb = dout + qo; const float* ob = out + qo;
       const float* L = lse + ((long)b * d.Hq + h) * T;
-      BSrc kt; kt.b = kb; kt.rs = 1; kt.cs = ks;
-      gemmSerial(T, T, d.D, scale, ASrc{qb, qs, 1}, kt, 0.0f, P, T, sc);  // scores
-      for (long t = 0; t < T; t++) {
-        float* row = P + t * T;
-        if (L[t] == -std::numeric_limits<float>::infinity()) { for (long s = 0; s < T; s++) row[s] = 0.0f; Di[t] = 0.0f; continue; }
-        for (long s = 0; s <= t; s++) if (!mb[s]) row[s] = -std::numeric_limits<float>::infinity();
-        expRow(row, L[t], row, (int)t + 1);
-        for (long s = t + 1; s < T; s++) row[s] = 0.0f;
-        double di = 0;
-        for (int e = 0; e < d.D; e++) di += (double)gb[t * qs + e] * ob[t * qs + e];
-        Di[t] = (float)di;
+      // Causal row blocks as in the forward: rows [t0, t1) touch keys [0, t1) only. dK/dV sum over (head, block)
+      // in a fixed order inside this one job.
+      for (long t0 = 0; t0 < T; t0 += kAttnRows) {
+        const long t1 = std::min(T, t0 + (long)kAttnRows), rb = t1 - t0;
+        gemmSerial(rb, t1, d.D, scale, ASrc{qb + t0 * qs, qs, 1}, kt, 0.0f, P, t1, sc);  // scores [rb, t1]
+        for (long t = t0; t < t1; t++) {
+          float* row = P + (t - t0) * t1;
+          if (L[t] == -std::numeric_limits<float>::infinity()) { for (long s = 0; s < t1; s++) row[s] = 0.0f; Di[t - t0] = 0.0f; continue; }
+          for (long s = 0; s <= t; s++) if (!mb[s]) row[s] = -std::numeric_limits<float>::infinity();
+          expRow(row, L[t], row, (int)t + 1);
+          for (long s = t + 1; s < t1; s++) row[s] = 0.0f;
+          double di = 0;
+          for (int e = 0; e < d.D; e++) di += (double)gb[t * qs + e] * ob[t * qs + e];
+          Di[t - t0] = (float)di;
+        }
+        BSrc go; go.b = gb + t0 * qs; go.rs = qs; go.cs = 1;  // B'(t, dim) = dO[t0 + t, dim]
+        gemmSerial(t1, d.D, rb, 1.0f, ASrc{P, 1, t1}, go, 1.0f, dvb, ks, sc);  // dV[0:t1] += Pᵀ dO
+        gemmSerial(rb, t1, d.D, 1.0f, ASrc{gb + t0 * qs, qs, 1}, vt, 0.0f, dP, t1, sc);  // dP = dO Vᵀ
+        for (long t = 0; t < rb; t++)
+          for (long s = 0; s < t1; s++) dP[t * t1 + s] = P[t * t1 + s] * (dP[t * t1 + s] - Di[t]);  // dS
+        gemmSerial(rb, d.D, t1, scale, ASrc{dP, t1, 1}, kk, 0.0f, dq + qo + t0 * qs, qs, sc);  // dQ = scale dS K
+        BSrc qq; qq.b = qb + t0 * qs; qq.rs = qs; qq.cs = 1;
+        gemmSerial(t1, d.D, rb, scale, ASrc{dP, 1, t1}, qq, 1.0f, dkb, ks, sc);  // dK[0:t1] += scale dSᵀ Q
       }
-      BSrc go; go.b = gb; go.rs = qs; go.cs = 1;  // B'(t, dim) = dO[t, dim]
-      gemmSerial(T, d.D, T, 1.0f, ASrc{P, 1, T}, go, first, dvb, ks, sc);  // dV += Pᵀ dO
-      BSrc vt; vt.b = vb; vt.rs = 1; vt.cs = ks;
-      gemmSerial(T, T, d.D, 1.0f, ASrc{gb, qs, 1}, vt, 0.0f, dP, T, sc);  // dP = dO Vᵀ
-      for (long t = 0; t < T; t++)
-        for (long s = 0; s < T; s++) dP[t * T + s] = P[t * T + s] * (dP[t * T + s] - Di[t]);  // dS
-      BSrc kk; kk.b = kb; kk.rs = ks; kk.cs = 1;
-      gemmSerial(T, d.D, T, scale, ASrc{dP, T, 1}, kk, 0.0f, dq + qo, qs, sc);  // dQ = scale dS K
-      BSrc qq; qq.b = qb; qq.rs = qs; qq.cs = 1;
-      gemmSerial(T, d.D, T, scale, ASrc{dP, 1, T}, qq, first, dkb, ks, sc);  // dK += scale dSᵀ Q
     }
   });
 }
