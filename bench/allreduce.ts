@@ -66,7 +66,9 @@ async function childMain(job: Job): Promise<void> {
 
 type Child = ChildProcess & { postMessage(m: Cmd): void };
 function spawn(job: Job): Promise<Child> {
-  const c = fork(fileURLToPath(import.meta.url), [], { execArgv: ['--import', 'tsx'], env: { ...process.env, DQLORA_BENCH_CHILD: JSON.stringify(job) } }) as Child;
+  // Under tsx the children need its loader; a bundled .mjs build of this file runs as is.
+  const execArgv = import.meta.url.endsWith('.ts') ? ['--import', 'tsx'] : [];
+  const c = fork(fileURLToPath(import.meta.url), [], { execArgv, env: { ...process.env, DQLORA_BENCH_CHILD: JSON.stringify(job) } }) as Child;
   c.postMessage = (m: Cmd) => { c.send(m); };
   return new Promise((res, rej) => { c.once('message', () => res(c)); c.once('error', rej); });
 }

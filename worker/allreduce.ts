@@ -6,9 +6,13 @@
 //      its copy of slice o to   dqlora.<job>.ar.<stage>.<step>.rs.<o>   (skipping its own slice). The owner
 //      sums the R copies in FIXED rank order 0..R−1 — never arrival order — in float32, so the result has
 //      the same bits whatever the timing.
-//   2. all-gather: the owner writes the reduced slice into its buffer and publishes it once on
+//   2. all-gather: the owner writes each reduced chunk into its buffer and publishes it once on
 //      dqlora.<job>.ar.<stage>.<step>.ag.<o>; the server fans it out to the R−1 other ranks, which copy it
 //      into place. Every rank ends with the owner's bits for every slice: identical buffers everywhere.
+//   The phases overlap per chunk: a chunk of the owner's slice is reduced and all-gathered as soon as its
+//   R−1 contributions are in, while later chunks are still arriving. That needs chunk c to cover the
+//   same elements on every rank, so all ranks must use the same maxPayload (checked; the default, the
+//   server's max_payload, is the same for every client of one server).
 //
 // Messages are chunked under the server's max_payload (headers included). Each carries NATS headers
 //   rank (sender), step, chunk (index), count (chunks in this slice), off (element offset in the slice), n
@@ -85,6 +89,10 @@ interface StepState {
   ag: Map<number, Incoming>;
   /** The caller's buffer once allReduceSum(step) runs. */
   buf?: Float32Array;
+  /** Per chunk of this rank's slice: how many peers have delivered it, and whether it is reduced and sent. */
+  rsChunkPeers: Uint16Array;
+  reduced: Uint8Array;
+  reducedCount: number;
   error?: Error;
   wake?: () => void;
 }
@@ -181,21 +189,10 @@ export class NatsAllReduce {
         this.steps.delete(step);
         throw new WireError(`all-reduce step ${step}: a peer sent a buffer of ${st.n} elements, this rank has ${buf.length}`, { hint: 'replicas of one stage must hold the same LoRA layout' });
       }
-      await this.waitFor(st, deadline, 'reduce-scatter', () => this.missing(st.rs));
-      // Fixed-order sum of my slice: acc = x_0 + x_1 + … + x_{R−1}, each addition rounded to float32.
-      const [lo, hi] = NatsAllReduce.slice(buf.length, worldSize, rank);
-      const mine = buf.subarray(lo, hi);
-      const parts: Float32Array[] = [];
-      for (let q = 0; q < worldSize; q++) parts.push(q === rank ? mine : st.rs.get(q)!.data);
-      const acc = Float32Array.from(parts[0]);
-      for (let q = 1; q < worldSize; q++) {
-        const p = parts[q];
-        for (let i = 0; i < acc.length; i++) acc[i] += p[i];
-      }
-      mine.set(acc);
-      st.rs.clear();
-      // 2. all-gather: publish the reduced slice once; the server fans it out.
-      this.publishSlice(`${this.prefix}.${step}.ag.${rank}`, step, buf.length, mine);
+      // 2. Chunks of my slice whose contributions are all in are reduced and all-gathered right away; the
+      // rest as their last contribution arrives (onMessage), so both phases overlap on the wire.
+      this.reduceReadyChunks(st);
+      await this.waitFor(st, deadline, 'reduce-scatter', () => (st.reducedCount === st.reduced.length ? [] : this.missing(st.rs)));
       await this.waitFor(st, deadline, 'all-gather', () => this.missing(st.ag));
       this.lastCompleted = step;
       this.steps.delete(step);
@@ -213,27 +210,61 @@ export class NatsAllReduce {
     this.joinWake?.();
   }
 
+  // ----- reducing -----
+
+  /**
+   * Reduces chunk c of this rank's slice — acc = x_0 + x_1 + … + x_{R−1} in rank order, every addition
+   * rounded to float32 — writes it into the caller's buffer and publishes it on the all-gather subject.
+   */
+  private reduceChunk(st: StepState, c: number): void {
+    const { worldSize, rank } = this.opts;
+    const buf = st.buf!;
+    const [lo, hi] = NatsAllReduce.slice(st.n, worldSize, rank);
+    const per = this.chunkElems;
+    const a = c * per, b = Math.min(hi - lo, (c + 1) * per);
+    const mine = buf.subarray(lo + a, lo + b);
+    const parts: Float32Array[] = [];
+    for (let q = 0; q < worldSize; q++) parts.push(q === rank ? mine : st.rs.get(q)!.data.subarray(a, b));
+    const acc = parts[0].slice();
+    for (let q = 1; q < worldSize; q++) {
+      const p = parts[q];
+      for (let i = 0; i < acc.length; i++) acc[i] += p[i];
+    }
+    mine.set(acc);
+    st.reduced[c] = 1;
+    st.reducedCount++;
+    this.publishChunk(`${this.prefix}.${st.step}.ag.${rank}`, st.step, st.n, c, st.reduced.length, a, mine);
+  }
+
+  /** Reduces every chunk whose R−1 contributions have arrived (only once the caller's buffer is known). */
+  private reduceReadyChunks(st: StepState): void {
+    if (!st.buf) return;
+    const need = this.opts.worldSize - 1;
+    for (let c = 0; c < st.reduced.length; c++) if (!st.reduced[c] && st.rsChunkPeers[c] === need) this.reduceChunk(st, c);
+  }
+
   // ----- sending -----
 
   private publishSlice(subject: string, step: number, n: number, slice: Float32Array): void {
     const per = this.chunkElems;
     const count = Math.max(1, Math.ceil(slice.length / per));
-    const bytes = new Uint8Array(slice.buffer, slice.byteOffset, slice.byteLength);
-    for (let c = 0; c < count; c++) {
-      const h = natsHeaders();
-      h.set('rank', String(this.opts.rank));
-      h.set('step', String(step));
-      h.set('chunk', String(c));
-      h.set('count', String(count));
-      h.set('off', String(c * per));
-      h.set('n', String(n));
-      // nats.js keeps a reference and writes it out on the next microtask, before any peer can have
-      // answered, so the caller's buffer cannot change under it.
-      const payload = bytes.subarray(c * per * 4, Math.min(bytes.length, (c + 1) * per * 4));
-      this.nc.publish(subject, payload, { headers: h });
-      this.stats.bytesSent += payload.length;
-      this.stats.messagesSent++;
-    }
+    for (let c = 0; c < count; c++) this.publishChunk(subject, step, n, c, count, c * per, slice.subarray(c * per, Math.min(slice.length, (c + 1) * per)));
+  }
+
+  private publishChunk(subject: string, step: number, n: number, chunk: number, count: number, off: number, data: Float32Array): void {
+    const h = natsHeaders();
+    h.set('rank', String(this.opts.rank));
+    h.set('step', String(step));
+    h.set('chunk', String(chunk));
+    h.set('count', String(count));
+    h.set('off', String(off));
+    h.set('n', String(n));
+    // nats.js keeps a reference and writes it out on the next microtask, before any peer can have
+    // answered, so the caller's buffer cannot change under it.
+    const payload = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    this.nc.publish(subject, payload, { headers: h });
+    this.stats.bytesSent += payload.length;
+    this.stats.messagesSent++;
   }
 
   // ----- join barrier -----
@@ -344,6 +375,11 @@ export class NatsAllReduce {
       }
       if (count !== inc.count || chunk >= count) throw new WireError(`all-reduce step ${step}: rank ${from} sent chunk ${chunk} of ${count}, expected one of ${inc.count}`);
       if (inc.seen[chunk]) return; // a duplicate delivery: the first copy counts
+      if (kind === 'rs' && (count !== st.reduced.length || off !== chunk * this.chunkElems)) {
+        // Chunk c must mean the same elements on every rank, so that it can be reduced as soon as it is in.
+        throw new WireError(`all-reduce step ${step}: rank ${from} chunks its slice differently (chunk ${chunk} at element ${off} of ${count}; here ${st.reduced.length} chunks of ${this.chunkElems})`,
+          { hint: 'all replicas must use the same maxPayload (default: the server\'s max_payload)' });
+      }
       if (m.data.length % 4 !== 0 || off + m.data.length / 4 > len) {
         throw new WireError(`all-reduce step ${step}: rank ${from} chunk ${chunk} (${m.data.length} bytes at element ${off}) does not fit its ${len}-element slice`);
       }
@@ -352,6 +388,10 @@ export class NatsAllReduce {
       inc.seen[chunk] = 1;
       inc.chunksGot++;
       if (inc.chunksGot === inc.count) inc.complete = true;
+      if (kind === 'rs') {
+        st.rsChunkPeers[chunk]++;
+        if (st.rsChunkPeers[chunk] === worldSize - 1 && st.buf) this.reduceChunk(st, chunk);
+      }
     } catch (e) {
       st.error ??= e as Error;
     }
@@ -361,7 +401,9 @@ export class NatsAllReduce {
   private state(step: number, n: number): StepState {
     let st = this.steps.get(step);
     if (!st) {
-      st = { step, n, rs: new Map(), ag: new Map() };
+      const [lo, hi] = NatsAllReduce.slice(n, this.opts.worldSize, this.opts.rank);
+      const count = Math.max(1, Math.ceil((hi - lo) / this.chunkElems));
+      st = { step, n, rs: new Map(), ag: new Map(), rsChunkPeers: new Uint16Array(count), reduced: new Uint8Array(count), reducedCount: 0 };
       this.steps.set(step, st);
     }
     return st;
