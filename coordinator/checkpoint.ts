@@ -47,7 +47,7 @@ export function checkpointRoot(outputDir: string): string { return join(outputDi
 function stepDirName(step: number): string { return `step-${String(step).padStart(6, '0')}`; }
 
 function sha256File(path: string): string {
-  return createHash('sha256').update(readFileSync(path)).digest('hex');
+  return createHash('sha256').update(new Uint8Array(readFileSync(path))).digest('hex');
 }
 
 function listFiles(dir: string): string[] {

@@ -59,7 +59,7 @@ export function mergeAdapter(modelDir: string, adapterDir: string, outDir: strin
         merged++;
       }
       const floatName = w.info(name).dtype.startsWith('F') || w.info(name).dtype === 'BF16' || pre;
-      records.push(floatName ? { name, dtype: st, shape, data: encode(x) } : { name, dtype: w.info(name).dtype, shape, data: w.readRaw(name) });
+      records.push(floatName ? { name, dtype: st, shape, data: encode(x) } : { name, dtype: w.info(name).dtype as TensorRecord['dtype'], shape, data: w.readRaw(name) });
       o.onProgress?.(i + 1, names.length, name);
     });
   } finally {
