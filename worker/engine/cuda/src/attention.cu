@@ -49,8 +49,7 @@ struct FwdSmem {
   static constexpr size_t v = align128(k + BK * LDH * 2);
   static constexpr size_t s = align128(v + BK * LDH * 2);
   static constexpr size_t p = align128(s + BQ * LDS * 4);
-  static constexpr size_t o = align128(p + BQ * LDP * 2);
-  static constexpr size_t m = align128(o + BQ * LDO * 4);
+  static constexpr size_t m = align128(p + BQ * LDP * 2);
   static constexpr size_t l = m + BQ * 4;
   static constexpr size_t alpha = l + BQ * 4;
   static constexpr size_t mask = alpha + BQ * 4;
@@ -69,7 +68,6 @@ __global__ void __launch_bounds__(THREADS) attnFwdK(const bf16* __restrict__ q, 
   bf16* sV = (bf16*)(smem + L::v);
   float* sS = (float*)(smem + L::s);
   bf16* sP = (bf16*)(smem + L::p);
-  float* sO = (float*)(smem + L::o);
   float* sM = (float*)(smem + L::m);
   float* sL = (float*)(smem + L::l);
   float* sAlpha = (float*)(smem + L::alpha);
@@ -82,8 +80,19 @@ __global__ void __launch_bounds__(THREADS) attnFwdK(const bf16* __restrict__ q, 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
   loadTile<D>(sQ, L::LDH, q + ((size_t)b * T + q0) * Hq * D + (size_t)h * D, (size_t)Hq * D, BQ, T - q0);
-  for (int i = threadIdx.x; i < BQ * L::LDO; i += THREADS) sO[i] = 0.f;
   for (int i = threadIdx.x; i < BQ; i += THREADS) { sM[i] = -INFINITY; sL[i] = 0.f; }
+
+  // O stays in registers (accumulator fragments) for the whole key loop. Rescaling a row needs to know which
+  // row each fragment element holds; the layout is opaque, so learn it through the API once: load a 16×16
+  // matrix whose entries are their own row numbers.
+  float* scratch = sS + warp * 16 * L::LDS;  // this warp's rows of S
+  for (int i = lane; i < 256; i += 32) scratch[(i / 16) * L::LDS + i % 16] = (float)(i / 16);
+  __syncwarp();
+  FragC rowOf;
+  wmma::load_matrix_sync(rowOf, scratch, L::LDS, wmma::mem_row_major);
+  FragC oAcc[D / 16];
+#pragma unroll
+  for (int n = 0; n < D / 16; n++) wmma::fill_fragment(oAcc[n], 0.f);
 
   const int kEnd = min(T, q0 + BQ);
   for (int k0 = 0; k0 < kEnd; k0 += BK) {
@@ -111,10 +120,11 @@ __global__ void __launch_bounds__(THREADS) attnFwdK(const bf16* __restrict__ q, 
 
     // Online softmax: two lanes per row, 32 columns each.
     {
-      const int r = warp * 16 + (lane >> 1), c0 = (lane & 1) * 32;
+      // Two lanes per row, interleaved columns (c = lane&1, +2, ...): adjacent banks for the pair.
+      const int r = warp * 16 + (lane >> 1), c0 = lane & 1;
       const int qi = q0 + r;
       float mx = -INFINITY;
-      for (int c = c0; c < c0 + 32; c++) {
+      for (int c = c0; c < BK; c += 2) {
         int kj = k0 + c;
         if (kj <= qi && sMask[c]) mx = fmaxf(mx, sS[r * L::LDS + c] * scale);
       }
@@ -122,7 +132,7 @@ __global__ void __launch_bounds__(THREADS) attnFwdK(const bf16* __restrict__ q, 
       const float mOld = sM[r];
       const float mNew = fmaxf(mOld, mx);
       float sum = 0.f;
-      for (int c = c0; c < c0 + 32; c++) {
+      for (int c = c0; c < BK; c += 2) {
         int kj = k0 + c;
         float p = 0.f;
         if (mNew != -INFINITY && kj <= qi && sMask[c]) p = __expf(sS[r * L::LDS + c] * scale - mNew);
@@ -139,40 +149,50 @@ __global__ void __launch_bounds__(THREADS) attnFwdK(const bf16* __restrict__ q, 
       }
     }
     __syncwarp();
-    for (int i = lane; i < 16 * D; i += 32) {
-      int r = warp * 16 + i / D, d = i % D;
-      sO[r * L::LDO + d] *= sAlpha[r];
-    }
-    __syncwarp();
-
-    // O[16 rows, D] += P · V
+    // O[16 rows, D] = O · diag(alpha) + P · V
+#pragma unroll
     for (int n = 0; n < D / 16; n++) {
-      FragC c;
-      wmma::load_matrix_sync(c, sO + warp * 16 * L::LDO + n * 16, L::LDO, wmma::mem_row_major);
+#pragma unroll
+      for (int i = 0; i < oAcc[n].num_elements; i++) oAcc[n].x[i] *= sAlpha[warp * 16 + (int)rowOf.x[i]];
+#pragma unroll
       for (int kk = 0; kk < BK / 16; kk++) {
         FragA a;
         FragB bb;
         wmma::load_matrix_sync(a, sP + warp * 16 * L::LDP + kk * 16, L::LDP);
         wmma::load_matrix_sync(bb, sV + kk * 16 * L::LDH + n * 16, L::LDH);
-        wmma::mma_sync(c, a, bb, c);
+        wmma::mma_sync(oAcc[n], a, bb, oAcc[n]);
       }
-      wmma::store_matrix_sync(sO + warp * 16 * L::LDO + n * 16, c, L::LDO, wmma::mem_row_major);
     }
   }
-  __syncthreads();
+  __syncwarp();
 
-  for (int i = threadIdx.x; i < BQ * D; i += THREADS) {
-    int r = i / D, d = i % D, qi = q0 + r;
-    if (qi >= T) continue;
-    float l = sL[r];
-    float o = l > 0.f ? sO[r * L::LDO + d] / l : 0.f;
-    out[(((size_t)b * T + qi) * Hq + h) * D + d] = __float2bfloat16_rn(o);
+  // O / l → bf16, through this warp's S rows, 4 fragments (64 columns) at a time.
+#pragma unroll
+  for (int n0 = 0; n0 < D / 16; n0 += 4) {
+#pragma unroll
+    for (int n = n0; n < n0 + 4 && n < D / 16; n++) {
+      FragC c = oAcc[n];
+#pragma unroll
+      for (int i = 0; i < c.num_elements; i++) {
+        float l = sL[warp * 16 + (int)rowOf.x[i]];
+        c.x[i] = l > 0.f ? c.x[i] / l : 0.f;
+      }
+      wmma::store_matrix_sync(scratch + (n - n0) * 16, c, L::LDS, wmma::mem_row_major);
+    }
+    __syncwarp();
+    constexpr int cols = (D / 16 < 4 ? D / 16 : 4) * 16;
+    for (int i = lane; i < 16 * cols; i += 32) {
+      int r = i / cols, d = i % cols, qi = q0 + warp * 16 + r;
+      if (qi < T) out[(((size_t)b * T + qi) * Hq + h) * D + n0 * 16 + d] = __float2bfloat16_rn(scratch[r * L::LDS + d]);
+    }
+    __syncwarp();
   }
-  for (int r = threadIdx.x; r < BQ; r += THREADS) {
-    int qi = q0 + r;
-    if (qi >= T) continue;
-    float l = sL[r];
-    lse[(size_t)bh * T + qi] = l > 0.f ? sM[r] + logf(l) : INFINITY;
+  if (lane < 16) {
+    int r = warp * 16 + lane, qi = q0 + r;
+    if (qi < T) {
+      float l = sL[r];
+      lse[(size_t)bh * T + qi] = l > 0.f ? sM[r] + logf(l) : INFINITY;
+    }
   }
 }
 
@@ -204,9 +224,7 @@ struct BwdSmem {
   static constexpr size_t dp = align128(s + BQ * LDS * 4);
   static constexpr size_t p = align128(dp + BQ * LDS * 4);
   static constexpr size_t ds = align128(p + BQ * LDP * 2);
-  static constexpr size_t dk = align128(ds + BQ * LDP * 2);
-  static constexpr size_t dv = align128(dk + BK * LDO * 4);
-  static constexpr size_t lse = align128(dv + BK * LDO * 4);
+  static constexpr size_t lse = align128(ds + BQ * LDP * 2);
   static constexpr size_t delta = lse + BQ * 4;
   static constexpr size_t mask = delta + BQ * 4;
   static constexpr size_t total = align128(mask + BK * 4);
@@ -231,8 +249,6 @@ __global__ void __launch_bounds__(THREADS) attnBwdK(const bf16* __restrict__ dou
   float* sdQ = (float*)(smem + L::s);
   bf16* sP = (bf16*)(smem + L::p);
   bf16* sdS = (bf16*)(smem + L::ds);
-  float* sdK = (float*)(smem + L::dk);
-  float* sdV = (float*)(smem + L::dv);
   float* sLse = (float*)(smem + L::lse);
   float* sDelta = (float*)(smem + L::delta);
   int* sMask = (int*)(smem + L::mask);
@@ -245,7 +261,10 @@ __global__ void __launch_bounds__(THREADS) attnBwdK(const bf16* __restrict__ dou
   loadTile<D>(sK, L::LDH, k + kvOff, (size_t)Hk * D, BK, T - k0);
   loadTile<D>(sV, L::LDH, v + kvOff, (size_t)Hk * D, BK, T - k0);
   for (int i = threadIdx.x; i < BK; i += THREADS) sMask[i] = (k0 + i < T) ? keyMask[(size_t)b * T + k0 + i] : 0;
-  for (int i = threadIdx.x; i < BK * L::LDO; i += THREADS) { sdK[i] = 0.f; sdV[i] = 0.f; }
+  // dK, dV of this warp's 16 keys live in registers for the whole loop (no per-row scaling is needed).
+  FragC dkAcc[D / 16], dvAcc[D / 16];
+#pragma unroll
+  for (int n = 0; n < D / 16; n++) { wmma::fill_fragment(dkAcc[n], 0.f); wmma::fill_fragment(dvAcc[n], 0.f); }
 
   for (int h = hk * G; h < hk * G + G; h++) {
     for (int q0 = (k0 / BQ) * BQ; q0 < T; q0 += BQ) {
@@ -293,22 +312,19 @@ __global__ void __launch_bounds__(THREADS) attnBwdK(const bf16* __restrict__ dou
       __syncthreads();
 
       // dV[16 key rows of this warp] += Pᵀ·dO ; dK += dSᵀ·Q
-      for (int n = 0; n < D / 16; n++) {
-        FragC cv, ck;
-        wmma::load_matrix_sync(cv, sdV + warp * 16 * L::LDO + n * 16, L::LDO, wmma::mem_row_major);
-        wmma::load_matrix_sync(ck, sdK + warp * 16 * L::LDO + n * 16, L::LDO, wmma::mem_row_major);
-        for (int kk = 0; kk < BQ / 16; kk++) {
-          FragAT pt, dst;
+#pragma unroll
+      for (int kk = 0; kk < BQ / 16; kk++) {
+        FragAT pt, dst;
+        wmma::load_matrix_sync(pt, sP + kk * 16 * L::LDP + warp * 16, L::LDP);
+        wmma::load_matrix_sync(dst, sdS + kk * 16 * L::LDP + warp * 16, L::LDP);
+#pragma unroll
+        for (int n = 0; n < D / 16; n++) {
           FragB bo, bq;
-          wmma::load_matrix_sync(pt, sP + kk * 16 * L::LDP + warp * 16, L::LDP);
           wmma::load_matrix_sync(bo, sdO + kk * 16 * L::LDH + n * 16, L::LDH);
-          wmma::mma_sync(cv, pt, bo, cv);
-          wmma::load_matrix_sync(dst, sdS + kk * 16 * L::LDP + warp * 16, L::LDP);
+          wmma::mma_sync(dvAcc[n], pt, bo, dvAcc[n]);
           wmma::load_matrix_sync(bq, sQ + kk * 16 * L::LDH + n * 16, L::LDH);
-          wmma::mma_sync(ck, dst, bq, ck);
+          wmma::mma_sync(dkAcc[n], dst, bq, dkAcc[n]);
         }
-        wmma::store_matrix_sync(sdV + warp * 16 * L::LDO + n * 16, cv, L::LDO, wmma::mem_row_major);
-        wmma::store_matrix_sync(sdK + warp * 16 * L::LDO + n * 16, ck, L::LDO, wmma::mem_row_major);
       }
       // dQ[16 query rows of this warp] = dS·K, added to the f32 accumulator. sdQ aliases S/dP, which every
       // warp finished reading before the barrier above.
@@ -332,12 +348,20 @@ __global__ void __launch_bounds__(THREADS) attnBwdK(const bf16* __restrict__ dou
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < BK * D; i += THREADS) {
-    int r = i / D, d = i % D, kj = k0 + r;
-    if (kj >= T) continue;
-    size_t o = (((size_t)b * T + kj) * Hk + hk) * D + d;
-    dk[o] = __float2bfloat16_rn(sdK[r * L::LDO + d]);
-    dv[o] = __float2bfloat16_rn(sdV[r * L::LDO + d]);
+  // Out through this warp's rows of the dQ tile buffer: dV first, then dK.
+  float* tile = sdQ + warp * 16 * L::LDO;
+#pragma unroll
+  for (int which = 0; which < 2; which++) {
+#pragma unroll
+    for (int n = 0; n < D / 16; n++)
+      wmma::store_matrix_sync(tile + n * 16, which == 0 ? dvAcc[n] : dkAcc[n], L::LDO, wmma::mem_row_major);
+    __syncwarp();
+    bf16* dst = which == 0 ? dv : dk;
+    for (int i = lane; i < 16 * D; i += 32) {
+      int r = i / D, d = i % D, kj = k0 + warp * 16 + r;
+      if (kj < T) dst[(((size_t)b * T + kj) * Hk + hk) * D + d] = __float2bfloat16_rn(tile[r * L::LDO + d]);
+    }
+    __syncwarp();
   }
 }
 
