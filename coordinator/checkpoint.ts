@@ -116,15 +116,21 @@ export function loadCheckpoint(dir: string): Checkpoint {
   if (!existsSync(manifestPath)) throw new CheckpointError(`${dir} is not a complete checkpoint (no manifest.json)`, { hint: 'it was probably interrupted while being written; use an older checkpoint' });
   let manifest: { files: Record<string, { sha256: string; bytes: number }> };
   try { manifest = JSON.parse(readFileSync(manifestPath, 'utf8')); } catch (e) { throw new CheckpointError(`${manifestPath}: unreadable (${(e as Error).message})`); }
-  if (!manifest || typeof manifest.files !== 'object') throw new CheckpointError(`${manifestPath}: no file list`);
+  if (!manifest || typeof manifest !== 'object' || typeof manifest.files !== 'object' || manifest.files === null) throw new CheckpointError(`${manifestPath}: no file list`);
+  for (const need of ['trainer_state.json', 'optimizer.safetensors', 'adapter/adapter_config.json', 'adapter/adapter_model.safetensors']) {
+    if (!(need in manifest.files)) throw new CheckpointError(`${manifestPath}: does not list ${need}`);
+  }
   for (const [name, want] of Object.entries(manifest.files)) {
+    if (!want || typeof want !== 'object' || typeof want.sha256 !== 'string' || name.includes('..')) throw new CheckpointError(`${manifestPath}: malformed entry for '${name}'`);
     const p = join(dir, name);
     if (!existsSync(p)) throw new CheckpointError(`checkpoint ${dir}: file ${name} is missing`);
     const got = sha256File(p);
     if (got !== want.sha256) throw new CheckpointError(`checkpoint ${dir}: ${name} is corrupt (sha256 ${got.slice(0, 12)}…, manifest says ${want.sha256.slice(0, 12)}…)`, { hint: 'restore it from a backup or resume from an older checkpoint' });
   }
   const adapter = loadAdapter(join(dir, 'adapter'));
-  const state = JSON.parse(readFileSync(join(dir, 'trainer_state.json'), 'utf8')) as TrainerState;
+  let state: TrainerState;
+  try { state = JSON.parse(readFileSync(join(dir, 'trainer_state.json'), 'utf8')) as TrainerState; } catch (e) { throw new CheckpointError(`checkpoint ${dir}: trainer_state.json is unreadable (${(e as Error).message})`); }
+  if (!state || !Number.isInteger(state.step) || state.step < 0 || !Array.isArray(state.history) || !Array.isArray(state.evalHistory)) throw new CheckpointError(`checkpoint ${dir}: trainer_state.json is malformed`);
   const f = SafetensorsFile.open(join(dir, 'optimizer.safetensors'));
   try {
     const moments: OptimizerMoments[] = adapter.modules.map((m) => {

@@ -117,8 +117,12 @@ export function loadAdapter(dir: string): Adapter {
   const tm = raw.target_modules;
   const targetModules: string[] | 'all-linear' = tm === 'all-linear' ? 'all-linear'
     : Array.isArray(tm) ? tm.map(String) : typeof tm === 'string' ? [tm] : ['q_proj', 'v_proj'];
+  const r = num('r', 8), alpha = num('lora_alpha', 8), dropout = num('lora_dropout', 0);
+  if (!Number.isInteger(r) || r < 1) throw new FormatError(`${cfgPath}: 'r' must be a positive integer, got ${r}`);
+  if (!(alpha > 0)) throw new FormatError(`${cfgPath}: 'lora_alpha' must be positive, got ${alpha}`);
+  if (!(dropout >= 0 && dropout < 1)) throw new FormatError(`${cfgPath}: 'lora_dropout' must be in [0, 1), got ${dropout}`);
   const config: LoraConfig = {
-    r: num('r', 8), alpha: num('lora_alpha', 8), dropout: num('lora_dropout', 0), useRslora: raw.use_rslora === true,
+    r, alpha, dropout, useRslora: raw.use_rslora === true,
     targetModules, rankPattern: numMap('rank_pattern'), alphaPattern: numMap('alpha_pattern'),
   };
   const stPath = join(dir, 'adapter_model.safetensors');
