@@ -83,12 +83,16 @@ test('a corrupt or torn checkpoint is refused with a clear error', () => {
   const snap = a.snapshot();
   const ckDir = saveCheckpoint(out, { state: a.state, modules: snap.modules, moments: snap.moments, loraConfig: LORA }, dir, 2);
   const f = join(ckDir, 'optimizer.safetensors');
-  const bytes = readFileSync(f);
+  const original = readFileSync(f);
+  const bytes = Buffer.from(original);
   bytes[bytes.length - 3] ^= 0xff;
   writeFileSync(f, bytes);
   assert.throws(() => loadCheckpoint(ckDir), (e: unknown) => e instanceof CheckpointError && /optimizer\.safetensors is corrupt/.test((e as Error).message));
   // A checkpoint directory without its manifest (interrupted write) is not listed and cannot be loaded.
-  writeFileSync(join(ckDir, 'manifest.json'), '{"files": {"missing.bin": {"sha256": "00", "bytes": 1}}}');
+  writeFileSync(f, original);
+  const manifest = JSON.parse(readFileSync(join(ckDir, 'manifest.json'), 'utf8'));
+  manifest.files['missing.bin'] = { sha256: '00', bytes: 1 };
+  writeFileSync(join(ckDir, 'manifest.json'), JSON.stringify(manifest));
   assert.throws(() => loadCheckpoint(ckDir), /missing\.bin is missing/);
 });
 
