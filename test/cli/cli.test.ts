@@ -131,3 +131,15 @@ test('bad job configs fail with an error naming the field; missing files name th
   assert.equal(r3.code, 1);
   assert.match(r3.err, /nope/);
 });
+
+test('the README main command: `coordinator start` with no config builds the example and trains it (shortened here)', () => {
+  const out = join(work, 'example-run');
+  const r = cli(['start', '--max-steps', '4', '--output', out, '--no-progress']);
+  assert.equal(r.code, 0, r.err);
+  assert.match(r.out, /dqlora example: QLoRA on a small random-init Llama/);
+  assert.match(r.out, /trained 4 steps/);
+  assert.match(r.out, /before \/ after fine-tuning/);
+  assert.equal((r.out.match(/training {3}:/g) ?? []).length, 3, 'three training keywords are compared');
+  assert.ok(existsSync(join(out, 'adapter', 'adapter_model.safetensors')));
+  assert.ok(existsSync(join(ROOT, 'examples-cache', 'example-v1', 'READY')));
+});
