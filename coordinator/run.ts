@@ -18,6 +18,7 @@ import { fingerprint, listCheckpoints, loadCheckpoint, saveCheckpoint } from './
 import { answerPrompts } from './answer.ts';
 import { ConfigError } from '../common/errors.ts';
 import { logger } from '../common/log.ts';
+import { progress } from '../common/progress.ts';
 
 const log = logger('job');
 
@@ -67,10 +68,14 @@ export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<Run
   log.info({ ...ds.stats, train: ds.train.length, validation: ds.validation.length }, 'dataset ready');
 
   const nStages = job.distributed.stages === 'auto' ? 1 : job.distributed.stages;
-  const stages: LlamaStage[] = splitStages(cfg.numLayers, nStages).map((spec) => loadStage(be, job.model, spec, {
+  const loading = progress('load + quantize', log, { tty: opts.progress });
+  const stages: LlamaStage[] = splitStages(cfg.numLayers, nStages).map((spec, i) => loadStage(be, job.model, spec, {
     lora, seed: job.training.seed, blocksize: job.quantization.blocksize, doubleQuant: job.quantization.double_quant,
     gradientCheckpointing: job.training.gradient_checkpointing,
+    onProgress: (d, t, name) => loading.update(d, t, `stage ${i}: ${name}`),
   }));
+  loading.stop();
+  log.info({ stages: stages.map((s) => s.spec), memoryBytes: be.memoryInUse() }, 'model loaded');
   const padId = tok.padId ?? tok.eosId ?? 0;
   const t = job.training;
   const trainer = new Trainer(be, stages, ds.train, {
