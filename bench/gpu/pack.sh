@@ -15,7 +15,13 @@ bundle() {
     --banner:js="import { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);"
 }
 bundle test/engine/cuda-ops.test.ts .device/cuda-ops.test.mjs
+bundle test/model/cuda-golden.test.ts .device/cuda-golden.test.mjs
+bundle test/model/cuda-train.test.ts .device/cuda-train.test.mjs
 bundle bench/gpu/cuda-bench.ts .device/cuda-bench.mjs
-# The full-model comparison (worker/model) is bundled here once it exists: bench/gpu/model-bench.ts.
-if [ -f bench/gpu/model-bench.ts ]; then bundle bench/gpu/model-bench.ts .device/model-bench.mjs; fi
+bundle bench/gpu/model-bench.ts .device/model-bench.mjs
+# A local build (same nvcc 13.0 as the GPU machine, CUDA runtime linked statically) saves the device a minute:
+# carry worker/engine/cuda/build too and run with BENCH_PREBUILT=1 (gpu.sh builds there if it does not load).
+if command -v nvcc >/dev/null; then
+  NAPI_INCLUDE=${NAPI_INCLUDE:-$root/.device/include} DQLORA_CUDA_ARCHS=${DQLORA_CUDA_ARCHS:-90} node worker/engine/cuda/build.mjs
+fi
 du -sh .device

@@ -252,7 +252,10 @@ export class LlamaStage {
     const targets = be.upload(batch.targets, [N], 'i32');
     const { y, rstd } = be.rmsnorm(x, this.weights.finalNorm!, this.cfg.rmsNormEps);
     const dY = gradScale !== undefined ? be.zeros([N, H], 'act') : undefined;
-    const chunk = this.opts.headChunkRows ?? Math.max(1, Math.floor((1 << 22) / this.cfg.vocabSize)); // ≈16 MB of f32 logits
+    // ≈16 MB of f32 logits per chunk on cpu; on cuda each chunk costs a host sync (crossEntropy returns numbers) and
+    // small GEMMs run far below peak, so chunks are ≈256 MB of bf16 logits there.
+    const chunkElems = be.name === 'cuda' ? 1 << 27 : 1 << 22;
+    const chunk = this.opts.headChunkRows ?? Math.max(1, Math.floor(chunkElems / this.cfg.vocabSize));
     let lossSum = 0, count = 0;
     for (let r0 = 0; r0 < N; r0 += chunk) {
       const r1 = Math.min(N, r0 + chunk);
@@ -394,6 +397,98 @@ export class LlamaStage {
 
   /** Number of micro-batches waiting for backward (1F1B bookkeeping). */
   get inFlight(): number { return this.states.size; }
+
+  // ---------------------------------------------------------------------------------------------------
+  // generation with a KV cache (needs Backend.attentionCached)
+
+  /** Whether this stage's backend can decode with a KV cache. */
+  get canDecodeCached(): boolean { return typeof this.be.attentionCached === 'function'; }
+
+  /** A zeroed cache of `capacity` positions for B sequences: per layer k, v [B·capacity, Hk·D]. */
+  createKvCache(B: number, capacity: number): KvCache {
+    const w = this.cfg.numKvHeads * this.headDim;
+    const L = this.weights.layers.length;
+    return {
+      B, capacity,
+      k: Array.from({ length: L }, () => this.be.zeros([B * capacity, w], 'act')),
+      v: Array.from({ length: L }, () => this.be.zeros([B * capacity, w], 'act')),
+    };
+  }
+
+  freeKvCache(c: KvCache): void {
+    for (const t of [...c.k, ...c.v]) this.be.free(t);
+  }
+
+  /**
+   * Runs T new tokens of each of B sequences whose cache indices are [start, start + T) (the same for every
+   * sequence: prompts are left-padded). `keyMask` [B, capacity] marks real tokens written so far, these included;
+   * `positions` [B·T] are the RoPE positions. First stage: `batch.ids`; other stages: `hidden` [B·T, H] (owned).
+   * Returns hidden states for the next stage, or (last stage) the logits of each sequence's last new token.
+   */
+  decode(cache: KvCache, start: number, batch: { B: number; T: number; ids?: Int32Array; positions: Int32Array; keyMask: Int32Array }, hidden?: Tensor): { hidden?: Tensor; logits?: Float32Array[] } {
+    const be = this.be, { B, T } = batch, N = B * T, D = this.headDim, cfg = this.cfg;
+    if (!be.attentionCached) throw new ShapeError(`the ${be.name} backend has no cached attention`);
+    if (start + T > cache.capacity) throw new ShapeError(`KV cache overflow: ${start + T} positions > capacity ${cache.capacity}`);
+    let x: Tensor;
+    if (this.spec.hasEmbedding) {
+      const ids = be.upload(batch.ids!, [N], 'i32'); x = be.embedding(ids, this.weights.embed!); be.free(ids);
+    } else x = hidden!;
+    const positions = be.upload(batch.positions, [N], 'i32');
+    const keyMask = be.upload(batch.keyMask, [B, cache.capacity], 'i32');
+    const qp = new Int32Array(N);
+    for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) qp[b * T + t] = start + t;
+    const queryPos = be.upload(qp, [N], 'i32');
+    const ropeOpts = { rotaryDim: D, mscale: this.mscale };
+    for (let i = 0; i < this.weights.layers.length; i++) {
+      const lw = this.weights.layers[i], L = lw.linears;
+      const { y: y1, rstd: r1 } = be.rmsnorm(x, lw.inputNorm, cfg.rmsNormEps);
+      const q0 = L.q_proj.forward(y1, undefined, false).y, k0 = L.k_proj.forward(y1, undefined, false).y, v0 = L.v_proj.forward(y1, undefined, false).y;
+      be.free(y1); be.free(r1);
+      const q = be.rope(be.reshape(q0, [N, cfg.numHeads, D]), positions, this.invFreq, ropeOpts);
+      const k = be.rope(be.reshape(k0, [N, cfg.numKvHeads, D]), positions, this.invFreq, ropeOpts);
+      be.free(q0); be.free(k0);
+      const kRows = be.reshape(k, [N, cfg.numKvHeads * D]);
+      for (let b = 0; b < B; b++) {
+        // Each cache slot is written once and starts at zero, so adding is copying.
+        be.axpy(be.rows(cache.k[i], b * cache.capacity + start, b * cache.capacity + start + T), be.rows(kRows, b * T, (b + 1) * T));
+        be.axpy(be.rows(cache.v[i], b * cache.capacity + start, b * cache.capacity + start + T), be.rows(v0, b * T, (b + 1) * T));
+      }
+      be.free(k); be.free(v0);
+      const att = be.attentionCached(be.reshape(q, [B, T, cfg.numHeads, D]),
+        be.reshape(cache.k[i], [B, cache.capacity, cfg.numKvHeads, D]), be.reshape(cache.v[i], [B, cache.capacity, cfg.numKvHeads, D]),
+        keyMask, queryPos, 1 / Math.sqrt(D));
+      be.free(q);
+      const x2 = be.axpy(L.o_proj.forward(be.reshape(att, [N, cfg.numHeads * D]), undefined, false).y, x);
+      be.free(att); be.free(x);
+      const { y: y2, rstd: r2 } = be.rmsnorm(x2, lw.postNorm, cfg.rmsNormEps);
+      const g = L.gate_proj.forward(y2, undefined, false).y, u = L.up_proj.forward(y2, undefined, false).y;
+      be.free(y2); be.free(r2);
+      const h = be.swiglu(g, u);
+      be.free(g); be.free(u);
+      x = be.axpy(L.down_proj.forward(h, undefined, false).y, x2);
+      be.free(h); be.free(x2);
+    }
+    be.free(positions); be.free(keyMask); be.free(queryPos);
+    if (!this.spec.hasHead) return { hidden: x };
+    const logits: Float32Array[] = [];
+    for (let b = 0; b < B; b++) {
+      const row = be.rows(x, b * T + T - 1, b * T + T);
+      const { y, rstd } = be.rmsnorm(row, this.weights.finalNorm!, cfg.rmsNormEps);
+      const l = be.matmul(y, this.weights.lmHead!, { transB: true });
+      logits.push(be.download(l) as Float32Array);
+      be.free(y); be.free(rstd); be.free(l);
+    }
+    be.free(x);
+    return { logits };
+  }
+}
+
+/** Per-layer key/value cache of one stage for B sequences. */
+export interface KvCache {
+  readonly B: number;
+  readonly capacity: number;
+  readonly k: Tensor[];   // per layer [B·capacity, Hk·D]
+  readonly v: Tensor[];
 }
 
 /** Per-row (token) dropout counter words: the sequence's global sample id and the token position. */

@@ -107,7 +107,11 @@ export function loadStageWeights(be: Backend, cfg: ModelConfig, w: ModelWeights,
         if (!w.has(name)) throw new FormatError(`tensor '${name}' is missing from the checkpoint`);
         const info = w.info(name);
         if (info.shape[0] !== out || info.shape[1] !== inF || info.shape.length !== 2) throw new ShapeError(`tensor '${name}' has shape [${info.shape}], config.json implies [${out}, ${inF}]`);
-        const nf4 = quantizeNf4(w.readF32(name), [out, inF], { blocksize: opts.blocksize ?? 64, doubleQuant: opts.doubleQuant ?? true, sourceDtype: sourceDtype(info.dtype) });
+        const qo = { blocksize: opts.blocksize ?? 64, doubleQuant: opts.doubleQuant ?? true, sourceDtype: sourceDtype(info.dtype) };
+        // A backend that quantizes on its device (CudaBackend.quantizeNf4: bit-identical codes) is far faster than
+        // the TS loop on billions of weights; it is not part of the Backend contract, so look for it.
+        const devQuant = (be as Partial<{ quantizeNf4: typeof quantizeNf4 }>).quantizeNf4;
+        const nf4 = devQuant ? devQuant.call(be, w.readF32(name), [out, inF], qo) : quantizeNf4(w.readF32(name), [out, inF], qo);
         q = be.uploadNf4(nf4);
       }
       const bias = hasBias(cfg, m) ? be.upload(w.readF32(`${path}.bias`), [out], 'act') : undefined;
