@@ -1,6 +1,7 @@
 // The cpu backend: float32 everywhere ('act' = 'f32'), deterministic (same inputs ⇒ same bits, whatever the
-// thread count). Heavy ops (matmul, NF4 linear, attention, cross-entropy, dropout) go to the optional C++ addon
-// (worker/engine/cpu-native, see cpu/native.ts) when it is built; everything has a TypeScript kernel too,
+// thread count). The compute of every op (GEMMs, NF4 linear, attention, cross-entropy, dropout, and the elementwise /
+// normalisation ops, adamw, embedding) goes to the optional C++ addon (worker/engine/cpu-native, see cpu/native.ts)
+// when it is built; everything has a TypeScript kernel too,
 // used when the addon is missing or DQLORA_CPU_NATIVE=0, and the tests compare the two.
 // Each op's forward sits directly above its backward; shape legend in backend.ts.
 
@@ -14,6 +15,7 @@ import { CpuTensor, Storage, asCpu, cpuData, shapeSize, storageDtype, type CpuDa
 import { Scratch, gemmTs } from './cpu/gemm-ts.ts';
 import { CpuQuantized, dequantRows } from './cpu/nf4-tiles.ts';
 import { attentionBackwardTs, attentionForwardTs } from './cpu/attention-ts.ts';
+import { attentionCachedTs } from './cpu/attention-cached.ts';
 import { loadCpuNative, type CpuNative } from './cpu/native.ts';
 
 export { CpuTensor, cpuData } from './cpu/tensor.ts';
@@ -207,6 +209,7 @@ export class CpuBackend implements Backend {
     check(A.size === Bt.size, () => `axpy: a [${A.shape.join(', ')}] and b [${Bt.shape.join(', ')}] differ in size`);
     const ad = A.data as Float32Array, bd = Bt.data as Float32Array;
     const al = Math.fround(alpha);
+    if (this.native) { this.native.axpy(ad, bd, al, ad.length, this.threads); return a; }
     for (let i = 0; i < ad.length; i++) ad[i] = ad[i] + Math.fround(al * bd[i]);
     return a;
   }
@@ -214,12 +217,14 @@ export class CpuBackend implements Backend {
   scale(a: Tensor, s: number): Tensor {
     const ad = f32(a, 'scale').data as Float32Array;
     const sf = Math.fround(s);
+    if (this.native) { this.native.scale(ad, sf, ad.length, this.threads); return a; }
     for (let i = 0; i < ad.length; i++) ad[i] = ad[i] * sf;
     return a;
   }
 
   sumSquares(t: Tensor): number {
     const d = f32(t, 'sumSquares').data as Float32Array;
+    if (this.native) return this.native.sumSquares(d, d.length, this.threads);
     let s = 0;
     for (let i = 0; i < d.length; i++) s += d[i] * d[i];
     return s;
@@ -228,8 +233,13 @@ export class CpuBackend implements Backend {
   sumRows(x: Tensor): Tensor {
     const X = f32(x, 'sumRows');
     const [N, C] = as2d(X);
-    const acc = new Float64Array(C);
     const xd = X.data as Float32Array;
+    if (this.native) {
+      const out = this.alloc([C], 'f32');
+      this.native.sumRows(xd, N, C, out.data as Float32Array, this.threads);
+      return out;
+    }
+    const acc = new Float64Array(C);
     for (let n = 0; n < N; n++) for (let j = 0, r = n * C; j < C; j++) acc[j] += xd[r + j];
     const out = this.alloc([C], 'f32');
     (out.data as Float32Array).set(acc);
@@ -245,6 +255,8 @@ export class CpuBackend implements Backend {
     const id = I.data as Int32Array, td = Tb.data as Float32Array;
     const out = this.alloc([...I.shape, H], 'f32');
     const od = out.data as Float32Array;
+    // The native kernel checks every id before writing; on a bad one the TS loop below finds it and throws.
+    if (this.native && this.native.embedding(id, td, id.length, V, H, od, this.threads) < 0) return out;
     for (let n = 0; n < id.length; n++) {
       const v = id[n];
       if (!(v >= 0 && v < V)) {
@@ -263,6 +275,7 @@ export class CpuBackend implements Backend {
     check(Wt.size === H, () => `rmsnorm: weight has ${Wt.size} elements, x has ${H} features`);
     const y = this.alloc(X.shape, 'f32'), rstd = this.alloc([N], 'f32');
     const xd = X.data as Float32Array, wd = Wt.data as Float32Array, yd = y.data as Float32Array, rd = rstd.data as Float32Array;
+    if (this.native) { this.native.rmsnormForward(xd, wd, N, H, eps, yd, rd, this.threads); return { y, rstd }; }
     const f = Math.fround;
     for (let n = 0; n < N; n++) {
       const o = n * H;
@@ -282,6 +295,7 @@ export class CpuBackend implements Backend {
     check(G.size === X.size && Wt.size === H && R.size === N, 'rmsnormBackward: dy/x/w/rstd shapes do not fit');
     const dx = this.alloc(X.shape, 'f32');
     const gd = G.data as Float32Array, xd = X.data as Float32Array, wd = Wt.data as Float32Array, rd = R.data as Float32Array, od = dx.data as Float32Array;
+    if (this.native) { this.native.rmsnormBackward(gd, xd, wd, rd, N, H, od, this.threads); return dx; }
     for (let n = 0; n < N; n++) {
       const o = n * H, r = rd[n];
       let gx = 0;
@@ -308,6 +322,7 @@ export class CpuBackend implements Backend {
     const xd = X.data as Float32Array, pd = P.data as Int32Array, fd = F.data as Float32Array;
     const y = this.alloc(X.shape, 'f32');
     const yd = y.data as Float32Array;
+    if (this.native) { this.native.rope(xd, pd, fd, N, nh, D, rd, ms, opts.inverse === true, yd, this.threads); return y; }
     const cs = this.scratch.get('ropeCos', half), sn = this.scratch.get('ropeSin', half);
     const f = Math.fround;
     for (let n = 0; n < N; n++) {
@@ -345,6 +360,20 @@ export class CpuBackend implements Backend {
     return { out, lse };
   }
 
+  /** Generation over a KV cache (see backend.ts); forward only. q [B, Tq, Hq, D], k/v [B, Tk, Hk, D]. */
+  attentionCached(q: Tensor, k: Tensor, v: Tensor, keyMask: Tensor, queryPos: Tensor, scale: number): Tensor {
+    const Q = f32(q, 'attentionCached q'), Kt = f32(k, 'attentionCached k'), Vt = f32(v, 'attentionCached v');
+    const Mk = i32(keyMask, 'attentionCached keyMask'), P = i32(queryPos, 'attentionCached queryPos');
+    check(Q.shape.length === 4 && Kt.shape.length === 4 && Vt.shape.length === 4, 'attentionCached: q, k, v must be 4-D');
+    const [B, Tq, Hq, D] = Q.shape, [Bk, Tk, Hk, Dk] = Kt.shape;
+    check(Bk === B && Dk === D && Hq % Hk === 0 && Vt.size === Kt.size, () => `attentionCached: q [${Q.shape}] does not fit k [${Kt.shape}] / v [${Vt.shape}]`);
+    check(Mk.size === B * Tk && P.size === B * Tq, () => `attentionCached: keyMask has ${Mk.size} entries (want ${B * Tk}), queryPos ${P.size} (want ${B * Tq})`);
+    const out = this.alloc(Q.shape, 'f32');
+    attentionCachedTs(Q.data as Float32Array, Kt.data as Float32Array, Vt.data as Float32Array, Mk.data as Int32Array, P.data as Int32Array,
+      { B, Tq, Tk, Hq, Hk, D }, scale, out.data as Float32Array);
+    return out;
+  }
+
   attentionBackward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, keyMask: Tensor, saved: AttentionSaved, scale: number): { dq: Tensor; dk: Tensor; dv: Tensor } {
     const G = f32(dout, 'attentionBackward dout'), Q = f32(q, 'attentionBackward q'), Kt = f32(k, 'attentionBackward k');
     const Vt = f32(v, 'attentionBackward v'), Mk = i32(keyMask, 'attentionBackward keyMask');
@@ -370,6 +399,7 @@ export class CpuBackend implements Backend {
     check(Gt.size === U.size, 'swiglu: gate and up differ in size');
     const h = this.alloc(Gt.shape, 'f32');
     const gd = Gt.data as Float32Array, ud = U.data as Float32Array, hd = h.data as Float32Array;
+    if (this.native) { this.native.swigluForward(gd, ud, hd, gd.length, this.threads); return h; }
     for (let i = 0; i < gd.length; i++) {
       const g = gd[i];
       hd[i] = Math.fround(g / (1 + Math.exp(-g))) * ud[i];
@@ -384,6 +414,7 @@ export class CpuBackend implements Backend {
     const dgate = this.alloc(Gt.shape, 'f32'), dup = this.alloc(Gt.shape, 'f32');
     const dd = D.data as Float32Array, gd = Gt.data as Float32Array, ud = U.data as Float32Array;
     const dg = dgate.data as Float32Array, du = dup.data as Float32Array;
+    if (this.native) { this.native.swigluBackward(dd, gd, ud, dg, du, gd.length, this.threads); return { dgate, dup }; }
     for (let i = 0; i < gd.length; i++) {
       const g = gd[i], s = 1 / (1 + Math.exp(-g));
       du[i] = dd[i] * Math.fround(g * s);
@@ -489,6 +520,10 @@ export class CpuBackend implements Backend {
     const bc1 = 1 - Math.pow(h.beta1, h.step), bc2s = f(Math.sqrt(1 - Math.pow(h.beta2, h.step)));
     const stepSize = f(-(h.lr / bc1)), eps = f(h.eps);
     const pd = P.data as Float32Array, gd = G.data as Float32Array, md = Mt.data as Float32Array, vd = Vt.data as Float32Array;
+    if (this.native) {
+      this.native.adamw(pd, gd, md, vd, pd.length, decay, w1, b2, w2, bc2s, stepSize, eps, h.weightDecay !== 0, this.threads);
+      return;
+    }
     for (let i = 0; i < pd.length; i++) {
       const g = gd[i];
       const p = h.weightDecay !== 0 ? f(pd[i] * decay) : pd[i];

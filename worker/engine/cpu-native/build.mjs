@@ -5,7 +5,8 @@
 //
 // No -march=native: the binary must run on any x86-64. The AVX-512 / AVX2 kernels carry per-function target
 // attributes and are chosen at load time. -ffp-contract=off keeps the compiler from fusing a·b + c on its own,
-// so the arithmetic is exactly what the source says. Env: CXX (compiler), DQLORA_SKIP_NATIVE=1 (skip).
+// so the arithmetic is exactly what the source says (and the AVX-512 / AVX2 / baseline copies of the elementwise
+// kernels give the same bits); -fno-math-errno lets sqrt vectorise (nothing reads errno). Env: CXX (compiler), DQLORA_SKIP_NATIVE=1 (skip).
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -46,7 +47,7 @@ if (existsSync(out) && statSync(out).mtimeMs > newest && !process.argv.includes(
 mkdirSync(dirname(out), { recursive: true });
 const cxx = process.env.CXX ?? 'g++';
 const args = [
-  '-O3', '-std=c++17', '-shared', '-fPIC', '-pthread', '-fvisibility=hidden', '-ffp-contract=off',
+  '-O3', '-std=c++17', '-shared', '-fPIC', '-pthread', '-fvisibility=hidden', '-ffp-contract=off', '-fno-math-errno',
   '-DNAPI_VERSION=8', '-DNAPI_CPP_EXCEPTIONS', '-DNODE_ADDON_API_DISABLE_DEPRECATED',
   `-I${nodeInc}`, `-I${addonInc}`, join(src, 'addon.cc'), '-o', out,
 ];

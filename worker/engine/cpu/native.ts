@@ -36,11 +36,41 @@ export interface CpuNative {
   /** Dropout with the mask of Backend.dropout (see cpu.ts): y = x · keep / (1 − p). */
   dropout(x: Float32Array, y: Float32Array, N: number, C: number, p: number, scale: number, k0: number, k1: number,
     stream: number, rowSample: Int32Array, rowPos: Int32Array, threads: number): void;
+  // ---- elementwise / normalisation (cpu-native/src/elementwise.h); each is the TS kernel of the same name in cpu.ts ----
+  /** h [n] = silu(gate) · up (fast vectorised exp, ≈2 ulp). */
+  swigluForward(gate: Float32Array, up: Float32Array, h: Float32Array, n: number, threads: number): void;
+  swigluBackward(dh: Float32Array, gate: Float32Array, up: Float32Array, dgate: Float32Array, dup: Float32Array, n: number, threads: number): void;
+  /** a [n] += alpha · b (same bits as the TS kernel). */
+  axpy(a: Float32Array, b: Float32Array, alpha: number, n: number, threads: number): void;
+  /** a [n] ·= s. */
+  scale(a: Float32Array, s: number, n: number, threads: number): void;
+  /** Σ x² in float64 (fixed chunks, partials added in order). */
+  sumSquares(x: Float32Array, n: number, threads: number): number;
+  /** out [C] = Σ over rows of x [N, C], float64 sums in row order (same bits as the TS kernel). */
+  sumRows(x: Float32Array, N: number, C: number, out: Float32Array, threads: number): void;
+  /** x [N, H], w [H] → y [N, H], rstd [N]. */
+  rmsnormForward(x: Float32Array, w: Float32Array, N: number, H: number, eps: number, y: Float32Array, rstd: Float32Array, threads: number): void;
+  rmsnormBackward(dy: Float32Array, x: Float32Array, w: Float32Array, rstd: Float32Array, N: number, H: number, dx: Float32Array, threads: number): void;
+  /** x [N, nh, D], pos [N], invFreq [rotaryDim/2] → y [N, nh, D] (same bits as the TS kernel for the same cos/sin). */
+  rope(x: Float32Array, pos: Int32Array, invFreq: Float32Array, N: number, nh: number, D: number, rotaryDim: number,
+    mscale: number, inverse: boolean, y: Float32Array, threads: number): void;
+  /** One AdamW step in place; the scalars are the float32 values the TS kernel computes (same bits). */
+  adamw(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, n: number, decay: number, w1: number, b2: number,
+    w2: number, bc2s: number, stepSize: number, eps: number, weightDecayOn: boolean, threads: number): void;
+  /** out [N, H] = table [V, H] rows of ids [N]; returns the index of the first id outside [0, V) (nothing written), else −1. */
+  embedding(ids: Int32Array, table: Float32Array, N: number, V: number, H: number, out: Float32Array, threads: number): number;
   /** GFLOP/s of a register-resident FMA loop on `threads` threads for about `ms` milliseconds (a peak estimate). */
   peakGflops(ms: number, threads: number): number;
 }
 
 const log = logger('cpu-native');
+
+/** Every function of CpuNative: an addon lacking one of them is stale and not used. */
+const NATIVE_FUNCTIONS = [
+  'isa', 'sgemm', 'nf4Gemm', 'attentionForward', 'attentionBackward', 'crossEntropy', 'dropout', 'swigluForward',
+  'swigluBackward', 'axpy', 'scale', 'sumSquares', 'sumRows', 'rmsnormForward', 'rmsnormBackward', 'rope', 'adamw',
+  'embedding', 'peakGflops',
+] as const satisfies readonly (keyof CpuNative)[];
 let cached: CpuNative | null | undefined;
 
 /** Path of the built addon. */
@@ -57,7 +87,14 @@ export function loadCpuNative(): CpuNative | null {
   }
   try {
     const require = createRequire(import.meta.url);
-    cached = require(CPU_NATIVE_PATH) as CpuNative;
+    const mod = require(CPU_NATIVE_PATH) as CpuNative;
+    const missing = NATIVE_FUNCTIONS.filter((f) => typeof (mod as unknown as Record<string, unknown>)[f] !== 'function');
+    if (missing.length > 0) {
+      // A binary built from older sources (npm ci not re-run after a pull): all or nothing, never a half-native backend.
+      log.warn({ path: CPU_NATIVE_PATH, missing }, 'cpu native addon is out of date; using TypeScript kernels (rebuild: node worker/engine/cpu-native/build.mjs --force)');
+      return null;
+    }
+    cached = mod;
     log.debug({ isa: cached.isa() }, 'cpu native addon loaded');
   } catch (err) {
     log.warn({ err, path: CPU_NATIVE_PATH }, 'cpu native addon failed to load; using TypeScript kernels (rebuild: node worker/engine/cpu-native/build.mjs)');

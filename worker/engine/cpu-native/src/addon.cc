@@ -4,6 +4,7 @@
 #include <napi.h>
 #include <string>
 #include "kernels.h"
+#include "elementwise.h"
 
 namespace {
 
@@ -135,6 +136,98 @@ Napi::Value Dropout(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// ---- elementwise / normalisation (elementwise.h) ------------------------------------------------------------------
+
+// swigluForward(gate, up, h, n, threads)
+Napi::Value SwigluForward(const Napi::CallbackInfo& info) {
+  long n = dim(info, 3, "n");
+  dq::swigluForward(f32(info, 0, "gate", n), f32(info, 1, "up", n), f32(info, 2, "h", n), n, threads(info, 4));
+  return info.Env().Undefined();
+}
+
+// swigluBackward(dh, gate, up, dgate, dup, n, threads)
+Napi::Value SwigluBackward(const Napi::CallbackInfo& info) {
+  long n = dim(info, 5, "n");
+  dq::swigluBackward(f32(info, 0, "dh", n), f32(info, 1, "gate", n), f32(info, 2, "up", n), f32(info, 3, "dgate", n),
+                     f32(info, 4, "dup", n), n, threads(info, 6));
+  return info.Env().Undefined();
+}
+
+// axpy(a, b, alpha, n, threads): a += alpha · b
+Napi::Value Axpy(const Napi::CallbackInfo& info) {
+  long n = dim(info, 3, "n");
+  dq::axpy(f32(info, 0, "a", n), f32(info, 1, "b", n), (float)num(info, 2, "alpha"), n, threads(info, 4));
+  return info.Env().Undefined();
+}
+
+// scale(a, s, n, threads): a ·= s
+Napi::Value Scale(const Napi::CallbackInfo& info) {
+  long n = dim(info, 2, "n");
+  dq::scale(f32(info, 0, "a", n), (float)num(info, 1, "s"), n, threads(info, 3));
+  return info.Env().Undefined();
+}
+
+// sumSquares(x, n, threads) → number
+Napi::Value SumSquares(const Napi::CallbackInfo& info) {
+  long n = dim(info, 1, "n");
+  return Napi::Number::New(info.Env(), dq::sumSquares(f32(info, 0, "x", n), n, threads(info, 2)));
+}
+
+// sumRows(x, N, C, out, threads)
+Napi::Value SumRows(const Napi::CallbackInfo& info) {
+  long N = dim(info, 1, "N"), C = dim(info, 2, "C");
+  dq::sumRows(f32(info, 0, "x", N * C), N, C, f32(info, 3, "out", C), threads(info, 4));
+  return info.Env().Undefined();
+}
+
+// rmsnormForward(x, w, N, H, eps, y, rstd, threads)
+Napi::Value RmsnormForward(const Napi::CallbackInfo& info) {
+  long N = dim(info, 2, "N"), H = dim(info, 3, "H");
+  dq::rmsnormForward(f32(info, 0, "x", N * H), f32(info, 1, "w", H), N, H, num(info, 4, "eps"), f32(info, 5, "y", N * H),
+                     f32(info, 6, "rstd", N), threads(info, 7));
+  return info.Env().Undefined();
+}
+
+// rmsnormBackward(dy, x, w, rstd, N, H, dx, threads)
+Napi::Value RmsnormBackward(const Napi::CallbackInfo& info) {
+  long N = dim(info, 4, "N"), H = dim(info, 5, "H");
+  dq::rmsnormBackward(f32(info, 0, "dy", N * H), f32(info, 1, "x", N * H), f32(info, 2, "w", H), f32(info, 3, "rstd", N), N, H,
+                      f32(info, 6, "dx", N * H), threads(info, 7));
+  return info.Env().Undefined();
+}
+
+// rope(x, pos, invFreq, N, nh, D, rotaryDim, mscale, inverse, y, threads)
+Napi::Value Rope(const Napi::CallbackInfo& info) {
+  long N = dim(info, 3, "N"), nh = dim(info, 4, "nh"), D = dim(info, 5, "D"), rd = dim(info, 6, "rotaryDim");
+  if (rd == 0 || rd % 2 != 0 || rd > D) throw Napi::RangeError::New(info.Env(), "rope: rotaryDim must be even, positive and ≤ D");
+  float* x = f32(info, 0, "x", N * nh * D);
+  int32_t* pos = i32(info, 1, "pos", N);
+  float* inv = f32(info, 2, "invFreq", rd / 2);
+  dq::rope(x, pos, inv, N, nh, D, rd, (float)num(info, 7, "mscale"), flag(info, 8), f32(info, 9, "y", N * nh * D), threads(info, 10));
+  return info.Env().Undefined();
+}
+
+// adamw(p, g, m, v, n, decay, w1, b2, w2, bc2s, stepSize, eps, weightDecayOn, threads); scalars already float32 values
+Napi::Value Adamw(const Napi::CallbackInfo& info) {
+  long n = dim(info, 4, "n");
+  dq::AdamArgs h{};
+  h.decay = (float)num(info, 5, "decay"); h.w1 = (float)num(info, 6, "w1"); h.b2 = (float)num(info, 7, "b2");
+  h.w2 = (float)num(info, 8, "w2"); h.bc2s = (float)num(info, 9, "bc2s"); h.stepSize = (float)num(info, 10, "stepSize");
+  h.eps = (float)num(info, 11, "eps"); h.wd = flag(info, 12);
+  dq::adamw(f32(info, 0, "p", n), f32(info, 1, "g", n), f32(info, 2, "m", n), f32(info, 3, "v", n), n, h, threads(info, 13));
+  return info.Env().Undefined();
+}
+
+// embedding(ids, table, N, V, H, out, threads) → index of the first id outside [0, V), or −1 (then out is written)
+Napi::Value Embedding(const Napi::CallbackInfo& info) {
+  long N = dim(info, 2, "N"), V = dim(info, 3, "V"), H = dim(info, 4, "H");
+  int32_t* ids = i32(info, 0, "ids", N);
+  for (long n = 0; n < N; n++)
+    if (ids[n] < 0 || ids[n] >= V) return Napi::Number::New(info.Env(), (double)n);
+  dq::embedding(ids, f32(info, 1, "table", V * H), N, H, f32(info, 5, "out", N * H), threads(info, 6));
+  return Napi::Number::New(info.Env(), -1);
+}
+
 Napi::Value PeakGflops(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), dq::peakGflops(num(info, 0, "ms"), threads(info, 1)));
 }
@@ -149,6 +242,17 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("attentionBackward", Napi::Function::New(env, AttentionBackward));
   exports.Set("crossEntropy", Napi::Function::New(env, CrossEntropy));
   exports.Set("dropout", Napi::Function::New(env, Dropout));
+  exports.Set("swigluForward", Napi::Function::New(env, SwigluForward));
+  exports.Set("swigluBackward", Napi::Function::New(env, SwigluBackward));
+  exports.Set("axpy", Napi::Function::New(env, Axpy));
+  exports.Set("scale", Napi::Function::New(env, Scale));
+  exports.Set("sumSquares", Napi::Function::New(env, SumSquares));
+  exports.Set("sumRows", Napi::Function::New(env, SumRows));
+  exports.Set("rmsnormForward", Napi::Function::New(env, RmsnormForward));
+  exports.Set("rmsnormBackward", Napi::Function::New(env, RmsnormBackward));
+  exports.Set("rope", Napi::Function::New(env, Rope));
+  exports.Set("adamw", Napi::Function::New(env, Adamw));
+  exports.Set("embedding", Napi::Function::New(env, Embedding));
   exports.Set("peakGflops", Napi::Function::New(env, PeakGflops));
   return exports;
 }
