@@ -117,10 +117,12 @@ for (const name of CASES) {
     assert.ok(maxErr < 1e-4, `logits max error ${maxErr}`);
     const g = expected.generate;
     const opts = { maxNewTokens: g.max_new_tokens, eosIds: [], padId: 0 };
-    const adapted = generateTokens([stage], [g.prompt], opts)[0];
-    const base = withoutLora([stage], () => generateTokens([stage], [g.prompt], opts)[0]);
-    assert.deepEqual(base, g.base, 'base model greedy tokens');
-    assert.deepEqual(adapted, g.adapted, 'adapted model greedy tokens');
+    for (const cache of [true, false]) {
+      const adapted = generateTokens([stage], [g.prompt], { ...opts, cache })[0];
+      const base = withoutLora([stage], () => generateTokens([stage], [g.prompt], { ...opts, cache })[0]);
+      assert.deepEqual(base, g.base, `base model greedy tokens (KV cache ${cache})`);
+      assert.deepEqual(adapted, g.adapted, `adapted model greedy tokens (KV cache ${cache})`);
+    }
     void LINEAR_MODULES;
   });
 }

@@ -169,6 +169,14 @@ export interface Backend {
   attention(q: Tensor, k: Tensor, v: Tensor, keyMask: Tensor, scale: number): AttentionSaved;
   attentionBackward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, keyMask: Tensor, saved: AttentionSaved, scale: number): { dq: Tensor; dk: Tensor; dv: Tensor };
 
+  /**
+   * Inference attention over a key/value cache (generation). q [B, Tq, Hq, D]; k/v [B, Tk, Hk, D] hold the cache
+   * (Tk = its capacity); keyMask i32 [B, Tk] marks filled, real positions; queryPos i32 [B·Tq] gives each query's
+   * cache index: it attends to keys at indices ≤ queryPos with keyMask 1 (a query with none outputs zeros).
+   * Forward only → out [B, Tq, Hq, D]. Optional: without it, generation recomputes the whole sequence per token.
+   */
+  attentionCached?(q: Tensor, k: Tensor, v: Tensor, keyMask: Tensor, queryPos: Tensor, scale: number): Tensor;
+
   /** h = silu(gate) · up.  gate/up [N, I] → h [N, I]. */
   swiglu(gate: Tensor, up: Tensor): Tensor;
   swigluBackward(dh: Tensor, gate: Tensor, up: Tensor): { dgate: Tensor; dup: Tensor };

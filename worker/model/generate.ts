@@ -1,7 +1,7 @@
 // Text generation through a local pipeline of stages: greedy or sampling (temperature, top-k, top-p), stops at EOS.
 // Prompts are batched and left-padded (position ids count real tokens only), so every prompt's last token sits
-// in the last column. No KV cache yet: each new token re-runs the whole sequence (O(T²) work) — fine for the
-// short answers of the example and for comparing base vs fine-tuned; a KV cache is future work.
+// in the last column. With a KV cache (backends with `attentionCached`) the prompt is run once and each new token
+// costs one position; otherwise each new token re-runs the whole sequence (O(T²) work).
 import { CounterRng, mixKey } from '../../common/rng.ts';
 import type { LlamaStage, StageBatch } from './llama.ts';
 
@@ -20,7 +20,8 @@ export interface SamplingOptions {
 }
 
 /** Generates continuations of each prompt (token ids). Returns the new tokens of each (without EOS). */
-export function generateTokens(stages: LlamaStage[], prompts: number[][], opts: SamplingOptions): number[][] {
+export function generateTokens(stages: LlamaStage[], prompts: number[][], opts: SamplingOptions & { cache?: boolean }): number[][] {
+  if (opts.cache !== false && stages.every((s) => s.canDecodeCached)) return generateCached(stages, prompts, opts);
   const B = prompts.length;
   const out: number[][] = prompts.map(() => []);
   const finished = new Array<boolean>(B).fill(false);
@@ -73,4 +74,50 @@ export function pickToken(logits: Float32Array, o: Pick<SamplingOptions, 'temper
   let u = rng.next();
   for (let k = 0; k < idx.length; k++) { u -= probs[k]; if (u <= 0) return idx[k]; }
   return idx[idx.length - 1];
+}
+
+/** Generation with a KV cache per stage: one prefill of the left-padded prompts, then one position per token. */
+function generateCached(stages: LlamaStage[], prompts: number[][], opts: SamplingOptions): number[][] {
+  const B = prompts.length, T0 = Math.max(...prompts.map((p) => p.length)), cap = T0 + opts.maxNewTokens;
+  const out: number[][] = prompts.map(() => []);
+  const finished = new Array<boolean>(B).fill(false);
+  const rng = new CounterRng(mixKey(opts.seed ?? 0, 0x47454e), 0);
+  const eos = new Set(opts.eosIds);
+  const caches = stages.map((s) => s.createKvCache(B, cap));
+  const keyMask = new Int32Array(B * cap);
+  const ids = new Int32Array(B * T0).fill(opts.padId), positions = new Int32Array(B * T0);
+  const lens = prompts.map((p) => p.length);
+  prompts.forEach((p, b) => {
+    const off = T0 - p.length;
+    for (let t = 0; t < p.length; t++) { ids[b * T0 + off + t] = p[t]; positions[b * T0 + off + t] = t; keyMask[b * cap + off + t] = 1; }
+  });
+  const run = (start: number, T: number, idsNow: Int32Array, pos: Int32Array): Float32Array[] => {
+    let hidden: import('../engine/backend.ts').Tensor | undefined;
+    let logits: Float32Array[] | undefined;
+    stages.forEach((s, i) => {
+      const r = s.decode(caches[i], start, { B, T, ids: idsNow, positions: pos, keyMask }, hidden);
+      hidden = r.hidden; logits = r.logits;
+    });
+    return logits!;
+  };
+  try {
+    let logits = run(0, T0, ids, positions);
+    for (let step = 0; step < opts.maxNewTokens; step++) {
+      const next = new Int32Array(B), pos = new Int32Array(B);
+      for (let b = 0; b < B; b++) {
+        pos[b] = lens[b] + step;
+        if (finished[b]) { next[b] = opts.padId; continue; }
+        const tok = pickToken(logits[b], opts, rng);
+        if (eos.has(tok)) { finished[b] = true; next[b] = opts.padId; continue; }
+        out[b].push(tok); next[b] = tok;
+        opts.onToken?.(b, out[b]);
+      }
+      if (finished.every((f) => f) || step === opts.maxNewTokens - 1) break;
+      for (let b = 0; b < B; b++) keyMask[b * cap + T0 + step] = 1;
+      logits = run(T0 + step, 1, next, pos);
+    }
+  } finally {
+    stages.forEach((s, i) => s.freeKvCache(caches[i]));
+  }
+  return out;
 }
