@@ -26,7 +26,15 @@ export interface CpuBackendOptions {
   native?: boolean;
   /** Worker threads for native kernels (default: all cores). TS kernels are single-threaded. */
   threads?: number;
+  /**
+   * Bytes of freed float32 buffers kept for reuse (default 256 MiB; 0 disables). A training step allocates the same
+   * shapes every time; reusing their buffers skips the zero-fill and the page faults of fresh memory.
+   */
+  reuseBytes?: number;
 }
+
+/** Smallest buffer worth keeping for reuse (smaller typed arrays are cheap V8 heap objects). */
+const REUSE_MIN_ELEMENTS = 4096;
 
 /** Rows of W dequantized per tile in the TS NF4 path: about 64 KiB of float32 scratch. */
 const NF4_TILE_FLOATS = 16384;
@@ -40,19 +48,49 @@ export class CpuBackend implements Backend {
   private bytesLive = 0;
   private readonly scratch = new Scratch();
   private readonly philoxOut = new Uint32Array(4);
+  /** Freed float32 buffers by exact length, for reuse (a step repeats the same shapes). */
+  private readonly reuse = new Map<number, Float32Array[]>();
+  private reuseHeld = 0;
+  private readonly reuseCap: number;
 
   constructor(opts: CpuBackendOptions = {}) {
     this.native = opts.native === false ? null : loadCpuNative();
     const cores = typeof os.availableParallelism === 'function' ? os.availableParallelism() : os.cpus().length;
     this.threads = Math.max(1, Math.min(cores, opts.threads ?? cores));
+    this.reuseCap = Math.max(0, opts.reuseBytes ?? 256 * 2 ** 20);
   }
 
   // ---- memory -------------------------------------------------------------------------------------
 
+  /** A zero-filled tensor. */
   private alloc(shape: readonly number[], dtype: DType | 'act' | undefined): CpuTensor {
+    return this.make(shape, dtype, true);
+  }
+
+  /** A float32 tensor whose contents are unspecified (possibly a reused buffer): only for outputs the kernel writes completely. */
+  private output(shape: readonly number[]): CpuTensor {
+    return this.make(shape, 'f32', false);
+  }
+
+  /** output() when the native kernel computes the op, else a zero-filled alloc() (TS kernels may accumulate). */
+  private out(shape: readonly number[]): CpuTensor {
+    return this.make(shape, 'f32', this.native === null);
+  }
+
+  private make(shape: readonly number[], dtype: DType | 'act' | undefined, zero: boolean): CpuTensor {
     const dt = storageDtype(dtype);
     const n = shapeSize(shape);
-    const data: CpuData = dt === 'f32' ? new Float32Array(n) : dt === 'i32' ? new Int32Array(n) : new Uint8Array(n);
+    let data: CpuData | undefined;
+    if (dt === 'f32' && n >= REUSE_MIN_ELEMENTS) {
+      const list = this.reuse.get(n);
+      const got = list?.pop();
+      if (got) {
+        this.reuseHeld -= got.byteLength;
+        if (zero) got.fill(0);
+        data = got;
+      }
+    }
+    data ??= dt === 'f32' ? new Float32Array(n) : dt === 'i32' ? new Int32Array(n) : new Uint8Array(n);
     const st = new Storage(data.byteLength);
     this.bytesLive += st.bytes;
     return new CpuTensor(data, shape, dt, st);
@@ -60,8 +98,9 @@ export class CpuBackend implements Backend {
 
   upload(data: Float32Array | Int32Array | Uint8Array, shape: readonly number[], dtype?: DType | 'act'): Tensor {
     const want = dtype ?? (data instanceof Float32Array ? 'f32' : data instanceof Int32Array ? 'i32' : 'u8');
-    const t = this.alloc(shape, want);
-    check(data.length === t.size, () => `upload: ${data.length} elements for shape [${shape.join(', ')}] (${t.size})`);
+    const n = shapeSize(shape);
+    check(data.length === n, () => `upload: ${data.length} elements for shape [${shape.join(', ')}] (${n})`);
+    const t = this.make(shape, want, false);
     t.data.set(data);
     return t;
   }
@@ -77,7 +116,15 @@ export class CpuBackend implements Backend {
   free(t: Tensor): void {
     const c = asCpu(t, 'free');
     if (c.isView || c.storage.freed) return;
-    c.storage.freed = true;
+    const d = c.data;
+    c.storage.freed = true; // every tensor of this storage now throws on use, so handing the buffer out again is safe
+    if (d instanceof Float32Array && d.length >= REUSE_MIN_ELEMENTS && d.byteOffset === 0 && d.byteLength === d.buffer.byteLength
+      && this.reuseHeld + d.byteLength <= this.reuseCap) {
+      let list = this.reuse.get(d.length);
+      if (!list) this.reuse.set(d.length, list = []);
+      list.push(d);
+      this.reuseHeld += d.byteLength;
+    }
     this.bytesLive -= c.storage.bytes;
   }
 
@@ -144,7 +191,7 @@ export class CpuBackend implements Backend {
       check(out.size === M * Nn, () => `matmul: out [${out.shape.join(', ')}] does not hold [${M}, ${Nn}]`);
     } else {
       check(!opts.accumulate, 'matmul: accumulate needs an out tensor');
-      out = this.alloc(outShape, 'f32');
+      out = this.output(outShape); // both GEMMs overwrite C when beta = 0
     }
     const beta = opts.accumulate ? 1 : 0;
     const ad = A.data as Float32Array, bd = Bm.data as Float32Array, cd = out.data as Float32Array;
@@ -158,7 +205,7 @@ export class CpuBackend implements Backend {
     const [outDim, inDim] = W.shape;
     const [N, C] = as2d(X);
     check(C === inDim, () => `nf4Linear: x [${X.shape.join(', ')}] has ${C} features, weight is [${outDim}, ${inDim}]`);
-    const y = this.alloc(X.shape.length > 2 ? [...X.shape.slice(0, -1), outDim] : [N, outDim], 'f32');
+    const y = this.out(X.shape.length > 2 ? [...X.shape.slice(0, -1), outDim] : [N, outDim]);
     const xd = X.data as Float32Array, yd = y.data as Float32Array;
     if (this.native) {
       this.native.nf4Gemm(true, N, outDim, inDim, xd, W.packed, W.absmax, W.table, W.blocksize, 0, yd, this.threads);
@@ -185,7 +232,7 @@ export class CpuBackend implements Backend {
     const [outDim, inDim] = W.shape;
     const [N, C] = as2d(G);
     check(C === outDim, () => `nf4LinearBackward: dy [${G.shape.join(', ')}] has ${C} features, weight is [${outDim}, ${inDim}]`);
-    const dx = this.alloc(G.shape.length > 2 ? [...G.shape.slice(0, -1), inDim] : [N, inDim], 'f32');
+    const dx = this.out(G.shape.length > 2 ? [...G.shape.slice(0, -1), inDim] : [N, inDim]);
     const gd = G.data as Float32Array, dd = dx.data as Float32Array;
     if (this.native) {
       this.native.nf4Gemm(false, N, outDim, inDim, gd, W.packed, W.absmax, W.table, W.blocksize, 0, dd, this.threads);
@@ -235,7 +282,7 @@ export class CpuBackend implements Backend {
     const [N, C] = as2d(X);
     const xd = X.data as Float32Array;
     if (this.native) {
-      const out = this.alloc([C], 'f32');
+      const out = this.output([C]);
       this.native.sumRows(xd, N, C, out.data as Float32Array, this.threads);
       return out;
     }
@@ -253,7 +300,7 @@ export class CpuBackend implements Backend {
     const I = i32(ids, 'embedding ids'), Tb = f32(table, 'embedding table');
     const [V, H] = as2d(Tb);
     const id = I.data as Int32Array, td = Tb.data as Float32Array;
-    const out = this.alloc([...I.shape, H], 'f32');
+    const out = this.output([...I.shape, H]); // every row is written (or the op throws)
     const od = out.data as Float32Array;
     // The native kernel checks every id before writing; on a bad one the TS loop below finds it and throws.
     if (this.native && this.native.embedding(id, td, id.length, V, H, od, this.threads) < 0) return out;
@@ -273,7 +320,7 @@ export class CpuBackend implements Backend {
     const X = f32(x, 'rmsnorm x'), Wt = f32(w, 'rmsnorm w');
     const [N, H] = as2d(X);
     check(Wt.size === H, () => `rmsnorm: weight has ${Wt.size} elements, x has ${H} features`);
-    const y = this.alloc(X.shape, 'f32'), rstd = this.alloc([N], 'f32');
+    const y = this.output(X.shape), rstd = this.output([N]);
     const xd = X.data as Float32Array, wd = Wt.data as Float32Array, yd = y.data as Float32Array, rd = rstd.data as Float32Array;
     if (this.native) { this.native.rmsnormForward(xd, wd, N, H, eps, yd, rd, this.threads); return { y, rstd }; }
     const f = Math.fround;
@@ -293,7 +340,7 @@ export class CpuBackend implements Backend {
     const G = f32(dy, 'rmsnormBackward dy'), X = f32(x, 'rmsnormBackward x'), Wt = f32(w, 'rmsnormBackward w'), R = f32(rstd, 'rmsnormBackward rstd');
     const [N, H] = as2d(X);
     check(G.size === X.size && Wt.size === H && R.size === N, 'rmsnormBackward: dy/x/w/rstd shapes do not fit');
-    const dx = this.alloc(X.shape, 'f32');
+    const dx = this.output(X.shape);
     const gd = G.data as Float32Array, xd = X.data as Float32Array, wd = Wt.data as Float32Array, rd = R.data as Float32Array, od = dx.data as Float32Array;
     if (this.native) { this.native.rmsnormBackward(gd, xd, wd, rd, N, H, od, this.threads); return dx; }
     for (let n = 0; n < N; n++) {
@@ -320,7 +367,7 @@ export class CpuBackend implements Backend {
       () => `rope: rotaryDim ${rd}, invFreq [${F.size}], pos [${P.size}] do not fit x [${X.shape.join(', ')}]`);
     const ms = Math.fround(opts.mscale ?? 1), sign = opts.inverse ? -1 : 1;
     const xd = X.data as Float32Array, pd = P.data as Int32Array, fd = F.data as Float32Array;
-    const y = this.alloc(X.shape, 'f32');
+    const y = this.output(X.shape);
     const yd = y.data as Float32Array;
     if (this.native) { this.native.rope(xd, pd, fd, N, nh, D, rd, ms, opts.inverse === true, yd, this.threads); return y; }
     const cs = this.scratch.get('ropeCos', half), sn = this.scratch.get('ropeSin', half);
@@ -348,7 +395,7 @@ export class CpuBackend implements Backend {
     const Q = f32(q, 'attention q'), Kt = f32(k, 'attention k'), Vt = f32(v, 'attention v'), Mk = i32(keyMask, 'attention keyMask');
     const dims = attnDims(Q, Kt, Vt, Mk);
     const { B, T, Hq, Hk, D } = dims;
-    const out = this.alloc(Q.shape, 'f32'), lse = this.alloc([B, Hq, T], 'f32');
+    const out = this.out(Q.shape), lse = this.out([B, Hq, T]);
     const od = out.data as Float32Array, ld = lse.data as Float32Array;
     if (this.native) {
       this.native.attentionForward(Q.data as Float32Array, Kt.data as Float32Array, Vt.data as Float32Array, Mk.data as Int32Array,
@@ -381,7 +428,7 @@ export class CpuBackend implements Backend {
     const dims = attnDims(Q, Kt, Vt, Mk);
     const { B, T, Hq, Hk, D } = dims;
     check(G.size === Q.size && O.size === Q.size && L.size === B * Hq * T, 'attentionBackward: dout / saved state do not match q');
-    const dq = this.alloc(Q.shape, 'f32'), dk = this.alloc(Kt.shape, 'f32'), dv = this.alloc(Vt.shape, 'f32');
+    const dq = this.out(Q.shape), dk = this.out(Kt.shape), dv = this.out(Vt.shape);
     const a = [G, Q, Kt, Vt].map((t) => t.data as Float32Array);
     if (this.native) {
       this.native.attentionBackward(a[0], a[1], a[2], a[3], Mk.data as Int32Array, O.data as Float32Array, L.data as Float32Array,
@@ -397,7 +444,7 @@ export class CpuBackend implements Backend {
   swiglu(gate: Tensor, up: Tensor): Tensor {
     const Gt = f32(gate, 'swiglu gate'), U = f32(up, 'swiglu up');
     check(Gt.size === U.size, 'swiglu: gate and up differ in size');
-    const h = this.alloc(Gt.shape, 'f32');
+    const h = this.output(Gt.shape);
     const gd = Gt.data as Float32Array, ud = U.data as Float32Array, hd = h.data as Float32Array;
     if (this.native) { this.native.swigluForward(gd, ud, hd, gd.length, this.threads); return h; }
     for (let i = 0; i < gd.length; i++) {
@@ -411,7 +458,7 @@ export class CpuBackend implements Backend {
   swigluBackward(dh: Tensor, gate: Tensor, up: Tensor): { dgate: Tensor; dup: Tensor } {
     const D = f32(dh, 'swigluBackward dh'), Gt = f32(gate, 'swigluBackward gate'), U = f32(up, 'swigluBackward up');
     check(D.size === Gt.size && Gt.size === U.size, 'swigluBackward: dh, gate and up differ in size');
-    const dgate = this.alloc(Gt.shape, 'f32'), dup = this.alloc(Gt.shape, 'f32');
+    const dgate = this.output(Gt.shape), dup = this.output(Gt.shape);
     const dd = D.data as Float32Array, gd = Gt.data as Float32Array, ud = U.data as Float32Array;
     const dg = dgate.data as Float32Array, du = dup.data as Float32Array;
     if (this.native) { this.native.swigluBackward(dd, gd, ud, dg, du, gd.length, this.threads); return { dgate, dup }; }
@@ -434,7 +481,7 @@ export class CpuBackend implements Backend {
     const [N, C] = as2d(X);
     check(key.rowPos.length >= N && key.rowSample.length >= N, () => `dropout: key has ${key.rowPos.length}/${key.rowSample.length} rows, x has ${N}`);
     check(key.p >= 0 && key.p < 1, () => `dropout: p = ${key.p} must be in [0, 1)`);
-    const y = this.alloc(X.shape, 'f32');
+    const y = this.output(X.shape);
     const xd = X.data as Float32Array, yd = y.data as Float32Array;
     if (key.p === 0) { yd.set(xd); return y; }
     const sc = Math.fround(1 / (1 - key.p));
@@ -471,7 +518,7 @@ export class CpuBackend implements Backend {
     }
     const wantGrad = opts.gradScale !== undefined;
     let dl: CpuTensor | undefined;
-    if (wantGrad) dl = opts.inPlace ? X : this.alloc(X.shape, 'f32');
+    if (wantGrad) dl = opts.inPlace ? X : this.output(X.shape); // every row written (ignored rows with zeros)
     const dd = dl ? dl.data as Float32Array : null;
     const rowLoss = this.scratch.get('ceRowLoss', N);
     const gs = opts.gradScale ?? 0;
