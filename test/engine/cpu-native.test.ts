@@ -103,24 +103,137 @@ describe('cpu native kernels vs TypeScript kernels', { skip: native ? false : 'n
     assert.deepEqual(Array.from(cpuData(n2.dropout(up(n2, xs, [50, 300]), key))), Array.from(cpuData(ts.dropout(up(ts, xs, [50, 300]), key))));
   });
 
-  it('the AVX2 and scalar kernels (forced with DQLORA_CPU_ISA) agree with the TypeScript kernels', () => {
+  // Sizes span several 16384-element jobs with ragged tails, so the threaded paths and the vector tails both run.
+  const runAll = <T>(f: (be: CpuBackend) => T): T[] => [ts, n1, n2].map(f);
+  const exact = (a: Tensor, b: Tensor, what: string): void => {
+    const x = cpuData(a), y = cpuData(b);
+    assert.equal(x.length, y.length, what);
+    for (let i = 0; i < x.length; i++) if (!Object.is(x[i], y[i])) assert.fail(`${what}: element ${i} is ${x[i]}, TS has ${y[i]}`);
+  };
+
+  it('swiglu forward and backward agree (fast exp within 1e-5, extreme gates), 1 and 2 threads give the same bits', () => {
+    const [N, I] = [61, 1033];
+    const g = rand(N * I, 101, -12, 12), u = rand(N * I, 102), dh = rand(N * I, 103);
+    for (const [i, v] of [[0, 0], [1, -0], [2, 87.5], [3, -87.5], [4, 100], [5, -100], [6, 1e-30], [7, -3e4], [8, 3e4]]) g[i] = v;
+    const res = runAll((be) => {
+      const G = up(be, g, [N, I]), U = up(be, u, [N, I]);
+      const b = be.swigluBackward(up(be, dh, [N, I]), G, U);
+      return [be.swiglu(G, U), b.dgate, b.dup];
+    });
+    ['h', 'dgate', 'dup'].forEach((name, k) => {
+      same(res[1][k], res[2][k], `swiglu ${name}`);
+      const e = relErr(cpuData(res[2][k]), cpuData(res[0][k]));
+      assert.ok(e < AGREE, `swiglu ${name}: ${e}`);
+      assert.ok(cpuData(res[2][k]).every(Number.isFinite), `swiglu ${name}: all finite`);
+    });
+    // Elementwise, not just norm-relative: silu's relative error stays small where it is not tiny.
+    const h = cpuData(res[2][0]), hr = cpuData(res[0][0]);
+    for (let i = 0; i < h.length; i++) if (Math.abs(hr[i]) > 1e-3) assert.ok(Math.abs(h[i] - hr[i]) <= 1e-5 * Math.abs(hr[i]), `h[${i}] ${h[i]} vs ${hr[i]}`);
+  });
+
+  it('rmsnorm forward and backward agree; y has the TS bits whenever rstd does', () => {
+    const [N, H] = [131, 333];
+    const x = rand(N * H, 111, -3, 3), w = rand(H, 112, 0.5, 1.5), dy = rand(N * H, 113);
+    const res = runAll((be) => {
+      const X = up(be, x, [N, H]), W = up(be, w, [H]);
+      const { y, rstd } = be.rmsnorm(X, W, 1e-6);
+      return [y, rstd, be.rmsnormBackward(up(be, dy, [N, H]), X, W, rstd)];
+    });
+    ['y', 'rstd', 'dx'].forEach((name, k) => {
+      same(res[1][k], res[2][k], `rmsnorm ${name}`);
+      const e = relErr(cpuData(res[2][k]), cpuData(res[0][k]));
+      assert.ok(e < AGREE, `rmsnorm ${name}: ${e}`);
+    });
+    const r0 = cpuData(res[0][1]), r2 = cpuData(res[2][1]), y0 = cpuData(res[0][0]), y2 = cpuData(res[2][0]);
+    for (let n = 0; n < N; n++) if (r0[n] === r2[n]) for (let j = 0; j < H; j++) assert.equal(y2[n * H + j], y0[n * H + j]);
+  });
+
+  it('rope gives the TS bits: forward, inverse, mscale, partial rotary, repeated and scattered positions', () => {
+    const [N, nh, D] = [300, 5, 24];
+    const x = rand(N * nh * D, 121, -2, 2);
+    const posSets = [
+      Int32Array.from({ length: N }, (_, i) => i % 100),              // B × T layout: a table over [0, 100)
+      Int32Array.from({ length: N }, (_, i) => (i * 7919) % 100000),  // range > N: one cos/sin row per token
+      Int32Array.from({ length: N }, (_, i) => 50 + (i % 3)),
+    ];
+    for (const pos of posSets) for (const rd of [24, 16]) for (const inverse of [false, true]) {
+      const half = rd / 2, invFreq = Float32Array.from({ length: half }, (_, i) => 1 / Math.pow(10000, (2 * i) / rd));
+      const res = runAll((be) => be.rope(up(be, x, [N, nh, D]), up(be, pos, [N]), up(be, invFreq, [half]), { rotaryDim: rd, mscale: inverse ? 1.1 : 1, inverse }));
+      exact(res[1], res[0], `rope rd=${rd} inverse=${inverse}`);
+      exact(res[2], res[0], `rope 2T rd=${rd} inverse=${inverse}`);
+    }
+  });
+
+  it('axpy, scale, sumRows, adamw and embedding give the TS bits; sumSquares agrees and is thread-count independent', () => {
+    const n = 3 * 16384 + 77;
+    const a = rand(n, 131), b = rand(n, 132), g = rand(n, 133);
+    for (const be of [n1, n2]) {
+      const pairs = [ts, be].map((e) => {
+        const A = up(e, a, [n]);
+        e.axpy(A, up(e, b, [n]), -0.37);
+        e.scale(A, 1.7);
+        return A;
+      });
+      exact(pairs[1], pairs[0], 'axpy + scale');
+      const aliased = [ts, be].map((e) => { const A = up(e, a, [n]); return e.axpy(A, A, 0.5); });
+      exact(aliased[1], aliased[0], 'axpy with b = a');
+    }
+    const ss = [ts, n1, n2].map((e) => e.sumSquares(up(e, a, [n])));
+    assert.equal(ss[1], ss[2]);
+    assert.ok(Math.abs(ss[1] - ss[0]) <= 1e-12 * ss[0], `sumSquares ${ss[1]} vs ${ss[0]}`);
+    assert.equal(n1.sumSquares(n1.zeros([0])), 0);
+    for (const [N, C] of [[129, 700], [3, 5], [1000, 40]]) {
+      const x = rand(N * C, 134 + C);
+      const res = runAll((e) => e.sumRows(up(e, x, [N, C])));
+      exact(res[1], res[0], `sumRows ${N}x${C}`); exact(res[2], res[0], `sumRows 2T ${N}x${C}`);
+    }
+    const hyper = { lr: 3e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+    for (const weightDecay of [0, 0.01]) {
+      const res = runAll((e) => {
+        const P = up(e, a, [n]), M = e.zeros([n]), V = e.zeros([n]);
+        for (let step = 1; step <= 3; step++) e.adamw(P, up(e, step === 2 ? b : g, [n]), M, V, { ...hyper, weightDecay, step });
+        return [P, M, V];
+      });
+      for (let k = 0; k < 3; k++) { exact(res[1][k], res[0][k], `adamw ${k}`); exact(res[2][k], res[0][k], `adamw 2T ${k}`); }
+    }
+    const [V, H] = [50, 300], table = rand(V * H, 140), ids = randInt(2000, 141, 0, V);
+    const emb = runAll((e) => e.embedding(up(e, ids, [20, 100]), up(e, table, [V, H])));
+    assert.deepEqual(emb[2].shape, [20, 100, H]);
+    exact(emb[1], emb[0], 'embedding'); exact(emb[2], emb[0], 'embedding 2T');
+    ids[1500] = V;
+    assert.throws(() => n2.embedding(up(n2, ids, [2000]), up(n2, table, [V, H])), /token id 50 at position 1500/);
+  });
+
+  it('the AVX2 and scalar kernels (forced with DQLORA_CPU_ISA) agree with the TypeScript kernels; elementwise bits equal across ISAs', () => {
     const script = `
       import { createCpuBackend, cpuData } from './worker/engine/cpu.ts';
       const ts = createCpuBackend({ native: false }), nb = createCpuBackend({ threads: 2 });
       const M = 77, N = 90, K = 300, a = new Float32Array(M * K).map((_, i) => Math.sin(i)), b = new Float32Array(K * N).map((_, i) => Math.cos(i * 0.7));
       const r = [ts, nb].map((be) => cpuData(be.matmul(be.upload(a, [M, K]), be.upload(b, [N, K]), { transB: true })));
       let e = 0, m = 0; for (let i = 0; i < r[0].length; i++) { e = Math.max(e, Math.abs(r[0][i] - r[1][i])); m = Math.max(m, Math.abs(r[0][i])); }
-      console.log(JSON.stringify({ isa: nb.native.isa(), err: e / m }));`;
-    for (const isa of ['avx2', 'scalar']) {
+      const n = 40000, g = new Float32Array(n).map((_, i) => Math.sin(i * 0.013) * 20), u = new Float32Array(n).map((_, i) => Math.cos(i * 0.7));
+      const w = new Float32Array(400).map((_, i) => 1 + Math.sin(i) * 0.1);
+      const G = nb.upload(g, [100, 400]), U = nb.upload(u, [100, 400]);
+      const bw = nb.swigluBackward(U, G, U), rn = nb.rmsnorm(G, nb.upload(w, [400]), 1e-5);
+      const outs = [nb.swiglu(G, U), bw.dgate, bw.dup, rn.y, rn.rstd, nb.rmsnormBackward(U, G, nb.upload(w, [400]), rn.rstd)];
+      let h = 0x811c9dc5;
+      for (const t of outs) for (const v of new Uint32Array(cpuData(t).buffer, cpuData(t).byteOffset, t.size)) h = Math.imul(h ^ v, 16777619) >>> 0;
+      h = Math.imul(h ^ Math.round(nb.sumSquares(G) * 1e6), 16777619) >>> 0;
+      console.log(JSON.stringify({ isa: nb.native.isa(), err: e / m, hash: h }));`;
+    const hashes: number[] = [];
+    for (const isa of [native!.isa(), 'avx2', 'scalar']) {
       const r = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
         cwd: new URL('../..', import.meta.url).pathname, env: { ...process.env, DQLORA_CPU_ISA: isa }, encoding: 'utf8',
       });
       assert.equal(r.status, 0, r.stderr);
-      const out = JSON.parse(r.stdout.trim().split('\n').pop()!) as { isa: string; err: number };
+      const out = JSON.parse(r.stdout.trim().split('\n').pop()!) as { isa: string; err: number; hash: number };
       if (isa === 'avx2' && native!.isa() === 'scalar') continue; // machine without AVX2
       assert.equal(out.isa, isa);
       assert.ok(out.err < AGREE, `${isa}: ${out.err}`);
+      hashes.push(out.hash);
     }
+    // The elementwise kernels are one source compiled per ISA with no FMA contraction: the same bits on every ISA.
+    assert.ok(hashes.every((h) => h === hashes[0]), `elementwise results differ between ISAs: ${hashes.join(', ')}`);
   });
 
   it('bad arguments throw instead of touching memory out of bounds', () => {

@@ -235,6 +235,38 @@ for (const { name, make } of variants) {
 }
 
 describe('cpu backend memory bookkeeping', () => {
+  it('freed float32 buffers are reused: zeros() is zero again, the old tensor stays dead, memoryInUse counts live tensors only', () => {
+    for (const native of [false, true]) {
+      const be = createCpuBackend({ native });
+      const n = 5000;
+      const a = be.upload(rand(n, 201), [50, 100]);
+      const buf = cpuData(a).buffer;
+      be.free(a);
+      assert.equal(be.memoryInUse(), 0);
+      const z = be.zeros([100, 50]);
+      assert.equal(cpuData(z).buffer, buf, 'same length → the freed buffer comes back');
+      assert.ok(cpuData(z).every((v) => v === 0), 'zeros() clears a reused buffer');
+      assert.throws(() => cpuData(a), BackendError, 'the freed tensor does not see its buffer again');
+      assert.equal(be.memoryInUse(), n * 4);
+      // An op output that reuses a dirty buffer is fully written.
+      const x = be.upload(rand(n, 202), [n]);
+      be.free(z);
+      const y = be.upload(rand(n, 203), [n]);
+      const s = be.swiglu(x, y);
+      const ref = createCpuBackend({ native: false, reuseBytes: 0 });
+      assert.equal(s.size, n);
+      assert.ok(relErr(cpuData(s), cpuData(ref.swiglu(ref.upload(rand(n, 202), [n]), ref.upload(rand(n, 203), [n])))) < 1e-5);
+      // Small buffers and reuseBytes: 0 are never reused; views and double frees are ignored.
+      const off = createCpuBackend({ native, reuseBytes: 0 });
+      const b = off.zeros([n]), bb = cpuData(b).buffer;
+      off.free(b); off.free(b);
+      assert.notEqual(cpuData(off.zeros([n])).buffer, bb);
+      const v = be.rows(be.zeros([2, n]), 0, 1);
+      be.free(v);
+      assert.equal(cpuData(v).length, n);
+    }
+  });
+
   it('memoryInUse counts live tensors and NF4 weights; free releases; views share storage', () => {
     const be = createCpuBackend({ native: false });
     assert.equal(be.memoryInUse(), 0);
