@@ -63,7 +63,10 @@ program.command('start')
   .option('--stop-after <n>', 'stop (with a checkpoint) after n optimizer steps of this invocation', int('--stop-after'))
   .option('--output <dir>', 'override output_dir')
   .option('--no-progress', 'log lines instead of a progress bar')
-  .action(async (o: { config?: string; backend: BackendName; maxSteps?: number; stopAfter?: number; output?: string; progress: boolean }) => {
+  .option('--listen <host:port>', 'distributed: control service address (overrides distributed.listen)')
+  .option('--nats <url>', 'distributed: NATS server for the all-reduce (overrides distributed.nats_url)')
+  .option('--job-token <token>', 'distributed: token workers must present (default: $DQLORA_JOB_TOKEN, else random)')
+  .action(async (o: { config?: string; backend: BackendName; maxSteps?: number; stopAfter?: number; output?: string; progress: boolean; listen?: string; nats?: string; jobToken?: string }) => {
     const isExample = !o.config;
     let job;
     if (isExample) {
@@ -77,6 +80,9 @@ program.command('start')
     }
     if (o.backend !== 'auto') job.backend = o.backend;
     if (o.maxSteps !== undefined) job.training.max_steps = o.maxSteps;
+    if (o.listen) job.distributed.listen = o.listen;
+    if (o.nats) job.distributed.nats_url = o.nats;
+    if (o.jobToken) process.env.DQLORA_JOB_TOKEN = o.jobToken;
     const res = await runJob(job, { progress: o.progress && process.stderr.isTTY, stopAfter: o.stopAfter, print: out });
     if (res.answers.length) {
       const expected = isExample ? new Map(exampleComparePrompts(res.answers.length).map((p) => [p.prompt, p.expected])) : new Map<string, string>();

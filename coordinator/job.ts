@@ -63,6 +63,13 @@ export const JobSchema = z.object({
     stages: z.union([positiveInt, z.literal('auto')]).default(1).describe('Pipeline stages (layers split across workers).'),
     replicas: z.union([positiveInt, z.literal('auto')]).default(1).describe('Data-parallel replicas per stage.'),
     workers: z.union([z.number().int().min(0), z.literal('local')]).default(0).describe("0: train in this process; 'local': start stages × replicas worker processes on this machine; N: wait for N remote workers."),
+    listen: z.string().regex(/^[^\s]+:\d+$/, 'expected HOST:PORT').default('127.0.0.1:0').describe('Distributed: address of the coordinator\'s gRPC control service (port 0 = OS-assigned, printed at start). Use 0.0.0.0:PORT for remote workers.'),
+    nats_url: z.string().default('').describe("Distributed, replicas > 1: NATS server for the gradient all-reduce. Empty with workers: 'local' = start a private nats-server (must be on PATH)."),
+    heartbeat_timeout_s: z.number().positive().default(10).describe('Distributed: a worker silent this long (no heartbeat) is declared lost; heartbeats go every timeout/5.'),
+    step_timeout_s: z.number().positive().default(300).describe('Distributed: deadline for one command (a step, an update, a state upload) and for waiting on another stage\'s tensors.'),
+    wait_timeout_s: z.number().positive().default(600).describe('Distributed: how long to wait for enough workers to (re)start, before failing the job.'),
+    max_recoveries: z.number().int().min(0).default(3).describe('Distributed: worker failures the job recovers from (pause, wait for a replacement, resume from the last checkpoint) before giving up.'),
+    metrics_port: z.number().int().min(-1).default(-1).describe('Distributed: serve the coordinator\'s Prometheus /metrics on this port (0 = OS-assigned, -1 = off).'),
   }).strict().prefault({}),
 }).strict();
 

@@ -52,8 +52,9 @@ export interface RunOptions {
 
 export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<RunOutcome> {
   const print = opts.print ?? ((s: string) => process.stdout.write(s + '\n'));
-  if (job.distributed.workers !== 0 || job.distributed.replicas !== 1 && job.distributed.replicas !== 'auto') {
-    throw new ConfigError('distributed.workers / replicas > 1 need the distributed coordinator, which is not part of this build yet', { hint: 'use distributed.workers: 0 (one process; stages may still be > 1)' });
+  if (job.distributed.workers !== 0) return (await import('./distributed/run.ts')).runDistributed(job, opts);
+  if (job.distributed.replicas !== 1 && job.distributed.replicas !== 'auto') {
+    throw new ConfigError('distributed.replicas > 1 needs workers (distributed.workers: local or N)', { hint: 'use distributed.workers: local to start them on this machine' });
   }
   const be = opts.backend ?? await createBackend(job.backend);
   const cfg = loadModelConfig(job.model);

@@ -1,10 +1,11 @@
 // `worker` command line. `worker info` reports the device a worker would use (backend, memory, native kernels).
-// `worker start --coordinator HOST:PORT` (distributed training over gRPC/NATS) arrives with the distributed
-// coordinator; until then a job runs in one process with `coordinator start`.
-import { Command, Option } from 'commander';
+// `worker start --coordinator HOST:PORT` joins a distributed job: registers, serves its pipeline stage, all-reduces
+// LoRA gradients over NATS with the other replicas of its stage, and exits when the job ends.
+import { Command, InvalidArgumentError, Option } from 'commander';
 import os from 'node:os';
 import { createBackend, type BackendName } from './engine/index.ts';
-import { DqloraError } from '../common/errors.ts';
+import { runWorker, splitHostPort } from './server.ts';
+import { ConfigError, DqloraError } from '../common/errors.ts';
 
 const program = new Command();
 program.name('worker').description('dqlora worker: holds pipeline stages of a QLoRA job').showHelpAfterError();
@@ -18,6 +19,35 @@ program.command('info')
     if ('native' in be) info.cpuNativeKernels = (be as { native: unknown }).native ? 'loaded' : 'not built (pure TypeScript kernels)';
     process.stdout.write(JSON.stringify(info, null, 2) + '\n');
   });
+
+const hostPort = (name: string) => (v: string): string => {
+  try { splitHostPort(v, name); } catch (e) { throw new InvalidArgumentError((e as Error).message.split('\n')[0]); }
+  return v;
+};
+
+program.command('start')
+  .description('join a distributed job: register with the coordinator and serve the pipeline stage it assigns')
+  .requiredOption('--coordinator <host:port>', 'the coordinator\'s control service', hostPort('--coordinator'))
+  .option('--nats <url>', 'NATS server for the gradient all-reduce (default: the one the coordinator names)')
+  .addOption(new Option('--device <name>', 'backend').choices(['cpu', 'cuda', 'auto']).default('auto'))
+  .option('--listen <host:port>', 'address of this worker\'s pipeline server (port 0 = any free port)', hostPort('--listen'), '127.0.0.1:0')
+  .option('--advertise <host:port>', 'address other stages dial (default: the listen address)')
+  .option('--job-token <token>', 'the job\'s token (default: $DQLORA_JOB_TOKEN; prefer the variable: arguments are visible to other users)')
+  .option('--metrics-port <port>', 'serve Prometheus /metrics on this port (0 = any free port)', (v: string) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError('--metrics-port must be a port number');
+    return n;
+  })
+  .action(async (o: { coordinator: string; nats?: string; device: BackendName; listen: string; advertise?: string; jobToken?: string; metricsPort?: number }) => {
+    const jobToken = o.jobToken ?? process.env.DQLORA_JOB_TOKEN;
+    if (!jobToken) throw new ConfigError('no job token: pass --job-token or set DQLORA_JOB_TOKEN', { hint: 'the coordinator prints or is given the token (coordinator start --job-token ...)' });
+    const backend = await createBackend(o.device);
+    const code = await runWorker({ coordinator: o.coordinator, jobToken, backend, listen: o.listen, advertise: o.advertise, natsUrl: o.nats, metricsPort: o.metricsPort });
+    process.exit(code);
+  });
+
+// A supervisor's SIGTERM ends the worker promptly (the coordinator notices the closed stream at once).
+process.on('SIGTERM', () => process.exit(143));
 
 try {
   await program.parseAsync(process.argv);

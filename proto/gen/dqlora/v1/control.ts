@@ -13,6 +13,8 @@ import {
   type ClientOptions,
   type ClientReadableStream,
   type ClientUnaryCall,
+  type ClientWritableStream,
+  type handleClientStreamingCall,
   type handleServerStreamingCall,
   type handleUnaryCall,
   makeGenericClientConstructor,
@@ -200,8 +202,10 @@ export interface Command {
   kind?:
     | { $case: "assignStage"; assignStage: AssignStage }
     | { $case: "runStep"; runStep: RunStep }
-    | { $case: "saveCheckpoint"; saveCheckpoint: SaveCheckpoint }
+    | { $case: "uploadState"; uploadState: UploadState }
     | { $case: "shutdown"; shutdown: Shutdown }
+    | { $case: "applyUpdate"; applyUpdate: ApplyUpdate }
+    | { $case: "abort"; abort: Abort }
     | undefined;
 }
 
@@ -232,6 +236,16 @@ export interface AssignStage {
   nextStageAddress: string;
   /** checkpoint to load this stage's adapter/optimizer shard from; empty = fresh */
   resumeFromDir: string;
+  /**
+   * Pipeline sequence numbers start here for this assignment: tensors of lower numbers (an aborted
+   * earlier attempt) are stale. Increases over the whole job, also when training rolls back.
+   */
+  firstSeq: number;
+  /**
+   * Incremented at every (re-)assignment of the job; part of the NATS subjects so that an aborted
+   * attempt's all-reduce messages never mix with the next one.
+   */
+  generation: number;
 }
 
 /**
@@ -272,12 +286,29 @@ export interface RunStep {
   lr: number;
   /** evaluation: no backward, no optimizer update */
   forwardOnly: boolean;
+  /** Pipeline sequence number of this command (tags every Forward/Backward message; see AssignStage.first_seq). */
+  seq: number;
 }
 
-export interface SaveCheckpoint {
+/**
+ * After every worker reported its RunStep: clip the (all-reduced) gradients by clip_coef (when < 1),
+ * apply AdamW with lr as update number step + 1, clear the gradients.
+ */
+export interface ApplyUpdate {
   step: number;
-  /** the worker writes its shard under dir atomically */
-  dir: string;
+  lr: number;
+  clipCoef: number;
+}
+
+/** Send this stage's LoRA weights (and, with include_moments, its AdamW moments) with PutState. */
+export interface UploadState {
+  step: number;
+  includeMoments: boolean;
+}
+
+/** Drop the step in flight (a peer failed) and wait for the next command. */
+export interface Abort {
+  reason: string;
 }
 
 export interface Shutdown {
@@ -302,6 +333,10 @@ export interface StepStats {
   /** for SaveCheckpoint: bytes written */
   checkpointBytes: number;
   checkpointSeconds: number;
+  /** wall time of the micro-batch schedule (first forward to last backward) */
+  pipelineSeconds: number;
+  /** of which waiting for other stages' tensors (the pipeline bubble) */
+  idleSeconds: number;
 }
 
 export interface StepReport {
@@ -314,6 +349,45 @@ export interface StepReport {
     | undefined;
   /** non-empty: the command failed; the message says what and where */
   error: string;
+}
+
+/** One chunk of a serialized StageState (chunk_index 0 .. num_chunks-1, in order; CRC-32 of the whole). */
+export interface StateChunk {
+  jobToken: string;
+  workerId: string;
+  commandId: number;
+  step: number;
+  chunkIndex: number;
+  numChunks: number;
+  data: Buffer;
+  crc32: number;
+}
+
+/** The trainable state of one stage, in the stage's fixed module order (layer, then module). */
+export interface StageState {
+  stageIndex: number;
+  modules: ModuleState[];
+}
+
+export interface ModuleState {
+  /** HF module path, e.g. model.layers.0.self_attn.q_proj */
+  path: string;
+  r: number;
+  inFeatures: number;
+  outFeatures: number;
+  /** f32 [r, in] */
+  a?:
+    | Tensor
+    | undefined;
+  /** f32 [out, r] */
+  b?:
+    | Tensor
+    | undefined;
+  /** AdamW moments, same shapes (only with include_moments) */
+  mA?: Tensor | undefined;
+  vA?: Tensor | undefined;
+  mB?: Tensor | undefined;
+  vB?: Tensor | undefined;
 }
 
 export interface ReportAck {
@@ -1121,11 +1195,17 @@ export const Command: MessageFns<Command> = {
       case "runStep":
         RunStep.encode(message.kind.runStep, writer.uint32(26).fork()).join();
         break;
-      case "saveCheckpoint":
-        SaveCheckpoint.encode(message.kind.saveCheckpoint, writer.uint32(34).fork()).join();
+      case "uploadState":
+        UploadState.encode(message.kind.uploadState, writer.uint32(34).fork()).join();
         break;
       case "shutdown":
         Shutdown.encode(message.kind.shutdown, writer.uint32(42).fork()).join();
+        break;
+      case "applyUpdate":
+        ApplyUpdate.encode(message.kind.applyUpdate, writer.uint32(50).fork()).join();
+        break;
+      case "abort":
+        Abort.encode(message.kind.abort, writer.uint32(58).fork()).join();
         break;
     }
     return writer;
@@ -1173,7 +1253,7 @@ export const Command: MessageFns<Command> = {
               break;
             }
 
-            message.kind = { $case: "saveCheckpoint", saveCheckpoint: SaveCheckpoint.decode(reader, reader.uint32()) };
+            message.kind = { $case: "uploadState", uploadState: UploadState.decode(reader, reader.uint32()) };
             continue;
           }
           case 5: {
@@ -1182,6 +1262,22 @@ export const Command: MessageFns<Command> = {
             }
 
             message.kind = { $case: "shutdown", shutdown: Shutdown.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.kind = { $case: "applyUpdate", applyUpdate: ApplyUpdate.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.kind = { $case: "abort", abort: Abort.decode(reader, reader.uint32()) };
             continue;
           }
         }
@@ -1211,12 +1307,18 @@ export const Command: MessageFns<Command> = {
         ? { $case: "runStep", runStep: RunStep.fromJSON(object.runStep) }
         : isSet(object.run_step)
         ? { $case: "runStep", runStep: RunStep.fromJSON(object.run_step) }
-        : isSet(object.saveCheckpoint)
-        ? { $case: "saveCheckpoint", saveCheckpoint: SaveCheckpoint.fromJSON(object.saveCheckpoint) }
-        : isSet(object.save_checkpoint)
-        ? { $case: "saveCheckpoint", saveCheckpoint: SaveCheckpoint.fromJSON(object.save_checkpoint) }
+        : isSet(object.uploadState)
+        ? { $case: "uploadState", uploadState: UploadState.fromJSON(object.uploadState) }
+        : isSet(object.upload_state)
+        ? { $case: "uploadState", uploadState: UploadState.fromJSON(object.upload_state) }
         : isSet(object.shutdown)
         ? { $case: "shutdown", shutdown: Shutdown.fromJSON(object.shutdown) }
+        : isSet(object.applyUpdate)
+        ? { $case: "applyUpdate", applyUpdate: ApplyUpdate.fromJSON(object.applyUpdate) }
+        : isSet(object.apply_update)
+        ? { $case: "applyUpdate", applyUpdate: ApplyUpdate.fromJSON(object.apply_update) }
+        : isSet(object.abort)
+        ? { $case: "abort", abort: Abort.fromJSON(object.abort) }
         : undefined,
     };
   },
@@ -1230,10 +1332,14 @@ export const Command: MessageFns<Command> = {
       obj.assignStage = AssignStage.toJSON(message.kind.assignStage);
     } else if (message.kind?.$case === "runStep") {
       obj.runStep = RunStep.toJSON(message.kind.runStep);
-    } else if (message.kind?.$case === "saveCheckpoint") {
-      obj.saveCheckpoint = SaveCheckpoint.toJSON(message.kind.saveCheckpoint);
+    } else if (message.kind?.$case === "uploadState") {
+      obj.uploadState = UploadState.toJSON(message.kind.uploadState);
     } else if (message.kind?.$case === "shutdown") {
       obj.shutdown = Shutdown.toJSON(message.kind.shutdown);
+    } else if (message.kind?.$case === "applyUpdate") {
+      obj.applyUpdate = ApplyUpdate.toJSON(message.kind.applyUpdate);
+    } else if (message.kind?.$case === "abort") {
+      obj.abort = Abort.toJSON(message.kind.abort);
     }
     return obj;
   },
@@ -1257,18 +1363,27 @@ export const Command: MessageFns<Command> = {
         }
         break;
       }
-      case "saveCheckpoint": {
-        if (object.kind?.saveCheckpoint !== undefined && object.kind?.saveCheckpoint !== null) {
-          message.kind = {
-            $case: "saveCheckpoint",
-            saveCheckpoint: SaveCheckpoint.fromPartial(object.kind.saveCheckpoint),
-          };
+      case "uploadState": {
+        if (object.kind?.uploadState !== undefined && object.kind?.uploadState !== null) {
+          message.kind = { $case: "uploadState", uploadState: UploadState.fromPartial(object.kind.uploadState) };
         }
         break;
       }
       case "shutdown": {
         if (object.kind?.shutdown !== undefined && object.kind?.shutdown !== null) {
           message.kind = { $case: "shutdown", shutdown: Shutdown.fromPartial(object.kind.shutdown) };
+        }
+        break;
+      }
+      case "applyUpdate": {
+        if (object.kind?.applyUpdate !== undefined && object.kind?.applyUpdate !== null) {
+          message.kind = { $case: "applyUpdate", applyUpdate: ApplyUpdate.fromPartial(object.kind.applyUpdate) };
+        }
+        break;
+      }
+      case "abort": {
+        if (object.kind?.abort !== undefined && object.kind?.abort !== null) {
+          message.kind = { $case: "abort", abort: Abort.fromPartial(object.kind.abort) };
         }
         break;
       }
@@ -1295,6 +1410,8 @@ function createBaseAssignStage(): AssignStage {
     prevStageAddress: "",
     nextStageAddress: "",
     resumeFromDir: "",
+    firstSeq: 0,
+    generation: 0,
   };
 }
 
@@ -1347,6 +1464,12 @@ export const AssignStage: MessageFns<AssignStage> = {
     }
     if (message.resumeFromDir !== "") {
       writer.uint32(130).string(message.resumeFromDir);
+    }
+    if (message.firstSeq !== 0) {
+      writer.uint32(136).uint64(message.firstSeq);
+    }
+    if (message.generation !== 0) {
+      writer.uint32(144).uint32(message.generation);
     }
     return writer;
   },
@@ -1492,6 +1615,22 @@ export const AssignStage: MessageFns<AssignStage> = {
             message.resumeFromDir = reader.string();
             continue;
           }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.firstSeq = longToNumber(reader.uint64());
+            continue;
+          }
+          case 18: {
+            if (tag !== 144) {
+              break;
+            }
+
+            message.generation = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1586,6 +1725,12 @@ export const AssignStage: MessageFns<AssignStage> = {
         : isSet(object.resume_from_dir)
         ? globalThis.String(object.resume_from_dir)
         : "",
+      firstSeq: isSet(object.firstSeq)
+        ? globalThis.Number(object.firstSeq)
+        : isSet(object.first_seq)
+        ? globalThis.Number(object.first_seq)
+        : 0,
+      generation: isSet(object.generation) ? globalThis.Number(object.generation) : 0,
     };
   },
 
@@ -1639,6 +1784,12 @@ export const AssignStage: MessageFns<AssignStage> = {
     if (message.resumeFromDir !== "") {
       obj.resumeFromDir = message.resumeFromDir;
     }
+    if (message.firstSeq !== 0) {
+      obj.firstSeq = Math.round(message.firstSeq);
+    }
+    if (message.generation !== 0) {
+      obj.generation = Math.round(message.generation);
+    }
     return obj;
   },
 
@@ -1663,6 +1814,8 @@ export const AssignStage: MessageFns<AssignStage> = {
     message.prevStageAddress = object.prevStageAddress ?? "";
     message.nextStageAddress = object.nextStageAddress ?? "";
     message.resumeFromDir = object.resumeFromDir ?? "";
+    message.firstSeq = object.firstSeq ?? 0;
+    message.generation = object.generation ?? 0;
     return message;
   },
 };
@@ -1846,7 +1999,7 @@ export const MicroBatch: MessageFns<MicroBatch> = {
 };
 
 function createBaseRunStep(): RunStep {
-  return { step: 0, epoch: 0, microBatches: [], lossNormaliser: 0, lr: 0, forwardOnly: false };
+  return { step: 0, epoch: 0, microBatches: [], lossNormaliser: 0, lr: 0, forwardOnly: false, seq: 0 };
 }
 
 export const RunStep: MessageFns<RunStep> = {
@@ -1868,6 +2021,9 @@ export const RunStep: MessageFns<RunStep> = {
     }
     if (message.forwardOnly !== false) {
       writer.uint32(48).bool(message.forwardOnly);
+    }
+    if (message.seq !== 0) {
+      writer.uint32(56).uint64(message.seq);
     }
     return writer;
   },
@@ -1933,6 +2089,14 @@ export const RunStep: MessageFns<RunStep> = {
             message.forwardOnly = reader.bool();
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.seq = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1965,6 +2129,7 @@ export const RunStep: MessageFns<RunStep> = {
         : isSet(object.forward_only)
         ? globalThis.Boolean(object.forward_only)
         : false,
+      seq: isSet(object.seq) ? globalThis.Number(object.seq) : 0,
     };
   },
 
@@ -1988,6 +2153,9 @@ export const RunStep: MessageFns<RunStep> = {
     if (message.forwardOnly !== false) {
       obj.forwardOnly = message.forwardOnly;
     }
+    if (message.seq !== 0) {
+      obj.seq = Math.round(message.seq);
+    }
     return obj;
   },
 
@@ -2002,26 +2170,30 @@ export const RunStep: MessageFns<RunStep> = {
     message.lossNormaliser = object.lossNormaliser ?? 0;
     message.lr = object.lr ?? 0;
     message.forwardOnly = object.forwardOnly ?? false;
+    message.seq = object.seq ?? 0;
     return message;
   },
 };
 
-function createBaseSaveCheckpoint(): SaveCheckpoint {
-  return { step: 0, dir: "" };
+function createBaseApplyUpdate(): ApplyUpdate {
+  return { step: 0, lr: 0, clipCoef: 0 };
 }
 
-export const SaveCheckpoint: MessageFns<SaveCheckpoint> = {
-  encode(message: SaveCheckpoint, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+export const ApplyUpdate: MessageFns<ApplyUpdate> = {
+  encode(message: ApplyUpdate, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.step !== 0) {
       writer.uint32(8).int64(message.step);
     }
-    if (message.dir !== "") {
-      writer.uint32(18).string(message.dir);
+    if (message.lr !== 0) {
+      writer.uint32(17).double(message.lr);
+    }
+    if (message.clipCoef !== 0) {
+      writer.uint32(25).double(message.clipCoef);
     }
     return writer;
   },
 
-  decode(input: BinaryReader | Uint8Array, length?: number): SaveCheckpoint {
+  decode(input: BinaryReader | Uint8Array, length?: number): ApplyUpdate {
     const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
     const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
     if (previousRecursionDepth >= 100) {
@@ -2030,7 +2202,7 @@ export const SaveCheckpoint: MessageFns<SaveCheckpoint> = {
     (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
     try {
       const end = length === undefined ? reader.len : reader.pos + length;
-      const message = createBaseSaveCheckpoint();
+      const message = createBaseApplyUpdate();
       while (reader.pos < end) {
         const tag = reader.uint32();
         switch (tag >>> 3) {
@@ -2043,11 +2215,19 @@ export const SaveCheckpoint: MessageFns<SaveCheckpoint> = {
             continue;
           }
           case 2: {
-            if (tag !== 18) {
+            if (tag !== 17) {
               break;
             }
 
-            message.dir = reader.string();
+            message.lr = reader.double();
+            continue;
+          }
+          case 3: {
+            if (tag !== 25) {
+              break;
+            }
+
+            message.clipCoef = reader.double();
             continue;
           }
         }
@@ -2062,31 +2242,196 @@ export const SaveCheckpoint: MessageFns<SaveCheckpoint> = {
     }
   },
 
-  fromJSON(object: any): SaveCheckpoint {
+  fromJSON(object: any): ApplyUpdate {
     return {
       step: isSet(object.step) ? globalThis.Number(object.step) : 0,
-      dir: isSet(object.dir) ? globalThis.String(object.dir) : "",
+      lr: isSet(object.lr) ? globalThis.Number(object.lr) : 0,
+      clipCoef: isSet(object.clipCoef)
+        ? globalThis.Number(object.clipCoef)
+        : isSet(object.clip_coef)
+        ? globalThis.Number(object.clip_coef)
+        : 0,
     };
   },
 
-  toJSON(message: SaveCheckpoint): unknown {
+  toJSON(message: ApplyUpdate): unknown {
     const obj: any = {};
     if (message.step !== 0) {
       obj.step = Math.round(message.step);
     }
-    if (message.dir !== "") {
-      obj.dir = message.dir;
+    if (message.lr !== 0) {
+      obj.lr = floatToJson(message.lr);
+    }
+    if (message.clipCoef !== 0) {
+      obj.clipCoef = floatToJson(message.clipCoef);
     }
     return obj;
   },
 
-  create<I extends Exact<DeepPartial<SaveCheckpoint>, I>>(base?: I): SaveCheckpoint {
-    return SaveCheckpoint.fromPartial(base ?? ({} as any));
+  create<I extends Exact<DeepPartial<ApplyUpdate>, I>>(base?: I): ApplyUpdate {
+    return ApplyUpdate.fromPartial(base ?? ({} as any));
   },
-  fromPartial<I extends Exact<DeepPartial<SaveCheckpoint>, I>>(object: I): SaveCheckpoint {
-    const message = createBaseSaveCheckpoint();
+  fromPartial<I extends Exact<DeepPartial<ApplyUpdate>, I>>(object: I): ApplyUpdate {
+    const message = createBaseApplyUpdate();
     message.step = object.step ?? 0;
-    message.dir = object.dir ?? "";
+    message.lr = object.lr ?? 0;
+    message.clipCoef = object.clipCoef ?? 0;
+    return message;
+  },
+};
+
+function createBaseUploadState(): UploadState {
+  return { step: 0, includeMoments: false };
+}
+
+export const UploadState: MessageFns<UploadState> = {
+  encode(message: UploadState, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.step !== 0) {
+      writer.uint32(8).int64(message.step);
+    }
+    if (message.includeMoments !== false) {
+      writer.uint32(16).bool(message.includeMoments);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UploadState {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUploadState();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.step = longToNumber(reader.int64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.includeMoments = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UploadState {
+    return {
+      step: isSet(object.step) ? globalThis.Number(object.step) : 0,
+      includeMoments: isSet(object.includeMoments)
+        ? globalThis.Boolean(object.includeMoments)
+        : isSet(object.include_moments)
+        ? globalThis.Boolean(object.include_moments)
+        : false,
+    };
+  },
+
+  toJSON(message: UploadState): unknown {
+    const obj: any = {};
+    if (message.step !== 0) {
+      obj.step = Math.round(message.step);
+    }
+    if (message.includeMoments !== false) {
+      obj.includeMoments = message.includeMoments;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<UploadState>, I>>(base?: I): UploadState {
+    return UploadState.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<UploadState>, I>>(object: I): UploadState {
+    const message = createBaseUploadState();
+    message.step = object.step ?? 0;
+    message.includeMoments = object.includeMoments ?? false;
+    return message;
+  },
+};
+
+function createBaseAbort(): Abort {
+  return { reason: "" };
+}
+
+export const Abort: MessageFns<Abort> = {
+  encode(message: Abort, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.reason !== "") {
+      writer.uint32(10).string(message.reason);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Abort {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAbort();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Abort {
+    return { reason: isSet(object.reason) ? globalThis.String(object.reason) : "" };
+  },
+
+  toJSON(message: Abort): unknown {
+    const obj: any = {};
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Abort>, I>>(base?: I): Abort {
+    return Abort.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Abort>, I>>(object: I): Abort {
+    const message = createBaseAbort();
+    message.reason = object.reason ?? "";
     return message;
   },
 };
@@ -2174,6 +2519,8 @@ function createBaseStepStats(): StepStats {
     memoryInUseBytes: 0,
     checkpointBytes: 0,
     checkpointSeconds: 0,
+    pipelineSeconds: 0,
+    idleSeconds: 0,
   };
 }
 
@@ -2220,6 +2567,12 @@ export const StepStats: MessageFns<StepStats> = {
     }
     if (message.checkpointSeconds !== 0) {
       writer.uint32(113).double(message.checkpointSeconds);
+    }
+    if (message.pipelineSeconds !== 0) {
+      writer.uint32(121).double(message.pipelineSeconds);
+    }
+    if (message.idleSeconds !== 0) {
+      writer.uint32(129).double(message.idleSeconds);
     }
     return writer;
   },
@@ -2349,6 +2702,22 @@ export const StepStats: MessageFns<StepStats> = {
             message.checkpointSeconds = reader.double();
             continue;
           }
+          case 15: {
+            if (tag !== 121) {
+              break;
+            }
+
+            message.pipelineSeconds = reader.double();
+            continue;
+          }
+          case 16: {
+            if (tag !== 129) {
+              break;
+            }
+
+            message.idleSeconds = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2433,6 +2802,16 @@ export const StepStats: MessageFns<StepStats> = {
         : isSet(object.checkpoint_seconds)
         ? globalThis.Number(object.checkpoint_seconds)
         : 0,
+      pipelineSeconds: isSet(object.pipelineSeconds)
+        ? globalThis.Number(object.pipelineSeconds)
+        : isSet(object.pipeline_seconds)
+        ? globalThis.Number(object.pipeline_seconds)
+        : 0,
+      idleSeconds: isSet(object.idleSeconds)
+        ? globalThis.Number(object.idleSeconds)
+        : isSet(object.idle_seconds)
+        ? globalThis.Number(object.idle_seconds)
+        : 0,
     };
   },
 
@@ -2480,6 +2859,12 @@ export const StepStats: MessageFns<StepStats> = {
     if (message.checkpointSeconds !== 0) {
       obj.checkpointSeconds = floatToJson(message.checkpointSeconds);
     }
+    if (message.pipelineSeconds !== 0) {
+      obj.pipelineSeconds = floatToJson(message.pipelineSeconds);
+    }
+    if (message.idleSeconds !== 0) {
+      obj.idleSeconds = floatToJson(message.idleSeconds);
+    }
     return obj;
   },
 
@@ -2502,6 +2887,8 @@ export const StepStats: MessageFns<StepStats> = {
     message.memoryInUseBytes = object.memoryInUseBytes ?? 0;
     message.checkpointBytes = object.checkpointBytes ?? 0;
     message.checkpointSeconds = object.checkpointSeconds ?? 0;
+    message.pipelineSeconds = object.pipelineSeconds ?? 0;
+    message.idleSeconds = object.idleSeconds ?? 0;
     return message;
   },
 };
@@ -2665,6 +3052,537 @@ export const StepReport: MessageFns<StepReport> = {
       ? StepStats.fromPartial(object.stats)
       : undefined;
     message.error = object.error ?? "";
+    return message;
+  },
+};
+
+function createBaseStateChunk(): StateChunk {
+  return {
+    jobToken: "",
+    workerId: "",
+    commandId: 0,
+    step: 0,
+    chunkIndex: 0,
+    numChunks: 0,
+    data: Buffer.alloc(0),
+    crc32: 0,
+  };
+}
+
+export const StateChunk: MessageFns<StateChunk> = {
+  encode(message: StateChunk, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.jobToken !== "") {
+      writer.uint32(10).string(message.jobToken);
+    }
+    if (message.workerId !== "") {
+      writer.uint32(18).string(message.workerId);
+    }
+    if (message.commandId !== 0) {
+      writer.uint32(24).uint64(message.commandId);
+    }
+    if (message.step !== 0) {
+      writer.uint32(32).int64(message.step);
+    }
+    if (message.chunkIndex !== 0) {
+      writer.uint32(40).uint32(message.chunkIndex);
+    }
+    if (message.numChunks !== 0) {
+      writer.uint32(48).uint32(message.numChunks);
+    }
+    if (message.data.length !== 0) {
+      writer.uint32(58).bytes(message.data);
+    }
+    if (message.crc32 !== 0) {
+      writer.uint32(64).uint32(message.crc32);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StateChunk {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStateChunk();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.jobToken = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.workerId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.commandId = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.step = longToNumber(reader.int64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.chunkIndex = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.numChunks = reader.uint32();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.data = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.crc32 = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StateChunk {
+    return {
+      jobToken: isSet(object.jobToken)
+        ? globalThis.String(object.jobToken)
+        : isSet(object.job_token)
+        ? globalThis.String(object.job_token)
+        : "",
+      workerId: isSet(object.workerId)
+        ? globalThis.String(object.workerId)
+        : isSet(object.worker_id)
+        ? globalThis.String(object.worker_id)
+        : "",
+      commandId: isSet(object.commandId)
+        ? globalThis.Number(object.commandId)
+        : isSet(object.command_id)
+        ? globalThis.Number(object.command_id)
+        : 0,
+      step: isSet(object.step) ? globalThis.Number(object.step) : 0,
+      chunkIndex: isSet(object.chunkIndex)
+        ? globalThis.Number(object.chunkIndex)
+        : isSet(object.chunk_index)
+        ? globalThis.Number(object.chunk_index)
+        : 0,
+      numChunks: isSet(object.numChunks)
+        ? globalThis.Number(object.numChunks)
+        : isSet(object.num_chunks)
+        ? globalThis.Number(object.num_chunks)
+        : 0,
+      data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : Buffer.alloc(0),
+      crc32: isSet(object.crc32) ? globalThis.Number(object.crc32) : 0,
+    };
+  },
+
+  toJSON(message: StateChunk): unknown {
+    const obj: any = {};
+    if (message.jobToken !== "") {
+      obj.jobToken = message.jobToken;
+    }
+    if (message.workerId !== "") {
+      obj.workerId = message.workerId;
+    }
+    if (message.commandId !== 0) {
+      obj.commandId = Math.round(message.commandId);
+    }
+    if (message.step !== 0) {
+      obj.step = Math.round(message.step);
+    }
+    if (message.chunkIndex !== 0) {
+      obj.chunkIndex = Math.round(message.chunkIndex);
+    }
+    if (message.numChunks !== 0) {
+      obj.numChunks = Math.round(message.numChunks);
+    }
+    if (message.data.length !== 0) {
+      obj.data = base64FromBytes(message.data);
+    }
+    if (message.crc32 !== 0) {
+      obj.crc32 = Math.round(message.crc32);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<StateChunk>, I>>(base?: I): StateChunk {
+    return StateChunk.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<StateChunk>, I>>(object: I): StateChunk {
+    const message = createBaseStateChunk();
+    message.jobToken = object.jobToken ?? "";
+    message.workerId = object.workerId ?? "";
+    message.commandId = object.commandId ?? 0;
+    message.step = object.step ?? 0;
+    message.chunkIndex = object.chunkIndex ?? 0;
+    message.numChunks = object.numChunks ?? 0;
+    message.data = object.data ?? Buffer.alloc(0);
+    message.crc32 = object.crc32 ?? 0;
+    return message;
+  },
+};
+
+function createBaseStageState(): StageState {
+  return { stageIndex: 0, modules: [] };
+}
+
+export const StageState: MessageFns<StageState> = {
+  encode(message: StageState, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.stageIndex !== 0) {
+      writer.uint32(8).uint32(message.stageIndex);
+    }
+    for (const v of message.modules) {
+      ModuleState.encode(v!, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StageState {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStageState();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.stageIndex = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.modules.push(ModuleState.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StageState {
+    return {
+      stageIndex: isSet(object.stageIndex)
+        ? globalThis.Number(object.stageIndex)
+        : isSet(object.stage_index)
+        ? globalThis.Number(object.stage_index)
+        : 0,
+      modules: globalThis.Array.isArray(object?.modules) ? object.modules.map((e: any) => ModuleState.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: StageState): unknown {
+    const obj: any = {};
+    if (message.stageIndex !== 0) {
+      obj.stageIndex = Math.round(message.stageIndex);
+    }
+    if (message.modules?.length) {
+      obj.modules = message.modules.map((e) => ModuleState.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<StageState>, I>>(base?: I): StageState {
+    return StageState.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<StageState>, I>>(object: I): StageState {
+    const message = createBaseStageState();
+    message.stageIndex = object.stageIndex ?? 0;
+    message.modules = object.modules?.map((e) => ModuleState.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseModuleState(): ModuleState {
+  return {
+    path: "",
+    r: 0,
+    inFeatures: 0,
+    outFeatures: 0,
+    a: undefined,
+    b: undefined,
+    mA: undefined,
+    vA: undefined,
+    mB: undefined,
+    vB: undefined,
+  };
+}
+
+export const ModuleState: MessageFns<ModuleState> = {
+  encode(message: ModuleState, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.path !== "") {
+      writer.uint32(10).string(message.path);
+    }
+    if (message.r !== 0) {
+      writer.uint32(16).uint32(message.r);
+    }
+    if (message.inFeatures !== 0) {
+      writer.uint32(24).uint32(message.inFeatures);
+    }
+    if (message.outFeatures !== 0) {
+      writer.uint32(32).uint32(message.outFeatures);
+    }
+    if (message.a !== undefined) {
+      Tensor.encode(message.a, writer.uint32(42).fork()).join();
+    }
+    if (message.b !== undefined) {
+      Tensor.encode(message.b, writer.uint32(50).fork()).join();
+    }
+    if (message.mA !== undefined) {
+      Tensor.encode(message.mA, writer.uint32(58).fork()).join();
+    }
+    if (message.vA !== undefined) {
+      Tensor.encode(message.vA, writer.uint32(66).fork()).join();
+    }
+    if (message.mB !== undefined) {
+      Tensor.encode(message.mB, writer.uint32(74).fork()).join();
+    }
+    if (message.vB !== undefined) {
+      Tensor.encode(message.vB, writer.uint32(82).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ModuleState {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseModuleState();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.path = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.r = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.inFeatures = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.outFeatures = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.a = Tensor.decode(reader, reader.uint32());
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.b = Tensor.decode(reader, reader.uint32());
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.mA = Tensor.decode(reader, reader.uint32());
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.vA = Tensor.decode(reader, reader.uint32());
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.mB = Tensor.decode(reader, reader.uint32());
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.vB = Tensor.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ModuleState {
+    return {
+      path: isSet(object.path) ? globalThis.String(object.path) : "",
+      r: isSet(object.r) ? globalThis.Number(object.r) : 0,
+      inFeatures: isSet(object.inFeatures)
+        ? globalThis.Number(object.inFeatures)
+        : isSet(object.in_features)
+        ? globalThis.Number(object.in_features)
+        : 0,
+      outFeatures: isSet(object.outFeatures)
+        ? globalThis.Number(object.outFeatures)
+        : isSet(object.out_features)
+        ? globalThis.Number(object.out_features)
+        : 0,
+      a: isSet(object.a) ? Tensor.fromJSON(object.a) : undefined,
+      b: isSet(object.b) ? Tensor.fromJSON(object.b) : undefined,
+      mA: isSet(object.mA) ? Tensor.fromJSON(object.mA) : isSet(object.m_a) ? Tensor.fromJSON(object.m_a) : undefined,
+      vA: isSet(object.vA) ? Tensor.fromJSON(object.vA) : isSet(object.v_a) ? Tensor.fromJSON(object.v_a) : undefined,
+      mB: isSet(object.mB) ? Tensor.fromJSON(object.mB) : isSet(object.m_b) ? Tensor.fromJSON(object.m_b) : undefined,
+      vB: isSet(object.vB) ? Tensor.fromJSON(object.vB) : isSet(object.v_b) ? Tensor.fromJSON(object.v_b) : undefined,
+    };
+  },
+
+  toJSON(message: ModuleState): unknown {
+    const obj: any = {};
+    if (message.path !== "") {
+      obj.path = message.path;
+    }
+    if (message.r !== 0) {
+      obj.r = Math.round(message.r);
+    }
+    if (message.inFeatures !== 0) {
+      obj.inFeatures = Math.round(message.inFeatures);
+    }
+    if (message.outFeatures !== 0) {
+      obj.outFeatures = Math.round(message.outFeatures);
+    }
+    if (message.a !== undefined) {
+      obj.a = Tensor.toJSON(message.a);
+    }
+    if (message.b !== undefined) {
+      obj.b = Tensor.toJSON(message.b);
+    }
+    if (message.mA !== undefined) {
+      obj.mA = Tensor.toJSON(message.mA);
+    }
+    if (message.vA !== undefined) {
+      obj.vA = Tensor.toJSON(message.vA);
+    }
+    if (message.mB !== undefined) {
+      obj.mB = Tensor.toJSON(message.mB);
+    }
+    if (message.vB !== undefined) {
+      obj.vB = Tensor.toJSON(message.vB);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ModuleState>, I>>(base?: I): ModuleState {
+    return ModuleState.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ModuleState>, I>>(object: I): ModuleState {
+    const message = createBaseModuleState();
+    message.path = object.path ?? "";
+    message.r = object.r ?? 0;
+    message.inFeatures = object.inFeatures ?? 0;
+    message.outFeatures = object.outFeatures ?? 0;
+    message.a = (object.a !== undefined && object.a !== null) ? Tensor.fromPartial(object.a) : undefined;
+    message.b = (object.b !== undefined && object.b !== null) ? Tensor.fromPartial(object.b) : undefined;
+    message.mA = (object.mA !== undefined && object.mA !== null) ? Tensor.fromPartial(object.mA) : undefined;
+    message.vA = (object.vA !== undefined && object.vA !== null) ? Tensor.fromPartial(object.vA) : undefined;
+    message.mB = (object.mB !== undefined && object.mB !== null) ? Tensor.fromPartial(object.mB) : undefined;
+    message.vB = (object.vB !== undefined && object.vB !== null) ? Tensor.fromPartial(object.vB) : undefined;
     return message;
   },
 };
@@ -3228,6 +4146,19 @@ export const ControlService = {
     responseSerialize: (value: StatusReply): Buffer => Buffer.from(StatusReply.encode(value).finish()),
     responseDeserialize: (value: Buffer): StatusReply => StatusReply.decode(value),
   },
+  /**
+   * A worker's LoRA weights (and AdamW moments) for a checkpoint or the final adapter, answering an
+   * UploadState command: one serialized StageState cut into chunks under the message limit.
+   */
+  putState: {
+    path: "/dqlora.v1.Control/PutState" as const,
+    requestStream: true as const,
+    responseStream: false as const,
+    requestSerialize: (value: StateChunk): Buffer => Buffer.from(StateChunk.encode(value).finish()),
+    requestDeserialize: (value: Buffer): StateChunk => StateChunk.decode(value),
+    responseSerialize: (value: ReportAck): Buffer => Buffer.from(ReportAck.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ReportAck => ReportAck.decode(value),
+  },
 } as const;
 
 export interface ControlServer extends UntypedServiceImplementation {
@@ -3237,6 +4168,11 @@ export interface ControlServer extends UntypedServiceImplementation {
   commands: handleServerStreamingCall<CommandsRequest, Command>;
   report: handleUnaryCall<StepReport, ReportAck>;
   status: handleUnaryCall<StatusRequest, StatusReply>;
+  /**
+   * A worker's LoRA weights (and AdamW moments) for a checkpoint or the final adapter, answering an
+   * UploadState command: one serialized StageState cut into chunks under the message limit.
+   */
+  putState: handleClientStreamingCall<StateChunk, ReportAck>;
 }
 
 export interface ControlClient extends Client {
@@ -3304,6 +4240,24 @@ export interface ControlClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: StatusReply) => void,
   ): ClientUnaryCall;
+  /**
+   * A worker's LoRA weights (and AdamW moments) for a checkpoint or the final adapter, answering an
+   * UploadState command: one serialized StageState cut into chunks under the message limit.
+   */
+  putState(callback: (error: ServiceError | null, response: ReportAck) => void): ClientWritableStream<StateChunk>;
+  putState(
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ReportAck) => void,
+  ): ClientWritableStream<StateChunk>;
+  putState(
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ReportAck) => void,
+  ): ClientWritableStream<StateChunk>;
+  putState(
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ReportAck) => void,
+  ): ClientWritableStream<StateChunk>;
 }
 
 export const ControlClient = makeGenericClientConstructor(ControlService, "dqlora.v1.Control") as unknown as {
@@ -3311,6 +4265,14 @@ export const ControlClient = makeGenericClientConstructor(ControlService, "dqlor
   service: typeof ControlService;
   serviceName: string;
 };
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 function floatToJson(value: number | null | undefined): number | string | null | undefined {
   return typeof value === "number" && !globalThis.Number.isFinite(value) ? globalThis.String(value) : value;

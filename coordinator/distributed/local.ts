@@ -1,0 +1,104 @@
+// Local launcher (distributed.workers: 'local'): the real distributed path on one machine. Starts the
+// worker processes (`node bin/worker.js start ...`) on 127.0.0.1 and, when replicas > 1 and no NATS URL
+// was given, a private nats-server on a free loopback port. A worker that dies is replaced by a fresh one
+// (a few times at most), which is what a supervisor (Kubernetes) does for remote workers.
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { ConfigError, DqloraError } from '../../common/errors.ts';
+import { logger } from '../../common/log.ts';
+
+const log = logger('local');
+const ROOT = join(import.meta.dirname, '..', '..');
+
+export interface LocalWorkers {
+  readonly pids: () => number[];
+  stop(): Promise<void>;
+}
+
+/** Spawns `n` workers that register with `coordinator`; respawns dead ones up to `maxRespawns` times in total. */
+export function spawnLocalWorkers(n: number, o: { coordinator: string; jobToken: string; backend: string; maxRespawns?: number }): LocalWorkers {
+  const procs = new Set<ChildProcess>();
+  let stopping = false, respawns = 0;
+  const start = (): void => {
+    const p = spawn(process.execPath, [join(ROOT, 'bin', 'worker.js'), 'start', '--coordinator', o.coordinator, '--device', o.backend, '--listen', '127.0.0.1:0'], {
+      stdio: ['ignore', 'inherit', 'inherit'], env: { ...process.env, DQLORA_JOB_TOKEN: o.jobToken },
+    });
+    procs.add(p);
+    p.on('exit', (code, signal) => {
+      procs.delete(p);
+      if (stopping) return;
+      log.warn({ pid: p.pid, code, signal }, 'local worker exited');
+      if (respawns < (o.maxRespawns ?? 3)) { respawns++; log.info('starting a replacement worker'); start(); }
+    });
+  };
+  for (let i = 0; i < n; i++) start();
+  return {
+    pids: () => [...procs].map((p) => p.pid!).filter(Boolean),
+    async stop() {
+      stopping = true;
+      await Promise.all([...procs].map((p) => new Promise<void>((res) => {
+        if (p.exitCode !== null || p.signalCode !== null) return res();
+        const t = setTimeout(() => p.kill('SIGKILL'), 5000);
+        p.once('exit', () => { clearTimeout(t); res(); });
+        p.kill('SIGTERM');
+      })));
+    },
+  };
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.on('error', reject);
+    s.listen(0, '127.0.0.1', () => { const a = s.address(); const port = typeof a === 'object' && a ? a.port : 0; s.close(() => resolve(port)); });
+  });
+}
+
+export interface LocalNats { url: string; stop(): Promise<void> }
+
+/** Starts nats-server on a free loopback port (max_payload 8 MiB: fewer, larger all-reduce chunks). */
+export async function startLocalNats(): Promise<LocalNats> {
+  if (spawnSync('nats-server', ['--version'], { stdio: 'ignore' }).error) {
+    throw new ConfigError('distributed.replicas > 1 needs NATS for the gradient all-reduce, and nats-server is not on PATH', { hint: 'install nats-server (apt-get install nats-server) or pass --nats nats://HOST:4222' });
+  }
+  const dir = mkdtempSync(join(tmpdir(), 'dqlora-nats-'));
+  for (let attempt = 0; attempt < 4; attempt++) {
+    const port = await freePort();
+    const conf = join(dir, 'nats.conf');
+    writeFileSync(conf, `listen: "127.0.0.1:${port}"\nmax_payload: 8388608\n`);
+    const p = spawn('nats-server', ['-c', conf], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    p.stderr!.on('data', (d: Buffer) => { err = (err + d.toString()).slice(-2000); });
+    const up = await waitPort(port, p, 10_000);
+    if (!up) { p.kill('SIGKILL'); continue; }
+    log.info({ port }, 'local nats-server started');
+    const exited = new Promise<void>((r) => (p.exitCode !== null ? r() : p.once('exit', () => r())));
+    return {
+      url: `nats://127.0.0.1:${port}`,
+      async stop() {
+        if (p.exitCode === null) p.kill('SIGTERM');
+        const t = setTimeout(() => p.kill('SIGKILL'), 3000);
+        await exited; clearTimeout(t);
+        rmSync(dir, { recursive: true, force: true });
+      },
+    };
+  }
+  rmSync(dir, { recursive: true, force: true });
+  throw new DqloraError('could not start a local nats-server (4 attempts)');
+}
+
+function waitPort(port: number, p: ChildProcess, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  return new Promise((resolve) => {
+    const attempt = (): void => {
+      if (p.exitCode !== null) return resolve(false);
+      const s = net.connect(port, '127.0.0.1');
+      s.once('connect', () => { s.destroy(); resolve(true); });
+      s.once('error', () => { s.destroy(); if (Date.now() > deadline) resolve(false); else setTimeout(attempt, 25); });
+    };
+    attempt();
+  });
+}

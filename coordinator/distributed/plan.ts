@@ -1,0 +1,76 @@
+// The distributed layout: which contiguous layers each pipeline stage holds (balanced by bytes: the
+// embedding weighs on the first stage, final norm + LM head on the last) and which registered worker
+// serves stage s of replica r (the biggest stages go to the workers reporting the most free memory).
+import type { ModelConfig } from '../../worker/model/config.ts';
+import { linearShape } from '../../worker/model/loader.ts';
+import { LINEAR_MODULES, type StageSpec } from '../../worker/model/llama.ts';
+import { ConfigError } from '../../common/errors.ts';
+
+/** Approximate device bytes of each part: NF4 linears (4.127 bits/param), f32 norms, embeddings, head. */
+export function partBytes(cfg: ModelConfig): { layer: number; embedding: number; head: number } {
+  const H = cfg.hiddenSize;
+  let linear = 0;
+  for (const m of LINEAR_MODULES) { const [o, i] = linearShape(cfg, m); linear += o * i; }
+  const layer = Math.ceil(linear * 4.127 / 8) + 2 * H * 4;
+  const table = cfg.vocabSize * H * 4;
+  return { layer, embedding: table, head: table + H * 4 }; // a tied head still needs the table on the last stage
+}
+
+/**
+ * Splits the layers into `n` contiguous non-empty stages minimising the largest stage's bytes (exact, by
+ * dynamic programming over split points; ties go to the earlier split so the plan is deterministic).
+ */
+export function planStages(cfg: ModelConfig, n: number): { specs: StageSpec[]; bytes: number[] } {
+  const L = cfg.numLayers;
+  if (!Number.isInteger(n) || n < 1 || n > L) throw new ConfigError(`distributed.stages = ${n} must be between 1 and the model's ${L} layers`);
+  const pb = partBytes(cfg);
+  const cost = (s: number, a: number, b: number): number => (b - a) * pb.layer + (s === 0 ? pb.embedding : 0) + (s === n - 1 ? pb.head : 0);
+  // best[s][b] = minimal max cost of stages 0..s covering layers [0, b); cut[s][b] = where stage s starts
+  const best = Array.from({ length: n }, () => new Array<number>(L + 1).fill(Infinity));
+  const cut = Array.from({ length: n }, () => new Array<number>(L + 1).fill(-1));
+  for (let b = 1; b <= L; b++) { best[0][b] = cost(0, 0, b); cut[0][b] = 0; }
+  for (let s = 1; s < n; s++) {
+    for (let b = s + 1; b <= L; b++) {
+      for (let a = s; a < b; a++) {
+        const v = Math.max(best[s - 1][a], cost(s, a, b));
+        if (v < best[s][b]) { best[s][b] = v; cut[s][b] = a; }
+      }
+    }
+  }
+  const specs: StageSpec[] = [];
+  const bytes: number[] = [];
+  for (let s = n - 1, b = L; s >= 0; s--) {
+    const a = cut[s][b];
+    specs.unshift({ firstLayer: a, lastLayer: b, hasEmbedding: s === 0, hasHead: s === n - 1 });
+    bytes.unshift(cost(s, a, b));
+    b = a;
+  }
+  return { specs, bytes };
+}
+
+export interface WorkerSlot { readonly id: string; readonly freeMemoryBytes: number }
+
+/**
+ * Assigns workers to (stage, replica) slots: within each replica, stages sorted by bytes (largest first)
+ * get workers sorted by free memory (largest first). Workers are taken in registration order for ties, so
+ * the same registrations give the same layout. Throws when a worker cannot hold its stage.
+ */
+export function assignWorkers<W extends WorkerSlot>(workers: readonly W[], stageBytes: readonly number[], replicas: number): W[][] {
+  const S = stageBytes.length;
+  if (workers.length < S * replicas) throw new ConfigError(`${S} stages × ${replicas} replicas need ${S * replicas} workers, ${workers.length} registered`);
+  const pool = [...workers].sort((x, y) => y.freeMemoryBytes - x.freeMemoryBytes);
+  const order = stageBytes.map((b, s) => ({ b, s })).sort((x, y) => y.b - x.b || x.s - y.s);
+  const out: W[][] = Array.from({ length: replicas }, () => new Array<W>(S));
+  let k = 0;
+  for (const { b, s } of order) {
+    for (let r = 0; r < replicas; r++) {
+      const w = pool[k++];
+      // Free memory 0 means "unknown" (a device that does not report it): no check.
+      if (w.freeMemoryBytes > 0 && w.freeMemoryBytes < b) {
+        throw new ConfigError(`worker ${w.id} reports ${(w.freeMemoryBytes / 2 ** 20).toFixed(0)} MiB free, stage ${s} needs about ${(b / 2 ** 20).toFixed(0)} MiB`, { hint: 'use more stages (distributed.stages) or workers with more memory' });
+      }
+      out[r][s] = w;
+    }
+  }
+  return out;
+}

@@ -1,0 +1,304 @@
+// One worker's pipeline stage: loads its layers, runs its part of each optimizer step (1F1B micro-batch
+// schedule with the neighbouring stages over the Pipeline service), all-reduces its LoRA gradients with
+// the same stage of the other replicas over NATS, and applies AdamW when the coordinator says how.
+//
+// The step, as the coordinator drives it (see coordinator/distributed/run.ts):
+//   RunStep      → 1F1B forward/backward of this replica's micro-batches → all-reduce → report ‖g‖² and loss
+//   ApplyUpdate  → clip by the coordinator's global coefficient → AdamW (update number step + 1) → zero grads
+// Numerics are the single-process Trainer's: same dropout key (seed, step), same loss scale (1 / label tokens
+// of the whole step), same clipping rule, float32 activations on the wire (bf16 would change the result).
+import { connect, type NatsConnection } from '@nats-io/transport-node';
+import { z } from 'zod';
+import type { Backend, Tensor } from '../engine/backend.ts';
+import type { LoraParams } from '../engine/lora.ts';
+import type { LlamaStage, LoraConfig, StageBatch, StageSpec } from '../model/llama.ts';
+import { loadStage } from '../model/loader.ts';
+import { NatsAllReduce } from '../allreduce.ts';
+import { PipelineClient } from '../transport/pipeline.ts';
+import { Inbox } from './inbox.ts';
+import { encodeStageState } from './state.ts';
+// The checkpoint reader (verifies every file's sha256 against the manifest). The one place a worker reads
+// the coordinator's format: a resuming worker loads its shard from the checkpoint directory, which (like the
+// model directory) must be visible to it.
+import { loadCheckpoint } from '../../coordinator/checkpoint.ts';
+import { decodeTensorAs, hostToF32, type HostTensor } from '../../common/wire.ts';
+import { mixKey } from '../../common/rng.ts';
+import { CheckpointError, ConfigError, DqloraError, ShapeError } from '../../common/errors.ts';
+import { logger } from '../../common/log.ts';
+import type { WorkerMetrics } from '../../common/metrics.ts';
+import type { AssignStage, MicroBatch as WireMicroBatch, RunStep, ApplyUpdate, StepStats } from '../../proto/gen/dqlora/v1/control.ts';
+
+const log = logger('stage');
+
+/** Training settings the coordinator sends in AssignStage.train_config_json. */
+export const WorkerTrainConfigSchema = z.object({
+  seed: z.number().int().min(0),
+  beta1: z.number(), beta2: z.number(), eps: z.number(), weightDecay: z.number().min(0),
+  blocksize: z.number().int().positive(), doubleQuant: z.boolean(), gradientCheckpointing: z.boolean(),
+  /** How long a stage waits for a neighbour's tensor, and for the all-reduce, before failing the step. */
+  stepTimeoutMs: z.number().positive(),
+  /** Pipeline chunk limit (bytes per gRPC message). */
+  chunkBytes: z.number().int().positive(),
+}).strict();
+export type WorkerTrainConfig = z.infer<typeof WorkerTrainConfigSchema>;
+
+export const LoraConfigSchema = z.object({
+  r: z.number().int().positive(), alpha: z.number().positive(), dropout: z.number().min(0).lt(1), useRslora: z.boolean(),
+  targetModules: z.union([z.literal('all-linear'), z.array(z.string())]),
+  rankPattern: z.record(z.string(), z.number()).optional(), alphaPattern: z.record(z.string(), z.number()).optional(),
+}).strict();
+
+function parseJson<T>(text: string, schema: z.ZodType<T>, what: string): T {
+  let v: unknown;
+  try { v = JSON.parse(text); } catch (e) { throw new ConfigError(`AssignStage.${what}: not JSON (${(e as Error).message})`); }
+  const r = schema.safeParse(v);
+  if (!r.success) throw new ConfigError(`AssignStage.${what}: ${r.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`, { hint: 'coordinator and worker versions differ?' });
+  return r.data;
+}
+
+export interface Assignment {
+  readonly jobId: string;        // pipeline/NATS job id of this generation
+  readonly stage: number;
+  readonly numStages: number;
+  readonly replica: number;
+  readonly numReplicas: number;
+  readonly spec: StageSpec;
+  readonly modelDir: string;
+  readonly lora: LoraConfig;
+  readonly train: WorkerTrainConfig;
+  readonly natsUrl: string;
+  readonly prev: string;
+  readonly next: string;
+  readonly resumeFrom: string;
+  readonly firstSeq: number;
+}
+
+export function assignmentFromWire(a: AssignStage, natsOverride?: string): Assignment {
+  if (a.lastLayer < a.firstLayer) throw new ConfigError(`AssignStage: layers ${a.firstLayer}..${a.lastLayer} are empty`);
+  return {
+    jobId: `${a.jobId}-g${a.generation}`, stage: a.stageIndex, numStages: a.numStages, replica: a.replicaIndex, numReplicas: a.numReplicas,
+    spec: { firstLayer: a.firstLayer, lastLayer: a.lastLayer + 1, hasEmbedding: a.hasEmbedding, hasHead: a.hasHead },
+    modelDir: a.modelDir, lora: parseJson(a.loraConfigJson, LoraConfigSchema, 'lora_config_json') as LoraConfig,
+    train: parseJson(a.trainConfigJson, WorkerTrainConfigSchema, 'train_config_json'),
+    natsUrl: natsOverride || a.natsUrl, prev: a.prevStageAddress, next: a.nextStageAddress, resumeFrom: a.resumeFromDir, firstSeq: a.firstSeq,
+  };
+}
+
+/** Host inputs of one micro-batch from the wire (only the fields this stage needs are required). */
+function microBatchFromWire(m: WireMicroBatch, spec: StageSpec, what: string): StageBatch {
+  const km = decodeTensorAs(m.keyMask, 'u8', [-1, -1], { what: `${what} key_mask` });
+  const [B, T] = km.shape;
+  const i32 = (t: typeof m.inputIds, name: string, shape: number[]): Int32Array => decodeTensorAs(t, 'i32', shape, { what: `${what} ${name}` }).data;
+  return {
+    B, T, keyMask: Int32Array.from(km.data), positions: i32(m.positions, 'positions', [B, T]), sampleIds: i32(m.sampleIds, 'sample_ids', [B]),
+    ids: spec.hasEmbedding ? i32(m.inputIds, 'input_ids', [B, T]) : undefined,
+    targets: spec.hasHead ? i32(m.targets, 'targets', [B, T]) : undefined,
+  };
+}
+
+export class StageRunner {
+  readonly inbox = new Inbox();
+  private stage?: LlamaStage;
+  private params: LoraParams[] = [];
+  private a?: Assignment;
+  private prevClient?: PipelineClient;
+  private nextClient?: PipelineClient;
+  private nc?: NatsConnection;
+  private allreduce?: NatsAllReduce;
+
+  constructor(private readonly be: Backend, private readonly jobToken: string, private readonly metrics?: WorkerMetrics) {}
+
+  get assignment(): Assignment | undefined { return this.a; }
+
+  /** Loads the stage (and restores its state from a checkpoint), connects to peers. Replaces any earlier assignment. */
+  async assign(a: Assignment): Promise<void> {
+    await this.release();
+    const t0 = performance.now();
+    this.stage = loadStage(this.be, a.modelDir, a.spec, {
+      lora: a.lora, seed: a.train.seed, blocksize: a.train.blocksize, doubleQuant: a.train.doubleQuant, gradientCheckpointing: a.train.gradientCheckpointing,
+    });
+    this.params = this.stage.loraParams();
+    if (a.resumeFrom) this.restore(a.resumeFrom);
+    const popts = { jobId: a.jobId, jobToken: this.jobToken, chunkBytes: a.train.chunkBytes, deadlineMs: a.train.stepTimeoutMs, sentBytes: this.metrics?.sentBytes };
+    if (a.prev) this.prevClient = new PipelineClient(a.prev, popts);
+    if (a.next) this.nextClient = new PipelineClient(a.next, popts);
+    if (a.numReplicas > 1) {
+      if (!a.natsUrl) throw new ConfigError(`stage ${a.stage} has ${a.numReplicas} replicas but no NATS URL was given`, { hint: 'start the coordinator with --nats URL (or nats-server on PATH in local mode), or the worker with --nats' });
+      this.nc = await connect({ servers: a.natsUrl, name: `dqlora-${a.jobId}-s${a.stage}-r${a.replica}`, timeout: 10_000 });
+      this.allreduce = new NatsAllReduce(this.nc, { jobId: a.jobId, stage: a.stage, rank: a.replica, worldSize: a.numReplicas, timeoutMs: a.train.stepTimeoutMs });
+    }
+    this.inbox.begin(a.firstSeq);
+    this.a = a;
+    log.info({ stage: a.stage, replica: a.replica, layers: [a.spec.firstLayer, a.spec.lastLayer], lora: this.params.length, resumeFrom: a.resumeFrom || undefined, ms: Math.round(performance.now() - t0) }, 'stage assigned');
+  }
+
+  private restore(dir: string): void {
+    const ck = loadCheckpoint(dir);
+    const byPath = new Map(ck.modules.map((m) => [m.path, m]));
+    const mo = new Map(ck.moments.map((m) => [m.path, m]));
+    for (const p of this.params) {
+      const m = byPath.get(p.name), o = mo.get(p.name);
+      if (!m || !o) throw new CheckpointError(`checkpoint ${dir} has no state for '${p.name}'`, { hint: 'was it written by a job with other LoRA target modules?' });
+      if (m.r !== p.hyper.r) throw new CheckpointError(`checkpoint ${dir}: '${p.name}' has rank ${m.r}, the job says ${p.hyper.r}`);
+      this.overwrite(p.A, m.A); this.overwrite(p.B, m.B);
+      this.overwrite(p.mA, o.mA); this.overwrite(p.vA, o.vA); this.overwrite(p.mB, o.mB); this.overwrite(p.vB, o.vB);
+    }
+  }
+
+  private overwrite(dst: Tensor, src: Float32Array): void {
+    if (dst.size !== src.length) throw new ShapeError(`tensor size mismatch (${dst.size} vs ${src.length})`);
+    const t = this.be.upload(src, dst.shape, 'f32');
+    this.be.scale(dst, 0); this.be.axpy(dst, t, 1); this.be.free(t);
+  }
+
+  private need(): { a: Assignment; stage: LlamaStage } {
+    if (!this.a || !this.stage) throw new DqloraError('this worker has no stage assigned yet');
+    return { a: this.a, stage: this.stage };
+  }
+
+  /** Drops the step in flight (waiters fail with StepAbortedError); gradients and saved activations are cleared. */
+  abort(reason: string): void {
+    this.inbox.abort(reason);
+    // A closed all-reduce wakes a rank blocked on a dead peer at once; the coordinator re-assigns (a new
+    // instance) before the next step anyway.
+    this.allreduce?.close();
+    this.stage?.reset();
+    for (const p of this.params) p.zeroGrad();
+  }
+
+  /**
+   * This replica's part of one step. Training: 1F1B over the micro-batches, then the gradient all-reduce;
+   * the report carries the stage's ‖g‖² (after the all-reduce) and, on the last stage, the loss sum.
+   * Forward-only (evaluation): the loss sum and label count of the micro-batches.
+   */
+  async runStep(cmd: RunStep): Promise<StepStats> {
+    const { a, stage } = this.need();
+    const seq = cmd.seq, t0 = performance.now();
+    this.inbox.begin(seq);
+    const batches = cmd.microBatches.map((m, i) => microBatchFromWire(m, a.spec, `seq ${seq} micro-batch ${i}`));
+    const m = batches.length, p = a.numStages, s = a.stage;
+    const train = !cmd.forwardOnly;
+    const gradScale = cmd.lossNormaliser > 0 ? 1 / cmd.lossNormaliser : 0;
+    const dropout = { k0: mixKey(a.train.seed, 0x44524f50), k1: mixKey(cmd.step) };
+    const timeout = a.train.stepTimeoutMs;
+    let lossSum = 0, labelTokens = 0, fwd = 0, bwd = 0, idle = 0;
+    const sends: Promise<unknown>[] = [];
+    const H = stage.cfg.hiddenSize;
+    const prevName = `stage ${s - 1} (${a.prev})`, nextName = `stage ${s + 1} (${a.next})`;
+    const receive = async (dir: 'forward' | 'backward', i: number, from: string): Promise<Tensor> => {
+      const w0 = performance.now();
+      const h: HostTensor = await this.inbox.take(dir, seq, i, timeout, from);
+      idle += performance.now() - w0;
+      const n = batches[i].B * batches[i].T;
+      if (h.shape.length !== 2 || h.shape[0] !== n || h.shape[1] !== H) throw new ShapeError(`${dir} tensor of seq ${seq} micro-batch ${i} from ${from} has shape [${h.shape}], expected [${n}, ${H}]`);
+      return this.be.upload(hostToF32(h), [n, H], 'act');
+    };
+    const ship = (client: PipelineClient, dir: 'forward' | 'backward', i: number, t: Tensor): void => {
+      const data = this.be.download(t) as Float32Array;
+      this.be.free(t);
+      const pr = dir === 'forward' ? client.sendForward(seq, i, data, [t.shape[0], t.shape[1]]) : client.sendBackward(seq, i, data, [t.shape[0], t.shape[1]]);
+      pr.catch(() => { /* awaited below */ });
+      sends.push(pr);
+    };
+    const forward = async (i: number): Promise<void> => {
+      const hidden = a.spec.hasEmbedding ? undefined : await receive('forward', i, prevName);
+      const c0 = performance.now();
+      const r = stage.forward(i, batches[i], hidden, train ? { train: true, dropout, gradScale } : { train: false });
+      if (r.hidden) ship(this.nextClient!, 'forward', i, r.hidden);
+      if (r.lossSum !== undefined) { lossSum += r.lossSum; labelTokens += r.count ?? 0; }
+      const dt = performance.now() - c0;
+      fwd += dt;
+      this.metrics?.stageDuration.observe({ phase: 'forward' }, dt / 1000);
+    };
+    const backward = async (i: number): Promise<void> => {
+      const d = a.spec.hasHead ? undefined : await receive('backward', i, nextName);
+      const c0 = performance.now();
+      const dx = stage.backward(i, d);
+      if (dx) ship(this.prevClient!, 'backward', i, dx);
+      const dt = performance.now() - c0;
+      bwd += dt;
+      this.metrics?.stageDuration.observe({ phase: 'backward' }, dt / 1000);
+    };
+
+    if (!train) {
+      for (let i = 0; i < m; i++) await forward(i);
+    } else {
+      // 1F1B: stage s runs (p − 1 − s) warm-up forwards, then alternates one forward and one backward,
+      // then drains the remaining backwards; at most p − s micro-batches are in flight on this stage.
+      const warmup = Math.min(p - 1 - s, m);
+      let f = 0, b = 0;
+      while (f < warmup) await forward(f++);
+      while (f < m) { await forward(f++); await backward(b++); }
+      while (b < m) await backward(b++);
+    }
+    const w1 = performance.now();
+    await Promise.all(sends);
+    idle += performance.now() - w1;
+    const pipelineMs = performance.now() - t0;
+    let arMs = 0, gradNormSq = 0;
+    if (train) {
+      if (this.allreduce) {
+        const r0 = performance.now();
+        await this.allReduceGrads(seq);
+        arMs = performance.now() - r0;
+        this.metrics?.allReduceDuration.observe(arMs / 1000);
+      }
+      for (const q of this.params) gradNormSq += this.be.sumSquares(q.dA) + this.be.sumSquares(q.dB);
+    }
+    const mem = this.be.memoryInUse();
+    this.metrics?.memoryInUse.set({ device: this.be.name }, mem);
+    return {
+      lossSum, labelTokens, gradNormSq, forwardSeconds: fwd / 1000, backwardSeconds: bwd / 1000, allreduceSeconds: arMs / 1000, optimizerSeconds: 0,
+      grpcBytesSent: (this.prevClient?.stats.bytesSent ?? 0) + (this.nextClient?.stats.bytesSent ?? 0), grpcBytesReceived: 0,
+      natsBytesSent: this.allreduce?.stats.bytesSent ?? 0, natsBytesReceived: this.allreduce?.stats.bytesReceived ?? 0,
+      memoryInUseBytes: mem, checkpointBytes: 0, checkpointSeconds: 0, pipelineSeconds: pipelineMs / 1000, idleSeconds: idle / 1000,
+    };
+  }
+
+  /** All-reduce of every LoRA gradient of this stage as one flat buffer, in the stage's fixed parameter order. */
+  private async allReduceGrads(seq: number): Promise<void> {
+    const grads: Tensor[] = this.params.flatMap((q) => [q.dA, q.dB]);
+    const n = grads.reduce((acc, g) => acc + g.size, 0);
+    const flat = new Float32Array(n); // [Σ sizes]
+    let off = 0;
+    for (const g of grads) { flat.set(this.be.download(g) as Float32Array, off); off += g.size; }
+    const s0 = this.allreduce!.stats.bytesSent, r0 = this.allreduce!.stats.bytesReceived;
+    await this.allreduce!.allReduceSum(seq, flat);
+    this.metrics?.sentBytes.inc({ transport: 'nats' }, this.allreduce!.stats.bytesSent - s0);
+    this.metrics?.receivedBytes.inc({ transport: 'nats' }, this.allreduce!.stats.bytesReceived - r0);
+    off = 0;
+    for (const g of grads) { this.overwrite(g, flat.subarray(off, off + g.size)); off += g.size; }
+  }
+
+  /** Clipping and AdamW exactly as Trainer.step: scale by coef when < 1, update number step + 1, zero grads. */
+  applyUpdate(u: ApplyUpdate): number {
+    const { a } = this.need();
+    const t0 = performance.now();
+    if (u.clipCoef < 1) for (const q of this.params) { this.be.scale(q.dA, u.clipCoef); this.be.scale(q.dB, u.clipCoef); }
+    const h = { lr: u.lr, beta1: a.train.beta1, beta2: a.train.beta2, eps: a.train.eps, weightDecay: a.train.weightDecay, step: u.step + 1 };
+    for (const q of this.params) {
+      this.be.adamw(q.A, q.dA, q.mA, q.vA, h);
+      this.be.adamw(q.B, q.dB, q.mB, q.vB, h);
+      q.zeroGrad();
+    }
+    this.metrics?.step.set(u.step + 1);
+    return (performance.now() - t0) / 1000;
+  }
+
+  /** StageState bytes of this stage (weights, and moments when asked). */
+  stateBytes(includeMoments: boolean): Uint8Array {
+    const { a } = this.need();
+    return encodeStageState(this.be, a.stage, this.params, includeMoments);
+  }
+
+  /** Closes peer connections (the loaded stage is dropped with the runner's references). */
+  async release(): Promise<void> {
+    this.inbox.abort('stage released');
+    this.prevClient?.close(); this.nextClient?.close();
+    this.prevClient = this.nextClient = undefined;
+    this.allreduce?.close(); this.allreduce = undefined;
+    if (this.nc) { await this.nc.close().catch(() => {}); this.nc = undefined; }
+    this.stage?.reset();
+    this.stage = undefined; this.params = []; this.a = undefined;
+  }
+}

@@ -1,0 +1,114 @@
+// A stage's trainable state on the wire (proto StageState, sent chunked by PutState): LoRA weights and,
+// for checkpoints, AdamW moments. Both ends use this module: the worker encodes, the coordinator
+// reassembles and decodes into the host types coordinator/checkpoint.ts writes.
+import { WireError } from '../../common/errors.ts';
+import { crc32, decodeTensorAs, f32ToTensor } from '../../common/wire.ts';
+import { StageState, type StateChunk } from '../../proto/gen/dqlora/v1/control.ts';
+import type { Backend } from '../engine/backend.ts';
+import type { LoraParams } from '../engine/lora.ts';
+import type { LoraTensors } from '../model/adapter.ts';
+
+/** AdamW moments of one module (the shape coordinator/checkpoint.ts OptimizerMoments has). */
+export interface ModuleMoments {
+  readonly path: string;
+  readonly mA: Float32Array; readonly vA: Float32Array;
+  readonly mB: Float32Array; readonly vB: Float32Array;
+}
+
+export interface DecodedStageState {
+  readonly stage: number;
+  readonly modules: LoraTensors[];
+  /** Present when the worker was asked for moments. */
+  readonly moments?: ModuleMoments[];
+}
+
+/** Serializes the stage's LoRA params (in their fixed order) to StageState bytes. */
+export function encodeStageState(be: Backend, stage: number, params: readonly LoraParams[], includeMoments: boolean): Uint8Array {
+  const f = (t: import('../engine/backend.ts').Tensor): Float32Array => be.download(t) as Float32Array;
+  return StageState.encode({
+    stageIndex: stage,
+    modules: params.map((p) => {
+      const sa = [p.hyper.r, p.inFeatures], sb = [p.outFeatures, p.hyper.r];
+      return {
+        path: p.name, r: p.hyper.r, inFeatures: p.inFeatures, outFeatures: p.outFeatures,
+        a: f32ToTensor(f(p.A), sa), b: f32ToTensor(f(p.B), sb),
+        ...(includeMoments ? { mA: f32ToTensor(f(p.mA), sa), vA: f32ToTensor(f(p.vA), sa), mB: f32ToTensor(f(p.mB), sb), vB: f32ToTensor(f(p.vB), sb) } : {}),
+      };
+    }),
+  }).finish();
+}
+
+/** Decodes StageState bytes, checking every tensor's dtype and shape against the module's r/in/out. */
+export function decodeStageState(bytes: Uint8Array, what: string): DecodedStageState {
+  let msg: StageState;
+  try { msg = StageState.decode(bytes); } catch (e) { throw new WireError(`${what}: malformed stage state (${(e as Error).message})`, { cause: e }); }
+  const modules: LoraTensors[] = [];
+  const moments: ModuleMoments[] = [];
+  let withMoments = 0;
+  for (const m of msg.modules) {
+    const w = `${what} module ${m.path}`;
+    if (!m.path || m.r < 1 || m.inFeatures < 1 || m.outFeatures < 1) throw new WireError(`${w}: missing path or dimensions`);
+    const sa = [m.r, m.inFeatures], sb = [m.outFeatures, m.r];
+    modules.push({
+      path: m.path, r: m.r, inFeatures: m.inFeatures, outFeatures: m.outFeatures,
+      A: decodeTensorAs(m.a, 'f32', sa, { what: `${w} lora_A` }).data, B: decodeTensorAs(m.b, 'f32', sb, { what: `${w} lora_B` }).data,
+    });
+    if (m.mA || m.vA || m.mB || m.vB) {
+      withMoments++;
+      moments.push({
+        path: m.path,
+        mA: decodeTensorAs(m.mA, 'f32', sa, { what: `${w} exp_avg A` }).data, vA: decodeTensorAs(m.vA, 'f32', sa, { what: `${w} exp_avg_sq A` }).data,
+        mB: decodeTensorAs(m.mB, 'f32', sb, { what: `${w} exp_avg B` }).data, vB: decodeTensorAs(m.vB, 'f32', sb, { what: `${w} exp_avg_sq B` }).data,
+      });
+    }
+  }
+  if (withMoments !== 0 && withMoments !== modules.length) throw new WireError(`${what}: optimizer moments for ${withMoments} of ${modules.length} modules`);
+  return { stage: msg.stageIndex, modules, moments: withMoments ? moments : undefined };
+}
+
+/** Cuts serialized state into StateChunk payloads of at most `chunkBytes` data bytes. */
+export function chunkState(bytes: Uint8Array, head: Omit<StateChunk, 'chunkIndex' | 'numChunks' | 'data' | 'crc32'>, chunkBytes: number): StateChunk[] {
+  const n = Math.max(1, Math.ceil(bytes.byteLength / chunkBytes));
+  const crc = crc32(bytes);
+  return Array.from({ length: n }, (_, i) => ({
+    ...head, chunkIndex: i, numChunks: n, crc32: crc,
+    data: Buffer.from(bytes.buffer, bytes.byteOffset + i * chunkBytes, Math.min(chunkBytes, bytes.byteLength - i * chunkBytes)),
+  }));
+}
+
+/** Reassembles one state stream: chunks in order, bounded size, CRC checked at the end. */
+export class StateAssembler {
+  private parts: Uint8Array[] = [];
+  private bytes = 0;
+  private first?: { numChunks: number; crc: number; commandId: number; step: number; workerId: string };
+
+  constructor(private readonly maxBytes: number, private readonly what: string) {}
+
+  get ids(): { commandId: number; step: number; workerId: string } | undefined { return this.first; }
+
+  push(c: StateChunk): void {
+    const at = `${this.what} chunk ${c.chunkIndex}/${c.numChunks}`;
+    if (!this.first) {
+      if (c.chunkIndex !== 0) throw new WireError(`${at}: the stream must start at chunk 0`);
+      if (!Number.isInteger(c.numChunks) || c.numChunks < 1 || c.numChunks > Math.ceil(this.maxBytes / 1024) + 1) throw new WireError(`${at}: implausible chunk count`);
+      this.first = { numChunks: c.numChunks, crc: c.crc32, commandId: c.commandId, step: c.step, workerId: c.workerId };
+    } else {
+      const f = this.first;
+      if (c.chunkIndex !== this.parts.length) throw new WireError(`${at}: expected chunk ${this.parts.length} (duplicate or out of order)`);
+      if (c.numChunks !== f.numChunks || c.crc32 !== f.crc || c.commandId !== f.commandId || c.workerId !== f.workerId) throw new WireError(`${at}: header fields changed mid-stream`);
+    }
+    if (this.parts.length >= this.first.numChunks) throw new WireError(`${at}: more chunks than announced`);
+    this.bytes += c.data.byteLength;
+    if (this.bytes > this.maxBytes) throw new WireError(`${at}: state larger than the ${this.maxBytes}-byte limit`);
+    this.parts.push(c.data);
+  }
+
+  finish(): Uint8Array {
+    if (!this.first) throw new WireError(`${this.what}: stream ended before any chunk arrived`);
+    if (this.parts.length !== this.first.numChunks) throw new WireError(`${this.what}: stream ended after ${this.parts.length} of ${this.first.numChunks} chunks`);
+    const out = Buffer.concat(this.parts);
+    const crc = crc32(out);
+    if (crc !== this.first.crc) throw new WireError(`${this.what}: checksum mismatch (data corrupted in transit)`);
+    return out;
+  }
+}
