@@ -10,7 +10,7 @@ import type { Backend, DropoutKey, QuantizedTensor, Tensor } from '../engine/bac
 import { LoraParams, QLoraLinear, freeSaved, type LoraHyper, type LoraLinearSaved } from '../engine/lora.ts';
 import type { ModelConfig } from './config.ts';
 import { ropeInvFreq } from './config.ts';
-import { ShapeError, ConfigError } from '../../common/errors.ts';
+import { ShapeError, ConfigError, UnsupportedError } from '../../common/errors.ts';
 
 export const ATTN_MODULES = ['q_proj', 'k_proj', 'v_proj', 'o_proj'] as const;
 export const MLP_MODULES = ['gate_proj', 'up_proj', 'down_proj'] as const;
@@ -178,8 +178,17 @@ export class LlamaStage {
    * (ownership passes to the stage). Last stage: returns the loss sum; with opts.gradScale it also computes the
    * head gradient right away (so backward needs no logits).
    */
+  /** Sequences longer than a sliding window would need windowed attention, which is not implemented: refuse them. */
+  private checkWindow(T: number): void {
+    const w = this.cfg.slidingWindow;
+    if (w !== null && T > w) {
+      throw new UnsupportedError(`sequence length ${T} exceeds the model's sliding_window ${w}; sliding-window attention is not implemented`, { hint: `keep data.max_length (and prompt + max_new_tokens) ≤ ${w}` });
+    }
+  }
+
   forward(id: number, batch: StageBatch, hidden: Tensor | undefined, opts: ForwardOptions): ForwardResult {
     const be = this.be, { B, T } = batch, N = B * T, H = this.cfg.hiddenSize;
+    this.checkWindow(T);
     if (this.states.has(id)) throw new ShapeError(`micro-batch ${id} is already in flight on this stage`);
     let x: Tensor;
     if (this.spec.hasEmbedding) {
@@ -223,6 +232,7 @@ export class LlamaStage {
    */
   logitsAt(batch: StageBatch, hidden: Tensor | undefined, rowsWanted: number[]): Float32Array[] {
     const be = this.be, { B, T } = batch, N = B * T;
+    this.checkWindow(T);
     let x: Tensor;
     if (this.spec.hasEmbedding) {
       const ids = be.upload(batch.ids!, [N], 'i32'); x = be.embedding(ids, this.weights.embed!); be.free(ids);
@@ -429,6 +439,7 @@ export class LlamaStage {
     const be = this.be, { B, T } = batch, N = B * T, D = this.headDim, cfg = this.cfg;
     if (!be.attentionCached) throw new ShapeError(`the ${be.name} backend has no cached attention`);
     if (start + T > cache.capacity) throw new ShapeError(`KV cache overflow: ${start + T} positions > capacity ${cache.capacity}`);
+    this.checkWindow(cache.capacity);
     let x: Tensor;
     if (this.spec.hasEmbedding) {
       const ids = be.upload(batch.ids!, [N], 'i32'); x = be.embedding(ids, this.weights.embed!); be.free(ids);
