@@ -85,7 +85,7 @@ export function assignmentFromWire(a: AssignStage, natsOverride?: string): Assig
 }
 
 /** Host inputs of one micro-batch from the wire (only the fields this stage needs are required). */
-function microBatchFromWire(m: WireMicroBatch, spec: StageSpec, what: string): StageBatch {
+export function microBatchFromWire(m: WireMicroBatch, spec: StageSpec, what: string): StageBatch {
   const km = decodeTensorAs(m.keyMask, 'u8', [-1, -1], { what: `${what} key_mask` });
   const [B, T] = km.shape;
   const i32 = (t: typeof m.inputIds, name: string, shape: number[]): Int32Array => decodeTensorAs(t, 'i32', shape, { what: `${what} ${name}` }).data;

@@ -90,7 +90,7 @@ export class StateAssembler {
     const at = `${this.what} chunk ${c.chunkIndex}/${c.numChunks}`;
     if (!this.first) {
       if (c.chunkIndex !== 0) throw new WireError(`${at}: the stream must start at chunk 0`);
-      if (!Number.isInteger(c.numChunks) || c.numChunks < 1 || c.numChunks > Math.ceil(this.maxBytes / 1024) + 1) throw new WireError(`${at}: implausible chunk count`);
+      if (!Number.isInteger(c.numChunks) || c.numChunks < 1 || c.numChunks > 1_000_000) throw new WireError(`${at}: implausible chunk count`);
       this.first = { numChunks: c.numChunks, crc: c.crc32, commandId: c.commandId, step: c.step, workerId: c.workerId };
     } else {
       const f = this.first;
