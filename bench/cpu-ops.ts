@@ -51,15 +51,15 @@ export async function runCpuOpsBench(): Promise<string> {
   lines.push('');
 
   // ---- matmul ----
-  // N = B·T = 2048 tokens; the head runs in the model's chunks of ⌊2^22 / V⌋ rows.
+  // N = B·T = 2048 tokens; the head runs in the model's chunks of max(512, ⌊2^22 / V⌋) rows.
   const shapes: { name: string; M: number; N: number; K: number; transB: boolean; tsOk: boolean }[] = [
     { name: 'x·Wᵀ attn proj', M: 2048, N: 256, K: 256, transB: true, tsOk: true },
     { name: 'x·Wᵀ MLP up (I=688)', M: 2048, N: 688, K: 256, transB: true, tsOk: true },
     { name: 'x·Wᵀ MLP down', M: 2048, N: 256, K: 688, transB: true, tsOk: true },
     { name: 'dy·W (backward, I=688)', M: 2048, N: 256, K: 688, transB: false, tsOk: true },
     { name: 'head V=2000 (chunk 2048)', M: 2048, N: 2000, K: 256, transB: true, tsOk: true },
-    { name: 'head V=32000 (chunk 131)', M: 131, N: 32000, K: 256, transB: true, tsOk: !QUICK },
-    { name: 'head bwd dY V=32000 (chunk 131)', M: 131, N: 256, K: 32000, transB: false, tsOk: !QUICK },
+    { name: 'head V=32000 (chunk 512)', M: 512, N: 32000, K: 256, transB: true, tsOk: !QUICK },
+    { name: 'head bwd dY V=32000 (chunk 512)', M: 512, N: 256, K: 32000, transB: false, tsOk: !QUICK },
     { name: 'LoRA A x·Aᵀ (r=8)', M: 2048, N: 8, K: 256, transB: true, tsOk: true },
   ];
   lines.push('| matmul M×N×K | TS GFLOP/s | native 1T | native 2T | 2T % of peak |');
@@ -107,6 +107,38 @@ export async function runCpuOpsBench(): Promise<string> {
       };
       lines.push(`| ${dir} | ${fmt(rate(ts), 2)} | ${fmt(rate(n1))} | ${fmt(rate(n2))} |`);
     }
+    lines.push('');
+  }
+
+  // ---- elementwise / normalisation ----
+  {
+    const [N, H, I, nh, D] = [2048, 256, 704, 8, 32];
+    lines.push(`| elementwise, ${N} tokens (H ${H}, I ${I}, ${nh}×${D} heads) | TS ms | native 1T ms | native 2T ms |`);
+    lines.push('|---|---:|---:|---:|');
+    const row = (name: string, op: (be: CpuBackend) => () => void): void => {
+      const ms = [ts, n1, n2].map((be) => (be ? time(op(be)) * 1e3 : NaN));
+      lines.push(`| ${name} | ${ms.map((x) => fmt(x, 2)).join(' | ')} |`);
+    };
+    row(`swiglu fwd [${N}, ${I}]`, (be) => { const g = randTensor(be, [N, I], 1), u = randTensor(be, [N, I], 2); return () => be.free(be.swiglu(g, u)); });
+    row(`swiglu bwd [${N}, ${I}]`, (be) => {
+      const g = randTensor(be, [N, I], 1), u = randTensor(be, [N, I], 2), d = randTensor(be, [N, I], 3);
+      return () => { const r = be.swigluBackward(d, g, u); be.free(r.dgate); be.free(r.dup); };
+    });
+    row(`rmsnorm fwd [${N}, ${H}]`, (be) => { const x = randTensor(be, [N, H], 1), w = randTensor(be, [H], 2); return () => { const r = be.rmsnorm(x, w, 1e-5); be.free(r.y); be.free(r.rstd); }; });
+    row(`rmsnorm bwd [${N}, ${H}]`, (be) => {
+      const x = randTensor(be, [N, H], 1), w = randTensor(be, [H], 2), d = randTensor(be, [N, H], 3), r = be.rmsnorm(x, w, 1e-5);
+      return () => be.free(be.rmsnormBackward(d, x, w, r.rstd));
+    });
+    row(`rope [${N}, ${nh}, ${D}]`, (be) => {
+      const x = randTensor(be, [N, nh, D], 1), pos = be.upload(Int32Array.from({ length: N }, (_, i) => i % 256), [N]);
+      const f = be.upload(Float32Array.from({ length: D / 2 }, (_, i) => 1 / Math.pow(10000, (2 * i) / D)), [D / 2]);
+      return () => be.free(be.rope(x, pos, f, { rotaryDim: D }));
+    });
+    row(`axpy [${N}, ${I}]`, (be) => { const a = randTensor(be, [N, I], 1), b = randTensor(be, [N, I], 2); return () => be.axpy(a, b, 1e-3); });
+    row('adamw 28 × [704, 16] (one step of the example\'s LoRA B)', (be) => {
+      const ps = Array.from({ length: 28 }, (_, i) => [randTensor(be, [704, 16], i), randTensor(be, [704, 16], 100 + i), be.zeros([704, 16]), be.zeros([704, 16])]);
+      return () => { for (const [p, g, m, v] of ps) be.adamw(p, g, m, v, { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, step: 1 }); };
+    });
     lines.push('');
   }
 
