@@ -31,7 +31,8 @@ describe('cpu native kernels vs TypeScript kernels', { skip: native ? false : 'n
   });
 
   it('sgemm: transposes, alpha, accumulate, edge tiles and multi-KC sums agree; 1 and 2 threads give the same bits', () => {
-    for (const [M, N, K] of [[300, 520, 300], [131, 256, 1100], [37, 1000, 64], [2, 3000, 17]]) {
+    // The last rows take the skinny (LoRA-rank) kernels: N ≤ 16, M ≤ 16 (run transposed), both, ragged row blocks.
+    for (const [M, N, K] of [[300, 520, 300], [131, 256, 1100], [37, 1000, 64], [2, 3000, 17], [1037, 16, 300], [299, 7, 2100], [13, 700, 1500], [5, 9, 33], [16, 16, 1]]) {
       for (const transA of [false, true]) for (const transB of [false, true]) {
         const a = rand(M * K, M + K), b = rand(K * N, N + 3 * K), c0 = rand(M * N, 5);
         const run = (be: CpuBackend): Tensor => {

@@ -8,7 +8,7 @@
 // so the arithmetic is exactly what the source says (and the AVX-512 / AVX2 / baseline copies of the elementwise
 // kernels give the same bits); -fno-math-errno lets sqrt vectorise (nothing reads errno). Env: CXX (compiler), DQLORA_SKIP_NATIVE=1 (skip).
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -46,17 +46,21 @@ if (existsSync(out) && statSync(out).mtimeMs > newest && !process.argv.includes(
 
 mkdirSync(dirname(out), { recursive: true });
 const cxx = process.env.CXX ?? 'g++';
+// Built beside the target and renamed over it: a process loading the addon meanwhile sees the old or the new file, never half of one.
+const tmp = `${out}.${process.pid}.tmp`;
 const args = [
   '-O3', '-std=c++17', '-shared', '-fPIC', '-pthread', '-fvisibility=hidden', '-ffp-contract=off', '-fno-math-errno',
   '-DNAPI_VERSION=8', '-DNAPI_CPP_EXCEPTIONS', '-DNODE_ADDON_API_DISABLE_DEPRECATED',
-  `-I${nodeInc}`, `-I${addonInc}`, join(src, 'addon.cc'), '-o', out,
+  `-I${nodeInc}`, `-I${addonInc}`, join(src, 'addon.cc'), '-o', tmp,
 ];
 if (process.platform === 'darwin') args.push('-undefined', 'dynamic_lookup');
 const t0 = Date.now();
 const r = spawnSync(cxx, args, { encoding: 'utf8' });
 if (r.error || r.status !== 0) {
   const why = r.error ? r.error.message : (r.stderr || '').split('\n').find((l) => l.includes('error')) ?? `exit ${r.status}`;
+  rmSync(tmp, { force: true });
   rmSync(out, { force: true }); // never leave a stale binary built from older sources
   say(`build failed (${why.trim()}); using TypeScript kernels`);
 }
+renameSync(tmp, out);
 say(`built ${out} in ${((Date.now() - t0) / 1000).toFixed(1)} s`);

@@ -277,6 +277,126 @@ inline void gemmSerial(int M, int N, int K, float alpha, const ASrc& A, const BS
   if (M > 0 && N > 0) gemmTile(K, alpha, A, B, beta, C, ldc, 0, M, 0, N, s);
 }
 
+// ---- skinny products (LoRA: one side of C is the rank r ≤ 16) -------------------------------------------------------
+// C [M, N] with N ≤ 16 (x·Aᵀ, dy·B, dyᵀ·u) or M ≤ 16 (duᵀ·x, run as its transpose). Packing A for such a product
+// costs as much as the product itself (each A element meets only N ≤ 16 columns), so these kernels broadcast A'(i, k)
+// straight from memory (any strides) against one packed, zero-padded 16-wide row of B' per k. Every element of C is
+// one accumulator summed over k ascending, then alpha·acc + beta·C: the same bits for any thread count (jobs are
+// row blocks of C).
+
+constexpr int kSkinnyN = 16;
+
+/** C(i, j) lives at c[i·crs + j·ccs]: the transposed problem writes C through swapped strides. */
+struct CDst { float* c; long rs, cs; };
+
+static inline void skinnyStore(const float* acc, const CDst& C, long i, int n, float alpha, float beta) {
+  float* p = C.c + i * C.rs;
+  for (int j = 0; j < n; j++) {
+    float* q = p + j * C.cs;
+    *q = beta == 0.0f ? alpha * acc[j] : alpha * acc[j] + beta * *q;
+  }
+}
+
+/** Rows [i0, i1) of C; bp = B' packed [K][16]. */
+static void skinnyScalar(const ASrc& A, const float* bp, int K, int n, float alpha, float beta, const CDst& C, long i0, long i1) {
+  for (long i = i0; i < i1; i++) {
+    float acc[kSkinnyN] = {0};
+    const float* a = A.a + i * A.rs;
+    for (int k = 0; k < K; k++) {
+      float av = a[k * A.cs];
+      for (int j = 0; j < kSkinnyN; j++) acc[j] += av * bp[k * kSkinnyN + j];
+    }
+    skinnyStore(acc, C, i, n, alpha, beta);
+  }
+}
+
+#ifdef DQ_X86
+__attribute__((target("avx512f"))) static void skinnyAvx512(const ASrc& A, const float* bp, int K, int n, float alpha, float beta,
+                                                           const CDst& C, long i0, long i1) {
+  constexpr int R = 12;
+  alignas(64) float out[kSkinnyN];
+  long i = i0;
+  for (; i + R <= i1; i += R) {
+    __m512 acc[R];
+#pragma GCC unroll 12
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const float* a = A.a + i * A.rs;
+    for (int k = 0; k < K; k++) {
+      __m512 b = _mm512_load_ps(bp + k * kSkinnyN);
+      const float* ak = a + k * A.cs;
+#pragma GCC unroll 12
+      for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(ak[r * A.rs]), b, acc[r]);
+    }
+    for (int r = 0; r < R; r++) { _mm512_store_ps(out, acc[r]); skinnyStore(out, C, i + r, n, alpha, beta); }
+  }
+  for (; i < i1; i++) {  // the same arithmetic one row at a time
+    __m512 acc = _mm512_setzero_ps();
+    const float* a = A.a + i * A.rs;
+    for (int k = 0; k < K; k++) acc = _mm512_fmadd_ps(_mm512_set1_ps(a[k * A.cs]), _mm512_load_ps(bp + k * kSkinnyN), acc);
+    _mm512_store_ps(out, acc);
+    skinnyStore(out, C, i, n, alpha, beta);
+  }
+}
+
+__attribute__((target("avx2,fma"))) static void skinnyAvx2(const ASrc& A, const float* bp, int K, int n, float alpha, float beta,
+                                                         const CDst& C, long i0, long i1) {
+  constexpr int R = 6;
+  alignas(32) float out[kSkinnyN];
+  long i = i0;
+  for (; i + R <= i1; i += R) {
+    __m256 c0[R], c1[R];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; r++) { c0[r] = _mm256_setzero_ps(); c1[r] = _mm256_setzero_ps(); }
+    const float* a = A.a + i * A.rs;
+    for (int k = 0; k < K; k++) {
+      __m256 b0 = _mm256_load_ps(bp + k * kSkinnyN), b1 = _mm256_load_ps(bp + k * kSkinnyN + 8);
+      const float* ak = a + k * A.cs;
+#pragma GCC unroll 6
+      for (int r = 0; r < R; r++) {
+        __m256 av = _mm256_broadcast_ss(ak + r * A.rs);
+        c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
+        c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+      }
+    }
+    for (int r = 0; r < R; r++) {
+      _mm256_store_ps(out, c0[r]); _mm256_store_ps(out + 8, c1[r]);
+      skinnyStore(out, C, i + r, n, alpha, beta);
+    }
+  }
+  for (; i < i1; i++) {
+    __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+    const float* a = A.a + i * A.rs;
+    for (int k = 0; k < K; k++) {
+      __m256 av = _mm256_broadcast_ss(a + k * A.cs);
+      c0 = _mm256_fmadd_ps(av, _mm256_load_ps(bp + k * kSkinnyN), c0);
+      c1 = _mm256_fmadd_ps(av, _mm256_load_ps(bp + k * kSkinnyN + 8), c1);
+    }
+    _mm256_store_ps(out, c0); _mm256_store_ps(out + 8, c1);
+    skinnyStore(out, C, i, n, alpha, beta);
+  }
+}
+#endif
+
+/** C [M, n ≤ 16] = alpha · A' · B' + beta · C, B' dense. K ≥ 1. */
+inline void gemmSkinny(long M, int n, int K, float alpha, const ASrc& A, const BSrc& B, float beta, const CDst& C, int threads) {
+  // B' [K, n] → [K][16], zero-padded (the padding lanes are computed and never stored).
+  float* bp = static_cast<float*>(std::aligned_alloc(64, ((size_t)K * kSkinnyN * sizeof(float) + 63) / 64 * 64));
+  if (!bp) throw std::bad_alloc();
+  for (int k = 0; k < K; k++)
+    for (int j = 0; j < kSkinnyN; j++) bp[k * kSkinnyN + j] = j < n ? B.b[k * B.rs + j * B.cs] : 0.0f;
+  auto fn = skinnyScalar;
+#ifdef DQ_X86
+  if (std::strcmp(kern().name, "avx512") == 0) fn = skinnyAvx512;
+  else if (std::strcmp(kern().name, "avx2") == 0) fn = skinnyAvx2;
+#endif
+  const long flops = 2L * M * kSkinnyN * K;
+  const long rowsPer = threads <= 1 || flops < 1000000L ? M : std::max(12L, ((M + 4L * threads - 1) / (4L * threads) + 11) / 12 * 12);
+  const int jobs = (int)((M + rowsPer - 1) / rowsPer);
+  if (jobs <= 1) fn(A, bp, K, n, alpha, beta, C, 0, M);
+  else pool().run(jobs, threads, [&](int j, int) { fn(A, bp, K, n, alpha, beta, C, (long)j * rowsPer, std::min(M, (long)(j + 1) * rowsPer)); });
+  std::free(bp);
+}
+
 /**
  * Parallel GEMM over (row group × column panel) jobs. Column panels are NC wide, narrower (down to one NR
  * panel) when C has few columns, so that skinny products still give every thread work; row groups split M.
@@ -285,6 +405,15 @@ inline void gemmParallel(int M, int N, int K, float alpha, const ASrc& A, const 
   if (M <= 0 || N <= 0) return;
   const Kern& kn = kern();
   threads = std::max(1, std::min(threads, kMaxThreads));
+  if (!B.packed && K > 0 && (N <= kSkinnyN || M <= kSkinnyN)) {
+    if (N <= kSkinnyN) {
+      gemmSkinny(M, N, K, alpha, A, B, beta, CDst{C, ldc, 1}, threads);
+    } else {  // Cᵀ [N, M] = B'ᵀ · A'ᵀ, written through swapped strides
+      BSrc Bt; Bt.b = A.a; Bt.rs = A.cs; Bt.cs = A.rs;
+      gemmSkinny(N, M, K, alpha, ASrc{B.b, B.cs, B.rs}, Bt, beta, CDst{C, 1, ldc}, threads);
+    }
+    return;
+  }
   const long flops = 2L * M * N * std::max(K, 1);
   if (threads == 1 || flops < 2000000L) {
     gemmSerial(M, N, K, alpha, A, B, beta, C, ldc, scratch()[0]);
