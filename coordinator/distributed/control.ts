@@ -108,7 +108,8 @@ export class ControlPlane {
         if (!tokenMatches(r.jobToken, o.jobToken)) return cb(unauth('Heartbeat'));
         const w = this.workers.get(r.workerId);
         if (!w || !w.alive) return cb(null, { ok: false, reason: w ? 'this worker was declared lost (heartbeat timeout); restart it to rejoin' : `unknown worker "${r.workerId}"` });
-        w.lastSeen = Date.now(); w.state = r.state; w.step = r.step;
+        w.lastSeen = Date.now(); w.step = r.step;
+        if (w.state !== r.state) { w.state = r.state; this.updateCounts(); }
         cb(null, { ok: true, reason: '' });
       },
       commands: (call: grpc.ServerWritableStream<import('../../proto/gen/dqlora/v1/control.ts').CommandsRequest, Command>) => {

@@ -212,7 +212,7 @@ export async function runDistributed(job: JobConfig, opts: DistributedOptions = 
       return lay.map((row, r) => row.map((_, s) => flat[r * S + s]));
     };
 
-    let tokensSeen = 0;
+    let tokensSeen = 0, stepSeconds = 0;
     const timings: StepTiming[] = [];
     let grpcBytesBefore = 0, natsBytesBefore = 0;
     const trainStep = async (lay: WorkerHandle[][]): Promise<void> => {
@@ -247,10 +247,11 @@ export async function runDistributed(job: JobConfig, opts: DistributedOptions = 
       const seconds = (performance.now() - t0) / 1000;
       const all1 = reps.flat().map((x) => x.stats!);
       const bubble = all1.reduce((a, x) => a + (x.pipelineSeconds > 0 ? x.idleSeconds / x.pipelineSeconds : 0), 0) / all1.length;
+      log.debug({ step: s + 1, workers: reps.flatMap((row, r) => row.map((x, st) => ({ stage: st, replica: r, fwd: +x.stats!.forwardSeconds.toFixed(3), bwd: +x.stats!.backwardSeconds.toFixed(3), idle: +x.stats!.idleSeconds.toFixed(3), schedule: +x.stats!.pipelineSeconds.toFixed(3), allreduce: +x.stats!.allreduceSeconds.toFixed(3) }))) }, 'step timings');
       const grpcNow = all1.reduce((a, x) => a + x.grpcBytesSent, 0), natsNow = all1.reduce((a, x) => a + x.natsBytesSent, 0);
       timings.push({ step: s + 1, seconds, bubble, grpcBytes: grpcNow - grpcBytesBefore, natsBytes: natsNow - natsBytesBefore });
       grpcBytesBefore = grpcNow; natsBytesBefore = natsNow;
-      tokensSeen += tokens;
+      tokensSeen += tokens; stepSeconds += seconds;
       metrics.loss.set(loss); metrics.learningRate.set(lr); metrics.gradNorm.set(gradNorm); metrics.tokensPerSecond.set(tokens / seconds);
       metrics.tokens.inc(tokens); metrics.steps.inc(); metrics.stepDuration.observe(seconds); metrics.pipelineBubble.set(bubble);
       reps.forEach((row) => row.forEach((x, st) => {
@@ -344,16 +345,16 @@ export async function runDistributed(job: JobConfig, opts: DistributedOptions = 
     const seconds = (performance.now() - t0) / 1000;
     if (state.step < totalSteps) {
       print(`stopped at step ${state.step}/${totalSteps}; checkpoint ${final!.dir}`);
-      return { adapterDir: join(final!.dir, 'adapter'), steps: state.step, firstLoss: first, lastLoss: last, evalLoss: null, answers: [], tokensPerSecond: tokensSeen / seconds, timings, recoveries };
+      return { adapterDir: join(final!.dir, 'adapter'), steps: state.step, firstLoss: first, lastLoss: last, evalLoss: null, answers: [], tokensPerSecond: tokensSeen / stepSeconds, timings, recoveries };
     }
     const adapterDir = join(job.output_dir, 'adapter');
     saveAdapter(adapterDir, final!.modules, lora, job.model);
     if (job.compare.prompts.length) print('compare.prompts: the before/after answers are not generated in distributed mode yet; run `coordinator generate --model ... --adapter ' + adapterDir + '`');
-    const summary = { steps: state.step, firstLoss: first, lastLoss: last, evalLoss, tokensPerSecond: tokensSeen / seconds, seconds, adapterDir, answers: [], dataset: ds.stats, distributed: { stages: S, replicas: R, recoveries } };
+    const summary = { steps: state.step, firstLoss: first, lastLoss: last, evalLoss, tokensPerSecond: tokensSeen / stepSeconds, seconds: stepSeconds, wallSeconds: seconds, adapterDir, answers: [], dataset: ds.stats, distributed: { stages: S, replicas: R, recoveries } };
     writeFileSync(join(job.output_dir, 'summary.json'), JSON.stringify(summary, null, 1) + '\n');
-    print(`trained ${state.step - startStep} steps in ${seconds.toFixed(1)} s (${(tokensSeen / seconds).toFixed(0)} tokens/s): loss ${first.toFixed(4)} → ${last.toFixed(4)}${evalLoss !== null ? `, validation loss ${evalLoss.toFixed(4)} (perplexity ${Math.exp(evalLoss).toFixed(2)})` : ''}`);
+    print(`trained ${state.step - startStep} steps in ${seconds.toFixed(1)} s (${(tokensSeen / stepSeconds).toFixed(0)} tokens/s while stepping): loss ${first.toFixed(4)} → ${last.toFixed(4)}${evalLoss !== null ? `, validation loss ${evalLoss.toFixed(4)} (perplexity ${Math.exp(evalLoss).toFixed(2)})` : ''}`);
     print(`adapter saved to ${adapterDir}`);
-    return { adapterDir, steps: state.step, firstLoss: first, lastLoss: last, evalLoss, answers: [], tokensPerSecond: tokensSeen / seconds, timings, recoveries };
+    return { adapterDir, steps: state.step, firstLoss: first, lastLoss: last, evalLoss, answers: [], tokensPerSecond: tokensSeen / stepSeconds, timings, recoveries };
   } finally {
     plane.jobState = 'done';
     plane.closing = true;

@@ -193,20 +193,27 @@ export class StageRunner {
       if (h.shape.length !== 2 || h.shape[0] !== n || h.shape[1] !== H) throw new ShapeError(`${dir} tensor of seq ${seq} micro-batch ${i} from ${from} has shape [${h.shape}], expected [${n}, ${H}]`);
       return this.be.upload(hostToF32(h), [n, H], 'act');
     };
-    const ship = (client: PipelineClient, dir: 'forward' | 'backward', i: number, t: Tensor): void => {
+    // A send is awaited (until the receiver acknowledged it) before this stage computes again. The compute is
+    // synchronous on this thread, and HTTP/2 moves a tensor only in 64 KiB flow-control windows that need both
+    // event loops: a send left pending would sit behind the next micro-batch's compute while the receiving
+    // stage idles. Awaiting it costs one loopback round trip and lets the transfer overlap the receiver's
+    // compute instead (in 1F1B the receiver is usually waiting for exactly this tensor).
+    const ship = async (client: PipelineClient, dir: 'forward' | 'backward', i: number, t: Tensor): Promise<void> => {
       const data = this.be.download(t) as Float32Array;
       this.be.free(t);
+      const w0 = performance.now();
       const pr = dir === 'forward' ? client.sendForward(seq, i, data, [t.shape[0], t.shape[1]]) : client.sendBackward(seq, i, data, [t.shape[0], t.shape[1]]);
-      pr.catch(() => { /* awaited below */ });
       sends.push(pr);
+      await pr;
+      idle += performance.now() - w0;
     };
     const forward = async (i: number): Promise<void> => {
       const hidden = a.spec.hasEmbedding ? undefined : await receive('forward', i, prevName);
       const c0 = performance.now();
       const r = stage.forward(i, batches[i], hidden, train ? { train: true, dropout, gradScale } : { train: false });
-      if (r.hidden) ship(this.nextClient!, 'forward', i, r.hidden);
       if (r.lossSum !== undefined) { lossSum += r.lossSum; labelTokens += r.count ?? 0; }
       const dt = performance.now() - c0;
+      if (r.hidden) await ship(this.nextClient!, 'forward', i, r.hidden);
       fwd += dt;
       this.metrics?.stageDuration.observe({ phase: 'forward' }, dt / 1000);
     };
@@ -214,8 +221,8 @@ export class StageRunner {
       const d = a.spec.hasHead ? undefined : await receive('backward', i, nextName);
       const c0 = performance.now();
       const dx = stage.backward(i, d);
-      if (dx) ship(this.prevClient!, 'backward', i, dx);
       const dt = performance.now() - c0;
+      if (dx) await ship(this.prevClient!, 'backward', i, dx);
       bwd += dt;
       this.metrics?.stageDuration.observe({ phase: 'backward' }, dt / 1000);
     };
@@ -231,9 +238,7 @@ export class StageRunner {
       while (f < m) { await forward(f++); await backward(b++); }
       while (b < m) await backward(b++);
     }
-    const w1 = performance.now();
     await Promise.all(sends);
-    idle += performance.now() - w1;
     const pipelineMs = performance.now() - t0;
     let arMs = 0, gradNormSq = 0;
     if (train) {
