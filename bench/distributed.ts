@@ -11,6 +11,16 @@
 //
 // On a 2-core machine the 4 worker processes of the 2×2 layout share 2 cores, so step times there measure
 // the overheads, not a speed-up; run it on a machine with ≥ 4 cores per layout for scaling numbers.
+//
+// Results (2026-11-29, 2-core Xeon VM shared with other jobs, load average ≈ 6; --steps 6 --micro 4):
+//   layout                 step ms  bubble  theory  gRPC MiB/step  min   NATS MiB/step  min
+//   1 process               756–1645     -       -        -          -        -          -
+//   2 stages (2×1)         1029–1641  0.55–0.57 0.111     4.78       4.78     0          0
+//   2 × 2                   947–1486  0.54–0.56 0.200     4.79       4.79     2.28       2.28
+// Payload bytes equal the minimum (f32 activations/gradients, one NATS send per rank of 2(R−1)/R). The
+// measured bubble is far above theory here because the two stages' compute does not run in parallel on
+// this contended 2-core box (per-worker compute ≈ half the schedule time each: see the coordinator's
+// debug-level "step timings" line); step-time ranges span repeated runs under varying load.
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -49,7 +59,8 @@ function paddedTokens(R: number, gradAccum: number): number[] {
   const tok = TextTokenizer.load(assets.modelDir);
   const j = job('x', {}, gradAccum);
   const ds = buildDataset({ trainPath: j.data.train, dedup: j.data.dedup, seed: j.training.seed, maxLength: j.data.max_length }, tok);
-  const plan = planSteps(ds.train.length, { microBatchSize: MBS, gradAccum, replicas: R, seed: j.training.seed, epoch: 0 });
+  const plan: number[][][][] = [];
+  for (let epoch = 0; plan.length < STEPS; epoch++) plan.push(...planSteps(ds.train.length, { microBatchSize: MBS, gradAccum, replicas: R, seed: j.training.seed, epoch }));
   return plan.slice(0, STEPS).map((step) => step.flat().reduce((a, ix) => { const mb = makeMicroBatch(ix.map((i) => ds.train[i]), { padId: 0 }); return a + mb.B * mb.T; }, 0));
 }
 
