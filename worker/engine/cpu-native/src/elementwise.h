@@ -25,19 +25,18 @@ namespace dq {
 #define DQ_INLINE inline __attribute__((always_inline))
 
 #ifdef DQ_X86
-#define DQ_CLONES(NAME, ARGS)                                                                                               \
-  __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw"))) static void NAME##512(const ARGS& a, long i0, long i1) { \
-    NAME(a, i0, i1);                                                                                                       \
-  }                                                                                                                        \
-  __attribute__((target("avx2,fma"))) static void NAME##256(const ARGS& a, long i0, long i1) { NAME(a, i0, i1); }         \
-  static void NAME##Any(const ARGS& a, long i0, long i1) { NAME(a, i0, i1); }                                              \
-  static inline ChunkFn<ARGS> NAME##Pick() {                                                                               \
-    int l = isaLevel();                                                                                                    \
-    return l == 2 ? NAME##512 : l == 1 ? NAME##256 : NAME##Any;                                                            \
+// Target sets are exactly what kern() checks (avx512f; avx2 + fma), so a clone never runs on a CPU lacking its ISA.
+#define DQ_CLONES(NAME, ARGS)                                                                                   \
+  __attribute__((target("avx512f"))) static void NAME##512(const ARGS& a, long i0, long i1) { NAME(a, i0, i1); } \
+  __attribute__((target("avx2,fma"))) static void NAME##256(const ARGS& a, long i0, long i1) { NAME(a, i0, i1); } \
+  static void NAME##Any(const ARGS& a, long i0, long i1) { NAME(a, i0, i1); }                                  \
+  static inline ChunkFn<ARGS> NAME##Pick() {                                                                   \
+    int l = isaLevel();                                                                                        \
+    return l == 2 ? NAME##512 : l == 1 ? NAME##256 : NAME##Any;                                                \
   }
 #else
-#define DQ_CLONES(NAME, ARGS)                                                                \
-  static void NAME##Any(const ARGS& a, long i0, long i1) { NAME(a, i0, i1); }              \
+#define DQ_CLONES(NAME, ARGS)                                                      \
+  static void NAME##Any(const ARGS& a, long i0, long i1) { NAME(a, i0, i1); }    \
   static inline ChunkFn<ARGS> NAME##Pick() { return NAME##Any; }
 #endif
 
