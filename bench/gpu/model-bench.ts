@@ -64,8 +64,43 @@ function timeMs(fn: () => void, reps: number, warm: number): number {
   log(`bf16 GEMM 8192³: ${(res.gemmTflops as number).toFixed(0)} TFLOP/s`);
 }
 
+// ---- attention alone at this model's shape (B8): the WMMA kernels (DQLORA_ATTN=v1) against the mma.sync ones ----
+function attentionBench(c: { numHeads: number; numKvHeads: number; headDim: number }): Record<string, number> {
+  const Bq = 8, Hq = c.numHeads, Hk = c.numKvHeads, D = c.headDim, n = Bq * T;
+  const rnd = (len: number, seed: number): Float32Array => { const a = new Float32Array(len); let s = seed; for (let i = 0; i < len; i++) { s = (s * 1664525 + 1013904223) >>> 0; a[i] = s / 4294967296 - 0.5; } return a; };
+  const q = be.upload(rnd(n * Hq * D, 1), [Bq, T, Hq, D], 'bf16'), k = be.upload(rnd(n * Hk * D, 2), [Bq, T, Hk, D], 'bf16');
+  const v = be.upload(rnd(n * Hk * D, 3), [Bq, T, Hk, D], 'bf16'), dO = be.upload(rnd(n * Hq * D, 4), [Bq, T, Hq, D], 'bf16');
+  const mask = be.upload(new Int32Array(n).fill(1), [Bq, T]);
+  const flops = 4 * Bq * Hq * T * T * D / 2; // causal: half of the 2 products of 2·T·T·D each
+  const out: Record<string, number> = {};
+  const results: Record<string, Float32Array[]> = {};
+  for (const ver of ['v1', 'v2']) {
+    process.env.DQLORA_ATTN = ver;
+    const f = timeMs(() => { const s = be.attention(q, k, v, mask, 1 / Math.sqrt(D)); be.free(s.out); be.free(s.lse); }, 5, 2);
+    const s = be.attention(q, k, v, mask, 1 / Math.sqrt(D));
+    const bw = timeMs(() => { const r = be.attentionBackward(dO, q, k, v, mask, s, 1 / Math.sqrt(D)); be.free(r.dq); be.free(r.dk); be.free(r.dv); }, 5, 2);
+    const r = be.attentionBackward(dO, q, k, v, mask, s, 1 / Math.sqrt(D));
+    results[ver] = [s.out, r.dq, r.dk, r.dv].map((x) => be.download(x) as Float32Array);
+    for (const x of [s.out, s.lse, r.dq, r.dk, r.dv]) be.free(x);
+    Object.assign(out, { [`${ver}FwdMs`]: f, [`${ver}BwdMs`]: bw, [`${ver}FwdTflops`]: flops / (f * 1e-3) / 1e12, [`${ver}BwdTflops`]: 2.5 * flops / (bw * 1e-3) / 1e12 });
+    log(`attention ${ver} B${Bq} T${T} ${Hq}/${Hk}×${D}: fwd ${f.toFixed(3)} ms (${out[`${ver}FwdTflops`].toFixed(0)} TFLOP/s), bwd ${bw.toFixed(3)} ms (${out[`${ver}BwdTflops`].toFixed(0)} TFLOP/s)`);
+  }
+  delete process.env.DQLORA_ATTN;
+  ['out', 'dq', 'dk', 'dv'].forEach((nm, i) => {
+    const a = results.v1[i], b = results.v2[i];
+    let num = 0, den = 0;
+    for (let j = 0; j < a.length; j++) { num = Math.max(num, Math.abs(a[j] - b[j])); den = Math.max(den, Math.abs(a[j])); }
+    out[`v2VsV1Err_${nm}`] = num / den;
+  });
+  log(`attention v2 vs v1 (max err / max): ${['out', 'dq', 'dk', 'dv'].map((nm) => `${nm} ${out[`v2VsV1Err_${nm}`].toExponential(2)}`).join(', ')}`);
+  for (const x of [q, k, v, dO, mask]) be.free(x);
+  be.trim();
+  return out;
+}
+
 // ---- load -----------------------------------------------------------------------------------------------
 const cfg = loadModelConfig(modelDir);
+if (!process.argv.includes('--cpu') && !process.argv.includes('--no-attn')) res.attention = attentionBench(cfg);
 const lora: LoraConfig = { r: 16, alpha: 32, dropout: 0, useRslora: false, targetModules: 'all-linear' };
 const spec = fullModelSpec(cfg);
 be.resetPeak();

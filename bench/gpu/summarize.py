@@ -34,6 +34,11 @@ for label, dqn, tn in [('TinyLlama-1.1B shape (d2048, 22 L, GQA 32/4, ff 5632, V
         ld = dq.get('load', {})
         out.append(f"dqlora load: {f(ld.get('seconds'), '.1f')} s, {f(ld.get('weightsGiB'), '.2f')} GiB resident after load "
                    f"(NF4+DQ base, bf16 embed/head, fp32 LoRA + AdamW state); {dq.get('model', {}).get('loraParams', 0) / 1e6:.1f} M LoRA params.\n")
+    at = (dq or {}).get('attention')
+    if at:
+        out.append(f"attention alone (B8, this shape): v1 (WMMA) fwd {at['v1FwdMs']:.3f} ms = {at['v1FwdTflops']:.0f} TFLOP/s, bwd {at['v1BwdMs']:.3f} ms = "
+                   f"{at['v1BwdTflops']:.0f}; v2 (mma.sync) fwd {at['v2FwdMs']:.3f} ms = {at['v2FwdTflops']:.0f}, bwd {at['v2BwdMs']:.3f} ms = {at['v2BwdTflops']:.0f}; "
+                   f"v2 vs v1 max err: out {at['v2VsV1Err_out']:.1e}, dq {at['v2VsV1Err_dq']:.1e}, dk {at['v2VsV1Err_dk']:.1e}, dv {at['v2VsV1Err_dv']:.1e}\n")
     out.append('| ckpt | batch | dqlora tok/s | torch tok/s | ratio | dqlora peak live / reserved / device GiB | torch peak alloc / reserved GiB | dqlora MFU | torch MFU | dqlora first→last loss | torch first→last loss |')
     out.append('|---|---|---|---|---|---|---|---|---|---|---|')
     keys = []

@@ -228,8 +228,8 @@ describe('cuda backend vs cpu backend', { skip }, () => {
     close('adamw v', dl(g(), sc.v), dl(cpu, sp.v), 1e-4); // v: g² in f32, FMA order differs
   });
 
-  it('causal GQA attention with key padding: forward and backward, D 64 and 128, T not a tile multiple', () => {
-    for (const [B, T, Hq, Hk, D] of [[2, 100, 4, 2, 64], [1, 130, 2, 1, 128], [2, 64, 2, 2, 32]] as const) {
+  it('causal GQA attention with key padding: forward and backward, D 16–128, T not a tile multiple', () => {
+    for (const [B, T, Hq, Hk, D] of [[2, 100, 4, 2, 64], [1, 130, 2, 1, 128], [2, 64, 2, 2, 32], [1, 200, 8, 2, 16]] as const) {
       const mask = new Int32Array(B * T).fill(1);
       mask[0] = 0;                                  // sequence 0: query 0 has no valid key → zeros
       for (let t = T - 7; t < T; t++) mask[t] = 0;  // right padding of sequence 0

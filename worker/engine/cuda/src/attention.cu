@@ -13,6 +13,9 @@
 
 #include <mma.h>
 
+#include <cstdlib>
+#include <cstring>
+
 namespace dq {
 namespace {
 
@@ -407,9 +410,22 @@ void bwd(const void* dout, const void* q, const void* k, const void* v, const in
 
 }  // namespace
 
+// attention2.cu: the mma.sync / register-resident version (default); DQLORA_ATTN=v1 selects the WMMA kernels above
+// (read at every call, so a benchmark can compare both in one process).
+void attentionForwardV2(const void* q, const void* k, const void* v, const int32_t* mask, void* out, float* lse, int B,
+                        int T, int Hq, int Hk, int D, float scale);
+void attentionBackwardV2(const void* dout, const void* q, const void* k, const void* v, const int32_t* mask,
+                         const float* lse, const float* delta, float* dqAcc, void* dk, void* dv, int B, int T, int Hq,
+                         int Hk, int D, float scale);
+static bool useV1() {
+  const char* e = std::getenv("DQLORA_ATTN");
+  return e && std::strcmp(e, "v1") == 0;
+}
+
 void attentionForward(const void* q, const void* k, const void* v, const int32_t* mask, void* out, float* lse, int B,
                       int T, int Hq, int Hk, int D, float scale) {
   checkCommon(q, k, v, B, T, Hq, Hk, D);
+  if (!useV1()) return attentionForwardV2(q, k, v, mask, out, lse, B, T, Hq, Hk, D, scale);
   switch (D) {
     case 16: fwd<16>(q, k, v, mask, out, lse, B, T, Hq, Hk, scale); break;
     case 32: fwd<32>(q, k, v, mask, out, lse, B, T, Hq, Hk, scale); break;
@@ -431,6 +447,11 @@ void attentionBackward(const void* dout, const void* q, const void* k, const voi
   attnDeltaK<<<blocksFor(rows * 32, 256, 1u << 30), 256, 0, stream()>>>((const bf16*)dout, (const bf16*)out,
                                                                         delta.as<float>(), B, T, Hq, D);
   KERNEL_CHECK();
+  if (!useV1()) {
+    attentionBackwardV2(dout, q, k, v, mask, lse, delta.as<float>(), dqAcc.as<float>(), dk, dv, B, T, Hq, Hk, D, scale);
+    convert(dqAcc.p, F32, dq, BF16, nq);
+    return;
+  }
   switch (D) {
     case 16: bwd<16>(dout, q, k, v, mask, lse, delta.as<float>(), dqAcc.as<float>(), dk, dv, B, T, Hq, Hk, scale); break;
     case 32: bwd<32>(dout, q, k, v, mask, lse, delta.as<float>(), dqAcc.as<float>(), dk, dv, B, T, Hq, Hk, scale); break;
