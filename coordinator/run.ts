@@ -14,7 +14,7 @@ import { splitStages } from './plan.ts';
 import { saveAdapter } from '../worker/model/adapter.ts';
 import { buildDataset } from './data/dataset.ts';
 import { Trainer, type StepResult } from './train.ts';
-import { fingerprint, listCheckpoints, loadCheckpoint, saveCheckpoint } from './checkpoint.ts';
+import { fingerprint, listCheckpoints, loadCheckpoint, saveCheckpoint } from '../common/checkpoint.ts';
 import { answerPrompts } from './answer.ts';
 import { ConfigError } from '../common/errors.ts';
 import { logger } from '../common/log.ts';

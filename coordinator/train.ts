@@ -12,7 +12,7 @@ import type { Example } from './data/tokenize.ts';
 import { lrMultiplier, warmupSteps, type ScheduleName } from './schedule.ts';
 import { mixKey } from '../common/rng.ts';
 import { CheckpointError, ConfigError } from '../common/errors.ts';
-import type { Checkpoint, OptimizerMoments, TrainerState } from './checkpoint.ts';
+import type { Checkpoint, OptimizerMoments, TrainerState } from '../common/checkpoint.ts';
 
 export interface TrainSettings {
   readonly epochs: number;

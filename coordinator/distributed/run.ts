@@ -25,7 +25,7 @@ import { buildDataset } from '../data/dataset.ts';
 import { makeMicroBatch, planSteps, stepsPerEpoch, type MicroBatch } from '../data/batch.ts';
 import type { Example } from '../data/tokenize.ts';
 import { lrMultiplier, warmupSteps } from '../schedule.ts';
-import { fingerprint, listCheckpoints, loadCheckpoint, saveCheckpoint, type OptimizerMoments, type TrainerState } from '../checkpoint.ts';
+import { fingerprint, listCheckpoints, loadCheckpoint, saveCheckpoint, type OptimizerMoments, type TrainerState } from '../../common/checkpoint.ts';
 import { ControlPlane, WorkerCommandError, WorkerLostError, type WorkerHandle } from './control.ts';
 import { assignWorkers, planStages } from './plan.ts';
 import { spawnLocalWorkers, startLocalNats, type LocalNats, type LocalWorkers } from './local.ts';

@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { loadJob } from '../../coordinator/job.ts';
 import { loadAdapter, saveAdapter } from '../../worker/model/adapter.ts';
-import { loadCheckpoint, saveCheckpoint } from '../../coordinator/checkpoint.ts';
+import { loadCheckpoint, saveCheckpoint } from '../../common/checkpoint.ts';
 import { DqloraError } from '../../common/errors.ts';
 import { CounterRng } from '../../common/rng.ts';
 

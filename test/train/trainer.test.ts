@@ -10,7 +10,7 @@ import { loadStage } from '../../worker/model/loader.ts';
 import { fullModelSpec, type LoraConfig } from '../../worker/model/llama.ts';
 import { loadModelConfig } from '../../worker/model/config.ts';
 import { Trainer, type TrainSettings } from '../../coordinator/train.ts';
-import { saveCheckpoint, loadCheckpoint, listCheckpoints } from '../../coordinator/checkpoint.ts';
+import { saveCheckpoint, loadCheckpoint, listCheckpoints } from '../../common/checkpoint.ts';
 import { lrMultiplier, warmupSteps } from '../../coordinator/schedule.ts';
 import { CheckpointError } from '../../common/errors.ts';
 import { tinyExamples, tinyModelDir, TINY } from '../helpers/tiny.ts';

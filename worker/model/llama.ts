@@ -34,17 +34,8 @@ export function fullModelSpec(cfg: ModelConfig): StageSpec {
   return { firstLayer: 0, lastLayer: cfg.numLayers, hasEmbedding: true, hasHead: true };
 }
 
-/** LoRA settings as in PEFT's LoraConfig (the subset that changes training). */
-export interface LoraConfig {
-  readonly r: number;
-  readonly alpha: number;
-  readonly dropout: number;
-  readonly useRslora: boolean;
-  /** Module names (matched like PEFT: exact name or path suffix) or 'all-linear' (every decoder linear, never lm_head). */
-  readonly targetModules: readonly string[] | 'all-linear';
-  readonly rankPattern?: Readonly<Record<string, number>>;
-  readonly alphaPattern?: Readonly<Record<string, number>>;
-}
+export type { LoraConfig } from '../../common/peft.ts';
+import type { LoraConfig } from '../../common/peft.ts';
 
 /** PEFT's per-model default targets (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, spec §7). */
 export function defaultTargetModules(modelType: string): string[] {

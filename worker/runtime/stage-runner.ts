@@ -20,7 +20,7 @@ import { encodeStageState } from './state.ts';
 // The checkpoint reader (verifies every file's sha256 against the manifest). The one place a worker reads
 // the coordinator's format: a resuming worker loads its shard from the checkpoint directory, which (like the
 // model directory) must be visible to it.
-import { loadCheckpoint } from '../../coordinator/checkpoint.ts';
+import { loadCheckpoint } from '../../common/checkpoint.ts';
 import { decodeTensorAs, hostToF32, type HostTensor } from '../../common/wire.ts';
 import { mixKey } from '../../common/rng.ts';
 import { CheckpointError, ConfigError, DqloraError, ShapeError } from '../../common/errors.ts';

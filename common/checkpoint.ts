@@ -11,10 +11,9 @@
 import { createHash } from 'node:crypto';
 import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join, relative } from 'node:path';
-import { CheckpointError } from '../common/errors.ts';
-import { SafetensorsFile, writeSafetensors, type TensorRecord } from '../common/safetensors.ts';
-import { loadAdapter, saveAdapter, type LoraTensors } from '../worker/model/adapter.ts';
-import type { LoraConfig } from '../worker/model/llama.ts';
+import { CheckpointError } from './errors.ts';
+import { SafetensorsFile, writeSafetensors, type TensorRecord } from './safetensors.ts';
+import { loadAdapter, saveAdapter, type LoraConfig, type LoraTensors } from './peft.ts';
 
 export interface OptimizerMoments {
   readonly path: string;
