@@ -6,9 +6,10 @@
 // driver), so a training step that frees what it allocates leaves memoryInUse() flat. reshape() aliases
 // (free exactly one alias), rows() views (free is a no-op; the view dies with its parent).
 //
-// dtype policy: matmul of two tensors of one dtype runs in that dtype (bf16 → tensor cores, f32 → exact fp32);
-// a mixed bf16 × f32 product (activations × LoRA weights) rounds the f32 operand to bf16 first, as PyTorch
-// autocast does, and returns f32 unless `out` says otherwise. Ops whose kernels are bf16-only (attention)
+// dtype policy: matmul of two tensors of one dtype runs in that dtype (bf16 → tensor cores, f32 → exact fp32),
+// except f32 × f32 into a bf16 `out`, which runs on bf16 operands; a mixed bf16 × f32 product (activations × LoRA
+// weights) rounds the f32 operand to bf16 first, as PyTorch autocast does, and returns f32 unless `out` says
+// otherwise. Ops whose kernels are bf16-only (attention)
 // convert f32 inputs on the fly.
 
 import type { AdamWHyper, AttentionSaved, Backend, DType, DropoutKey, Nf4Weight, QuantizedTensor, Tensor } from '../backend.ts';
@@ -304,18 +305,12 @@ export class CudaBackend implements Backend {
       tmps.push(y);
       return y;
     };
-    const ab = ca.dtype === cb.dtype ? ca.dtype : 'bf16';
+    // f32 × f32 into a bf16 out (the LoRA branch added to a base output: u·Bᵀ, du·A) also runs on bf16 operands,
+    // as autocast does: an f32 product would need an [M, N] f32 temporary plus a convert/accumulate pass, three
+    // times the memory traffic of the bf16 GEMM writing (and accumulating into) the bf16 out directly.
+    const ab = ca.dtype === cb.dtype && !(ca.dtype === 'f32' && out.dtype === 'bf16') ? ca.dtype : 'bf16';
     const A = ab === 'bf16' ? asBf16(ca) : ca, B = ab === 'bf16' ? asBf16(cb) : cb;
-    if (ab === 'f32' && out.dtype === 'bf16') {
-      // cuBLASLt has no f32×f32→bf16: compute in f32, then convert / accumulate.
-      const tmp = this.alloc([M, N], 'f32');
-      tmps.push(tmp);
-      this.nat.matmul(A.ptr, B.ptr, DTYPE_CODE.f32, tmp.ptr, DTYPE_CODE.f32, M, N, K, transA, transB, alpha, 0);
-      if (beta) this.nat.axpy(out.ptr, DTYPE_CODE.bf16, tmp.ptr, DTYPE_CODE.f32, M * N, 1);
-      else this.nat.convert(tmp.ptr, DTYPE_CODE.f32, out.ptr, DTYPE_CODE.bf16, M * N);
-    } else {
-      this.nat.matmul(A.ptr, B.ptr, DTYPE_CODE[ab], out.ptr, DTYPE_CODE[out.dtype], M, N, K, transA, transB, alpha, beta);
-    }
+    this.nat.matmul(A.ptr, B.ptr, DTYPE_CODE[ab], out.ptr, DTYPE_CODE[out.dtype], M, N, K, transA, transB, alpha, beta);
     for (const t of tmps) this.free(t);
     return out;
   }
