@@ -18,23 +18,43 @@ export interface LocalWorkers {
   stop(): Promise<void>;
 }
 
-/** Spawns `n` workers that register with `coordinator`; respawns dead ones up to `maxRespawns` times in total. */
-export function spawnLocalWorkers(n: number, o: { coordinator: string; jobToken: string; backend: string; maxRespawns?: number }): LocalWorkers {
+/**
+ * GPUs the local workers are spread over: $CUDA_VISIBLE_DEVICES when set, else the GPUs `nvidia-smi -L` lists;
+ * empty when there is none (cpu workers, or no NVIDIA driver).
+ */
+export function localGpus(env: NodeJS.ProcessEnv = process.env): string[] {
+  const vis = env.CUDA_VISIBLE_DEVICES;
+  if (vis !== undefined && vis.trim() !== '') return vis.split(',').map((x) => x.trim()).filter((x) => x !== '' && x !== '-1');
+  const r = spawnSync('nvidia-smi', ['-L'], { encoding: 'utf8', timeout: 10_000 });
+  if (r.status !== 0 || !r.stdout) return [];
+  return r.stdout.split('\n').map((l) => /^GPU (\d+):/.exec(l)?.[1]).filter((x): x is string => x !== undefined);
+}
+
+/**
+ * Spawns `n` workers that register with `coordinator`; respawns dead ones up to `maxRespawns` times in total.
+ * With a cuda/auto backend and G GPUs, worker slot i sees only GPU i mod G (CUDA_VISIBLE_DEVICES), so S × R workers
+ * spread one per GPU — or share GPUs round-robin when there are fewer GPUs than workers.
+ */
+export function spawnLocalWorkers(n: number, o: { coordinator: string; jobToken: string; backend: string; maxRespawns?: number; gpus?: string[] }): LocalWorkers {
   const procs = new Set<ChildProcess>();
   let stopping = false, respawns = 0;
-  const start = (): void => {
+  const gpus = o.backend === 'cpu' ? [] : (o.gpus ?? localGpus());
+  const start = (slot: number): void => {
+    const env: NodeJS.ProcessEnv = { ...process.env, DQLORA_JOB_TOKEN: o.jobToken };
+    if (gpus.length > 0) env.CUDA_VISIBLE_DEVICES = gpus[slot % gpus.length];
     const p = spawn(process.execPath, [join(ROOT, 'bin', 'worker.js'), 'start', '--coordinator', o.coordinator, '--device', o.backend, '--listen', '127.0.0.1:0'], {
-      stdio: ['ignore', 'inherit', 'inherit'], env: { ...process.env, DQLORA_JOB_TOKEN: o.jobToken },
+      stdio: ['ignore', 'inherit', 'inherit'], env,
     });
+    log.debug({ pid: p.pid, slot, gpu: env.CUDA_VISIBLE_DEVICES }, 'local worker started');
     procs.add(p);
     p.on('exit', (code, signal) => {
       procs.delete(p);
       if (stopping) return;
       log.warn({ pid: p.pid, code, signal }, 'local worker exited');
-      if (respawns < (o.maxRespawns ?? 3)) { respawns++; log.info('starting a replacement worker'); start(); }
+      if (respawns < (o.maxRespawns ?? 3)) { respawns++; log.info({ slot }, 'starting a replacement worker'); start(slot); }
     });
   };
-  for (let i = 0; i < n; i++) start();
+  for (let i = 0; i < n; i++) start(i);
   return {
     pids: () => [...procs].map((p) => p.pid!).filter(Boolean),
     async stop() {
