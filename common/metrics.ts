@@ -144,7 +144,12 @@ export interface MetricsServer {
  * Serves `GET /metrics` (Prometheus text format) and `GET /healthz` ("ok") on host:port (port 0 = any free
  * port; the bound one is returned). Binds 127.0.0.1 unless told otherwise: exposing it is a deployment choice.
  */
-export function serveMetrics(registry: Registry, port: number, host = '127.0.0.1'): Promise<MetricsServer> {
+/** Host the /metrics server binds: DQLORA_METRICS_HOST (0.0.0.0 in Kubernetes, so probes and Prometheus reach it), else loopback. */
+export function metricsHost(env: NodeJS.ProcessEnv = process.env): string {
+  return env.DQLORA_METRICS_HOST?.trim() || '127.0.0.1';
+}
+
+export function serveMetrics(registry: Registry, port: number, host = metricsHost()): Promise<MetricsServer> {
   const server = http.createServer((req, res) => {
     const path = (req.url ?? '/').split('?')[0];
     if (req.method !== 'GET' && req.method !== 'HEAD') {

@@ -5,6 +5,7 @@
 //
 // Lifetime: the worker exits when the coordinator says Shutdown, when its command stream ends or breaks
 // (coordinator gone: nothing to wait for), or when heartbeats keep failing — it never hangs on a dead job.
+import { channelCredentials, serverCredentials } from '../common/tls.ts';
 import os from 'node:os';
 import * as grpc from '@grpc/grpc-js';
 import type { Backend } from './engine/backend.ts';
@@ -64,13 +65,13 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   // server reads `jobId` from this object on every call, so assigning it here re-targets the server.
   const popts: PipelineServerOptions = {
     host, port: Number(portStr), jobId: '(unassigned)', jobToken: o.jobToken, receivedBytes: metrics.receivedBytes,
-    maxMessageBytes: 4 * DEFAULT_CHUNK_BYTES,
+    maxMessageBytes: 4 * DEFAULT_CHUNK_BYTES, credentials: serverCredentials(),
     onForward: (seq, mb, t) => runner.inbox.put('forward', seq, mb, t),
     onBackward: (seq, mb, t) => runner.inbox.put('backward', seq, mb, t),
   };
   const pipeline: PipelineServerHandle = await startPipelineServer(popts);
   const advertise = o.advertise ?? `${host === '0.0.0.0' || host === '::' ? os.hostname() : host}:${pipeline.port}`;
-  const client = new ControlClient(o.coordinator, grpc.credentials.createInsecure(), { 'grpc.max_send_message_length': 8 << 20, 'grpc.max_receive_message_length': 64 << 20 });
+  const client = new ControlClient(o.coordinator, channelCredentials(), { 'grpc.max_send_message_length': 8 << 20, 'grpc.max_receive_message_length': 64 << 20 });
 
   // 1. register (retrying while the coordinator is not up yet)
   const deadline = Date.now() + (o.registerTimeoutMs ?? 60_000);

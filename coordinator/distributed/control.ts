@@ -5,6 +5,7 @@
 // no heartbeat arrived within the heartbeat timeout (stalled or partitioned). Everything waiting on a lost
 // worker fails with WorkerLostError naming the worker, its stage and replica; nothing waits forever —
 // every request also has a deadline.
+import { serverCredentials } from '../../common/tls.ts';
 import crypto from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
 import { DqloraError, WireError } from '../../common/errors.ts';
@@ -165,7 +166,7 @@ export class ControlPlane {
   async listen(address: string): Promise<string> {
     const i = address.lastIndexOf(':');
     const host = address.slice(0, i);
-    const port = await new Promise<number>((resolve, reject) => this.server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (e, p) => (e ? reject(new DqloraError(`coordinator: cannot listen on ${address}: ${e.message}`, { cause: e })) : resolve(p))));
+    const port = await new Promise<number>((resolve, reject) => this.server.bindAsync(address, serverCredentials(), (e, p) => (e ? reject(new DqloraError(`coordinator: cannot listen on ${address}: ${e.message}`, { cause: e })) : resolve(p))));
     this.watchdog = setInterval(() => {
       const now = Date.now();
       for (const w of this.workers.values()) {

@@ -7,6 +7,7 @@
 //   ApplyUpdate  → clip by the coordinator's global coefficient → AdamW (update number step + 1) → zero grads
 // Numerics are the single-process Trainer's: same dropout key (seed, step), same loss scale (1 / label tokens
 // of the whole step), same clipping rule, float32 activations on the wire (bf16 would change the result).
+import { channelCredentials } from '../../common/tls.ts';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { z } from 'zod';
 import type { Backend, Tensor } from '../engine/backend.ts';
@@ -119,12 +120,14 @@ export class StageRunner {
     });
     this.params = this.stage.loraParams();
     if (a.resumeFrom) this.restore(a.resumeFrom);
-    const popts = { jobId: a.jobId, jobToken: this.jobToken, chunkBytes: a.train.chunkBytes, deadlineMs: a.train.stepTimeoutMs, sentBytes: this.metrics?.sentBytes };
+    const popts = { jobId: a.jobId, jobToken: this.jobToken, chunkBytes: a.train.chunkBytes, deadlineMs: a.train.stepTimeoutMs, sentBytes: this.metrics?.sentBytes, credentials: channelCredentials() };
     if (a.prev) this.prevClient = new PipelineClient(a.prev, popts);
     if (a.next) this.nextClient = new PipelineClient(a.next, popts);
     if (a.numReplicas > 1) {
       if (!a.natsUrl) throw new ConfigError(`stage ${a.stage} has ${a.numReplicas} replicas but no NATS URL was given`, { hint: 'start the coordinator with --nats URL (or nats-server on PATH in local mode), or the worker with --nats' });
-      this.nc = await connect({ servers: a.natsUrl, name: `dqlora-${a.jobId}-s${a.stage}-r${a.replica}`, timeout: 10_000 });
+      // NATS credentials come from the environment (a Kubernetes Secret), never from the job or a URL.
+      const user = process.env.DQLORA_NATS_USER, pass = process.env.DQLORA_NATS_PASSWORD;
+      this.nc = await connect({ servers: a.natsUrl, name: `dqlora-${a.jobId}-s${a.stage}-r${a.replica}`, timeout: 10_000, ...(user ? { user, pass } : {}) });
       this.allreduce = new NatsAllReduce(this.nc, { jobId: a.jobId, stage: a.stage, rank: a.replica, worldSize: a.numReplicas, timeoutMs: a.train.stepTimeoutMs });
     }
     this.inbox.begin(a.firstSeq);
