@@ -42,7 +42,9 @@ export function spawnLocalWorkers(n: number, o: { coordinator: string; jobToken:
   const start = (slot: number): void => {
     const env: NodeJS.ProcessEnv = { ...process.env, DQLORA_JOB_TOKEN: o.jobToken };
     if (gpus.length > 0) env.CUDA_VISIBLE_DEVICES = gpus[slot % gpus.length];
-    const p = spawn(process.execPath, [join(ROOT, 'bin', 'worker.js'), 'start', '--coordinator', o.coordinator, '--device', o.backend, '--listen', '127.0.0.1:0'], {
+    // DQLORA_WORKER_ENTRY: another worker entry script (e.g. an esbuild bundle on a machine without node_modules).
+    const entry = process.env.DQLORA_WORKER_ENTRY ?? join(ROOT, 'bin', 'worker.js');
+    const p = spawn(process.execPath, [entry, 'start', '--coordinator', o.coordinator, '--device', o.backend, '--listen', '127.0.0.1:0'], {
       stdio: ['ignore', 'inherit', 'inherit'], env,
     });
     log.debug({ pid: p.pid, slot, gpu: env.CUDA_VISIBLE_DEVICES }, 'local worker started');

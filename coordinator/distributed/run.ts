@@ -58,6 +58,10 @@ export interface StepTiming {
   readonly bubble: number;
   readonly grpcBytes: number;
   readonly natsBytes: number;
+  /** Slowest worker's all-reduce time in this step (s). */
+  readonly allreduceSeconds: number;
+  /** Slowest worker's time waiting on other stages (activation/gradient transfer + the bubble) (s). */
+  readonly idleSeconds: number;
 }
 
 export interface DistributedOutcome extends RunOutcome {
@@ -249,7 +253,8 @@ export async function runDistributed(job: JobConfig, opts: DistributedOptions = 
       const bubble = all1.reduce((a, x) => a + (x.pipelineSeconds > 0 ? x.idleSeconds / x.pipelineSeconds : 0), 0) / all1.length;
       log.debug({ step: s + 1, workers: reps.flatMap((row, r) => row.map((x, st) => ({ stage: st, replica: r, fwd: +x.stats!.forwardSeconds.toFixed(3), bwd: +x.stats!.backwardSeconds.toFixed(3), idle: +x.stats!.idleSeconds.toFixed(3), schedule: +x.stats!.pipelineSeconds.toFixed(3), allreduce: +x.stats!.allreduceSeconds.toFixed(3) }))) }, 'step timings');
       const grpcNow = all1.reduce((a, x) => a + x.grpcBytesSent, 0), natsNow = all1.reduce((a, x) => a + x.natsBytesSent, 0);
-      timings.push({ step: s + 1, seconds, bubble, grpcBytes: grpcNow - grpcBytesBefore, natsBytes: natsNow - natsBytesBefore });
+      timings.push({ step: s + 1, seconds, bubble, grpcBytes: grpcNow - grpcBytesBefore, natsBytes: natsNow - natsBytesBefore,
+        allreduceSeconds: Math.max(...all1.map((x) => x.allreduceSeconds)), idleSeconds: Math.max(...all1.map((x) => x.idleSeconds)) });
       grpcBytesBefore = grpcNow; natsBytesBefore = natsNow;
       tokensSeen += tokens; stepSeconds += seconds;
       metrics.loss.set(loss); metrics.learningRate.set(lr); metrics.gradNorm.set(gradNorm); metrics.tokensPerSecond.set(tokens / seconds);
