@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 5 on the GPU machine, one device call: writes a TinyLlama-1.1B-shaped random checkpoint (PyTorch), then runs
+# bench/multigpu.ts — the same QLoRA job on 1×1 / 2×1 / 1×2 / 2×2 layouts of local worker processes, one worker per
+# GPU round-robin (on a one-GPU machine they share it: the multi-process GPU path, not scaling).
+#   here: bash bench/multigpu-pack.sh ; device: carry [".device", "worker/engine/cuda/build"], "bash bench/multigpu.sh"
+# Environment: MG_LAYOUTS (default 1x1,2x1,1x2,2x2), MG_STEPS (6), MG_SEQ (1024), MG_GBS (16), MG_MICRO (4).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source .device/env.sh
+OUT=${OUT:-/tmp/dqlora-mgpu}
+mkdir -p "$OUT"
+export PATH=$PWD/.device/bin:$PATH
+export DQLORA_CUDA_ADDON=$PWD/worker/engine/cuda/build/dqlora_cuda.node
+export DQLORA_WORKER_ENTRY=$PWD/.device/worker.mjs
+export DQLORA_LOG_LEVEL=${DQLORA_LOG_LEVEL:-warn}
+nvidia-smi -L | tee "$OUT/log.txt"
+node -e 'const a=require(process.env.DQLORA_CUDA_ADDON); console.log("cuda devices:", a.deviceCount().count)' 2>&1 | tee -a "$OUT/log.txt"
+MODEL=/tmp/dqlora-mgpu-model
+PYTHONUNBUFFERED=1 timeout 200 python3 bench/gpu/torch_bench.py --save "$MODEL" --no-train --seq "${MG_SEQ:-1024}" 2>&1 | tail -3 | tee -a "$OUT/log.txt"
+timeout 420 node .device/multigpu.mjs --model "$MODEL" --tokenizer .device/tok --out "$OUT/run" \
+  --layouts "${MG_LAYOUTS:-1x1,2x1,1x2,2x2}" --steps "${MG_STEPS:-6}" --seq "${MG_SEQ:-1024}" --global-batch "${MG_GBS:-16}" --micro "${MG_MICRO:-4}" --backend cuda \
+  2>&1 | tee -a "$OUT/log.txt"
+cp "$OUT/run/multigpu.md" "$OUT/" 2>/dev/null
+rm -rf "$OUT/run"
