@@ -159,12 +159,9 @@ inline const Kern& kern() {
 
 constexpr int KC = 256, MC = 192, NC = 256;
 
-/**
- * out[k·ldo + r] = src[r·lds + k] for r < rows, k < cols. Walks k in chunks of 16 so that the 16 destination
- * rows being written stay in L1 while each source row is read contiguously.
- */
-inline void transposeInto(const float* src, long lds, int rows, int cols, float* out, int ldo) {
-  for (int k0 = 0; k0 < cols; k0 += 16) {
+/** Scalar transpose of columns [kFrom, cols): out[k·ldo + r] = src[r·lds + k], k in chunks of 16 (destination in L1). */
+inline void transposeScalar(const float* src, long lds, int rows, int kFrom, int cols, float* out, int ldo) {
+  for (int k0 = kFrom; k0 < cols; k0 += 16) {
     int kn = std::min(16, cols - k0);
     for (int r = 0; r < rows; r++) {
       const float* s = src + r * lds + k0;
@@ -172,6 +169,55 @@ inline void transposeInto(const float* src, long lds, int rows, int cols, float*
       for (int k = 0; k < kn; k++) o[k * ldo] = s[k];
     }
   }
+}
+
+#ifdef DQ_X86
+/**
+ * 16 × 16 blocks in registers (unpack / shuffle network): up to 16 source rows × 16 columns are loaded, transposed,
+ * and stored as 16 destination rows of `rows` lanes (masked). The scalar loop's strided single-float stores were
+ * most of the packing time (A is packed this way for every GEMM, NF4 B for every forward). Pure data movement.
+ */
+__attribute__((target("avx512f"))) static void transposeAvx512(const float* src, long lds, int rows, int cols, float* out, int ldo) {
+  // After the network, register x holds source column kOf[x].
+  static const int kOf[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+  const int full = cols / 16 * 16;
+  for (int r0 = 0; r0 < rows; r0 += 16) {
+    const int rn = std::min(16, rows - r0);
+    const __mmask16 sm = rn == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rn) - 1);
+    for (int k0 = 0; k0 < full; k0 += 16) {
+      __m512 v[16], a[16], b[16], c[16];
+      for (int r = 0; r < 16; r++) v[r] = r < rn ? _mm512_loadu_ps(src + (long)(r0 + r) * lds + k0) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; i++) { a[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]); a[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]); }
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 2; j++) {
+          b[4 * i + j] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[4 * i + j]), _mm512_castps_pd(a[4 * i + j + 2])));
+          b[4 * i + j + 2] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[4 * i + j]), _mm512_castps_pd(a[4 * i + j + 2])));
+        }
+#pragma GCC unroll 2
+      for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+          c[8 * i + j] = _mm512_shuffle_f32x4(b[8 * i + j], b[8 * i + j + 4], 0x88);
+          c[8 * i + j + 4] = _mm512_shuffle_f32x4(b[8 * i + j], b[8 * i + j + 4], 0xdd);
+        }
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; j++) {
+        _mm512_mask_storeu_ps(out + (long)(k0 + kOf[j]) * ldo + r0, sm, _mm512_shuffle_f32x4(c[j], c[j + 8], 0x88));
+        _mm512_mask_storeu_ps(out + (long)(k0 + kOf[j + 8]) * ldo + r0, sm, _mm512_shuffle_f32x4(c[j], c[j + 8], 0xdd));
+      }
+    }
+  }
+  if (full < cols) transposeScalar(src, lds, rows, full, cols, out, ldo);
+}
+#endif
+
+/** out[k·ldo + r] = src[r·lds + k] for r < rows, k < cols. */
+inline void transposeInto(const float* src, long lds, int rows, int cols, float* out, int ldo) {
+#ifdef DQ_X86
+  if (cols >= 16 && std::strcmp(kern().name, "avx512") == 0) { transposeAvx512(src, lds, rows, cols, out, ldo); return; }
+#endif
+  transposeScalar(src, lds, rows, 0, cols, out, ldo);
 }
 
 /** Dequantizes n consecutive flat NF4 elements starting at f into out[0..n): one scaled 16-entry table per block. */
