@@ -80,7 +80,7 @@ test('a 2-stage job trains over mutual TLS; clients without a certificate or wit
         ['own certificate', grpc.credentials.createSsl(readFileSync(pki.ca), readFileSync(pki.key), readFileSync(pki.cert))],
       ] as const) {
         const c = new ControlClient(address, creds);
-        const err = await new Promise<grpc.ServiceError | null>((res) => c.status({ jobToken: '' }, { deadline: Date.now() + 3000 }, (e) => res(e)));
+        const err = await new Promise<grpc.ServiceError | null>((res) => c.status({ jobToken: '' }, new grpc.Metadata(), { deadline: Date.now() + 3000 }, (e) => res(e)));
         c.close();
         // A TLS handshake refusal surfaces as UNAVAILABLE; anything else (OK, or the app's own UNAUTHENTICATED for a
         // missing job token) means the channel itself was accepted.
