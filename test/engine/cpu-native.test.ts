@@ -11,6 +11,14 @@ import { createCpuBackend, cpuData, type CpuBackend } from '../../worker/engine/
 import { loadCpuNative } from '../../worker/engine/cpu/native.ts';
 import type { Tensor } from '../../worker/engine/backend.ts';
 import { rand, randInt, randomNf4, relErr } from './helpers.ts';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { writeRandomLlama } from '../../coordinator/example/model.ts';
+import { Trainer } from '../../coordinator/train.ts';
+import { loadStage } from '../../worker/model/loader.ts';
+import { fullModelSpec } from '../../worker/model/llama.ts';
+import { loadModelConfig } from '../../worker/model/config.ts';
 
 const native = loadCpuNative();
 const AGREE = 1e-5;
@@ -235,6 +243,34 @@ describe('cpu native kernels vs TypeScript kernels', { skip: native ? false : 'n
     }
     // The elementwise kernels are one source compiled per ISA with no FMA contraction: the same bits on every ISA.
     assert.ok(hashes.every((h) => h === hashes[0]), `elementwise results differ between ISAs: ${hashes.join(', ')}`);
+  });
+
+  it('QLoRA training steps (dropout, checkpointing) give the same LoRA bits on 1 and 2 threads', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dqlora-native-det-'));
+    try {
+      writeRandomLlama(dir, { hiddenSize: 64, intermediateSize: 176, numLayers: 2, numHeads: 4, numKvHeads: 2, vocabSize: 300,
+        maxPositionEmbeddings: 128, tieWordEmbeddings: true, ropeTheta: 10000, rmsNormEps: 1e-5, embedStd: 0.125 }, 3);
+      const [B, T, V] = [4, 48, 300];
+      const data = Array.from({ length: 3 * B }, (_, i) => {
+        const ids = randInt(T - (i % 5), 150 + i, 0, V);
+        return { inputIds: ids, labels: ids.slice(), sourceIndex: i };
+      });
+      const train = (threads: number): Float32Array[] => {
+        const be = createCpuBackend({ native: true, threads });
+        const stage = loadStage(be, dir, fullModelSpec(loadModelConfig(dir)), {
+          lora: { r: 8, alpha: 16, dropout: 0.1, useRslora: false, targetModules: 'all-linear' }, seed: 4, gradientCheckpointing: true });
+        const tr = new Trainer(be, [stage], data, { epochs: 1, microBatchSize: B, gradAccum: 1, replicas: 1, lr: 1e-3, schedule: 'constant',
+          warmupSteps: 0, weightDecay: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, maxGradNorm: 1, seed: 5, padId: 0 }, { configHash: '', dataHash: '' });
+        for (let i = 0; i < 3; i++) tr.step();
+        return stage.loraParams().flatMap((p) => [p.A, p.B].map((t) => cpuData(t).slice()));
+      };
+      const a = train(1), b = train(2);
+      assert.equal(a.length, b.length);
+      assert.ok(a.filter((_, i) => i % 2 === 1).every((x) => x.some((v) => v !== 0)), 'every LoRA B (zero at init) was trained');
+      a.forEach((x, i) => assert.deepEqual(new Uint32Array(x.buffer), new Uint32Array(b[i].buffer), `LoRA tensor ${i}`));
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('bad arguments throw instead of touching memory out of bounds', () => {
