@@ -149,11 +149,10 @@ export class Trainer {
   /** Host copies of the adapter and the optimizer moments (for checkpoints and the final adapter). */
   snapshot(): { modules: LoraTensors[]; moments: OptimizerMoments[] } {
     const modules = this.stages.flatMap((s) => stageLoraTensors(this.be, s));
-    const moments = this.params.map((p) => ({
-      path: p.name,
-      mA: this.be.download(p.mA) as Float32Array, vA: this.be.download(p.vA) as Float32Array,
-      mB: this.be.download(p.mB) as Float32Array, vB: this.be.download(p.vB) as Float32Array,
-    }));
+    const moments = this.params.map((p) => {
+      const h = p.hostState(true);
+      return { path: p.name, mA: h.mA!, vA: h.vA!, mB: h.mB!, vB: h.vB! };
+    });
     return { modules, moments };
   }
 
@@ -167,21 +166,10 @@ export class Trainer {
       const m = byPath.get(p.name), mo = momentsByPath.get(p.name);
       if (!m || !mo) throw new CheckpointError(`checkpoint ${ck.dir} has no state for '${p.name}'`);
       if (m.r !== p.hyper.r) throw new CheckpointError(`checkpoint ${ck.dir}: '${p.name}' has rank ${m.r}, the job says ${p.hyper.r}`);
-      overwrite(this.be, p.A, m.A); overwrite(this.be, p.B, m.B);
-      overwrite(this.be, p.mA, mo.mA); overwrite(this.be, p.vA, mo.vA);
-      overwrite(this.be, p.mB, mo.mB); overwrite(this.be, p.vB, mo.vB);
+      p.setHostState({ A: m.A, B: m.B, mA: mo.mA, vA: mo.vA, mB: mo.mB, vB: mo.vB });
     }
     this.state = { ...ck.state, history: [...ck.state.history], evalHistory: [...ck.state.evalHistory] };
   }
-}
-
-/** Copies host data into an existing device tensor (same shape). */
-function overwrite(be: Backend, dst: import('../worker/engine/backend.ts').Tensor, src: Float32Array): void {
-  if (dst.size !== src.length) throw new CheckpointError(`tensor size mismatch restoring a checkpoint (${dst.size} vs ${src.length})`);
-  const t = be.upload(src, dst.shape, 'f32');
-  be.scale(dst, 0);
-  be.axpy(dst, t, 1);
-  be.free(t);
 }
 
 /** Mean token loss over examples through a local pipeline of stages (eval mode). */

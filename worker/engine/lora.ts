@@ -4,6 +4,7 @@
 // and Adam state are float32 on every backend.
 import type { Backend, DropoutKey, QuantizedTensor, Tensor } from './backend.ts';
 import { CounterRng, mixKey } from '../../common/rng.ts';
+import { ShapeError } from '../../common/errors.ts';
 
 /** LoRA hyper-parameters of one module (after rank_pattern / alpha_pattern are applied). */
 export interface LoraHyper {
@@ -35,6 +36,12 @@ export class LoraParams {
     readonly hyper: LoraHyper,
     readonly A: Tensor,   // [r, in]
     readonly B: Tensor,   // [out, r]
+    /**
+     * Internal row i of B (and of its gradient and moments) holds external row rowPerm[i] — the row order of the
+     * checkpoint / PEFT file. Set for modules whose base weight rows the loader permuted (ChatGLM's interleaved
+     * RoPE); undefined = identity.
+     */
+    readonly rowPerm?: Int32Array,
   ) {
     this.scale = loraScale(hyper);
     this.dA = be.zeros(A.shape, 'f32'); this.dB = be.zeros(B.shape, 'f32');
@@ -46,14 +53,39 @@ export class LoraParams {
    * PEFT default init: A ← kaiming_uniform(a=√5) = U(−1/√in, 1/√in), B ← 0. The numbers come from a counter RNG
    * keyed by (seed, module name), so every worker creates the same adapter whatever the layout.
    */
-  static init(be: Backend, name: string, inFeatures: number, outFeatures: number, hyper: LoraHyper, seed: number): LoraParams {
+  static init(be: Backend, name: string, inFeatures: number, outFeatures: number, hyper: LoraHyper, seed: number, rowPerm?: Int32Array): LoraParams {
     const a = new Float32Array(hyper.r * inFeatures);
     const rng = new CounterRng(mixKey(seed, 0x4c6f5241), mixKey(...Array.from(name, (c) => c.charCodeAt(0))));
     const bound = 1 / Math.sqrt(inFeatures);
     for (let i = 0; i < a.length; i++) a[i] = (rng.next() * 2 - 1) * bound;
     return new LoraParams(be, name, inFeatures, outFeatures, hyper,
-      be.upload(a, [hyper.r, inFeatures], 'f32'), be.zeros([outFeatures, hyper.r], 'f32'));
+      be.upload(a, [hyper.r, inFeatures], 'f32'), be.zeros([outFeatures, hyper.r], 'f32'), rowPerm);
   }
+
+  /** Host copies in the external (PEFT / checkpoint) row order: A, B and, with moments, the AdamW state. */
+  hostState(withMoments: boolean): LoraHostState {
+    const be = this.be, f = (t: Tensor): Float32Array => be.download(t) as Float32Array;
+    const ext = (t: Tensor): Float32Array => permuteRows(f(t), this.r, this.rowPerm, 'toExternal');
+    const st: LoraHostState = { A: f(this.A), B: ext(this.B) };
+    if (withMoments) Object.assign(st, { mA: f(this.mA), vA: f(this.vA), mB: ext(this.mB), vB: ext(this.vB) });
+    return st;
+  }
+
+  /** Overwrites weights (and moments, when given) from host arrays in the external row order. */
+  setHostState(s: LoraHostState): void {
+    const put = (dst: Tensor, src: Float32Array | undefined, rows: boolean): void => {
+      if (!src) return;
+      if (src.length !== dst.size) throw new ShapeError(`${this.name}: state of ${src.length} values for a tensor of ${dst.size}`);
+      const t = this.be.upload(rows ? permuteRows(src, this.r, this.rowPerm, 'toInternal') : src, dst.shape, 'f32');
+      this.be.scale(dst, 0);
+      this.be.axpy(dst, t, 1);
+      this.be.free(t);
+    };
+    put(this.A, s.A, false); put(this.B, s.B, true);
+    put(this.mA, s.mA, false); put(this.vA, s.vA, false); put(this.mB, s.mB, true); put(this.vB, s.vB, true);
+  }
+
+  get r(): number { return this.hyper.r; }
 
   zeroGrad(): void {
     this.be.scale(this.dA, 0); this.be.scale(this.dB, 0);
@@ -68,6 +100,22 @@ export class LoraParams {
   }
 }
 
+export interface LoraHostState {
+  A: Float32Array; B: Float32Array;
+  mA?: Float32Array; vA?: Float32Array; mB?: Float32Array; vB?: Float32Array;
+}
+
+/** Reorders the rows of a row-major [rows, cols] array between the internal and the external order. */
+export function permuteRows(data: Float32Array, cols: number, perm: Int32Array | undefined, dir: 'toInternal' | 'toExternal'): Float32Array {
+  if (!perm) return data;
+  const out = new Float32Array(data.length);
+  for (let i = 0; i < perm.length; i++) {
+    const [from, to] = dir === 'toInternal' ? [perm[i], i] : [i, perm[i]];
+    out.set(data.subarray(from * cols, (from + 1) * cols), to * cols);
+  }
+  return out;
+}
+
 /** What a LoRA-linear forward keeps for its backward. */
 export interface LoraLinearSaved {
   /** The LoRA branch input after dropout [N, in] (the layer input itself when p = 0: not owned). */
@@ -77,7 +125,11 @@ export interface LoraLinearSaved {
   readonly u: Tensor;
 }
 
-/** A frozen NF4 linear (with optional bias) and its optional LoRA branch. */
+/**
+ * A frozen NF4 linear (with optional bias) and its optional LoRA branch. Packed checkpoint modules (ChatGLM's
+ * query_key_value, dense_h_to_4h) become several QLoraLinears that share one LoraParams: each uses the rows
+ * `loraRows` of B — exactly the packed module's LoRA, with its single A and one dropout mask (same stream).
+ */
 export class QLoraLinear {
   constructor(
     private readonly be: Backend,
@@ -85,7 +137,16 @@ export class QLoraLinear {
     readonly weight: QuantizedTensor,
     readonly bias: Tensor | undefined,
     public lora: LoraParams | undefined,
+    /** The checkpoint module this linear's LoRA belongs to (differs from `name` for parts of a packed module). */
+    readonly loraPath: string = name,
+    /** Rows [start, end) of the module's LoRA B that produce this linear's outputs; undefined = all. */
+    readonly loraRows?: { readonly start: number; readonly end: number; readonly total: number },
+    /** The packed module's B row permutation (see LoraParams.rowPerm), shared by its parts. */
+    readonly loraRowPerm?: Int32Array,
   ) {}
+
+  private loraB(l: LoraParams): Tensor { return this.loraRows ? this.be.rows(l.B, this.loraRows.start, this.loraRows.end) : l.B; }
+  private loraDB(l: LoraParams): Tensor { return this.loraRows ? this.be.rows(l.dB, this.loraRows.start, this.loraRows.end) : l.dB; }
 
   get inFeatures(): number { return this.weight.shape[1]; }
   get outFeatures(): number { return this.weight.shape[0]; }
@@ -99,7 +160,7 @@ export class QLoraLinear {
     const useDropout = dropout !== undefined && lora.hyper.dropout > 0;
     const xd = useDropout ? be.dropout(x, { ...dropout, p: lora.hyper.dropout }) : x;
     const u = be.matmul(xd, lora.A, { transB: true });                               // [N, r]
-    be.matmul(u, lora.B, { transB: true, alpha: lora.scale, out: y, accumulate: true }); // y += s·u·Bᵀ
+    be.matmul(u, this.loraB(lora), { transB: true, alpha: lora.scale, out: y, accumulate: true }); // y += s·u·Bᵀ
     if (save) return { y, saved: { xd, ownsXd: useDropout, u } };
     be.free(u);
     if (useDropout) be.free(xd);
@@ -115,8 +176,8 @@ export class QLoraLinear {
     const dx = be.nf4LinearBackward(dy, this.weight);
     const lora = this.lora;
     if (!lora || !saved) return dx;
-    be.matmul(dy, saved.u, { transA: true, alpha: lora.scale, out: lora.dB, accumulate: true });
-    const du = be.matmul(dy, lora.B, { alpha: lora.scale });                          // [N, r]
+    be.matmul(dy, saved.u, { transA: true, alpha: lora.scale, out: this.loraDB(lora), accumulate: true });
+    const du = be.matmul(dy, this.loraB(lora), { alpha: lora.scale });                // [N, r]
     be.matmul(du, saved.xd, { transA: true, out: lora.dA, accumulate: true });
     if (saved.ownsXd && dropout) {
       const dxd = be.matmul(du, lora.A);                                              // [N, in]

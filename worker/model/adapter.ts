@@ -2,7 +2,7 @@
 // The file format itself lives in common/peft.ts.
 import { ShapeError, UnsupportedError } from '../../common/errors.ts';
 import type { Backend } from '../engine/backend.ts';
-import { LoraParams } from '../engine/lora.ts';
+import { LoraParams, type QLoraLinear } from '../engine/lora.ts';
 import type { LlamaStage } from './llama.ts';
 import { LINEAR_MODULES, hyperFor } from './llama.ts';
 import type { Adapter, LoraTensors } from '../../common/peft.ts';
@@ -11,37 +11,46 @@ export { saveAdapter, loadAdapter, loraDelta, adapterConfigJson, PEFT_VERSION, t
 
 /** Host copies of a stage's LoRA weights. */
 export function stageLoraTensors(be: Backend, stage: LlamaStage): LoraTensors[] {
-  return stage.loraParams().map((p) => ({
-    path: p.name, r: p.hyper.r, inFeatures: p.inFeatures, outFeatures: p.outFeatures,
-    A: be.download(p.A) as Float32Array, B: be.download(p.B) as Float32Array,
-  }));
+  void be;
+  return stage.loraParams().map((p) => {
+    const h = p.hostState(false);
+    return { path: p.name, r: p.hyper.r, inFeatures: p.inFeatures, outFeatures: p.outFeatures, A: h.A, B: h.B };
+  });
 }
 
 /**
  * Puts an adapter's weights into a stage (replacing any LoRA it had). Modules outside the stage's layers are
  * ignored (another stage holds them); a module this model does not have, or a shape mismatch, is an error.
+ * A packed checkpoint module (ChatGLM's query_key_value) feeds several linears of the stage, which share it.
  */
 export function applyAdapter(be: Backend, stage: LlamaStage, adapter: Adapter, source: string): number {
-  const known = new Map<string, { layerIdx: number; mod: (typeof LINEAR_MODULES)[number] }>();
-  stage.weights.layers.forEach((lw, i) => { for (const m of LINEAR_MODULES) known.set(lw.linears[m].name, { layerIdx: i, mod: m }); });
+  const groups = new Map<string, QLoraLinear[]>();
+  for (const lw of stage.weights.layers) for (const m of LINEAR_MODULES) {
+    const lin = lw.linears[m];
+    const g = groups.get(lin.loraPath) ?? [];
+    g.push(lin);
+    groups.set(lin.loraPath, g);
+  }
   let applied = 0;
   for (const t of adapter.modules) {
-    const lm = /^model\.layers\.(\d+)\./.exec(t.path);
+    const lm = /(?:^|\.)layers\.(\d+)\./.exec(t.path);
     if (!lm) throw new UnsupportedError(`${source}: adapter module '${t.path}' is not a decoder linear (embeddings / lm_head adapters are not supported)`);
     const layer = Number(lm[1]);
     if (layer >= stage.cfg.numLayers) throw new ShapeError(`${source}: adapter has '${t.path}' but the model has ${stage.cfg.numLayers} layers`, { hint: 'was the adapter trained on another model?' });
     if (layer < stage.spec.firstLayer || layer >= stage.spec.lastLayer) continue;
-    const k = known.get(t.path);
-    if (!k) throw new ShapeError(`${source}: adapter module '${t.path}' does not exist in this model`, { hint: 'was the adapter trained on another architecture?' });
-    const lin = stage.weights.layers[k.layerIdx].linears[k.mod];
-    if (t.inFeatures !== lin.inFeatures || t.outFeatures !== lin.outFeatures) {
-      throw new ShapeError(`${source}: expected lora_A [${t.r}, ${lin.inFeatures}] and lora_B [${lin.outFeatures}, ${t.r}] for ${t.path}, found [${t.r}, ${t.inFeatures}] and [${t.outFeatures}, ${t.r}]`, { hint: 'was the adapter trained on another model?' });
+    const parts = groups.get(t.path);
+    if (!parts) throw new ShapeError(`${source}: adapter module '${t.path}' does not exist in this model`, { hint: 'was the adapter trained on another architecture?' });
+    const inF = parts[0].inFeatures;
+    const outF = parts[0].loraRows ? parts[0].loraRows.total : parts[0].outFeatures;
+    if (t.inFeatures !== inF || t.outFeatures !== outF) {
+      throw new ShapeError(`${source}: expected lora_A [${t.r}, ${inF}] and lora_B [${outF}, ${t.r}] for ${t.path}, found [${t.r}, ${t.inFeatures}] and [${t.outFeatures}, ${t.r}]`, { hint: 'was the adapter trained on another model?' });
     }
     const hyper = { ...hyperFor(t.path, adapter.config), r: t.r };
-    lin.lora?.free();
-    lin.lora = new LoraParams(be, t.path, t.inFeatures, t.outFeatures, hyper, be.upload(t.A, [t.r, t.inFeatures], 'f32'), be.upload(t.B, [t.outFeatures, t.r], 'f32'));
+    parts[0].lora?.free();
+    const p = new LoraParams(be, t.path, inF, outF, hyper, be.zeros([t.r, inF], 'f32'), be.zeros([outF, t.r], 'f32'), parts[0].loraRowPerm);
+    p.setHostState({ A: t.A, B: t.B });
+    for (const lin of parts) lin.lora = p;
     applied++;
   }
   return applied;
 }
-

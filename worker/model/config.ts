@@ -10,8 +10,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { ConfigError, FormatError, UnsupportedError } from '../../common/errors.ts';
 
-export type ModelType = 'llama' | 'mistral' | 'qwen2';
-export const SUPPORTED_MODEL_TYPES: readonly ModelType[] = ['llama', 'mistral', 'qwen2'];
+export type ModelType = 'llama' | 'mistral' | 'qwen2' | 'chatglm';
+export const SUPPORTED_MODEL_TYPES: readonly ModelType[] = ['llama', 'mistral', 'qwen2', 'chatglm'];
 
 export interface RopeScaling {
   type: 'default' | 'linear' | 'dynamic' | 'llama3' | 'yarn';
@@ -39,6 +39,13 @@ export interface ModelConfig {
   numHeads: number;
   numKvHeads: number;
   headDim: number;
+  /** Dims of each head that RoPE rotates (headDim for the Llama family; ChatGLM2 rotates the first half). */
+  rotaryDim: number;
+  /**
+   * RoPE pairs dims (2i, 2i+1) (Meta / ChatGLM "interleaved") instead of HF's (i, i + rotaryDim/2). The loader
+   * permutes the q/k rows of interleaved checkpoints so the engine always computes the HF (rotate_half) layout.
+   */
+  ropeInterleaved: boolean;
   vocabSize: number;
   rmsNormEps: number;
   ropeTheta: number;
@@ -62,13 +69,14 @@ export interface ModelConfig {
   raw: Record<string, unknown>;
 }
 
-const ARCH: Record<ModelType, string> = { llama: 'LlamaForCausalLM', mistral: 'MistralForCausalLM', qwen2: 'Qwen2ForCausalLM' };
+const ARCH: Record<ModelType, string> = { llama: 'LlamaForCausalLM', mistral: 'MistralForCausalLM', qwen2: 'Qwen2ForCausalLM', chatglm: 'ChatGLMModel' };
 
 /** transformers config-class defaults for the optional fields. */
 const DEFAULTS: Record<ModelType, { rmsNormEps: number; ropeTheta: number; maxPos: number; bos: number | null; eos: number | null; slidingWindow: number | null }> = {
   llama: { rmsNormEps: 1e-6, ropeTheta: 10000, maxPos: 2048, bos: 1, eos: 2, slidingWindow: null },
   mistral: { rmsNormEps: 1e-6, ropeTheta: 10000, maxPos: 4096 * 32, bos: 1, eos: 2, slidingWindow: 4096 },
   qwen2: { rmsNormEps: 1e-6, ropeTheta: 10000, maxPos: 32768, bos: null, eos: null, slidingWindow: 4096 },
+  chatglm: { rmsNormEps: 1e-5, ropeTheta: 10000, maxPos: 2048, bos: null, eos: 2, slidingWindow: null },
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -175,10 +183,11 @@ export function parseModelConfig(json: unknown, source: string): ModelConfig {
   }
   if (!(SUPPORTED_MODEL_TYPES as readonly string[]).includes(mt)) {
     throw new UnsupportedError(`${source}: model_type "${mt.slice(0, 60)}" is not supported`, {
-      hint: `supported model types: ${SUPPORTED_MODEL_TYPES.join(', ')} (ChatGLM2 is planned)`,
+      hint: `supported model types: ${SUPPORTED_MODEL_TYPES.join(', ')}`,
     });
   }
   const modelType = mt as ModelType;
+  if (modelType === 'chatglm') return parseChatGlmConfig(raw, source);
   const d = DEFAULTS[modelType];
 
   const archV = own(raw, 'architectures');
@@ -249,9 +258,52 @@ export function parseModelConfig(json: unknown, source: string): ModelConfig {
   }
 
   return {
-    modelType, architectures, hiddenSize, intermediateSize, numLayers, numHeads, numKvHeads, headDim, vocabSize,
-    rmsNormEps, ropeTheta, ropeScaling, maxPositionEmbeddings, tieWordEmbeddings, qkvBias, oBias, mlpBias,
+    modelType, architectures, hiddenSize, intermediateSize, numLayers, numHeads, numKvHeads, headDim, rotaryDim: headDim,
+    ropeInterleaved: false, vocabSize, rmsNormEps, ropeTheta, ropeScaling, maxPositionEmbeddings, tieWordEmbeddings, qkvBias, oBias, mlpBias,
     bosTokenId, eosTokenIds, padTokenId, torchDtype, slidingWindow, quantization, raw,
+  };
+}
+
+/**
+ * ChatGLM2 (THUDM/chatglm2-6b remote code, qlora-spec §10): `num_layers`, `ffn_hidden_size`, `kv_channels` (head
+ * dim), `multi_query_group_num` (kv heads), `padded_vocab_size`, `layernorm_epsilon`, packed query_key_value with
+ * bias, SwiGLU, RoPE on the first half of each head in interleaved pairs, no tied embeddings. The variants its code
+ * supports but the released checkpoints do not use (LayerNorm instead of RMSNorm, biases on the other linears,
+ * residual after the norm, rope_ratio ≠ 1 of the 32k models) are refused by name.
+ */
+function parseChatGlmConfig(raw: Obj, source: string): ModelConfig {
+  const f = new Fields(raw, source);
+  const refuse = (key: string, ok: (v: unknown) => boolean, what: string): void => {
+    const v = own(raw, key);
+    if (v !== undefined && v !== null && !ok(v)) throw new UnsupportedError(`${source}: ChatGLM field "${key}" = ${show(v)} is not supported (${what})`);
+  };
+  refuse('rmsnorm', (v) => v === true, 'only RMSNorm checkpoints');
+  refuse('apply_residual_connection_post_layernorm', (v) => v === false, 'only pre-norm residuals');
+  refuse('add_bias_linear', (v) => v === false, 'only bias-free dense layers');
+  refuse('post_layer_norm', (v) => v === true, 'the final layer norm is required');
+  refuse('original_rope', (v) => v === true, 'only the original RoPE');
+  refuse('rope_ratio', (v) => v === 1, 'the 32k models’ scaled RoPE is not supported');
+  const hiddenSize = f.int('hidden_size');
+  const numHeads = f.int('num_attention_heads');
+  const headDim = f.int('kv_channels', hiddenSize / numHeads);
+  const numKvHeads = f.bool('multi_query_attention', false) ? f.int('multi_query_group_num', 1) : numHeads;
+  if (numHeads % numKvHeads !== 0) throw new FormatError(`${source}: "num_attention_heads" (${numHeads}) must be a multiple of "multi_query_group_num" (${numKvHeads})`);
+  if (headDim % 4 !== 0) throw new FormatError(`${source}: "kv_channels" (${headDim}) must be a multiple of 4 (RoPE on half the head, in pairs)`);
+  const vocabSize = own(raw, 'padded_vocab_size') !== undefined ? f.int('padded_vocab_size') : f.int('vocab_size');
+  const maxPos = f.int('seq_length', DEFAULTS.chatglm.maxPos);
+  const archV = own(raw, 'architectures');
+  return {
+    modelType: 'chatglm',
+    architectures: Array.isArray(archV) && archV.every((a) => typeof a === 'string') ? [...(archV as string[])] : [ARCH.chatglm],
+    hiddenSize, intermediateSize: f.int('ffn_hidden_size'), numLayers: f.int('num_layers'), numHeads, numKvHeads, headDim,
+    rotaryDim: headDim / 2, ropeInterleaved: true, vocabSize,
+    rmsNormEps: f.num('layernorm_epsilon', DEFAULTS.chatglm.rmsNormEps), ropeTheta: 10000, ropeScaling: { type: 'default', factor: 1 },
+    maxPositionEmbeddings: maxPos, tieWordEmbeddings: f.bool('tie_word_embeddings', false),
+    qkvBias: f.bool('add_qkv_bias', false), oBias: false, mlpBias: false,
+    bosTokenId: f.tokenId('bos_token_id', null), eosTokenIds: f.tokenIds('eos_token_id', [2]), padTokenId: f.tokenId('pad_token_id', 0),
+    torchDtype: parseDtype(raw, source), slidingWindow: null,
+    quantization: isObj(own(raw, 'quantization_config')) ? own(raw, 'quantization_config') as Record<string, unknown> : null,
+    raw,
   };
 }
 
@@ -360,6 +412,7 @@ export function loadModelConfig(dir: string): ModelConfig {
  * rope_parameters itself), dtype as `torch_dtype`.
  */
 export function modelConfigToHfJson(cfg: ModelConfig): Record<string, unknown> {
+  if (cfg.modelType === 'chatglm') return { ...cfg.raw }; // remote-code config: written back as read
   const out: Record<string, unknown> = { ...cfg.raw };
   delete out.rope_parameters; // would shadow rope_scaling in 5.x
   delete out.dtype;
@@ -446,7 +499,7 @@ function posFreqs(base: number, dim: number): Float32Array {
  * max_position_embeddings.
  */
 export function ropeInvFreq(cfg: ModelConfig, seqLen?: number): { invFreq: Float32Array; mscale: number } {
-  const dim = cfg.headDim;
+  const dim = cfg.rotaryDim;
   const s = cfg.ropeScaling;
   const recip = (x: Float32Array) => x.map((v) => f32(1 / v));
   switch (s.type) {

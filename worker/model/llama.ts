@@ -155,9 +155,9 @@ export class LlamaStage {
 
   /** Every LoRA module of this stage, in a fixed order (layer, then module). */
   loraParams(): LoraParams[] {
-    const out: LoraParams[] = [];
-    for (const lw of this.weights.layers) for (const m of LINEAR_MODULES) { const p = lw.linears[m].lora; if (p) out.push(p); }
-    return out;
+    const out = new Set<LoraParams>();   // parts of a packed module share one LoraParams
+    for (const lw of this.weights.layers) for (const m of LINEAR_MODULES) { const p = lw.linears[m].lora; if (p) out.add(p); }
+    return [...out];
   }
 
   // ---------------------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ export class LlamaStage {
       return r.y;
     };
     const q0 = lin('q_proj', 0, y1), k0 = lin('k_proj', 1, y1), v0 = lin('v_proj', 2, y1);
-    const ropeOpts = { rotaryDim: D, mscale: this.mscale };
+    const ropeOpts = { rotaryDim: this.cfg.rotaryDim, mscale: this.mscale };
     const q = be.rope(be.reshape(q0, [N, cfg.numHeads, D]), st.positions, this.invFreq, ropeOpts);
     const k = be.rope(be.reshape(k0, [N, cfg.numKvHeads, D]), st.positions, this.invFreq, ropeOpts);
     be.free(q0); be.free(k0);
@@ -370,7 +370,7 @@ export class LlamaStage {
       be.reshape(tp.q, [B, T, cfg.numHeads, D]), be.reshape(tp.k, [B, T, cfg.numKvHeads, D]),
       be.reshape(tp.v, [B, T, cfg.numKvHeads, D]), st.keyMask, tp.att, 1 / Math.sqrt(D));
     be.free(datt);
-    const ropeInv = { rotaryDim: D, mscale: this.mscale, inverse: true };
+    const ropeInv = { rotaryDim: this.cfg.rotaryDim, mscale: this.mscale, inverse: true };
     const dq0 = be.rope(be.reshape(dq, [N, cfg.numHeads, D]), st.positions, this.invFreq, ropeInv);
     const dk0 = be.rope(be.reshape(dkk, [N, cfg.numKvHeads, D]), st.positions, this.invFreq, ropeInv);
     be.free(dq); be.free(dkk);
@@ -442,7 +442,7 @@ export class LlamaStage {
     const qp = new Int32Array(N);
     for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) qp[b * T + t] = start + t;
     const queryPos = be.upload(qp, [N], 'i32');
-    const ropeOpts = { rotaryDim: D, mscale: this.mscale };
+    const ropeOpts = { rotaryDim: this.cfg.rotaryDim, mscale: this.mscale };
     for (let i = 0; i < this.weights.layers.length; i++) {
       const lw = this.weights.layers[i], L = lw.linears;
       const { y: y1, rstd: r1 } = be.rmsnorm(x, lw.inputNorm, cfg.rmsNormEps);

@@ -143,8 +143,7 @@ export class StageRunner {
       const m = byPath.get(p.name), o = mo.get(p.name);
       if (!m || !o) throw new CheckpointError(`checkpoint ${dir} has no state for '${p.name}'`, { hint: 'was it written by a job with other LoRA target modules?' });
       if (m.r !== p.hyper.r) throw new CheckpointError(`checkpoint ${dir}: '${p.name}' has rank ${m.r}, the job says ${p.hyper.r}`);
-      this.overwrite(p.A, m.A); this.overwrite(p.B, m.B);
-      this.overwrite(p.mA, o.mA); this.overwrite(p.vA, o.vA); this.overwrite(p.mB, o.mB); this.overwrite(p.vB, o.vB);
+      p.setHostState({ A: m.A, B: m.B, mA: o.mA, vA: o.vA, mB: o.mB, vB: o.vB });
     }
   }
 

@@ -24,15 +24,16 @@ export interface DecodedStageState {
 
 /** Serializes the stage's LoRA params (in their fixed order) to StageState bytes. */
 export function encodeStageState(be: Backend, stage: number, params: readonly LoraParams[], includeMoments: boolean): Uint8Array {
-  const f = (t: import('../engine/backend.ts').Tensor): Float32Array => be.download(t) as Float32Array;
+  void be; // host copies come from LoraParams.hostState (external row order)
   return StageState.encode({
     stageIndex: stage,
     modules: params.map((p) => {
       const sa = [p.hyper.r, p.inFeatures], sb = [p.outFeatures, p.hyper.r];
+      const h = p.hostState(includeMoments);
       return {
         path: p.name, r: p.hyper.r, inFeatures: p.inFeatures, outFeatures: p.outFeatures,
-        a: f32ToTensor(f(p.A), sa), b: f32ToTensor(f(p.B), sb),
-        ...(includeMoments ? { mA: f32ToTensor(f(p.mA), sa), vA: f32ToTensor(f(p.vA), sa), mB: f32ToTensor(f(p.mB), sb), vB: f32ToTensor(f(p.vB), sb) } : {}),
+        a: f32ToTensor(h.A, sa), b: f32ToTensor(h.B, sb),
+        ...(includeMoments ? { mA: f32ToTensor(h.mA!, sa), vA: f32ToTensor(h.vA!, sa), mB: f32ToTensor(h.mB!, sb), vB: f32ToTensor(h.vB!, sb) } : {}),
       };
     }),
   }).finish();
