@@ -134,6 +134,10 @@ export async function runCpuOpsBench(): Promise<string> {
       const f = be.upload(Float32Array.from({ length: D / 2 }, (_, i) => 1 / Math.pow(10000, (2 * i) / D)), [D / 2]);
       return () => be.free(be.rope(x, pos, f, { rotaryDim: D }));
     });
+    row(`dropout p=0.1 [${N}, ${I}] (Philox per element)`, (be) => {
+      const x = randTensor(be, [N, I], 1), ids = Int32Array.from({ length: N }, (_, i) => i);
+      return () => be.free(be.dropout(x, { p: 0.1, k0: 1, k1: 2, stream: 3, rowSample: ids, rowPos: ids }));
+    });
     row(`axpy [${N}, ${I}]`, (be) => { const a = randTensor(be, [N, I], 1), b = randTensor(be, [N, I], 2); return () => be.axpy(a, b, 1e-3); });
     row('adamw 28 × [704, 16] (one step of the example\'s LoRA B)', (be) => {
       const ps = Array.from({ length: 28 }, (_, i) => [randTensor(be, [704, 16], i), randTensor(be, [704, 16], 100 + i), be.zeros([704, 16]), be.zeros([704, 16])]);

@@ -108,8 +108,10 @@ describe('cpu native kernels vs TypeScript kernels', { skip: native ? false : 'n
     assert.equal(res[1].b.count, 35);
     assert.ok(relErr(res[1].d, res[0].d) < AGREE);
     const xs = rand(50 * 300, 9);
-    const key = { p: 0.1, k0: 0xdeadbeef, k1: 7, stream: 3, rowSample: randInt(50, 10, 0, 1 << 30), rowPos: randInt(50, 11, 0, 4096) };
-    assert.deepEqual(Array.from(cpuData(n2.dropout(up(n2, xs, [50, 300]), key))), Array.from(cpuData(ts.dropout(up(ts, xs, [50, 300]), key))));
+    for (const p of [0.1, 0.5, 1 / 3, 0.99999]) {
+      const key = { p, k0: 0xdeadbeef, k1: 7, stream: 3, rowSample: randInt(50, 10, 0, 1 << 30), rowPos: randInt(50, 11, 0, 4096) };
+      assert.deepEqual(Array.from(cpuData(n2.dropout(up(n2, xs, [50, 300]), key))), Array.from(cpuData(ts.dropout(up(ts, xs, [50, 300]), key))), `p = ${p}`);
+    }
   });
 
   // Sizes span several 16384-element jobs with ragged tails, so the threaded paths and the vector tails both run.

@@ -236,16 +236,96 @@ inline uint32_t philoxWord0(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, 
   return c0;
 }
 
+/**
+ * One row: y[j] = keep(j) ? x[j]·scale : 0 for j in [j0, C). keep ⇔ u = (word0 >> 8)·2⁻²⁴ ≥ p, which for the
+ * integer (word0 >> 8) is exactly (word0 >> 8) ≥ thr with thr = ⌈p·2²⁴⌉ (p·2²⁴ is exact in float64).
+ */
+static void dropoutRowScalar(const float* x, float* y, int j0, int C, uint32_t thr, float scale, uint32_t c1, uint32_t c2,
+                             uint32_t c3, uint32_t k0, uint32_t k1) {
+  for (int j = j0; j < C; j++) y[j] = (philoxWord0((uint32_t)j, c1, c2, c3, k0, k1) >> 8) >= thr ? x[j] * scale : 0.0f;
+}
+
+#ifdef DQ_X86
+// Philox4x32-10 on 16 (8) counters c0 = j..j+15 at once: 32×32 → 64-bit products as mullo (low words) and two
+// mul_epu32 on the even / odd lanes (high words). The same integers as philoxWord0, so the same mask bits.
+__attribute__((target("avx512f"))) static inline __m512i mulhiEpu32x16(__m512i a, __m512i b) {
+  __m512i even = _mm512_srli_epi64(_mm512_mul_epu32(a, b), 32);
+  __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(b, 32));
+  return _mm512_mask_blend_epi32((__mmask16)0xAAAA, even, odd);
+}
+
+__attribute__((target("avx512f"))) static void dropoutRowAvx512(const float* x, float* y, int C, uint32_t thr, float scale,
+                                                               uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  const __m512i M0 = _mm512_set1_epi32((int)0xD2511F53u), M1 = _mm512_set1_epi32((int)0xCD9E8D57u);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i vthr = _mm512_set1_epi32((int)thr);
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int j = 0; j < C; j += 16) {
+    const __mmask16 m = C - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (C - j)) - 1);
+    __m512i a0 = _mm512_add_epi32(_mm512_set1_epi32(j), lane), a1 = _mm512_set1_epi32((int)c1);
+    __m512i a2 = _mm512_set1_epi32((int)c2), a3 = _mm512_set1_epi32((int)c3);
+    uint32_t q0 = k0, q1 = k1;
+    for (int r = 0; r < 10; r++) {
+      __m512i lo0 = _mm512_mullo_epi32(a0, M0), hi0 = mulhiEpu32x16(a0, M0);
+      __m512i lo1 = _mm512_mullo_epi32(a2, M1), hi1 = mulhiEpu32x16(a2, M1);
+      a0 = _mm512_xor_si512(_mm512_xor_si512(hi1, a1), _mm512_set1_epi32((int)q0));
+      a1 = lo1;
+      a2 = _mm512_xor_si512(_mm512_xor_si512(hi0, a3), _mm512_set1_epi32((int)q1));
+      a3 = lo0;
+      q0 += 0x9E3779B9u; q1 += 0xBB67AE85u;
+    }
+    __mmask16 keep = _mm512_mask_cmpge_epu32_mask(m, _mm512_srli_epi32(a0, 8), vthr);
+    _mm512_mask_storeu_ps(y + j, m, _mm512_maskz_mul_ps(keep, _mm512_maskz_loadu_ps(m, x + j), vs));
+  }
+}
+
+__attribute__((target("avx2"))) static inline __m256i mulhiEpu32x8(__m256i a, __m256i b) {
+  __m256i even = _mm256_srli_epi64(_mm256_mul_epu32(a, b), 32);
+  __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), _mm256_srli_epi64(b, 32));
+  return _mm256_blend_epi32(even, odd, 0xAA);
+}
+
+__attribute__((target("avx2"))) static void dropoutRowAvx2(const float* x, float* y, int C, uint32_t thr, float scale,
+                                                          uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  const __m256i M0 = _mm256_set1_epi32((int)0xD2511F53u), M1 = _mm256_set1_epi32((int)0xCD9E8D57u);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i vthr = _mm256_set1_epi32((int)thr);  // ≤ 2²⁴, and (word0 >> 8) < 2²⁴: a signed compare is exact
+  const __m256 vs = _mm256_set1_ps(scale);
+  int j = 0;
+  for (; j + 8 <= C; j += 8) {
+    __m256i a0 = _mm256_add_epi32(_mm256_set1_epi32(j), lane), a1 = _mm256_set1_epi32((int)c1);
+    __m256i a2 = _mm256_set1_epi32((int)c2), a3 = _mm256_set1_epi32((int)c3);
+    uint32_t q0 = k0, q1 = k1;
+    for (int r = 0; r < 10; r++) {
+      __m256i lo0 = _mm256_mullo_epi32(a0, M0), hi0 = mulhiEpu32x8(a0, M0);
+      __m256i lo1 = _mm256_mullo_epi32(a2, M1), hi1 = mulhiEpu32x8(a2, M1);
+      a0 = _mm256_xor_si256(_mm256_xor_si256(hi1, a1), _mm256_set1_epi32((int)q0));
+      a1 = lo1;
+      a2 = _mm256_xor_si256(_mm256_xor_si256(hi0, a3), _mm256_set1_epi32((int)q1));
+      a3 = lo0;
+      q0 += 0x9E3779B9u; q1 += 0xBB67AE85u;
+    }
+    __m256i drop = _mm256_cmpgt_epi32(vthr, _mm256_srli_epi32(a0, 8));
+    __m256 yv = _mm256_mul_ps(_mm256_loadu_ps(x + j), vs);
+    _mm256_storeu_ps(y + j, _mm256_andnot_ps(_mm256_castsi256_ps(drop), yv));
+  }
+  dropoutRowScalar(x, y, j, C, thr, scale, c1, c2, c3, k0, k1);
+}
+#endif
+
 inline void dropout(const float* x, float* y, int N, int C, double p, float scale, uint32_t k0, uint32_t k1, uint32_t stream,
                     const int32_t* rowSample, const int32_t* rowPos, int threads) {
+  const uint32_t thr = (uint32_t)std::ceil(p * 16777216.0);
+  auto row = [&](const float* xr, float* yr, uint32_t c1, uint32_t c2) {
+#ifdef DQ_X86
+    if (std::strcmp(kern().name, "avx512") == 0) return dropoutRowAvx512(xr, yr, C, thr, scale, c1, c2, stream, k0, k1);
+    if (std::strcmp(kern().name, "avx2") == 0) return dropoutRowAvx2(xr, yr, C, thr, scale, c1, c2, stream, k0, k1);
+#endif
+    dropoutRowScalar(xr, yr, 0, C, thr, scale, c1, c2, stream, k0, k1);
+  };
   pool().run((N + 7) / 8, threads, [&](int job, int) {
-    for (int n = job * 8; n < std::min(N, job * 8 + 8); n++) {
-      uint32_t c1 = (uint32_t)rowPos[n], c2 = (uint32_t)rowSample[n];
-      for (int j = 0; j < C; j++) {
-        double u = (double)(philoxWord0((uint32_t)j, c1, c2, stream, k0, k1) >> 8) * (1.0 / 16777216.0);
-        y[(long)n * C + j] = u >= p ? x[(long)n * C + j] * scale : 0.0f;
-      }
-    }
+    for (int n = job * 8; n < std::min(N, job * 8 + 8); n++)
+      row(x + (long)n * C, y + (long)n * C, (uint32_t)rowPos[n], (uint32_t)rowSample[n]);
   });
 }
 
