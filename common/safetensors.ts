@@ -21,6 +21,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { FormatError, ShapeError, UnsupportedError } from './errors.ts';
 import { bf16ToF32, f16ToF32 } from './halfprec.ts';
+import { TorchBinFile } from './torch-pickle.ts';
 
 if (os.endianness() !== 'LE') {
   // Typed-array views over file bytes assume the host byte order is the file's (little-endian).
@@ -500,16 +501,21 @@ function readExact(fd: number, buf: Uint8Array, pos: number, p: string): void {
 
 const INDEX_FILE = 'model.safetensors.index.json';
 const SINGLE_FILE = 'model.safetensors';
+const BIN_INDEX_FILE = 'pytorch_model.bin.index.json';
+const BIN_SINGLE_FILE = 'pytorch_model.bin';
+
+/** What ModelWeights needs of one weights file: a SafetensorsFile, or a PyTorch `.bin` (common/torch-pickle.ts). */
+type WeightsFile = Pick<SafetensorsFile, 'names' | 'has' | 'info' | 'readRaw' | 'readF32' | 'readI32' | 'close'>;
 
 /** The weights of an HF model directory (single file or sharded), tensor by tensor. */
 export class ModelWeights {
   readonly dir: string;
   /** The index's "metadata" (sharded) or the single file's "__metadata__". */
   readonly metadata: Record<string, unknown>;
-  private readonly files: SafetensorsFile[];
-  private readonly where: Map<string, SafetensorsFile>;
+  private readonly files: WeightsFile[];
+  private readonly where: Map<string, WeightsFile>;
 
-  private constructor(dir: string, files: SafetensorsFile[], where: Map<string, SafetensorsFile>, metadata: Record<string, unknown>) {
+  private constructor(dir: string, files: WeightsFile[], where: Map<string, WeightsFile>, metadata: Record<string, unknown>) {
     this.dir = dir;
     this.files = files;
     this.where = where;
@@ -518,7 +524,9 @@ export class ModelWeights {
 
   /**
    * Opens `model.safetensors.index.json` (sharded), else `model.safetensors`, else the directory's only
-   * `*.safetensors`. Headers are read and validated now; tensor data when asked for.
+   * `*.safetensors`; without safetensors, PyTorch pickles the same way (`pytorch_model.bin.index.json`,
+   * `pytorch_model.bin`, the only `pytorch_model*.bin`) through the restricted reader of torch-pickle.ts.
+   * Headers are read and validated now; tensor data when asked for.
    */
   static open(dir: string): ModelWeights {
     let listing: string[];
@@ -541,14 +549,22 @@ export class ModelWeights {
     }
     if (single) {
       const f = SafetensorsFile.open(path.join(dir, single));
-      const where = new Map<string, SafetensorsFile>();
+      const where = new Map<string, WeightsFile>();
       for (const name of f.names()) where.set(name, f);
       return new ModelWeights(dir, [f], where, { ...f.metadata });
     }
-    const pickled = listing.filter((f) => /^pytorch_model.*\.bin(\.index\.json)?$/.test(f));
-    if (pickled.length > 0) {
-      throw new UnsupportedError(`${dir}: only PyTorch pickle weights (${pickled.slice(0, 3).join(', ')}) found; reading .bin files is not supported yet`, {
-        hint: 'convert them to safetensors first, e.g. in Python: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)',
+    if (has(BIN_INDEX_FILE)) return ModelWeights.openSharded(dir, BIN_INDEX_FILE, TorchBinFile.open);
+    const pickled = listing.filter((f) => /^pytorch_model.*\.bin$/.test(f)).sort();
+    const bin = has(BIN_SINGLE_FILE) ? BIN_SINGLE_FILE : pickled.length === 1 ? pickled[0] : null;
+    if (bin) {
+      const f = TorchBinFile.open(path.join(dir, bin));
+      const where = new Map<string, WeightsFile>();
+      for (const name of f.names()) where.set(name, f);
+      return new ModelWeights(dir, [f], where, {});
+    }
+    if (pickled.length > 1) {
+      throw new FormatError(`${dir}: ${pickled.length} pytorch_model*.bin files (${pickled.slice(0, 5).join(', ')}${pickled.length > 5 ? ', ...' : ''}) but no ${BIN_INDEX_FILE}`, {
+        hint: `add ${BIN_INDEX_FILE} mapping tensor names to shards (the download is incomplete?)`,
       });
     }
     throw new FormatError(`${dir}: no model weights found (looked for ${INDEX_FILE}, ${SINGLE_FILE}, *.safetensors, pytorch_model*.bin)`, {
@@ -556,8 +572,8 @@ export class ModelWeights {
     });
   }
 
-  private static openSharded(dir: string): ModelWeights {
-    const indexPath = path.join(dir, INDEX_FILE);
+  private static openSharded(dir: string, indexFile = INDEX_FILE, openFile: (p: string) => WeightsFile = SafetensorsFile.open): ModelWeights {
+    const indexPath = path.join(dir, indexFile);
     let text: string;
     try {
       text = fs.readFileSync(indexPath, 'utf8');
@@ -570,8 +586,8 @@ export class ModelWeights {
     if (!(wm instanceof Map)) throw new FormatError(`${indexPath}: "weight_map" must be an object {tensor name: shard file}, found ${describe(wm)}`);
     const md = root.get('metadata');
     const metadata = md instanceof Map ? (jsonToPlain(md) as Record<string, unknown>) : {};
-    const shards = new Map<string, SafetensorsFile>();
-    const where = new Map<string, SafetensorsFile>();
+    const shards = new Map<string, WeightsFile>();
+    const where = new Map<string, WeightsFile>();
     try {
       for (const [name, shard] of wm) {
         // The shard name comes from the (untrusted) index: it must name a file in this directory.
@@ -582,7 +598,7 @@ export class ModelWeights {
         if (!f) {
           const sp = path.join(dir, shard);
           if (!fs.existsSync(sp)) throw new FormatError(`${indexPath}: shard ${shard} (holding '${name}') does not exist`, { hint: 'the download is incomplete' });
-          f = SafetensorsFile.open(sp);
+          f = openFile(sp);
           shards.set(shard, f);
         }
         if (!f.has(name)) throw new FormatError(`${indexPath}: tensor '${name}' is mapped to ${shard}, which does not contain it`);
@@ -624,7 +640,7 @@ export class ModelWeights {
     for (const f of this.files) f.close();
   }
 
-  private file(name: string): SafetensorsFile {
+  private file(name: string): WeightsFile {
     const f = this.where.get(name);
     if (!f) throw new FormatError(`${this.dir}: the model has no tensor named '${name}'`, { hint: 'does the config.json match these weights?' });
     return f;
