@@ -7,7 +7,7 @@
 //   y2 = rmsnorm(x2) ; h = silu(gate(y2)) · up(y2) ; out = x2 + down(h)
 // Gradient checkpointing (default): only each layer's input is kept; backward recomputes the layer forward.
 import type { Backend, DropoutKey, QuantizedTensor, Tensor } from '../engine/backend.ts';
-import { LoraParams, QLoraLinear, freeSaved, type LoraHyper, type LoraLinearSaved } from '../engine/lora.ts';
+import { LoraParams, type QLoraLinear, freeSaved, type LoraHyper, type LoraLinearSaved } from '../engine/lora.ts';
 import type { ModelConfig } from './config.ts';
 import { ropeInvFreq } from './config.ts';
 import { ShapeError, ConfigError, UnsupportedError } from '../../common/errors.ts';
@@ -41,6 +41,7 @@ import type { LoraConfig } from '../../common/peft.ts';
 export function defaultTargetModules(modelType: string): string[] {
   switch (modelType) {
     case 'llama': case 'mistral': case 'qwen2': return ['q_proj', 'v_proj'];
+    case 'chatglm': return ['query_key_value'];
     default: throw new ConfigError(`no default LoRA target_modules for model_type '${modelType}'`, { hint: 'set lora.target_modules explicitly' });
   }
 }
@@ -151,6 +152,15 @@ export class LlamaStage {
     if (spec.hasEmbedding && !weights.embed) throw new ShapeError('stage holds the embedding but no embedding table was loaded');
     if (spec.hasHead && (!weights.finalNorm || !weights.lmHead)) throw new ShapeError('stage holds the head but final norm / lm_head were not loaded');
     if (weights.layers.length !== spec.lastLayer - spec.firstLayer) throw new ShapeError(`stage expects ${spec.lastLayer - spec.firstLayer} layers, got ${weights.layers.length}`);
+  }
+
+  /**
+   * Dropout stream of the module at index m (q, k, v, o, gate, up, down = 0..6): the parts of a packed checkpoint
+   * module share its first part's stream, so they see one mask — PEFT applies one dropout to the packed input.
+   */
+  private dropoutStream(L: Record<LinearModule, QLoraLinear>, m: number): number {
+    const path = L[LINEAR_MODULES[m]].loraPath;
+    return LINEAR_MODULES.findIndex((x) => L[x].loraPath === path);
   }
 
   /** Every LoRA module of this stage, in a fixed order (layer, then module). */
@@ -280,7 +290,7 @@ export class LlamaStage {
   private layerForward(i: number, x: Tensor, st: MicroBatchState, rows: { sample: Int32Array; pos: Int32Array } | undefined, keep: boolean): { out: Tensor; tape?: LayerTape } {
     const be = this.be, cfg = this.cfg, lw = this.weights.layers[i], layer = this.spec.firstLayer + i;
     const { B, T } = st.batch, N = B * T, D = this.headDim;
-    const dk = (m: number): DropoutKey | undefined => (st.dropout && rows ? { p: 0, k0: st.dropout.k0, k1: st.dropout.k1, stream: layer * 16 + m, rowSample: rows.sample, rowPos: rows.pos } : undefined);
+    const dk = (m: number): DropoutKey | undefined => (st.dropout && rows ? { p: 0, k0: st.dropout.k0, k1: st.dropout.k1, stream: layer * 16 + this.dropoutStream(L, m), rowSample: rows.sample, rowPos: rows.pos } : undefined);
     const L = lw.linears;
     const { y: y1, rstd: rstd1 } = be.rmsnorm(x, lw.inputNorm, cfg.rmsNormEps);
     const saved: Partial<Record<LinearModule, LoraLinearSaved>> = {};
@@ -352,7 +362,7 @@ export class LlamaStage {
   private layerBackward(i: number, dOut: Tensor, x: Tensor, tp: LayerTape, st: MicroBatchState, rows: { sample: Int32Array; pos: Int32Array } | undefined): Tensor {
     const be = this.be, cfg = this.cfg, lw = this.weights.layers[i], L = lw.linears, layer = this.spec.firstLayer + i;
     const { B, T } = st.batch, N = B * T, D = this.headDim;
-    const dk = (m: number): DropoutKey | undefined => (st.dropout && rows ? { p: 0, k0: st.dropout.k0, k1: st.dropout.k1, stream: layer * 16 + m, rowSample: rows.sample, rowPos: rows.pos } : undefined);
+    const dk = (m: number): DropoutKey | undefined => (st.dropout && rows ? { p: 0, k0: st.dropout.k0, k1: st.dropout.k1, stream: layer * 16 + this.dropoutStream(L, m), rowSample: rows.sample, rowPos: rows.pos } : undefined);
     // out = x2 + down(h)
     const dh = L.down_proj.backward(dOut, tp.saved.down_proj, dk(6));
     const { dgate, dup } = be.swigluBackward(dh, tp.g, tp.u);

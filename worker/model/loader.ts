@@ -8,7 +8,8 @@ import { ModelWeights } from '../../common/safetensors.ts';
 import { isPrequantized, nf4FromRecords } from './bnb.ts';
 import { loadModelConfig, type ModelConfig } from './config.ts';
 import { LINEAR_MODULES, LlamaStage, hyperFor, isTargeted, modulePath, type LayerWeights, type LinearModule, type LoraConfig, type StageSpec, type StageWeights } from './llama.ts';
-import { FormatError, ShapeError } from '../../common/errors.ts';
+import { FormatError, ShapeError, UnsupportedError } from '../../common/errors.ts';
+import { modelNames, sliceRows } from './layout.ts';
 import { logger } from '../../common/log.ts';
 
 const log = logger('loader');
@@ -70,7 +71,7 @@ export function loadStageWeights(be: Backend, cfg: ModelConfig, w: ModelWeights,
   const progress = (name: string): void => { done++; opts.onProgress?.(done, total, name); };
 
   const dense = (name: string, shape: readonly number[]): Tensor => {
-    if (!w.has(name)) throw new FormatError(`tensor '${name}' is missing from the checkpoint`, { hint: 'is this a Llama/Mistral/Qwen2 checkpoint in Hugging Face format?' });
+    if (!w.has(name)) throw new FormatError(`tensor '${name}' is missing from the checkpoint`, { hint: `is this a ${cfg.modelType} checkpoint in Hugging Face format?` });
     const info = w.info(name);
     if (info.shape.length !== shape.length || info.shape.some((d, i) => d !== shape[i])) {
       throw new ShapeError(`tensor '${name}' has shape [${info.shape}], config.json implies [${shape}]`, { hint: 'config.json and the weights disagree: wrong config or a truncated export?' });
@@ -80,46 +81,67 @@ export function loadStageWeights(be: Backend, cfg: ModelConfig, w: ModelWeights,
     return t;
   };
 
+  const names = modelNames(cfg);
   let embed: Tensor | undefined;
   const needEmbedTable = spec.hasEmbedding || (spec.hasHead && cfg.tieWordEmbeddings);
-  if (needEmbedTable) embed = dense('model.embed_tokens.weight', [cfg.vocabSize, H]);
+  if (needEmbedTable) embed = dense(names.embed, [cfg.vocabSize, H]);
 
+  const qo = { blocksize: opts.blocksize ?? 64, doubleQuant: opts.doubleQuant ?? true };
+  // A backend that quantizes on its device (CudaBackend.quantizeNf4: bit-identical codes) is far faster than
+  // the TS loop on billions of weights; it is not part of the Backend contract, so look for it.
+  const devQuant = (be as Partial<{ quantizeNf4: typeof quantizeNf4 }>).quantizeNf4;
   const layers: LayerWeights[] = [];
   for (let l = spec.firstLayer; l < spec.lastLayer; l++) {
-    const p = `model.layers.${l}`;
-    const inputNorm = dense(`${p}.input_layernorm.weight`, [H]);
-    const postNorm = dense(`${p}.post_attention_layernorm.weight`, [H]);
+    const ln = names.layer(l);
+    const inputNorm = dense(ln.inputNorm, [H]);
+    const postNorm = dense(ln.postNorm, [H]);
     const linears = {} as Record<LinearModule, QLoraLinear>;
+    const packed = new Map<string, Float32Array>();   // a packed module's full weight, read once per layer
+    const loraOf = new Map<string, LoraParams>();     // a packed module's one LoRA, shared by its parts
     for (const m of LINEAR_MODULES) {
-      const path = modulePath(l, m);
+      const src = ln.linears[m];
+      const path = src.module;
       const [out, inF] = linearShape(cfg, m);
+      const total = src.rows?.total ?? out;
+      const name = `${path}.weight`;
       let q;
-      if (isPrequantized(`${path}.weight`, (n) => w.has(n))) {
-        const nf4 = nf4FromRecords(`${path}.weight`, (n) => {
+      if (isPrequantized(name, (n) => w.has(n))) {
+        if (src.rows || src.perm) throw new UnsupportedError(`pre-quantized '${name}' is a packed module (${cfg.modelType}); only unquantized ${cfg.modelType} checkpoints are supported`, { hint: 'load the original fp16/bf16 weights; they are quantized on the fly' });
+        const nf4 = nf4FromRecords(name, (n) => {
           if (!w.has(n)) return undefined;
           const i = w.info(n);
           return { dtype: i.dtype, shape: i.shape, data: w.readRaw(n) };
         }, modelDir(w));
-        if (nf4.shape[0] !== out || nf4.shape[1] !== inF) throw new ShapeError(`pre-quantized '${path}.weight' has shape [${nf4.shape}], config.json implies [${out}, ${inF}]`);
+        if (nf4.shape[0] !== out || nf4.shape[1] !== inF) throw new ShapeError(`pre-quantized '${name}' has shape [${nf4.shape}], config.json implies [${out}, ${inF}]`);
         q = be.uploadNf4(nf4);
       } else {
-        const name = `${path}.weight`;
-        if (!w.has(name)) throw new FormatError(`tensor '${name}' is missing from the checkpoint`);
+        if (!w.has(name)) throw new FormatError(`tensor '${name}' is missing from the checkpoint`, { hint: `is this a ${cfg.modelType} checkpoint in Hugging Face format?` });
         const info = w.info(name);
-        if (info.shape[0] !== out || info.shape[1] !== inF || info.shape.length !== 2) throw new ShapeError(`tensor '${name}' has shape [${info.shape}], config.json implies [${out}, ${inF}]`);
-        const qo = { blocksize: opts.blocksize ?? 64, doubleQuant: opts.doubleQuant ?? true, sourceDtype: sourceDtype(info.dtype) };
-        // A backend that quantizes on its device (CudaBackend.quantizeNf4: bit-identical codes) is far faster than
-        // the TS loop on billions of weights; it is not part of the Backend contract, so look for it.
-        const devQuant = (be as Partial<{ quantizeNf4: typeof quantizeNf4 }>).quantizeNf4;
-        const nf4 = devQuant ? devQuant.call(be, w.readF32(name), [out, inF], qo) : quantizeNf4(w.readF32(name), [out, inF], qo);
+        if (info.shape.length !== 2 || info.shape[0] !== total || info.shape[1] !== inF) throw new ShapeError(`tensor '${name}' has shape [${info.shape}], config.json implies [${total}, ${inF}]`);
+        let full = packed.get(name);
+        if (!full) { full = w.readF32(name); if (src.rows) packed.set(name, full); }
+        // Packed modules are split (and q/k rows of interleaved-RoPE models permuted) before quantizing: with
+        // in % blocksize == 0 no block crosses a row, so the 4-bit codes equal the packed weight's (the double-quant
+        // offset is per part).
+        const wdata = src.rows || src.perm ? sliceRows(full, inF, src.rows?.start ?? 0, src.rows?.end ?? out, src.perm) : full;
+        const o = { ...qo, sourceDtype: sourceDtype(info.dtype) };
+        const nf4 = devQuant ? devQuant.call(be, wdata, [out, inF], o) : quantizeNf4(wdata, [out, inF], o);
         q = be.uploadNf4(nf4);
       }
-      const bias = hasBias(cfg, m) ? be.upload(w.readF32(`${path}.bias`), [out], 'act') : undefined;
-      let lora: LoraParams | undefined;
-      if (opts.lora && isTargeted(path, opts.lora.targetModules)) {
-        lora = LoraParams.init(be, path, inF, out, hyperFor(path, opts.lora), opts.seed ?? 0);
+      let bias: Tensor | undefined;
+      if (hasBias(cfg, m)) {
+        const bn = `${path}.bias`;
+        if (!w.has(bn)) throw new FormatError(`tensor '${bn}' is missing from the checkpoint`, { hint: 'config.json says the projection has a bias' });
+        const b = w.readF32(bn);
+        if (b.length !== total) throw new ShapeError(`tensor '${bn}' has ${b.length} values, config.json implies ${total}`);
+        bias = be.upload(src.rows || src.perm ? sliceRows(b, 1, src.rows?.start ?? 0, src.rows?.end ?? out, src.perm) : b, [out], 'act');
       }
-      linears[m] = new QLoraLinear(be, path, q, bias, lora);
+      let lora = loraOf.get(path);
+      if (!lora && opts.lora && isTargeted(path, opts.lora.targetModules)) {
+        lora = LoraParams.init(be, path, inF, total, hyperFor(path, opts.lora), opts.seed ?? 0, src.loraRowPerm);
+        loraOf.set(path, lora);
+      }
+      linears[m] = new QLoraLinear(be, src.rows ? `${path}[${src.rows.start}:${src.rows.end}]` : path, q, bias, lora, path, src.rows, src.loraRowPerm);
       progress(path);
     }
     layers.push({ inputNorm, postNorm, linears });
@@ -127,9 +149,9 @@ export function loadStageWeights(be: Backend, cfg: ModelConfig, w: ModelWeights,
 
   let finalNorm: Tensor | undefined, lmHead: Tensor | undefined;
   if (spec.hasHead) {
-    finalNorm = dense('model.norm.weight', [H]);
+    finalNorm = dense(names.finalNorm, [H]);
     if (cfg.tieWordEmbeddings) { lmHead = embed; progress('lm_head (tied)'); }
-    else lmHead = dense('lm_head.weight', [cfg.vocabSize, H]);
+    else lmHead = dense(names.lmHead, [cfg.vocabSize, H]);
   }
   log.debug({ spec, layers: nLayers, memory: be.memoryInUse() }, 'stage loaded');
   return { embed: spec.hasEmbedding ? embed : undefined, layers, finalNorm, lmHead };
