@@ -23,7 +23,9 @@ export interface Decoder extends TokenizerLike { readonly vocabSize: number; dec
 /** Encodes a prompt exactly as training encoded the prompt part of an alpaca record (template + BOS rule). */
 export function encodePrompt(tok: TokenizerLike, instruction: string): number[] {
   const ids = tok.encode(formatPrompt({ instruction }, tok), { addSpecialTokens: false });
-  if (tok.bosId !== null && ids[0] !== tok.bosId) ids.unshift(tok.bosId);
+  const prefix = tok.prefixTokens?.();
+  if (prefix && prefix.length > 0) ids.unshift(...prefix);
+  else if (tok.bosId !== null && ids[0] !== tok.bosId) ids.unshift(tok.bosId);
   return ids;
 }
 

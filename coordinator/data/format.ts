@@ -48,7 +48,38 @@ export function defaultAlpacaPrompt(r: { instruction: string; input?: string; sy
  */
 export function formatPrompt(r: { instruction: string; input?: string; system?: string }, tok: TokenizerLike): string {
   if (tok.chatTemplate) return render(tok, alpacaMessages(r), true);
+  if (tok.formatQuery) return tok.formatQuery(queryText(r));
   return defaultAlpacaPrompt(r);
+}
+
+/** The single query text of an alpaca record for models with their own round format (system first, then input). */
+function queryText(r: { instruction: string; input?: string; system?: string }): string {
+  return (r.system ? `${r.system}\n\n` : '') + r.instruction + (r.input ? `\n\n${r.input}` : '');
+}
+
+/**
+ * Models with their own round format (ChatGLM2) and no chat template: the prompt is formatQuery(query, history)
+ * and only the last answer is trained (the official ChatGLM2 fine-tuning recipe: earlier rounds are history).
+ */
+function formatWithQuery(rec: Record, tok: TokenizerLike & { formatQuery: NonNullable<TokenizerLike['formatQuery']> }): Piece[] {
+  if (rec.kind === 'alpaca') {
+    return [{ text: tok.formatQuery(queryText(rec)), trained: false }, { text: rec.output, trained: true, eos: needEos(tok) }];
+  }
+  if (rec.kind !== 'chat') throw new Error('unreachable');
+  const history: [string, string][] = [];
+  let system = '', query: string | undefined, last: { q: string; a: string } | undefined;
+  for (const m of rec.messages) {
+    if (m.role === 'system') system += `${m.content}\n\n`;
+    else if (m.role === 'user') query = (query === undefined ? '' : `${query}\n\n`) + m.content;
+    else {
+      if (query === undefined) throw new DataError('an assistant turn without a user turn before it cannot be put in the model\'s round format');
+      if (last) history.push([last.q, last.a]);
+      last = { q: (history.length === 0 ? system : '') + query, a: m.content };
+      query = undefined;
+    }
+  }
+  if (!last) throw new DataError('a chat record needs an assistant turn');
+  return [{ text: tok.formatQuery(last.q, history), trained: false }, { text: last.a, trained: true, eos: needEos(tok) }];
 }
 
 /** Splits a record into trained / untrained text pieces (see the module comment for the exact format). */
@@ -58,9 +89,11 @@ export function formatRecord(rec: Record, tok: TokenizerLike): Piece[] {
       return [{ text: rec.text, trained: true, eos: needEos(tok) }];
     case 'alpaca':
       if (tok.chatTemplate) return formatChatTemplated(alpacaMessages(rec, rec.output), tok);
+      if (tok.formatQuery) return formatWithQuery(rec, tok as Parameters<typeof formatWithQuery>[1]);
       return [{ text: defaultAlpacaPrompt(rec), trained: false }, { text: rec.output, trained: true, eos: needEos(tok) }];
     case 'chat':
       if (tok.chatTemplate) return formatChatTemplated(rec.messages, tok);
+      if (tok.formatQuery) return formatWithQuery(rec, tok as Parameters<typeof formatWithQuery>[1]);
       return formatChatDefault(rec.messages, tok);
   }
 }

@@ -25,6 +25,17 @@ export interface TokenizerLike {
   padId: number | null;
   chatTemplate: string | null;
   applyChatTemplate(messages: { role: string; content: string }[], opts?: { addGenerationPrompt?: boolean }): string;
+  /**
+   * Ids every sequence starts with instead of BOS (ChatGLM2: [gMASK, sop], what its tokenizer's
+   * build_inputs_with_special_tokens prepends). Optional.
+   */
+  prefixTokens?(): number[];
+  /**
+   * The model's own prompt for a query and the previous (query, answer) rounds, for models without a chat
+   * template (ChatGLM2: "[Round 1]\n\n问：{query}\n\n答："). Optional; without it (and without a chat template)
+   * the documented default format is used.
+   */
+  formatQuery?(query: string, history?: [string, string][]): string;
 }
 
 export interface Example {
@@ -114,7 +125,10 @@ export function encodeRecord(rec: Record, tok: TokenizerLike, addBos: 'auto' | b
       ids.push(tok.eosId); labels.push(piece.trained ? tok.eosId : IGNORE_INDEX);
     }
   }
-  if (addBos !== false && tok.bosId !== null && ids[0] !== tok.bosId) {
+  const prefix = tok.prefixTokens?.();
+  if (prefix && prefix.length > 0) {
+    if (addBos !== false) { ids.unshift(...prefix); labels.unshift(...prefix.map(() => IGNORE_INDEX)); }
+  } else if (addBos !== false && tok.bosId !== null && ids[0] !== tok.bosId) {
     ids.unshift(tok.bosId); labels.unshift(IGNORE_INDEX);
   }
   return { ids, labels };
