@@ -28,6 +28,8 @@ const STORAGE_DTYPE: Record<string, { dtype: StDtype; size: number }> = {
 };
 /** data.pkl of a state dict is a few hundred bytes per tensor; anything near this is not a state dict. */
 const MAX_PICKLE_BYTES = 256 << 20;
+/** Largest expanded (stride-0) view readRaw materializes. */
+const MAX_EXPANDED_BYTES = 256 << 20;
 const CONVERT_HINT = 'or, if you trust the file, convert them to safetensors once in Python: '
   + 'AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)';
 
@@ -341,6 +343,13 @@ function checkView(p: string, name: string, v: PTensor): TorchTensor {
         hint: 'the file is corrupt or hostile',
       });
     }
+  }
+  // A view never needs more elements than its storage holds, except an expanded one (stride 0); those are
+  // materialized by readRaw, so a hostile [1e6, 1e6] expand of one element must not become a 4 TB allocation.
+  if (numel > storage.numel && numel * storage.elemSize > MAX_EXPANDED_BYTES) {
+    throw new FormatError(`${p}: tensor '${name}' [${v.shape.join(', ')}] with stride (${v.stride.join(', ')}) repeats its ${storage.numel}-element storage into ${numel} elements`, {
+      hint: 'expanded views larger than 256 MiB are not materialized; save t.contiguous() instead',
+    });
   }
   // Row-major contiguous, ignoring the strides of size-1 dims (torch gives them arbitrary values).
   let contiguous = true;
