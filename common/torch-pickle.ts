@@ -203,10 +203,14 @@ export class TorchBinFile {
   }
 }
 
+/** Tile edge for gathering 2-D views: 64×64 elements keep both the source and destination lines in cache. */
+const TILE = 64;
+
 /**
  * Copies the strided view (offset 0 of `src`) into `dst` row-major. [shape] elements of `es` bytes.
  * Elements move as 1/2/4-byte words (8-byte elements as two 4-byte words), never through JS numbers,
- * so NaN payloads survive bit for bit.
+ * so NaN payloads survive bit for bit. The last two dims are copied row by row when rows are contiguous,
+ * else in TILE×TILE blocks (a transposed weight read element by element misses the cache on every read).
  */
 function gather(src: Uint8Array, dst: Uint8Array, es: number, shape: readonly number[], stride: readonly number[]): void {
   const w = Math.min(es, 4);
@@ -218,19 +222,37 @@ function gather(src: Uint8Array, dst: Uint8Array, es: number, shape: readonly nu
   const s = view(src.byteOffset % w === 0 ? src : src.slice());
   const o = view(aligned);
   const nd = shape.length;
-  const inner = nd === 0 ? 1 : shape[nd - 1];
-  const innerStride = (nd === 0 ? 0 : stride[nd - 1]) * k;
-  const outer = shape.slice(0, Math.max(0, nd - 1));
+  // Treat the view as [outer..., R, C]; a 1-D view is [1, C].
+  const R = nd >= 2 ? shape[nd - 2] : 1;
+  const C = shape[nd - 1];
+  const sr = (nd >= 2 ? stride[nd - 2] : 0) * k; // in words
+  const sc = stride[nd - 1] * k;
+  const outer = shape.slice(0, Math.max(0, nd - 2));
   const idx = new Array<number>(outer.length).fill(0);
-  let base = 0; // element index of the current row's first element
-  let q = 0;
+  let base = 0; // element index of the current [R, C] block's first element
+  let q0 = 0; // its first word in the output
   for (;;) {
-    let p = base * k;
-    if (k === 1) {
-      for (let j = 0; j < inner; j++, p += innerStride) o[q++] = s[p];
+    const b = base * k;
+    if (sc === k) {
+      for (let i = 0; i < R; i++) o.set(s.subarray(b + i * sr, b + i * sr + C * k), q0 + i * C * k);
     } else {
-      for (let j = 0; j < inner; j++, p += innerStride) { o[q++] = s[p]; o[q++] = s[p + 1]; }
+      for (let i0 = 0; i0 < R; i0 += TILE) {
+        const i1 = Math.min(R, i0 + TILE);
+        for (let j0 = 0; j0 < C; j0 += TILE) {
+          const j1 = Math.min(C, j0 + TILE);
+          for (let i = i0; i < i1; i++) {
+            let p = b + i * sr + j0 * sc;
+            let q = q0 + (i * C + j0) * k;
+            if (k === 1) {
+              for (let j = j0; j < j1; j++, p += sc) o[q++] = s[p];
+            } else {
+              for (let j = j0; j < j1; j++, p += sc) { o[q++] = s[p]; o[q++] = s[p + 1]; }
+            }
+          }
+        }
+      }
     }
+    q0 += R * C * k;
     // Odometer over the outer dims, last fastest.
     let d = outer.length - 1;
     for (; d >= 0; d--) {

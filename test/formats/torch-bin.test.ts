@@ -14,6 +14,7 @@ import { f16ToF32 } from '../../common/halfprec.ts';
 import { ModelWeights, writeSafetensors } from '../../common/safetensors.ts';
 import { TorchBinFile } from '../../common/torch-pickle.ts';
 import { ZipArchive } from '../../common/torchbin/zip.ts';
+import { Philox } from '../helpers/prng.ts';
 
 const FIX = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'fixtures', 'torch-bin');
 interface Expected { dtype: string; shape: number[]; data: string }
@@ -349,6 +350,7 @@ test('a hand-assembled state dict reads; views past their storage, size mismatch
   bad(stateDictPickle([{ ...w, offset: 1 }]), six, /reaches element 6 of a 6-element storage/);
   bad(stateDictPickle([{ ...w, stride: [5, 1] }]), six, /reaches element 7 /);
   bad(stateDictPickle([{ ...w, size: [2, 3], stride: [1e9, 1] }]), six, /reaches element/);
+  bad(stateDictPickle([{ ...w, size: [100000, 100000], stride: [0, 0] }]), six, /repeats its 6-element storage into 10000000000 elements/);
   bad(stateDictPickle([{ ...w, numel: 5 }]), six, /holds 5 F32 elements \(20 bytes\) but its member has 24 bytes/);
   bad(stateDictPickle([w]), {}, /storage '0' has no member archive\/data\/0/);
   bad(stateDictPickle([w, { ...w, name: 'v', cls: 'HalfStorage' }]), six, /storage '0' is described twice, differently/);
@@ -396,4 +398,48 @@ test('archives that are not torch.save checkpoints, legacy ones and damaged zips
   const second = twice.indexOf(Buffer.from([0x50, 0x4b, 1, 2]), twice.indexOf(Buffer.from([0x50, 0x4b, 1, 2])) + 1);
   twice.writeUInt32LE(0, second + 42);
   assert.throws(() => TorchBinFile.open(put('overlap.bin', twice)), /overlap/);
+});
+
+test('random strided views (transposes, permutes, steps, expands; 1/2/4/8-byte elements, several tiles) gather like a naive index walk', () => {
+  const rng = new Philox(99);
+  const rand = (n: number): number => rng.int(n);
+  const classes: [string, number][] = [['CharStorage', 1], ['ShortStorage', 2], ['FloatStorage', 4], ['LongStorage', 8]];
+  const specs: TensorSpec[] = [];
+  const storages: Record<string, Uint8Array> = {};
+  const naive: Buffer[] = [];
+  for (let t = 0; t < 32; t++) {
+    const [cls, es] = classes[t % 4];
+    // The first four: [150, 130] transposes (3×3 tiles, partial edges) of every element size.
+    const nd = t < 4 ? 2 : 1 + rand(4);
+    const shape = t < 4 ? [150, 130] : Array.from({ length: nd }, () => 1 + rand(nd <= 2 ? 150 : 12));
+    // Strides of a random permutation of a contiguous layout, with an occasional step or zero (expand).
+    const perm = t < 4 ? [1, 0] : Array.from({ length: nd }, (_, i) => i).sort(() => rand(3) - 1);
+    const stride = new Array<number>(nd).fill(0);
+    let acc = 1;
+    for (let i = nd - 1; i >= 0; i--) {
+      const d = perm[i];
+      stride[d] = t < 4 ? acc : rand(6) === 0 ? 0 : acc * (rand(4) === 0 ? 2 : 1);
+      acc *= shape[d] * (t < 4 ? 1 : 2);
+    }
+    const offset = rand(5);
+    let last = offset;
+    for (let d = 0; d < nd; d++) last += (shape[d] - 1) * stride[d];
+    const numel = last + 1 + rand(3);
+    const data = Uint8Array.from({ length: numel * es }, () => rand(256));
+    storages[String(t)] = data;
+    specs.push({ name: `t${t}`, cls, key: String(t), numel, offset, size: shape, stride });
+    const out: Buffer[] = [];
+    const idx = new Array<number>(nd).fill(0);
+    const total = shape.reduce((a, b) => a * b, 1);
+    for (let e = 0; e < total; e++) {
+      let at = offset;
+      for (let d = 0; d < nd; d++) at += idx[d] * stride[d];
+      out.push(Buffer.from(data.subarray(at * es, (at + 1) * es)));
+      for (let d = nd - 1; d >= 0; d--) { if (++idx[d] < shape[d]) break; idx[d] = 0; }
+    }
+    naive.push(Buffer.concat(out));
+  }
+  const f = TorchBinFile.open(writeCheckpoint(stateDictPickle(specs), storages));
+  specs.forEach((s, t) => assert.deepEqual(Buffer.from(f.readRaw(s.name)), naive[t], `${s.name} [${s.size}] stride (${s.stride})`));
+  f.close();
 });
