@@ -8,7 +8,8 @@ Every checkpoint is written by `torch.save` itself (torch >= 1.6 zip serializati
 dtype, the shape and the bytes of `t.contiguous()` (little-endian, base64), so the TypeScript reader is checked
 bit for bit, views included: a transposed view, a slice sharing its storage at an offset, a stride-0 expand,
 an empty tensor, a 0-d tensor, an nn.Parameter. Deterministic (fixed seed); re-running rewrites the same
-tensors (the zip timestamps torch writes are zero).
+bytes (torch writes zero zip timestamps; the DEFLATE copy uses a fixed one), except legacy.bin, whose storage keys
+are object addresses.
 
 Also written: the same state dict pickled with protocol 4 (FRAME / SHORT_BINUNICODE / STACK_GLOBAL / MEMOIZE),
 re-zipped with DEFLATE by Python's zipfile, a sharded pair + `pytorch_model.bin.index.json`, a pre-1.6 legacy
@@ -107,7 +108,9 @@ def main() -> None:
     with zipfile.ZipFile(os.path.join(OUT, 'protocol4.bin')) as src, \
             zipfile.ZipFile(os.path.join(OUT, 'deflated.bin'), 'w', compression=zipfile.ZIP_DEFLATED) as dst:
         for info in src.infolist():
-            dst.writestr(info.filename, src.read(info.filename))
+            # A fixed timestamp keeps the fixture byte-identical across runs.
+            dst.writestr(zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0)), src.read(info.filename),
+                         compress_type=zipfile.ZIP_DEFLATED)
     expected['checkpoints']['deflated.bin'] = describe(proto4)
     assert_same(proto4, torch.load(os.path.join(OUT, 'deflated.bin')))
 
