@@ -214,7 +214,7 @@ export function unpickle(data: Uint8Array, source: string, persistentLoad: (pid:
         stack.push(text(Number(len)));
         break;
       }
-      case 0x54: { // BINSTRING (Python 2 str; torch's pickles decode them as latin-1... well, ASCII names)
+      case 0x54: { // BINSTRING (a Python 2 str; read as latin-1 like Python 3's encoding='latin1')
         const len = dv.getInt32(need(4), true);
         if (len < 0) fail('negative string length');
         const at = need(len);

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the PyTorch `.bin` fixtures that test/formats/torch-bin*.test.ts reads with common/torch-pickle.ts.
 
-    /usr/bin/python3 test/reference/make_torch_bin.py   # -> test/fixtures/torch-bin/ (about 40 KB)
+    /usr/bin/python3 test/reference/make_torch_bin.py   # -> test/fixtures/torch-bin/ (about 28 KB)
 
 Every checkpoint is written by `torch.save` itself (torch >= 1.6 zip serialization), the way
 `save_pretrained` wrote ChatGLM2-6B's shards. `expected.json` holds, for every tensor of every checkpoint, the
@@ -17,7 +17,6 @@ checkpoint (`_use_new_zipfile_serialization=False`), and a malicious one whose p
 (it must be refused, never executed).
 """
 import base64
-import collections
 import json
 import os
 import shutil
