@@ -185,7 +185,8 @@ test('modelConfigToHfJson round-trips every example and keeps unknown fields', (
 
 test('bad configs: errors name the field and the file', () => {
   const cases: [object, RegExp, new (...a: never[]) => Error][] = [
-    [withField(LLAMA2_7B, 'model_type', 'chatglm'), /model_type "chatglm" is not supported[\s\S]*llama, mistral, qwen2/, UnsupportedError],
+    [withField(LLAMA2_7B, 'model_type', 'falcon'), /model_type "falcon" is not supported[\s\S]*llama, mistral, qwen2, chatglm/, UnsupportedError],
+    [withField(LLAMA2_7B, 'model_type', 'chatglm'), /"ffn_hidden_size" is missing/, FormatError],
     [withField(LLAMA2_7B, 'model_type', 'gpt2'), /"gpt2"/, UnsupportedError],
     [withField(LLAMA2_7B, 'model_type', 3), /"model_type" must be a string/, FormatError],
     [withField(LLAMA2_7B, 'hidden_size', 0), /"hidden_size" must be a positive integer/, FormatError],
