@@ -479,6 +479,11 @@ export class SentencePieceProcessor {
     this.padId = control(m.padPiece);
   }
 
+  /** From an already parsed (possibly edited) model; the checks of fromBytes apply. */
+  static fromProto(model: SpModelProto, source: string): SentencePieceProcessor {
+    return new SentencePieceProcessor(model, source);
+  }
+
   static fromBytes(bytes: Uint8Array, source: string): SentencePieceProcessor {
     return new SentencePieceProcessor(parseModelProto(bytes, source), source);
   }

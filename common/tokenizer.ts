@@ -14,6 +14,7 @@ import path from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { Template } from '@huggingface/jinja';
 import { ConfigError, DataError, FormatError, ShapeError, UnsupportedError } from './errors.ts';
+import { SentencePieceTokenizer } from './sp-tokenizer.ts';
 
 export interface ChatMessage {
   role: 'system' | 'user' | 'assistant';
@@ -151,8 +152,8 @@ export class TextTokenizer {
     const tp = path.join(dir, 'tokenizer.json');
     if (!fs.existsSync(tp)) {
       if (fs.existsSync(path.join(dir, 'tokenizer.model'))) {
-        throw new UnsupportedError(`${dir}: only a SentencePiece tokenizer.model was found; SentencePiece-only tokenizers are not supported yet (a later issue)`, {
-          hint: 'if transformers can convert it, `AutoTokenizer.from_pretrained(dir).save_pretrained(dir)` writes a tokenizer.json',
+        throw new UnsupportedError(`${dir}: only a SentencePiece tokenizer.model was found; SentencePiece-only tokenizers are not supported yet by TextTokenizer.load`, {
+          hint: 'loadTokenizer(dir) reads tokenizer.model (common/sp-tokenizer.ts)',
         });
       }
       throw new FormatError(`${dir}: no tokenizer found (looked for tokenizer.json and tokenizer.model)`, { hint: 'point --model at a Hugging Face model directory' });
@@ -286,4 +287,29 @@ function readJson(p: string): unknown {
   } catch (e) {
     throw new FormatError(`${p}: invalid JSON: ${msg(e)}`, { cause: e });
   }
+}
+
+/** What every tokenizer gives the rest of the system: TextTokenizer (tokenizer.json) or SentencePieceTokenizer. */
+export interface LoadedTokenizer {
+  readonly vocabSize: number;
+  readonly bosId: number | null;
+  readonly eosId: number | null;
+  readonly padId: number | null;
+  readonly chatTemplate: string | null;
+  readonly source: string;
+  encode(text: string, opts?: { addSpecialTokens?: boolean }): number[];
+  decode(ids: number[], opts?: { skipSpecialTokens?: boolean }): string;
+  tokenToId(token: string): number | null;
+  idToToken(id: number): string | null;
+  applyChatTemplate(messages: ChatMessage[], opts?: { addGenerationPrompt?: boolean }): string;
+}
+
+/**
+ * The tokenizer of an HF model directory: `tokenizer.json` when present (TextTokenizer), else SentencePiece's
+ * `tokenizer.model` (SentencePieceTokenizer: Llama-1/2 rules, or ChatGLM2's when tokenizer_config.json names
+ * ChatGLMTokenizer — narrow with `instanceof SentencePieceTokenizer` for prefixTokens / chatGlmPrompt).
+ */
+export function loadTokenizer(dir: string): TextTokenizer | SentencePieceTokenizer {
+  if (!fs.existsSync(path.join(dir, 'tokenizer.json')) && fs.existsSync(path.join(dir, 'tokenizer.model'))) return SentencePieceTokenizer.load(dir);
+  return TextTokenizer.load(dir);
 }

@@ -12,7 +12,7 @@ Trains two small SentencePiece models on a generated Chinese + English corpus an
                  decodes of random id lists (control, unknown and byte pieces included); the ChatGLM2 rules
                  (tokenization_chatglm.py, emulated below on top of the library) applied to the BPE model.
 
-Run from the repository root with a Python that has `sentencepiece` (and nothing else):
+Run from the repository root with a Python that has `sentencepiece` and `protobuf` (to edit model protos):
     python3 test/reference/make_sp_fixtures.py
 The committed models are the source of truth: another sentencepiece version may train slightly different
 models, so regenerate models and expectations together. The version used is recorded in expected.json.
@@ -126,6 +126,25 @@ def no_dummy_ids(model_file: str, texts: list[str]) -> list[list[int]]:
     return [sp.encode(t) for t in texts]
 
 
+def unused_variant(model_file: str, texts: list[str]) -> dict:
+    """Marks the five most used multi-character pieces UNUSED (BPE re-splits them; unigram skips them)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    sp = spm.SentencePieceProcessor(model_file=model_file)
+    counts: dict[int, int] = {}
+    for t in texts:
+        for i in sp.encode(t):
+            if len(sp.id_to_piece(i)) > 1 and not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)):
+                counts[i] = counts.get(i, 0) + 1
+    ids = sorted(sorted(counts, key=lambda i: (-counts[i], i))[:5])
+    m = pb.ModelProto()
+    with open(model_file, "rb") as f:
+        m.ParseFromString(f.read())
+    for i in ids:
+        m.pieces[i].type = pb.ModelProto.SentencePiece.UNUSED
+    v = spm.SentencePieceProcessor(model_proto=m.SerializeToString())
+    return {"unused_ids": ids, "ids": [v.encode(t) for t in texts]}
+
+
 def chatglm(sp: spm.SentencePieceProcessor) -> dict:
     """tokenization_chatglm.py (ChatGLM2-6B) on top of the SP model: specials after the SP vocab, [gMASK, sop] prefix."""
     n = sp.get_piece_size()
@@ -196,7 +215,8 @@ def main() -> None:
         cases = model_cases(sp, random.Random(99))
         for c, ids in zip(cases["encode"], no_dummy_ids(mf, [c["text"] for c in cases["encode"]])):
             c["ids_no_dummy"] = ids
-        expected["models"][name] = {"info": pieces_info(sp), **cases}
+        expected["models"][name] = {"info": pieces_info(sp), **cases,
+                                    "unused_variant": unused_variant(mf, [c["text"] for c in cases["encode"]])}
     expected["chatglm"] = chatglm(spm.SentencePieceProcessor(model_file=os.path.join(OUT, "bpe.model")))
     with open(os.path.join(OUT, "expected.json"), "w", encoding="utf-8") as f:
         json.dump(expected, f, ensure_ascii=False, indent=1)
