@@ -29,7 +29,7 @@ import { runJob } from '../coordinator/run.ts';
 import { runDistributed } from '../coordinator/distributed/run.ts';
 import { buildDataset } from '../coordinator/data/dataset.ts';
 import { makeMicroBatch, planSteps } from '../coordinator/data/batch.ts';
-import { TextTokenizer } from '../common/tokenizer.ts';
+import { loadTokenizer } from '../common/tokenizer.ts';
 import { loadModelConfig } from '../worker/model/config.ts';
 import { linearShape } from '../worker/model/loader.ts';
 import { LINEAR_MODULES } from '../worker/model/llama.ts';
@@ -56,7 +56,7 @@ function job(name: string, dist: Record<string, unknown>, gradAccum: number) {
 
 /** Σ over the measured steps of B·T (tokens incl. padding) per replica layout, for the minimum pipeline bytes. */
 function paddedTokens(R: number, gradAccum: number): number[] {
-  const tok = TextTokenizer.load(assets.modelDir);
+  const tok = loadTokenizer(assets.modelDir);
   const j = job('x', {}, gradAccum);
   const ds = buildDataset({ trainPath: j.data.train, dedup: j.data.dedup, seed: j.training.seed, maxLength: j.data.max_length }, tok);
   const plan: number[][][][] = [];

@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { parseJob } from '../coordinator/job.ts';
 import { runJob } from '../coordinator/run.ts';
 import { loadAdapter } from '../common/peft.ts';
-import { TextTokenizer } from '../common/tokenizer.ts';
+import { loadTokenizer } from '../common/tokenizer.ts';
 
 const arg = (name: string, dflt?: string): string => {
   const i = process.argv.indexOf(name);
@@ -32,7 +32,7 @@ for (const f of ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.
   if (!existsSync(join(model, f))) copyFileSync(join(tokDir, f), join(model, f));
 }
 // Long text records (≥ SEQ tokens each, truncated to SEQ): every position is a label, as in the PyTorch bench.
-const tok = TextTokenizer.load(model);
+const tok = loadTokenizer(model);
 const words = ['拓数派', 'openpie', '数据库', 'cloud', 'storage', 'engine', 'Mochuan', '墨川科技', 'vector', 'query', 'stream', 'Raft'];
 const records: string[] = [];
 for (let i = 0; i < GBS * (STEPS + 1); i++) {

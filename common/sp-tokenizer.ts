@@ -846,6 +846,11 @@ export class SentencePieceTokenizer {
   private readonly specials: Record<string, string | undefined> = {};
   private readonly templateNames: string[] = [];
   private compiled: Template | null = null;
+  /**
+   * The model's own prompt format (ChatGLM2's rounds), used by the data pipeline and generation when there is no
+   * chat template; undefined for generic SentencePiece models (they get the documented default format).
+   */
+  readonly formatQuery?: (query: string, history?: [string, string][]) => string;
 
   private constructor(sp: SentencePieceProcessor, config: Obj, source: string, opts: SentencePieceTokenizerOptions) {
     this.sp = sp;
@@ -853,6 +858,7 @@ export class SentencePieceTokenizer {
     const n = sp.size;
     if (isChatGlmConfig(config)) {
       this.kind = 'chatglm2';
+      this.formatQuery = (query, history = []) => chatGlmPrompt(query, history);
       CHATGLM_SPECIAL_TOKENS.forEach((t, i) => {
         this.addedById.set(n + i, t);
         this.addedByText.set(t, n + i);

@@ -7,7 +7,7 @@ import { runJob } from './run.ts';
 import { splitStages } from './plan.ts';
 import { ensureExampleAssets, exampleJob, exampleComparePrompts } from './example/assets.ts';
 import { createBackend, type BackendName } from '../worker/engine/index.ts';
-import { TextTokenizer } from '../common/tokenizer.ts';
+import { loadTokenizer } from '../common/tokenizer.ts';
 import { loadModelConfig, loadGenerationConfig } from '../worker/model/config.ts';
 import { loadStage } from '../worker/model/loader.ts';
 import { applyAdapter, loadAdapter } from '../worker/model/adapter.ts';
@@ -106,7 +106,7 @@ program.command('generate')
   .action(async (prompts: string[], o: { model: string; adapter?: string; maxNewTokens: number; temperature: number; topP: number; topK: number; seed: number; backend: BackendName }) => {
     const be = await createBackend(o.backend);
     const cfg = loadModelConfig(o.model);
-    const tok = TextTokenizer.load(o.model);
+    const tok = loadTokenizer(o.model);
     const gen = loadGenerationConfig(o.model);
     const bar = progressBar('loading');
     const stage = loadStage(be, o.model, splitStages(cfg.numLayers, 1)[0], { onProgress: bar.update });
@@ -133,7 +133,7 @@ program.command('eval')
   .action(async (o: { model: string; data: string; adapter?: string; maxLength: number; batchSize: number; backend: BackendName }) => {
     const be = await createBackend(o.backend);
     const cfg = loadModelConfig(o.model);
-    const tok = TextTokenizer.load(o.model);
+    const tok = loadTokenizer(o.model);
     const { records } = readRecords(o.data);
     const { examples } = tokenizeRecords(records, tok, { maxLength: o.maxLength });
     const stage = loadStage(be, o.model, splitStages(cfg.numLayers, 1)[0]);

@@ -6,7 +6,7 @@ import cliProgress from 'cli-progress';
 import type { JobConfig } from './job.ts';
 import { createBackend } from '../worker/engine/index.ts';
 import type { Backend } from '../worker/engine/backend.ts';
-import { TextTokenizer } from '../common/tokenizer.ts';
+import { loadTokenizer } from '../common/tokenizer.ts';
 import { loadModelConfig, type ModelConfig } from '../worker/model/config.ts';
 import { loadStage } from '../worker/model/loader.ts';
 import { defaultTargetModules, type LlamaStage, type LoraConfig } from '../worker/model/llama.ts';
@@ -58,7 +58,7 @@ export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<Run
   }
   const be = opts.backend ?? await createBackend(job.backend);
   const cfg = loadModelConfig(job.model);
-  const tok = TextTokenizer.load(job.model);
+  const tok = loadTokenizer(job.model);
   const lora = loraConfigOf(job, cfg);
   log.info({ backend: be.name, model: job.model, type: cfg.modelType, layers: cfg.numLayers, hidden: cfg.hiddenSize }, 'loading');
 

@@ -17,7 +17,7 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { JobConfig } from '../job.ts';
 import { loraConfigOf, type RunOptions, type RunOutcome } from '../run.ts';
-import { TextTokenizer } from '../../common/tokenizer.ts';
+import { loadTokenizer } from '../../common/tokenizer.ts';
 import { loadModelConfig } from '../../worker/model/config.ts';
 import { saveAdapter, type LoraTensors } from '../../worker/model/adapter.ts';
 import type { LoraConfig } from '../../worker/model/llama.ts';
@@ -84,7 +84,7 @@ export async function runDistributed(job: JobConfig, opts: DistributedOptions = 
   const print = opts.print ?? ((s: string) => process.stdout.write(s + '\n'));
   const d = job.distributed, t = job.training;
   const cfg = loadModelConfig(job.model);
-  const tok = TextTokenizer.load(job.model);
+  const tok = loadTokenizer(job.model);
   const lora = loraConfigOf(job, cfg);
   const S = d.stages === 'auto' ? 1 : d.stages;
   const R = d.replicas === 'auto' ? (typeof d.workers === 'number' ? Math.max(1, Math.floor(d.workers / S)) : 1) : d.replicas;
