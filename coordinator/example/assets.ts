@@ -57,7 +57,7 @@ export function exampleJob(a: ExampleAssets, outputDir = join(PACKAGE_ROOT, 'run
     backend: 'auto',
     data: { train: a.trainPath, validation: a.validationPath, dedup: true, max_length: 160 },
     lora: { r: 16, alpha: 32, dropout: 0.0, target_modules: 'all-linear' },
-    training: { epochs: 12, micro_batch_size: 8, grad_accum: 1, lr: 3e-3, schedule: 'cosine', warmup_steps: 10, seed: 42, max_grad_norm: 1.0, resume: false, log_every: 10 },
+    training: { epochs: 20, micro_batch_size: 8, grad_accum: 1, lr: 3e-3, schedule: 'cosine', warmup_steps: 10, seed: 42, max_grad_norm: 1.0, resume: false, log_every: 10 },
     compare: { prompts: exampleComparePrompts().map((p) => p.prompt), max_new_tokens: 80 },
     ...overrides,
   }, 'built-in example', PACKAGE_ROOT);
