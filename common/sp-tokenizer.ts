@@ -21,7 +21,7 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import { Template } from '@huggingface/jinja';
+import { renderChatTemplate } from './chat-template.ts';
 import { ConfigError, DataError, FormatError, ShapeError, UnsupportedError } from './errors.ts';
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -845,7 +845,6 @@ export class SentencePieceTokenizer {
   private readonly remap = new Map<number, number>();
   private readonly specials: Record<string, string | undefined> = {};
   private readonly templateNames: string[] = [];
-  private compiled: Template | null = null;
   /**
    * The model's own prompt format (ChatGLM2's rounds), used by the data pipeline and generation when there is no
    * chat template; undefined for generic SentencePiece models (they get the documented default format).
@@ -1099,28 +1098,9 @@ export class SentencePieceTokenizer {
 
   /** Renders the chat template the way transformers' `apply_chat_template(tokenize=False)` does. */
   applyChatTemplate(messages: SpChatMessage[], opts: { addGenerationPrompt?: boolean } = {}): string {
-    if (this.chatTemplate === null) {
-      if (this.kind === 'chatglm2') {
-        throw new ConfigError(`${this.source}: ChatGLM2 has no chat template`, { hint: 'its prompt format is chatGlmPrompt(): "[Round 1]\\n\\n问：…\\n\\n答："' });
-      }
-      const why = this.templateNames.length > 1 ? ` (it lists ${this.templateNames.join(', ')} but none is named "default")` : '';
-      throw new ConfigError(`${this.source}: the tokenizer has no chat template${why}`, { hint: 'use a prompt template in the job config, or add "chat_template" to tokenizer_config.json' });
+    if (this.chatTemplate === null && this.kind === 'chatglm2') {
+      throw new ConfigError(`${this.source}: ChatGLM2 has no chat template`, { hint: 'its prompt format is chatGlmPrompt(): "[Round 1]\\n\\n问：…\\n\\n答："' });
     }
-    if (!this.compiled) {
-      try {
-        this.compiled = new Template(this.chatTemplate);
-      } catch (e) {
-        throw new FormatError(`${this.source}: the chat template does not parse: ${errMsg(e)}`, { cause: e });
-      }
-    }
-    try {
-      return this.compiled.render({
-        messages: messages.map((m) => ({ role: m.role, content: m.content })),
-        add_generation_prompt: opts.addGenerationPrompt ?? false,
-        ...Object.fromEntries(Object.entries(this.specials).filter(([, v]) => v !== undefined)),
-      });
-    } catch (e) {
-      throw new DataError(`${this.source}: the chat template rejected the conversation: ${errMsg(e)}`, { cause: e });
-    }
+    return renderChatTemplate(this.source, this.chatTemplate, this.templateNames, this.specials, messages, opts);
   }
 }

@@ -12,7 +12,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
-import { Template } from '@huggingface/jinja';
+import { renderChatTemplate } from './chat-template.ts';
 import { ConfigError, DataError, FormatError, ShapeError, UnsupportedError } from './errors.ts';
 import { SentencePieceTokenizer } from './sp-tokenizer.ts';
 
@@ -109,7 +109,6 @@ export class TextTokenizer {
   private readonly tok: Tokenizer;
   private readonly specials: Record<string, string | undefined>;
   private readonly templateNames: string[];
-  private compiled: Template | null = null;
 
   private constructor(tok: Tokenizer, config: Obj, source: string, chatTemplateOverride: string | null) {
     this.tok = tok;
@@ -249,29 +248,7 @@ export class TextTokenizer {
 
   /** Renders the chat template the way transformers' `apply_chat_template(tokenize=False)` does. */
   applyChatTemplate(messages: ChatMessage[], opts: { addGenerationPrompt?: boolean } = {}): string {
-    if (this.chatTemplate === null) {
-      const why = this.templateNames.length > 1 ? ` (it lists ${this.templateNames.join(', ')} but none is named "default")` : '';
-      throw new ConfigError(`${this.source}: the tokenizer has no chat template${why}`, {
-        hint: 'use a prompt template in the job config, or add "chat_template" to tokenizer_config.json',
-      });
-    }
-    if (!this.compiled) {
-      try {
-        this.compiled = new Template(this.chatTemplate);
-      } catch (e) {
-        throw new FormatError(`${this.source}: the chat template does not parse: ${msg(e)}`, { cause: e });
-      }
-    }
-    try {
-      return this.compiled.render({
-        messages: messages.map((m) => ({ role: m.role, content: m.content })),
-        add_generation_prompt: opts.addGenerationPrompt ?? false,
-        ...Object.fromEntries(Object.entries(this.specials).filter(([, v]) => v !== undefined)),
-      });
-    } catch (e) {
-      // Templates call raise_exception() for conversations they refuse (e.g. roles that do not alternate).
-      throw new DataError(`${this.source}: the chat template rejected the conversation: ${msg(e)}`, { cause: e });
-    }
+    return renderChatTemplate(this.source, this.chatTemplate, this.templateNames, this.specials, messages, opts);
   }
 }
 
