@@ -13,7 +13,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { renderChatTemplate } from './chat-template.ts';
-import { ConfigError, DataError, FormatError, ShapeError, UnsupportedError } from './errors.ts';
+import { DataError, FormatError, ShapeError, UnsupportedError } from './errors.ts';
 import { SentencePieceTokenizer } from './sp-tokenizer.ts';
 
 export interface ChatMessage {

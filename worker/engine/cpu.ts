@@ -12,7 +12,7 @@ import type {
 } from './backend.ts';
 import { BackendError, ShapeError, check } from '../../common/errors.ts';
 import { philox4x32, u32ToUnit } from '../../common/rng.ts';
-import { CpuTensor, Storage, asCpu, cpuData, shapeSize, storageDtype, type CpuData } from './cpu/tensor.ts';
+import { CpuTensor, Storage, asCpu, shapeSize, storageDtype, type CpuData } from './cpu/tensor.ts';
 import { Scratch, gemmTs } from './cpu/gemm-ts.ts';
 import { CpuQuantized, dequantRows } from './cpu/nf4-tiles.ts';
 import { attentionBackwardTs, attentionForwardTs } from './cpu/attention-ts.ts';

@@ -9,7 +9,7 @@
 //     every q·k dot product unchanged. LoRA on a packed module is one LoRA (one A, one B over all its rows), as in
 //     PEFT; its B rows use the same permutation internally and are written back in checkpoint order.
 import type { ModelConfig } from './config.ts';
-import { LINEAR_MODULES, type LinearModule } from './llama.ts';
+import { LINEAR_MODULES, modulePath, type LinearModule } from './llama.ts';
 
 /** How one engine linear is read from the checkpoint. */
 export interface LinearSource {
@@ -60,8 +60,7 @@ export function modelNames(cfg: ModelConfig): ModelNames {
     layer(l) {
       const linears = {} as Record<LinearModule, LinearSource>;
       for (const m of LINEAR_MODULES) {
-        const module = `model.layers.${l}.${m.endsWith('_proj') && ['q_proj', 'k_proj', 'v_proj', 'o_proj'].includes(m) ? 'self_attn' : 'mlp'}.${m}`;
-        linears[m] = { module };
+        linears[m] = { module: modulePath(l, m) };
       }
       return { inputNorm: `model.layers.${l}.input_layernorm.weight`, postNorm: `model.layers.${l}.post_attention_layernorm.weight`, linears };
     },

@@ -7,7 +7,7 @@
 //   y2 = rmsnorm(x2) ; h = silu(gate(y2)) · up(y2) ; out = x2 + down(h)
 // Gradient checkpointing (default): only each layer's input is kept; backward recomputes the layer forward.
 import type { Backend, DropoutKey, QuantizedTensor, Tensor } from '../engine/backend.ts';
-import { LoraParams, type QLoraLinear, freeSaved, type LoraHyper, type LoraLinearSaved } from '../engine/lora.ts';
+import { LoraParams, type QLoraLinear, type LoraHyper, type LoraLinearSaved } from '../engine/lora.ts';
 import type { ModelConfig } from './config.ts';
 import { ropeInvFreq } from './config.ts';
 import { ShapeError, ConfigError, UnsupportedError } from '../../common/errors.ts';

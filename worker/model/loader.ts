@@ -7,7 +7,7 @@ import { quantizeNf4 } from '../engine/nf4.ts';
 import { ModelWeights } from '../../common/safetensors.ts';
 import { isPrequantized, nf4FromRecords } from './bnb.ts';
 import { loadModelConfig, type ModelConfig } from './config.ts';
-import { LINEAR_MODULES, LlamaStage, hyperFor, isTargeted, modulePath, type LayerWeights, type LinearModule, type LoraConfig, type StageSpec, type StageWeights } from './llama.ts';
+import { LINEAR_MODULES, LlamaStage, hyperFor, isTargeted, type LayerWeights, type LinearModule, type LoraConfig, type StageSpec, type StageWeights } from './llama.ts';
 import { FormatError, ShapeError, UnsupportedError } from '../../common/errors.ts';
 import { modelNames, sliceRows } from './layout.ts';
 import { logger } from '../../common/log.ts';
