@@ -1,15 +1,13 @@
 // The command line as a user runs it: real processes, real files. A tiny model with the example's tokenizer and
 // data is trained with a job.yaml; the adapter is used by generate / eval / merge; quantize writes a checkpoint
 // that loads to the same numbers; bad configs fail with errors that name the field.
+import { tinyExampleSetup } from '../helpers/tiny.ts';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, writeFileSync, copyFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { writeExampleData, generateExampleData } from '../../coordinator/example/data.ts';
-import { writeExampleTokenizer } from '../../coordinator/example/tokenizer.ts';
-import { writeRandomLlama } from '../../coordinator/example/model.ts';
 import { loadAdapter } from '../../worker/model/adapter.ts';
 import { ModelWeights } from '../../common/safetensors.ts';
 
@@ -22,18 +20,7 @@ function cli(args: string[], cwd = ROOT): { code: number; out: string; err: stri
 }
 
 const work = mkdtempSync(join(tmpdir(), 'dqlora-cli-'));
-const model = join(work, 'model');
-const { trainPath, validationPath } = writeExampleData(join(work, 'data'), 5);
-const texts = generateExampleData(5).train.flatMap((p) => [p.instruction, p.output]);
-const { vocabSize } = writeExampleTokenizer(model, texts);
-const tj = JSON.parse(readFileSync(join(model, 'tokenizer.json'), 'utf8')) as { added_tokens: { id: number; content: string }[] };
-const idOf = (c: string): number => tj.added_tokens.find((t) => t.content === c)!.id;
-writeRandomLlama(model, {
-  hiddenSize: 64, intermediateSize: 96, numLayers: 2, numHeads: 4, numKvHeads: 2, vocabSize: Math.ceil(vocabSize / 64) * 64,
-  maxPositionEmbeddings: 256, tieWordEmbeddings: false, embedStd: 0.125,
-  bosTokenId: idOf('<|begin_of_text|>'), eosTokenId: idOf('<|im_end|>'), padTokenId: idOf('<|pad|>'),
-}, 3);
-const prompt = generateExampleData(5).train[0].instruction;
+const { model, trainPath, validationPath, prompt } = tinyExampleSetup(work, { shape: { hiddenSize: 64, intermediateSize: 96, numLayers: 2 } });
 const jobPath = join(work, 'job.yaml');
 writeFileSync(jobPath, [
   'model: model', 'output_dir: run', 'backend: cpu',

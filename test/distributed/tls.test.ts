@@ -1,6 +1,7 @@
 // Mutual TLS on every gRPC channel (control and pipeline) when DQLORA_TLS_CA/CERT/KEY are set: a job trains with
 // its workers over mTLS, a client without a certificate or with one from another CA cannot register, and half a
 // configuration is refused instead of silently running in plaintext.
+import { tinyExampleSetup } from '../helpers/tiny.ts';
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
@@ -8,9 +9,6 @@ import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import { writeExampleData, generateExampleData } from '../../coordinator/example/data.ts';
-import { writeExampleTokenizer } from '../../coordinator/example/tokenizer.ts';
-import { writeRandomLlama } from '../../coordinator/example/model.ts';
 import { parseJob } from '../../coordinator/job.ts';
 import { runJob } from '../../coordinator/run.ts';
 import { channelCredentials, serverCredentials, tlsEnabled } from '../../common/tls.ts';
@@ -51,16 +49,7 @@ test('half a TLS configuration is a ConfigError, none is plaintext', () => {
 test('a 2-stage job trains over mutual TLS; clients without a certificate or with a foreign CA cannot register', { skip: !hasOpenssl && 'openssl is not installed', timeout: 120_000 }, async () => {
   const pki = makePki('good'), other = makePki('other');
   process.env.DQLORA_TLS_CA = pki.ca; process.env.DQLORA_TLS_CERT = pki.cert; process.env.DQLORA_TLS_KEY = pki.key;
-  const model = join(work, 'model');
-  const { trainPath } = writeExampleData(join(work, 'data'), 5);
-  const { vocabSize } = writeExampleTokenizer(model, generateExampleData(5).train.flatMap((p) => [p.instruction, p.output]));
-  const tj = JSON.parse(readFileSync(join(model, 'tokenizer.json'), 'utf8')) as { added_tokens: { id: number; content: string }[] };
-  const idOf = (c: string): number => tj.added_tokens.find((t) => t.content === c)!.id;
-  writeRandomLlama(model, {
-    hiddenSize: 32, intermediateSize: 48, numLayers: 2, numHeads: 4, numKvHeads: 2, vocabSize: Math.ceil(vocabSize / 64) * 64,
-    maxPositionEmbeddings: 256, tieWordEmbeddings: false, embedStd: 0.125,
-    bosTokenId: idOf('<|begin_of_text|>'), eosTokenId: idOf('<|im_end|>'), padTokenId: idOf('<|pad|>'),
-  }, 3);
+  const { model, trainPath } = tinyExampleSetup(work, { shape: { numLayers: 2 } });
   const rejected: string[] = [], accepted: string[] = [];
   const job = parseJob({
     name: 'tls', model, output_dir: join(work, 'run'), backend: 'cpu',

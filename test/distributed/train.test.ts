@@ -2,15 +2,13 @@
 // 127.0.0.1 (OS-assigned ports) to the coordinator and to each other, and all-reduce over a real
 // nats-server. A tiny model with the example's tokenizer and data is trained by the coordinator (run in this
 // process through runJob, as `coordinator start -c job.yaml` does) and compared with the single-process run.
+import { tinyExampleSetup } from '../helpers/tiny.ts';
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { writeExampleData, generateExampleData } from '../../coordinator/example/data.ts';
-import { writeExampleTokenizer } from '../../coordinator/example/tokenizer.ts';
-import { writeRandomLlama } from '../../coordinator/example/model.ts';
 import { loadAdapter } from '../../worker/model/adapter.ts';
 import { parseJob, type JobConfig } from '../../coordinator/job.ts';
 import { runJob } from '../../coordinator/run.ts';
@@ -20,17 +18,7 @@ import { natsServerMissing, startNatsServer, type NatsServerHandle } from '../he
 const skip = natsServerMissing();
 const ROOT = join(import.meta.dirname, '..', '..');
 const work = mkdtempSync(join(tmpdir(), 'dqlora-dist-'));
-const model = join(work, 'model');
-const { trainPath, validationPath } = writeExampleData(join(work, 'data'), 5);
-const texts = generateExampleData(5).train.flatMap((p) => [p.instruction, p.output]);
-const { vocabSize } = writeExampleTokenizer(model, texts);
-const tj = JSON.parse(readFileSync(join(model, 'tokenizer.json'), 'utf8')) as { added_tokens: { id: number; content: string }[] };
-const idOf = (c: string): number => tj.added_tokens.find((t) => t.content === c)!.id;
-writeRandomLlama(model, {
-  hiddenSize: 32, intermediateSize: 48, numLayers: 3, numHeads: 4, numKvHeads: 2, vocabSize: Math.ceil(vocabSize / 64) * 64,
-  maxPositionEmbeddings: 256, tieWordEmbeddings: false, embedStd: 0.125,
-  bosTokenId: idOf('<|begin_of_text|>'), eosTokenId: idOf('<|im_end|>'), padTokenId: idOf('<|pad|>'),
-}, 3);
+const { model, trainPath, validationPath } = tinyExampleSetup(work);
 
 const STEPS = 5;
 /** One job, laid out as given. The step's samples are the same for (R = 1, grad_accum 4) and (R = 2, grad_accum 2). */
