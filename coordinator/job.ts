@@ -60,8 +60,8 @@ export const JobSchema = z.object({
     max_new_tokens: positiveInt.default(64).describe('Tokens generated per answer.'),
   }).strict().prefault({}),
   distributed: z.object({
-    stages: z.union([positiveInt, z.literal('auto')]).default(1).describe('Pipeline stages (layers split across workers).'),
-    replicas: z.union([positiveInt, z.literal('auto')]).default(1).describe('Data-parallel replicas per stage.'),
+    stages: z.union([positiveInt, z.literal('auto')]).default(1).describe("Pipeline stages (layers split across workers, balanced by bytes). 'auto' = 1 (one stage per replica; the planner still refuses a stage that does not fit a worker's reported free memory)."),
+    replicas: z.union([positiveInt, z.literal('auto')]).default(1).describe("Data-parallel replicas per stage. 'auto' = workers / stages when workers is a number, else 1."),
     workers: z.union([z.number().int().min(0), z.literal('local')]).default(0).describe("0: train in this process; 'local': start stages × replicas worker processes on this machine; N: wait for N remote workers."),
     listen: z.string().regex(/^[^\s]+:\d+$/, 'expected HOST:PORT').default('127.0.0.1:0').describe('Distributed: address of the coordinator\'s gRPC control service (port 0 = OS-assigned, printed at start). Use 0.0.0.0:PORT for remote workers.'),
     nats_url: z.string().default('').describe("Distributed, replicas > 1: NATS server for the gradient all-reduce. Empty with workers: 'local' = start a private nats-server (must be on PATH)."),
