@@ -56,7 +56,7 @@ if has ops; then
 fi
 if has modeltests; then
   stamp "cuda model tests (golden fixtures, 200 steps vs cpu)"
-  DQLORA_CURVE_OUT=$OUT/curves.json timeout 240 node --test --test-reporter=spec .device/cuda-golden.test.mjs .device/cuda-train.test.mjs 2>&1 | tee -a "$LOG"
+  DQLORA_CURVE_OUT=$OUT/curves.json timeout 240 node --test --test-reporter=spec .device/cuda-golden.test.mjs .device/cuda-train.test.mjs .device/cuda-chatglm.test.mjs 2>&1 | tee -a "$LOG"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 

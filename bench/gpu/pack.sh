@@ -17,6 +17,7 @@ bundle() {
 bundle test/engine/cuda-ops.test.ts .device/cuda-ops.test.mjs
 bundle test/model/cuda-golden.test.ts .device/cuda-golden.test.mjs
 bundle test/model/cuda-train.test.ts .device/cuda-train.test.mjs
+bundle test/model/cuda-chatglm.test.ts .device/cuda-chatglm.test.mjs
 bundle bench/gpu/cuda-bench.ts .device/cuda-bench.mjs
 bundle bench/gpu/model-bench.ts .device/model-bench.mjs
 # A local build (same nvcc 13.0 as the GPU machine, CUDA runtime linked statically) saves the device a minute:
