@@ -5,6 +5,7 @@ import type { LoraParams } from '../worker/engine/lora.ts';
 import { generateTokens } from '../worker/model/generate.ts';
 import { formatPrompt } from './data/format.ts';
 import type { TokenizerLike } from './data/tokenize.ts';
+import type { JobConfig } from './job.ts';
 
 export interface AnswerOptions {
   readonly maxNewTokens: number;
@@ -48,4 +49,25 @@ export function answerPrompts(stages: LlamaStage[], tok: Decoder, prompts: strin
     return out.map((ids) => tok.decode(ids.filter((i) => i < tok.vocabSize), { skipSpecialTokens: true }).trim());
   };
   return o.lora ? run() : withoutLora(stages, run);
+}
+
+/**
+ * Base vs fine-tuned answers to a job's compare.prompts, loading the whole model in this process (after a
+ * distributed run whose local workers have exited).
+ */
+export async function compareAnswers(job: JobConfig, adapterDir: string): Promise<{ prompt: string; base: string; tuned: string }[]> {
+  const { createBackend } = await import('../worker/engine/index.ts');
+  const { loadModelConfig } = await import('../worker/model/config.ts');
+  const { loadStage } = await import('../worker/model/loader.ts');
+  const { applyAdapter, loadAdapter } = await import('../worker/model/adapter.ts');
+  const { fullModelSpec } = await import('../worker/model/llama.ts');
+  const { loadTokenizer } = await import('../common/tokenizer.ts');
+  const be = await createBackend(job.backend);
+  const tok = loadTokenizer(job.model);
+  const stage = loadStage(be, job.model, fullModelSpec(loadModelConfig(job.model)), { blocksize: job.quantization.blocksize, doubleQuant: job.quantization.double_quant });
+  const prompts = job.compare.prompts, o = { maxNewTokens: job.compare.max_new_tokens };
+  const base = answerPrompts([stage], tok, prompts, { ...o, lora: false });
+  applyAdapter(be, stage, loadAdapter(adapterDir), adapterDir);
+  const tuned = answerPrompts([stage], tok, prompts, { ...o, lora: true });
+  return prompts.map((prompt, i) => ({ prompt, base: base[i], tuned: tuned[i] }));
 }

@@ -12,6 +12,7 @@
 // re-assigns every stage restoring the last checkpoint — or the initial state when there is none yet —
 // then continues. Checkpoints are written by the coordinator only, atomically (coordinator/checkpoint.ts),
 // from the workers' uploaded state, so a failure can never leave a torn one.
+import { compareAnswers } from '../answer.ts';
 import crypto from 'node:crypto';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -80,7 +81,23 @@ function all<T>(ps: Promise<T>[]): Promise<T[]> {
   return Promise.all(ps);
 }
 
+/**
+ * Runs the job on workers, then — with local workers, once they have exited and freed their devices — answers
+ * compare.prompts with the base and the fine-tuned model in this process (remote deployments print how to run
+ * `coordinator generate` instead: the coordinator holds no model there).
+ */
 export async function runDistributed(job: JobConfig, opts: DistributedOptions = {}): Promise<DistributedOutcome> {
+  const out = await trainDistributed(job, opts);
+  const done = out.adapterDir === join(job.output_dir, 'adapter');
+  if (!done || job.compare.prompts.length === 0) return out;
+  if (job.distributed.workers !== 'local') {
+    (opts.print ?? ((x: string) => process.stdout.write(x + '\n')))(`compare.prompts: answer them with \`coordinator generate --model ${job.model} --adapter ${out.adapterDir} ...\` (the coordinator holds no model in remote deployments)`);
+    return out;
+  }
+  return { ...out, answers: await compareAnswers(job, out.adapterDir) };
+}
+
+async function trainDistributed(job: JobConfig, opts: DistributedOptions = {}): Promise<DistributedOutcome> {
   const print = opts.print ?? ((s: string) => process.stdout.write(s + '\n'));
   const d = job.distributed, t = job.training;
   const cfg = loadModelConfig(job.model);
@@ -354,7 +371,6 @@ export async function runDistributed(job: JobConfig, opts: DistributedOptions = 
     }
     const adapterDir = join(job.output_dir, 'adapter');
     saveAdapter(adapterDir, final!.modules, lora, job.model);
-    if (job.compare.prompts.length) print('compare.prompts: the before/after answers are not generated in distributed mode yet; run `coordinator generate --model ... --adapter ' + adapterDir + '`');
     const summary = { steps: state.step, firstLoss: first, lastLoss: last, evalLoss, tokensPerSecond: tokensSeen / stepSeconds, seconds: stepSeconds, wallSeconds: seconds, adapterDir, answers: [], dataset: ds.stats, distributed: { stages: S, replicas: R, recoveries } };
     writeFileSync(join(job.output_dir, 'summary.json'), JSON.stringify(summary, null, 1) + '\n');
     print(`trained ${state.step - startStep} steps in ${seconds.toFixed(1)} s (${(tokensSeen / stepSeconds).toFixed(0)} tokens/s while stepping): loss ${first.toFixed(4)} → ${last.toFixed(4)}${evalLoss !== null ? `, validation loss ${evalLoss.toFixed(4)} (perplexity ${Math.exp(evalLoss).toFixed(2)})` : ''}`);

@@ -79,9 +79,14 @@ test('2 stages × 2 replicas: the adapter matches the single-process run within 
 });
 
 test('2 stages × 1 replica (no NATS): bit-identical to the single-process adapter', { skip, timeout: 60_000 }, async () => {
-  const single = await runJob(job(join(work, 'single-ga2'), {}, 2), { print: quiet });
-  const p = await runJob(job(join(work, 'pipe'), { stages: 2, replicas: 1, workers: 'local' }, 2), { print: quiet });
+  const prompts = ['拓数派#openpie#数据库'];
+  const withCompare = (j: JobConfig): JobConfig => ({ ...j, compare: { prompts, max_new_tokens: 4 } });
+  const single = await runJob(withCompare(job(join(work, 'single-ga2'), {}, 2)), { print: quiet });
+  const p = await runJob(withCompare(job(join(work, 'pipe'), { stages: 2, replicas: 1, workers: 'local' }, 2)), { print: quiet });
   assert.ok(adapterBytes(single.adapterDir).equals(adapterBytes(p.adapterDir)));
+  // Local mode answers compare.prompts after the workers exit, with the same answers as the one-process run.
+  assert.deepEqual(p.answers, single.answers);
+  assert.equal(p.answers.length, 1);
 });
 
 test('stop after 2 steps and resume from the checkpoint: bit-identical adapter', { skip, timeout: 120_000 }, async () => {
