@@ -10,7 +10,7 @@ const positiveInt = z.number().int().positive();
 
 export const JobSchema = z.object({
   name: z.string().min(1).default('job').describe('Job name: used in logs, metrics labels and the NATS subjects.'),
-  model: z.string().min(1).describe('Base model: a Hugging Face model directory (config.json, *.safetensors, tokenizer.json). Pre-quantized bitsandbytes NF4 checkpoints are accepted.'),
+  model: z.string().min(1).describe('Base model: a Hugging Face model directory — config.json, weights as *.safetensors or pickled pytorch_model*.bin (read without executing code), tokenizer.json or a SentencePiece tokenizer.model. Llama, Mistral, Qwen2 and ChatGLM2; pre-quantized bitsandbytes NF4 checkpoints of the Llama family are accepted.'),
   output_dir: z.string().min(1).describe('Where the adapter, checkpoints and logs go.'),
   backend: z.enum(['cpu', 'cuda', 'auto']).default('auto').describe('Tensor backend: cpu (TypeScript + native kernels), cuda (the N-API addon), auto = cuda when available.'),
   data: z.object({
@@ -29,7 +29,7 @@ export const JobSchema = z.object({
     r: positiveInt.default(8).describe('LoRA rank.'),
     alpha: z.number().positive().default(16).describe('LoRA alpha; scale = alpha / r (alpha / sqrt(r) with use_rslora).'),
     dropout: z.number().min(0).lt(1).default(0.05).describe('Dropout on the LoRA branch input.'),
-    target_modules: z.union([z.literal('all-linear'), z.array(z.string().min(1)).min(1)]).optional().describe("Modules to adapt: a list of names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or 'all-linear'. Default: PEFT's per-model default (q_proj, v_proj for Llama/Mistral/Qwen2)."),
+    target_modules: z.union([z.literal('all-linear'), z.array(z.string().min(1)).min(1)]).optional().describe("Modules to adapt: a list of names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; ChatGLM2: query_key_value, dense, dense_h_to_4h, dense_4h_to_h) or 'all-linear' (never the LM head). Default: PEFT's per-model default (q_proj, v_proj for Llama/Mistral/Qwen2; query_key_value for ChatGLM2)."),
     use_rslora: z.boolean().default(false).describe('Rank-stabilised LoRA scaling alpha / sqrt(r).'),
     rank_pattern: z.record(z.string(), positiveInt).default({}).describe('Per-module rank overrides, e.g. {"layers.0.self_attn.q_proj": 16}.'),
     alpha_pattern: z.record(z.string(), z.number().positive()).default({}).describe('Per-module alpha overrides.'),
