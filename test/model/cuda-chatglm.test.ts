@@ -3,13 +3,14 @@
 // relative, the whole LoRA gradient within 3e-2 (L2-relative), logits within 3e-2 of their largest magnitude.
 // Exercises partial interleaved RoPE (permuted to rotate_half), MQA and the packed modules' shared LoRA on the GPU.
 // Skipped (with the reason) where no GPU / addon is present.
+import { goldenBatch } from '../helpers/golden.ts';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createCudaBackend, type CudaBackend } from '../../worker/engine/cuda/cuda.ts';
 import { loadStage } from '../../worker/model/loader.ts';
-import { fullModelSpec, type StageBatch } from '../../worker/model/llama.ts';
+import { fullModelSpec } from '../../worker/model/llama.ts';
 import { loadModelConfig } from '../../worker/model/config.ts';
 import { applyAdapter, loadAdapter } from '../../worker/model/adapter.ts';
 import { permuteRows } from '../../worker/engine/lora.ts';
@@ -28,13 +29,7 @@ for (const name of ['chatglm-qkv', 'chatglm-all']) {
     const be = cuda!;
     const dir = join(ROOT, name);
     const e = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as Expected;
-    const B = e.batch.input_ids.length, T = e.batch.input_ids[0].length;
-    const ids = new Int32Array(B * T), keyMask = new Int32Array(B * T), positions = new Int32Array(B * T), targets = new Int32Array(B * T).fill(-100);
-    for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) {
-      ids[b * T + t] = e.batch.input_ids[b][t]; keyMask[b * T + t] = e.batch.attention_mask[b][t]; positions[b * T + t] = t;
-      if (t + 1 < T) targets[b * T + t] = e.batch.labels[b][t + 1];
-    }
-    const batch: StageBatch = { B, T, ids, keyMask, positions, targets, sampleIds: Int32Array.from({ length: B }, (_, i) => i) };
+    const batch = goldenBatch(e.batch), T = batch.T;
     const stage = loadStage(be, join(dir, 'model'), fullModelSpec(loadModelConfig(join(dir, 'model'))), { doubleQuant: false });
     applyAdapter(be, stage, loadAdapter(join(dir, 'adapter')), name);
     const r = stage.forward(0, batch, undefined, { train: true, gradScale: 1 / e.num_targets });

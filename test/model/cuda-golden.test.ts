@@ -2,6 +2,7 @@
 // activations: loss within 1e-2 relative, the LoRA gradient within 3e-2 (L2-relative over all modules; each
 // tensor ≤ 5e-2 L2-relative and ≤ 6e-2 element-wise of its largest value), the logits of sequence 0 within 3e-2 of their largest magnitude; the NF4 codes the
 // loader makes on the GPU are the CPU's bit for bit. Skipped (with the reason) where no GPU / addon is present.
+import { goldenBatch } from '../helpers/golden.ts';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
@@ -28,17 +29,7 @@ interface Expected {
   batch: { input_ids: number[][]; attention_mask: number[][]; labels: number[][] };
 }
 
-function batchOf(e: Expected): StageBatch {
-  const B = e.batch.input_ids.length, T = e.batch.input_ids[0].length;
-  const ids = new Int32Array(B * T), keyMask = new Int32Array(B * T), positions = new Int32Array(B * T), targets = new Int32Array(B * T).fill(-100);
-  for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) {
-    ids[b * T + t] = e.batch.input_ids[b][t];
-    keyMask[b * T + t] = e.batch.attention_mask[b][t];
-    positions[b * T + t] = t;
-    if (t + 1 < T) targets[b * T + t] = e.batch.labels[b][t + 1];
-  }
-  return { B, T, ids, keyMask, positions, targets, sampleIds: Int32Array.from({ length: B }, (_, i) => i) };
-}
+const batchOf = (e: Expected): StageBatch => goldenBatch(e.batch);
 
 /** ‖got − want‖₂ / ‖want‖₂. */
 function l2Err(got: ArrayLike<number>, want: ArrayLike<number>): number {

@@ -3,6 +3,7 @@
 // implementation (test/reference/chatglm2_reference.py) on NF4-exact weights: loss within 1e-5 relative, every
 // LoRA gradient within 1e-4 of its largest value, logits within 1e-4; and the adapter written back by us equals
 // the PEFT-format adapter we read (row order of the packed B restored).
+import { goldenBatch } from '../helpers/golden.ts';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, readFileSync } from 'node:fs';
@@ -22,15 +23,7 @@ const ROOT = join(import.meta.dirname, '..', 'fixtures', 'golden-chatglm');
 
 interface Expected { loss: number; num_targets: number; batch: { input_ids: number[][]; attention_mask: number[][]; labels: number[][] } }
 
-function batchOf(e: Expected): StageBatch {
-  const B = e.batch.input_ids.length, T = e.batch.input_ids[0].length;
-  const ids = new Int32Array(B * T), keyMask = new Int32Array(B * T), positions = new Int32Array(B * T), targets = new Int32Array(B * T).fill(-100);
-  for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) {
-    ids[b * T + t] = e.batch.input_ids[b][t]; keyMask[b * T + t] = e.batch.attention_mask[b][t]; positions[b * T + t] = t;
-    if (t + 1 < T) targets[b * T + t] = e.batch.labels[b][t + 1];
-  }
-  return { B, T, ids, keyMask, positions, targets, sampleIds: Int32Array.from({ length: B }, (_, i) => i) };
-}
+const batchOf = (e: Expected): StageBatch => goldenBatch(e.batch);
 
 test('chatglm config: MQA groups, head dim from kv_channels, RoPE on half the head (interleaved), padded vocab', () => {
   const cfg = loadModelConfig(join(ROOT, 'chatglm-qkv', 'model'));

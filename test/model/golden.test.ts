@@ -2,6 +2,7 @@
 // (fixtures written by test/reference/make_golden.py, see test/reference/README.md). fp32 on the cpu backend:
 // loss within 1e-5 relative, every LoRA gradient within 1e-4 (relative to the tensor's largest value), NF4 codes
 // bit for bit, greedy generations token for token.
+import { goldenBatch } from '../helpers/golden.ts';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
@@ -29,17 +30,7 @@ interface Expected {
   diagnostics: { rope_inv_freq: number[] };
 }
 
-function batchOf(e: Expected): StageBatch {
-  const B = e.batch.input_ids.length, T = e.batch.input_ids[0].length;
-  const ids = new Int32Array(B * T), keyMask = new Int32Array(B * T), positions = new Int32Array(B * T), targets = new Int32Array(B * T).fill(-100);
-  for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) {
-    ids[b * T + t] = e.batch.input_ids[b][t];
-    keyMask[b * T + t] = e.batch.attention_mask[b][t];
-    positions[b * T + t] = t; // HF default position ids (right padding)
-    if (t + 1 < T) targets[b * T + t] = e.batch.labels[b][t + 1];
-  }
-  return { B, T, ids, keyMask, positions, targets, sampleIds: Int32Array.from({ length: B }, (_, i) => i) };
-}
+const batchOf = (e: Expected): StageBatch => goldenBatch(e.batch);
 
 for (const name of CASES) {
   const dir = join(ROOT, name);
