@@ -4,7 +4,7 @@ import { LINEAR_MODULES } from '../worker/model/llama.ts';
 import type { LoraParams } from '../worker/engine/lora.ts';
 import { generateTokens } from '../worker/model/generate.ts';
 import { formatPrompt } from './data/format.ts';
-import type { TokenizerLike } from './data/tokenize.ts';
+import { startTokens, type TokenizerLike } from './data/tokenize.ts';
 import type { JobConfig } from './job.ts';
 
 export interface AnswerOptions {
@@ -24,10 +24,7 @@ export interface Decoder extends TokenizerLike { readonly vocabSize: number; dec
 /** Encodes a prompt exactly as training encoded the prompt part of an alpaca record (template + BOS rule). */
 export function encodePrompt(tok: TokenizerLike, instruction: string): number[] {
   const ids = tok.encode(formatPrompt({ instruction }, tok), { addSpecialTokens: false });
-  const prefix = tok.prefixTokens?.();
-  if (prefix && prefix.length > 0) ids.unshift(...prefix);
-  else if (tok.bosId !== null && ids[0] !== tok.bosId) ids.unshift(tok.bosId);
-  return ids;
+  return [...startTokens(tok, ids), ...ids];
 }
 
 /** Runs `fn` with every LoRA branch of the stages detached (the frozen base model), then restores them. */

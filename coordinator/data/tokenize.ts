@@ -110,6 +110,16 @@ function checkOptions(opts: TokenizeOptions, tok: TokenizerLike): void {
   }
 }
 
+/**
+ * The ids a sequence starting with `ids` gets in front: the tokenizer's prefix tokens (ChatGLM2's [gMASK] sop), or
+ * BOS when it has one and the text does not already start with it. Training and generation prompts both use this.
+ */
+export function startTokens(tok: TokenizerLike, ids: readonly number[]): number[] {
+  const prefix = tok.prefixTokens?.();
+  if (prefix && prefix.length > 0) return prefix;
+  return tok.bosId !== null && ids[0] !== tok.bosId ? [tok.bosId] : [];
+}
+
 /** Full (untruncated) ids and labels of one record. */
 export function encodeRecord(rec: Record, tok: TokenizerLike, addBos: 'auto' | boolean = 'auto', cache?: Map<string, number[]>): { ids: number[]; labels: number[] } {
   const ids: number[] = [], labels: number[] = [];
@@ -125,11 +135,9 @@ export function encodeRecord(rec: Record, tok: TokenizerLike, addBos: 'auto' | b
       ids.push(tok.eosId); labels.push(piece.trained ? tok.eosId : IGNORE_INDEX);
     }
   }
-  const prefix = tok.prefixTokens?.();
-  if (prefix && prefix.length > 0) {
-    if (addBos !== false) { ids.unshift(...prefix); labels.unshift(...prefix.map(() => IGNORE_INDEX)); }
-  } else if (addBos !== false && tok.bosId !== null && ids[0] !== tok.bosId) {
-    ids.unshift(tok.bosId); labels.unshift(IGNORE_INDEX);
+  if (addBos !== false) {
+    const start = startTokens(tok, ids);
+    ids.unshift(...start); labels.unshift(...start.map(() => IGNORE_INDEX));
   }
   return { ids, labels };
 }
