@@ -5,10 +5,10 @@
 
 import os from 'node:os';
 import { fileURLToPath } from 'node:url';
-import { createCpuBackend, type CpuBackend } from '../worker/engine/cpu.ts';
-import { loadCpuNative } from '../worker/engine/cpu/native.ts';
-import { dequantizeNf4, quantizeNf4 } from '../worker/engine/nf4.ts';
-import type { Tensor } from '../worker/engine/backend.ts';
+import { createCpuBackend, type CpuBackend } from '../core/engine/cpu.ts';
+import { loadCpuNative } from '../core/engine/cpu/native.ts';
+import { dequantizeNf4, quantizeNf4 } from '../core/engine/nf4.ts';
+import type { Tensor } from '../core/engine/backend.ts';
 
 const QUICK = process.env.DQLORA_BENCH_QUICK === '1';
 

@@ -28,11 +28,11 @@ import { ensureExampleAssets, exampleJob } from '../coordinator/example/assets.t
 import { runJob } from '../coordinator/run.ts';
 import { runDistributed } from '../coordinator/distributed/run.ts';
 import { buildDataset } from '../coordinator/data/dataset.ts';
-import { makeMicroBatch, planSteps } from '../coordinator/data/batch.ts';
+import { makeMicroBatch, planSteps } from '../core/train/batch.ts';
 import { loadTokenizer } from '../common/tokenizer.ts';
-import { loadModelConfig } from '../worker/model/config.ts';
-import { linearShape } from '../worker/model/loader.ts';
-import { LINEAR_MODULES } from '../worker/model/llama.ts';
+import { loadModelConfig } from '../core/model/config.ts';
+import { linearShape } from '../core/model/loader.ts';
+import { LINEAR_MODULES } from '../core/model/llama.ts';
 
 const arg = (name: string, dflt: number): number => { const i = process.argv.indexOf(name); return i > 0 ? Number(process.argv[i + 1]) : dflt; };
 const STEPS = arg('--steps', 6), M = arg('--micro', 4), MBS = arg('--mbs', 8);

@@ -2,11 +2,11 @@
 # The GPU benchmark in one device call: builds the CUDA addon, runs the cuda tests (ops vs the cpu backend, the
 # golden fixtures, a 200-step training run vs the cpu backend), then the full-model benchmark: a TinyLlama-1.1B-
 # shaped and a Llama-2-7B-shaped random-init checkpoint written by PyTorch, trained by PyTorch + PEFT and by dqlora
-# (worker/model + coordinator/train.ts on the cuda backend) side by side, and writes a markdown table.
+# (core/model + coordinator/train.ts on the cuda backend) side by side, and writes a markdown table.
 # Optionally the older per-op / layer-stack microbenchmark (part `layer`).
 #
 #   here:        bash bench/gpu/pack.sh        (bundles + node; add BENCH_PREBUILT=1 below to reuse a local build)
-#   device run:  carry [".device", "worker/engine/cuda/build"], command "bash bench/gpu.sh"
+#   device run:  carry [".device", "core/engine/cuda/build"], command "bash bench/gpu.sh"
 # Environment: BENCH_PARTS (default "build,ops,modeltests,model"; add "layer" for the microbenchmark),
 #   BENCH_PREBUILT=1 (skip the build when the carried addon loads), BENCH_TL_RUNS / BENCH_7B_RUNS
 #   (<checkpointing>x<batch> lists), BENCH_7B_TORCH_RUNS, BENCH_STEPS.
@@ -32,17 +32,17 @@ stamp() { say "== $1 (t+$(( $(date +%s) - T0 )) s)"; }
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
 df -h /tmp 2>&1 | tail -1 | tee -a "$LOG"
 
-export DQLORA_CUDA_ADDON=$PWD/worker/engine/cuda/build/dqlora_cuda.node
+export DQLORA_CUDA_ADDON=$PWD/core/engine/cuda/build/dqlora_cuda.node
 addon_ok() { [ -f "$DQLORA_CUDA_ADDON" ] && node -e 'const a=require(process.env.DQLORA_CUDA_ADDON); process.exit(a.deviceCount().count > 0 ? 0 : 1)' 2>>"$LOG"; }
 if has build; then
   stamp build
   if [ "${BENCH_PREBUILT:-0}" = 1 ] && addon_ok; then
-    say "using the carried addon ($(cat worker/engine/cuda/build/stamp.txt 2>/dev/null))"
+    say "using the carried addon ($(cat core/engine/cuda/build/stamp.txt 2>/dev/null))"
   else
-    DQLORA_CUDA_ARCHS=${DQLORA_CUDA_ARCHS:-90} node worker/engine/cuda/build.mjs 2>&1 | tee -a "$LOG"
+    DQLORA_CUDA_ARCHS=${DQLORA_CUDA_ARCHS:-90} node core/engine/cuda/build.mjs 2>&1 | tee -a "$LOG"
   fi
 fi
-addon_ok || { say "addon not built / does not load"; cat worker/engine/cuda/build/build.log >> "$LOG" 2>/dev/null; exit 1; }
+addon_ok || { say "addon not built / does not load"; cat core/engine/cuda/build/build.log >> "$LOG" 2>/dev/null; exit 1; }
 rc=0
 
 if has ops; then

@@ -2,7 +2,7 @@
 # Run HERE before the device call of bench/multigpu.sh: packs into .device/ (git-ignored) the node binary and
 # headers (../shared/tools/device-pack), esbuild bundles of bench/multigpu.ts and the worker CLI (node_modules is
 # too big to carry), the nats-server binary (for replicas > 1) and the example tokenizer, and builds the CUDA addon
-# here (same nvcc 13.0 as the GPU machine). Then: run tool, carry [".device", "worker/engine/cuda/build"],
+# here (same nvcc 13.0 as the GPU machine). Then: run tool, carry [".device", "core/engine/cuda/build"],
 # command "bash bench/multigpu.sh".
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
@@ -19,7 +19,7 @@ mkdir -p .device/bin .device/tok
 cp "$(command -v nats-server)" .device/bin/
 node --import tsx -e "import('./coordinator/example/assets.ts').then((m) => console.log(m.ensureExampleAssets().modelDir))" >/dev/null
 cp examples-cache/example-v1/model/tokenizer.json examples-cache/example-v1/model/tokenizer_config.json examples-cache/example-v1/model/special_tokens_map.json .device/tok/
-if command -v nvcc >/dev/null && [ ! -f worker/engine/cuda/build/dqlora_cuda.node ]; then
-  NAPI_INCLUDE=$root/.device/include DQLORA_CUDA_ARCHS=90 node worker/engine/cuda/build.mjs
+if command -v nvcc >/dev/null && [ ! -f core/engine/cuda/build/dqlora_cuda.node ]; then
+  NAPI_INCLUDE=$root/.device/include DQLORA_CUDA_ARCHS=90 node core/engine/cuda/build.mjs
 fi
 du -sh .device

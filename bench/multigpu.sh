@@ -2,7 +2,7 @@
 # Issue 5 on the GPU machine, one device call: writes a TinyLlama-1.1B-shaped random checkpoint (PyTorch), then runs
 # bench/multigpu.ts — the same QLoRA job on 1×1 / 2×1 / 1×2 / 2×2 layouts of local worker processes, one worker per
 # GPU round-robin (on a one-GPU machine they share it: the multi-process GPU path, not scaling).
-#   here: bash bench/multigpu-pack.sh ; device: carry [".device", "worker/engine/cuda/build"], "bash bench/multigpu.sh"
+#   here: bash bench/multigpu-pack.sh ; device: carry [".device", "core/engine/cuda/build"], "bash bench/multigpu.sh"
 # Environment: MG_LAYOUTS (default 1x1,2x1,1x2,2x2), MG_STEPS (6), MG_SEQ (1024), MG_GBS (16), MG_MICRO (4).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ source .device/env.sh
 OUT=${OUT:-/tmp/dqlora-mgpu}
 mkdir -p "$OUT"
 export PATH=$PWD/.device/bin:$PATH
-export DQLORA_CUDA_ADDON=$PWD/worker/engine/cuda/build/dqlora_cuda.node
+export DQLORA_CUDA_ADDON=$PWD/core/engine/cuda/build/dqlora_cuda.node
 export DQLORA_WORKER_ENTRY=$PWD/.device/worker.mjs
 export DQLORA_LOG_LEVEL=${DQLORA_LOG_LEVEL:-warn}
 nvidia-smi -L | tee "$OUT/log.txt"

@@ -1,8 +1,8 @@
 // Answers prompts with a local pipeline of stages, with or without the LoRA branch: the seed's before/after check.
-import type { LlamaStage } from '../worker/model/llama.ts';
-import { LINEAR_MODULES } from '../worker/model/llama.ts';
-import type { LoraParams } from '../worker/engine/lora.ts';
-import { generateTokens } from '../worker/model/generate.ts';
+import type { LlamaStage } from '../core/model/llama.ts';
+import { LINEAR_MODULES } from '../core/model/llama.ts';
+import type { LoraParams } from '../core/engine/lora.ts';
+import { generateTokens } from '../core/model/generate.ts';
 import { formatPrompt } from './data/format.ts';
 import { startTokens, type TokenizerLike } from './data/tokenize.ts';
 import type { JobConfig } from './job.ts';
@@ -53,11 +53,11 @@ export function answerPrompts(stages: LlamaStage[], tok: Decoder, prompts: strin
  * distributed run whose local workers have exited).
  */
 export async function compareAnswers(job: JobConfig, adapterDir: string): Promise<{ prompt: string; base: string; tuned: string }[]> {
-  const { createBackend } = await import('../worker/engine/index.ts');
-  const { loadModelConfig } = await import('../worker/model/config.ts');
-  const { loadStage } = await import('../worker/model/loader.ts');
-  const { applyAdapter, loadAdapter } = await import('../worker/model/adapter.ts');
-  const { fullModelSpec } = await import('../worker/model/llama.ts');
+  const { createBackend } = await import('../core/engine/index.ts');
+  const { loadModelConfig } = await import('../core/model/config.ts');
+  const { loadStage } = await import('../core/model/loader.ts');
+  const { applyAdapter, loadAdapter } = await import('../core/model/adapter.ts');
+  const { fullModelSpec } = await import('../core/model/llama.ts');
   const { loadTokenizer } = await import('../common/tokenizer.ts');
   const be = await createBackend(job.backend);
   const tok = loadTokenizer(job.model);

@@ -8,12 +8,12 @@ import { copyFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from
 import { join } from 'node:path';
 import { ModelWeights, writeShardedSafetensors, type TensorRecord } from '../common/safetensors.ts';
 import { f32ToBf16, f32ToF16 } from '../common/halfprec.ts';
-import { loadAdapter, loraDelta } from '../worker/model/adapter.ts';
-import { hyperFor } from '../worker/model/llama.ts';
-import { loraScale } from '../worker/engine/lora.ts';
-import { quantizeNf4, dequantizeNf4 } from '../worker/engine/nf4.ts';
-import { isPrequantized, nf4FromRecords } from '../worker/model/bnb.ts';
-import { loadModelConfig } from '../worker/model/config.ts';
+import { loadAdapter, loraDelta } from '../core/model/adapter.ts';
+import { hyperFor } from '../core/model/llama.ts';
+import { loraScale } from '../core/engine/lora.ts';
+import { quantizeNf4, dequantizeNf4 } from '../core/engine/nf4.ts';
+import { isPrequantized, nf4FromRecords } from '../core/model/bnb.ts';
+import { loadModelConfig } from '../core/model/config.ts';
 import { ConfigError, ShapeError } from '../common/errors.ts';
 
 export interface MergeOptions {

@@ -1,5 +1,5 @@
 // Layer plans: which contiguous layers each pipeline stage holds (embedding on the first, head on the last).
-import type { StageSpec } from '../worker/model/llama.ts';
+import type { StageSpec } from '../core/model/llama.ts';
 import { ConfigError } from '../common/errors.ts';
 
 /** Splits layers into `n` contiguous stages, balanced by layer count (the first stages get the remainder). */

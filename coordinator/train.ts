@@ -3,13 +3,13 @@
 //   → backward → global gradient norm and clipping → AdamW → (eval, checkpoint) → one log line.
 // The stages may be several (a local pipeline with the same boundaries the distributed run uses); the plan's
 // replicas are run one after the other and their gradients summed, which is what an all-reduce gives.
-import type { Backend } from '../worker/engine/backend.ts';
-import type { LoraParams } from '../worker/engine/lora.ts';
-import type { LlamaStage, StageBatch } from '../worker/model/llama.ts';
-import { stageLoraTensors, type LoraTensors } from '../worker/model/adapter.ts';
-import { makeMicroBatch, planSteps, stepsPerEpoch, type MicroBatch } from './data/batch.ts';
+import type { Backend } from '../core/engine/backend.ts';
+import type { LoraParams } from '../core/engine/lora.ts';
+import type { LlamaStage, StageBatch } from '../core/model/llama.ts';
+import { stageLoraTensors, type LoraTensors } from '../core/model/adapter.ts';
+import { makeMicroBatch, planSteps, stepsPerEpoch, type MicroBatch } from '../core/train/batch.ts';
 import type { Example } from './data/tokenize.ts';
-import { lrMultiplier, warmupSteps, type ScheduleName } from './schedule.ts';
+import { lrMultiplier, warmupSteps, type ScheduleName } from '../core/train/schedule.ts';
 import { mixKey } from '../common/rng.ts';
 import { CheckpointError, ConfigError } from '../common/errors.ts';
 import type { Checkpoint, OptimizerMoments, TrainerState } from '../common/checkpoint.ts';

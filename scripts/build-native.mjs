@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // Runs at `npm ci` / `npm install` (package.json "install" script). Builds the optional native addons:
-//   worker/engine/cpu-native  — C++ CPU kernels (g++), speeds up the cpu backend; the pure TS path is used without it
-//   worker/engine/cuda        — the CUDA backend (nvcc + cuBLAS), only where nvcc exists
+//   core/engine/cpu-native  — C++ CPU kernels (g++), speeds up the cpu backend; the pure TS path is used without it
+//   core/engine/cuda        — the CUDA backend (nvcc + cuBLAS), only where nvcc exists
 // Each addon has its own build.mjs. A failed or skipped build prints one line and never fails the install.
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -13,7 +13,7 @@ if (process.env.DQLORA_SKIP_NATIVE === '1') {
   console.log('dqlora: DQLORA_SKIP_NATIVE=1, native addons not built (pure TypeScript cpu backend only)');
   process.exit(0);
 }
-for (const addon of ['worker/engine/cpu-native', 'worker/engine/cuda']) {
+for (const addon of ['core/engine/cpu-native', 'core/engine/cuda']) {
   const script = join(root, addon, 'build.mjs');
   if (!existsSync(script)) continue;
   const r = spawnSync(process.execPath, [script], { cwd: root, stdio: 'inherit' });

@@ -3,7 +3,7 @@
 // LoRA gradients over NATS with the other replicas of its stage, and exits when the job ends.
 import { Command, InvalidArgumentError, Option } from 'commander';
 import os from 'node:os';
-import { createBackend, type BackendName } from './engine/index.ts';
+import { createBackend, type BackendName } from '../core/engine/index.ts';
 import { runWorker, splitHostPort } from './server.ts';
 import { ConfigError, DqloraError } from '../common/errors.ts';
 

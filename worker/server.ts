@@ -8,14 +8,14 @@
 import { channelCredentials, serverCredentials } from '../common/tls.ts';
 import os from 'node:os';
 import * as grpc from '@grpc/grpc-js';
-import type { Backend } from './engine/backend.ts';
+import type { Backend } from '../core/engine/backend.ts';
 import { StageRunner, assignmentFromWire } from './runtime/stage-runner.ts';
-import { chunkState } from './runtime/state.ts';
+import { chunkState } from '../wire/state.ts';
 import { startPipelineServer, type PipelineServerHandle, type PipelineServerOptions } from './transport/pipeline.ts';
 import { DqloraError, WireError } from '../common/errors.ts';
 import { logger } from '../common/log.ts';
 import { createWorkerMetrics, serveMetrics, type MetricsServer, type WorkerMetrics } from '../common/metrics.ts';
-import { DEFAULT_CHUNK_BYTES } from '../common/wire.ts';
+import { DEFAULT_CHUNK_BYTES } from '../wire/tensor.ts';
 import {
   ControlClient, DeviceKind, StepStats, WorkerState, type Command, type RegisterReply, type StepReport, type ReportAck, type StateChunk,
 } from '../proto/gen/dqlora/v1/control.ts';

@@ -6,8 +6,8 @@
 // Prints a table; the JSON (with every number) is written where --json says.
 
 import { writeFileSync } from 'node:fs';
-import type { Tensor } from '../../worker/engine/backend.ts';
-import { createCudaBackend, type CudaBackend } from '../../worker/engine/cuda/cuda.ts';
+import type { Tensor } from '../../core/engine/backend.ts';
+import { createCudaBackend, type CudaBackend } from '../../core/engine/cuda/cuda.ts';
 
 function arg(name: string, def: number): number {
   const i = process.argv.indexOf(`--${name}`);

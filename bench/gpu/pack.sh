@@ -21,8 +21,8 @@ bundle test/model/cuda-chatglm.test.ts .device/cuda-chatglm.test.mjs
 bundle bench/gpu/cuda-bench.ts .device/cuda-bench.mjs
 bundle bench/gpu/model-bench.ts .device/model-bench.mjs
 # A local build (same nvcc 13.0 as the GPU machine, CUDA runtime linked statically) saves the device a minute:
-# carry worker/engine/cuda/build too and run with BENCH_PREBUILT=1 (gpu.sh builds there if it does not load).
+# carry core/engine/cuda/build too and run with BENCH_PREBUILT=1 (gpu.sh builds there if it does not load).
 if command -v nvcc >/dev/null; then
-  NAPI_INCLUDE=${NAPI_INCLUDE:-$root/.device/include} DQLORA_CUDA_ARCHS=${DQLORA_CUDA_ARCHS:-90} node worker/engine/cuda/build.mjs
+  NAPI_INCLUDE=${NAPI_INCLUDE:-$root/.device/include} DQLORA_CUDA_ARCHS=${DQLORA_CUDA_ARCHS:-90} node core/engine/cuda/build.mjs
 fi
 du -sh .device

@@ -15,6 +15,8 @@
 // An example left with no trainable target (labels[1..] all −100; label 0 is never a target after the shift) is
 // dropped and counted.
 import { ConfigError, DataError, DqloraError } from '../../common/errors.ts';
+import { IGNORE_INDEX, type Example } from '../../core/train/batch.ts';
+export { IGNORE_INDEX, type Example };
 import { formatRecord } from './format.ts';
 import { recordKey, type Record } from './records.ts';
 
@@ -38,14 +40,6 @@ export interface TokenizerLike {
   formatQuery?(query: string, history?: [string, string][]): string;
 }
 
-export interface Example {
-  inputIds: Int32Array; // [T]
-  labels: Int32Array;   // [T] −100 on prompt / untrained tokens, else = inputIds (NOT shifted; batch.ts shifts)
-  /** Index of the record in the array given to tokenizeRecords (for buildDataset: in the file's records). */
-  sourceIndex: number;
-}
-
-export const IGNORE_INDEX = -100;
 
 export interface TokenizeOptions {
   maxLength: number;

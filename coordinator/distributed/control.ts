@@ -11,7 +11,7 @@ import * as grpc from '@grpc/grpc-js';
 import { DqloraError, WireError } from '../../common/errors.ts';
 import { logger } from '../../common/log.ts';
 import type { CoordinatorMetrics, WorkerStateLabel } from '../../common/metrics.ts';
-import { StateAssembler } from '../../worker/runtime/state.ts';
+import { StateAssembler } from '../../wire/state.ts';
 import {
   ControlService, WorkerState, type Command, type DeviceInfo, type StepReport, type StatusReply, type StateChunk,
 } from '../../proto/gen/dqlora/v1/control.ts';

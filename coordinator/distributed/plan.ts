@@ -1,9 +1,9 @@
 // The distributed layout: which contiguous layers each pipeline stage holds (balanced by bytes: the
 // embedding weighs on the first stage, final norm + LM head on the last) and which registered worker
 // serves stage s of replica r (the biggest stages go to the workers reporting the most free memory).
-import type { ModelConfig } from '../../worker/model/config.ts';
-import { linearShape } from '../../worker/model/loader.ts';
-import { LINEAR_MODULES, type StageSpec } from '../../worker/model/llama.ts';
+import type { ModelConfig } from '../../core/model/config.ts';
+import { linearShape } from '../../core/model/loader.ts';
+import { LINEAR_MODULES, type StageSpec } from '../../core/model/llama.ts';
 import { ConfigError } from '../../common/errors.ts';
 
 /** Approximate device bytes of each part: NF4 linears (4.127 bits/param), f32 norms, embeddings, head. */

@@ -1,7 +1,7 @@
 // The distributed job (distributed.workers: 'local' | N): the coordinator holds no model tensors; S stages ×
 // R replicas of workers do the math. One optimizer step, end to end (the same semantics as Trainer.step):
 //
-//   plan[step][replica][micro] (coordinator/data/batch.ts) → micro-batches → gradScale = 1 / label tokens of
+//   plan[step][replica][micro] (core/train/batch.ts) → micro-batches → gradScale = 1 / label tokens of
 //   the whole step (all replicas) → RunStep to every worker → workers run 1F1B among themselves over the
 //   Pipeline service, then all-reduce their stage's LoRA gradients over NATS → each reports ‖g_stage‖² and
 //   (last stage) its loss sum → global norm, clip coefficient, scheduled lr → ApplyUpdate → AdamW on every
@@ -19,20 +19,20 @@ import { join } from 'node:path';
 import type { JobConfig } from '../job.ts';
 import { loraConfigOf, type RunOptions, type RunOutcome } from '../run.ts';
 import { loadTokenizer } from '../../common/tokenizer.ts';
-import { loadModelConfig } from '../../worker/model/config.ts';
-import { saveAdapter, type LoraTensors } from '../../worker/model/adapter.ts';
-import type { LoraConfig } from '../../worker/model/llama.ts';
+import { loadModelConfig } from '../../core/model/config.ts';
+import { saveAdapter, type LoraTensors } from '../../core/model/adapter.ts';
+import type { LoraConfig } from '../../core/model/llama.ts';
 import { buildDataset } from '../data/dataset.ts';
-import { makeMicroBatch, planSteps, stepsPerEpoch, type MicroBatch } from '../data/batch.ts';
+import { makeMicroBatch, planSteps, stepsPerEpoch, type MicroBatch } from '../../core/train/batch.ts';
 import type { Example } from '../data/tokenize.ts';
-import { lrMultiplier, warmupSteps } from '../schedule.ts';
+import { lrMultiplier, warmupSteps } from '../../core/train/schedule.ts';
 import { fingerprint, listCheckpoints, loadCheckpoint, saveCheckpoint, type OptimizerMoments, type TrainerState } from '../../common/checkpoint.ts';
 import { ControlPlane, WorkerCommandError, WorkerLostError, type WorkerHandle } from './control.ts';
 import { assignWorkers, planStages } from './plan.ts';
 import { spawnLocalWorkers, startLocalNats, type LocalNats, type LocalWorkers } from './local.ts';
-import { decodeStageState } from '../../worker/runtime/state.ts';
+import { decodeStageState } from '../../wire/state.ts';
 import type { WorkerTrainConfig } from '../../worker/runtime/stage-runner.ts';
-import { i32ToTensor, u8ToTensor, DEFAULT_CHUNK_BYTES } from '../../common/wire.ts';
+import { i32ToTensor, u8ToTensor, DEFAULT_CHUNK_BYTES } from '../../wire/tensor.ts';
 import { CheckpointError, ConfigError, DqloraError } from '../../common/errors.ts';
 import { logger } from '../../common/log.ts';
 import { createCoordinatorMetrics, serveMetrics, type MetricsServer } from '../../common/metrics.ts';

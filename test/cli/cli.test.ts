@@ -8,7 +8,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, writeFileSync, copyFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { loadAdapter } from '../../worker/model/adapter.ts';
+import { loadAdapter } from '../../core/model/adapter.ts';
 import { ModelWeights } from '../../common/safetensors.ts';
 
 const ROOT = join(import.meta.dirname, '..', '..');

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { makeMicroBatch, planSteps, epochOrder, stepsPerEpoch } from '../../coordinator/data/batch.ts';
+import { makeMicroBatch, planSteps, epochOrder, stepsPerEpoch } from '../../core/train/batch.ts';
 import type { Example } from '../../coordinator/data/tokenize.ts';
 import { ConfigError } from '../../common/errors.ts';
 

@@ -8,8 +8,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { dockerignored, parseCopy, parseDockerfile, type DockerStage } from './helpers.ts';
-import { CPU_NATIVE_PATH } from '../../worker/engine/cpu/native.ts';
-import { ADDON_PATH as CUDA_ADDON_PATH } from '../../worker/engine/cuda/native.ts';
+import { CPU_NATIVE_PATH } from '../../core/engine/cpu/native.ts';
+import { ADDON_PATH as CUDA_ADDON_PATH } from '../../core/engine/cuda/native.ts';
 
 const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const dockerDir = path.join(root, 'deploy', 'docker');
@@ -64,10 +64,10 @@ test('the two .dockerignore files are identical allow-lists that keep secrets, g
   assert.deepEqual(files.cuda.ignore, files.cpu.ignore);
   const ig = files.cpu.ignore;
   for (const p of ['.git/config', 'node_modules/tsx/package.json', 'test/deploy/helpers.ts', 'bench/RESULTS.md', 'deploy/k8s/base/secrets.env', 'examples-cache/x',
-    'worker/engine/cpu-native/build/dqlora_cpu.node', 'worker/engine/cuda/build/obj/a.o', 'worker/node_modules/x', 'coordinator/run.log', '.env']) {
+    'core/engine/cpu-native/build/dqlora_cpu.node', 'core/engine/cuda/build/obj/a.o', 'worker/node_modules/x', 'coordinator/run.log', '.env']) {
     assert.ok(dockerignored(ig, p), `${p} is left out of the context`);
   }
-  for (const p of ['package.json', 'package-lock.json', 'tsconfig.json', 'scripts/build-native.mjs', 'bin/worker.js', 'worker/engine/cpu-native/src/addon.cc', 'worker/engine/cuda/build.mjs', 'proto/gen/dqlora/v1/control.ts']) {
+  for (const p of ['package.json', 'package-lock.json', 'tsconfig.json', 'scripts/build-native.mjs', 'bin/worker.js', 'core/engine/cpu-native/src/addon.cc', 'core/engine/cuda/build.mjs', 'proto/gen/dqlora/v1/control.ts']) {
     assert.ok(!dockerignored(ig, p), `${p} is in the context`);
   }
 });
@@ -99,9 +99,9 @@ test('build stages: compilers installed, and `npm ci` sees every file package.js
   const install = pkg.scripts.install;
   assert.equal(install, 'node scripts/build-native.mjs', 'package.json install script (the Dockerfiles copy exactly this)');
   const buildNative = fs.readFileSync(path.join(root, 'scripts', 'build-native.mjs'), 'utf8');
-  const addons = [...buildNative.matchAll(/'(worker\/engine\/[\w-]+)'/g)].map((m) => m[1]);
-  assert.deepEqual(addons, ['worker/engine/cpu-native', 'worker/engine/cuda']);
-  const want = { cpu: ['worker/engine/cpu-native'], cuda: ['worker/engine/cpu-native', 'worker/engine/cuda'] };
+  const addons = [...buildNative.matchAll(/'(core\/engine\/[\w-]+)'/g)].map((m) => m[1]);
+  assert.deepEqual(addons, ['core/engine/cpu-native', 'core/engine/cuda']);
+  const want = { cpu: ['core/engine/cpu-native'], cuda: ['core/engine/cpu-native', 'core/engine/cuda'] };
   for (const [flavour, { df }] of Object.entries(files) as [keyof typeof files, (typeof files)['cpu']][]) {
     const build = stage(df.stages, 'build');
     const run = ops(build, 'RUN').map((i) => i.args).join('\n');

@@ -10,12 +10,12 @@ import * as grpc from '@grpc/grpc-js';
 import { ControlPlane, type WorkerHandle, type WorkerLostError } from '../../coordinator/distributed/control.ts';
 import { ControlClient, type RegisterReply, type StateChunk } from '../../proto/gen/dqlora/v1/control.ts';
 import { Inbox } from '../../worker/runtime/inbox.ts';
-import { StateAssembler, chunkState, decodeStageState, encodeStageState } from '../../worker/runtime/state.ts';
+import { StateAssembler, chunkState, decodeStageState, encodeStageState } from '../../wire/state.ts';
 import { microBatchFromWire } from '../../worker/runtime/stage-runner.ts';
 import { startPipelineServer, PipelineClient, PipelineSendError, type PipelineServerOptions } from '../../worker/transport/pipeline.ts';
-import { createCpuBackend } from '../../worker/engine/cpu.ts';
-import { LoraParams } from '../../worker/engine/lora.ts';
-import { i32ToTensor, u8ToTensor } from '../../common/wire.ts';
+import { createCpuBackend } from '../../core/engine/cpu.ts';
+import { LoraParams } from '../../core/engine/lora.ts';
+import { i32ToTensor, u8ToTensor } from '../../wire/tensor.ts';
 import { WireError } from '../../common/errors.ts';
 import { Philox } from '../helpers/prng.ts';
 

@@ -3,7 +3,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import * as grpc from '@grpc/grpc-js';
 import { startPipelineServer, PipelineClient, PipelineSendError, type PipelineServerHandle } from '../../worker/transport/pipeline.ts';
-import { chunkTensor, f32ToTensor, type HostTensor } from '../../common/wire.ts';
+import { chunkTensor, f32ToTensor, type HostTensor } from '../../wire/tensor.ts';
 import { createWorkerMetrics } from '../../common/metrics.ts';
 import { Philox } from '../helpers/prng.ts';
 

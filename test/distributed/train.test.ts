@@ -9,7 +9,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { loadAdapter } from '../../worker/model/adapter.ts';
+import { loadAdapter } from '../../core/model/adapter.ts';
 import { parseJob, type JobConfig } from '../../coordinator/job.ts';
 import { runJob } from '../../coordinator/run.ts';
 import { runDistributed } from '../../coordinator/distributed/run.ts';

@@ -1,4 +1,4 @@
-// common/wire.ts: proto tensors ⇄ typed arrays, chunking under a message limit, validated reassembly, and
+// wire/tensor.ts: proto tensors ⇄ typed arrays, chunking under a message limit, validated reassembly, and
 // a fuzz test that feeds mutated chunk streams and random bytes and accepts only the original tensor or
 // a WireError.
 import { test } from 'node:test';
@@ -7,7 +7,7 @@ import { WireError } from '../../common/errors.ts';
 import {
   ChunkAssembler, ChunkError, chunkTensor, crc32, crc32Js, decodeChunk, decodeTensor, decodeTensorAs, encodeTensor,
   f32ToBf16Tensor, f32ToTensor, hostToF32, i32ToTensor, u8ToTensor, bf16ToTensor, type HostTensor, type TensorChunk,
-} from '../../common/wire.ts';
+} from '../../wire/tensor.ts';
 import { Dtype, Tensor } from '../../proto/gen/dqlora/v1/tensor.ts';
 import { ActivationChunk } from '../../proto/gen/dqlora/v1/pipeline.ts';
 import { Philox } from '../helpers/prng.ts';

@@ -7,18 +7,18 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { createCpuBackend, cpuData, type CpuBackend } from '../../worker/engine/cpu.ts';
-import { loadCpuNative } from '../../worker/engine/cpu/native.ts';
-import type { Tensor } from '../../worker/engine/backend.ts';
+import { createCpuBackend, cpuData, type CpuBackend } from '../../core/engine/cpu.ts';
+import { loadCpuNative } from '../../core/engine/cpu/native.ts';
+import type { Tensor } from '../../core/engine/backend.ts';
 import { rand, randInt, randomNf4, relErr } from './helpers.ts';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { writeRandomLlama } from '../../coordinator/example/model.ts';
 import { Trainer } from '../../coordinator/train.ts';
-import { loadStage } from '../../worker/model/loader.ts';
-import { fullModelSpec } from '../../worker/model/llama.ts';
-import { loadModelConfig } from '../../worker/model/config.ts';
+import { loadStage } from '../../core/model/loader.ts';
+import { fullModelSpec } from '../../core/model/llama.ts';
+import { loadModelConfig } from '../../core/model/config.ts';
 
 const native = loadCpuNative();
 const AGREE = 1e-5;
@@ -217,7 +217,7 @@ describe('cpu native kernels vs TypeScript kernels', { skip: native ? false : 'n
 
   it('the AVX2 and scalar kernels (forced with DQLORA_CPU_ISA) agree with the TypeScript kernels; elementwise bits equal across ISAs', () => {
     const script = `
-      import { createCpuBackend, cpuData } from './worker/engine/cpu.ts';
+      import { createCpuBackend, cpuData } from './core/engine/cpu.ts';
       const ts = createCpuBackend({ native: false }), nb = createCpuBackend({ threads: 2 });
       const M = 77, N = 90, K = 300, a = new Float32Array(M * K).map((_, i) => Math.sin(i)), b = new Float32Array(K * N).map((_, i) => Math.cos(i * 0.7));
       const r = [ts, nb].map((be) => cpuData(be.matmul(be.upload(a, [M, K]), be.upload(b, [N, K]), { transB: true })));

@@ -9,8 +9,8 @@
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { createCpuBackend, cpuData, type CpuBackend } from '../../worker/engine/cpu.ts';
-import { loadCpuNative } from '../../worker/engine/cpu/native.ts';
+import { createCpuBackend, cpuData, type CpuBackend } from '../../core/engine/cpu.ts';
+import { loadCpuNative } from '../../core/engine/cpu/native.ts';
 import { philox4x32, u32ToUnit } from '../../common/rng.ts';
 import { BackendError, ShapeError } from '../../common/errors.ts';
 import {

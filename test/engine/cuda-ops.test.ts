@@ -5,11 +5,11 @@
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import type { Backend, Tensor } from '../../worker/engine/backend.ts';
-import { createCpuBackend } from '../../worker/engine/cpu.ts';
-import { createCudaBackend, type CudaBackend } from '../../worker/engine/cuda/cuda.ts';
-import { NULL_PTR, loadNative } from '../../worker/engine/cuda/native.ts';
-import { quantizeNf4 } from '../../worker/engine/nf4.ts';
+import type { Backend, Tensor } from '../../core/engine/backend.ts';
+import { createCpuBackend } from '../../core/engine/cpu.ts';
+import { createCudaBackend, type CudaBackend } from '../../core/engine/cuda/cuda.ts';
+import { NULL_PTR, loadNative } from '../../core/engine/cuda/native.ts';
+import { quantizeNf4 } from '../../core/engine/nf4.ts';
 import { bf16ToF32, f32ToBf16 } from '../../common/halfprec.ts';
 import { BackendError, ShapeError } from '../../common/errors.ts';
 import { mixKey } from '../../common/rng.ts';

@@ -2,7 +2,7 @@
 // version of an op: plain loops in float64, no blocking, no tricks.
 
 import { CounterRng, mixKey } from '../../common/rng.ts';
-import type { Nf4Weight } from '../../worker/engine/backend.ts';
+import type { Nf4Weight } from '../../core/engine/backend.ts';
 
 /** Deterministic uniform values in [lo, hi). */
 export function rand(n: number, seed: number, lo = -1, hi = 1): Float32Array {

@@ -7,7 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import {
   loadGenerationConfig, loadModelConfig, modelConfigToHfJson, parseModelConfig, ropeInvFreq, type ModelConfig,
-} from '../../worker/model/config.ts';
+} from '../../core/model/config.ts';
 import { ConfigError, FormatError, UnsupportedError } from '../../common/errors.ts';
 import { CounterRng } from '../../common/rng.ts';
 

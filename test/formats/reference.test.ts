@@ -8,7 +8,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { SafetensorsFile, writeSafetensors } from '../../common/safetensors.ts';
 import { f32ToBf16, f32ToF16 } from '../../common/halfprec.ts';
-import { parseModelConfig, ropeInvFreq } from '../../worker/model/config.ts';
+import { parseModelConfig, ropeInvFreq } from '../../core/model/config.ts';
 
 const REF = path.join(path.dirname(fileURLToPath(import.meta.url)), 'reference');
 

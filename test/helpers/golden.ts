@@ -1,6 +1,6 @@
 // The batch format of the golden fixtures (expected.json written by test/reference/*.py): right-padded input ids,
 // attention mask and labels → the stage's micro-batch (targets shifted by one, HF's default position ids).
-import type { StageBatch } from '../../worker/model/llama.ts';
+import type { StageBatch } from '../../core/model/llama.ts';
 
 export interface GoldenBatch { input_ids: number[][]; attention_mask: number[][]; labels: number[][] }
 

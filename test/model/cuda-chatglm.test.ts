@@ -8,12 +8,12 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { createCudaBackend, type CudaBackend } from '../../worker/engine/cuda/cuda.ts';
-import { loadStage } from '../../worker/model/loader.ts';
-import { fullModelSpec } from '../../worker/model/llama.ts';
-import { loadModelConfig } from '../../worker/model/config.ts';
-import { applyAdapter, loadAdapter } from '../../worker/model/adapter.ts';
-import { permuteRows } from '../../worker/engine/lora.ts';
+import { createCudaBackend, type CudaBackend } from '../../core/engine/cuda/cuda.ts';
+import { loadStage } from '../../core/model/loader.ts';
+import { fullModelSpec } from '../../core/model/llama.ts';
+import { loadModelConfig } from '../../core/model/config.ts';
+import { applyAdapter, loadAdapter } from '../../core/model/adapter.ts';
+import { permuteRows } from '../../core/engine/lora.ts';
 import { SafetensorsFile } from '../../common/safetensors.ts';
 
 const ROOT = [join(import.meta.dirname ?? '.', '..', 'fixtures', 'golden-chatglm'), join(process.cwd(), 'test', 'fixtures', 'golden-chatglm')].find((d) => existsSync(d))!;

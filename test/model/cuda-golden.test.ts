@@ -7,14 +7,14 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { createCudaBackend, type CudaBackend } from '../../worker/engine/cuda/cuda.ts';
-import { loadStage } from '../../worker/model/loader.ts';
-import { fullModelSpec, modulePath } from '../../worker/model/llama.ts';
-import { loadModelConfig } from '../../worker/model/config.ts';
-import { applyAdapter, loadAdapter } from '../../worker/model/adapter.ts';
+import { createCudaBackend, type CudaBackend } from '../../core/engine/cuda/cuda.ts';
+import { loadStage } from '../../core/model/loader.ts';
+import { fullModelSpec, modulePath } from '../../core/model/llama.ts';
+import { loadModelConfig } from '../../core/model/config.ts';
+import { applyAdapter, loadAdapter } from '../../core/model/adapter.ts';
 import { SafetensorsFile, ModelWeights } from '../../common/safetensors.ts';
-import { quantizeNf4 } from '../../worker/engine/nf4.ts';
-import type { StageBatch } from '../../worker/model/llama.ts';
+import { quantizeNf4 } from '../../core/engine/nf4.ts';
+import type { StageBatch } from '../../core/model/llama.ts';
 
 // The fixtures sit beside this file's folder; a bundled copy (bench/gpu/pack.sh) runs from the repository root.
 const ROOT = [join(import.meta.dirname ?? '.', '..', 'fixtures', 'golden'), join(process.cwd(), 'test', 'fixtures', 'golden')].find((d) => existsSync(d))!;

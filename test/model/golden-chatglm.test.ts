@@ -9,15 +9,15 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createCpuBackend } from '../../worker/engine/cpu.ts';
-import { loadStage } from '../../worker/model/loader.ts';
-import { fullModelSpec } from '../../worker/model/llama.ts';
-import { loadModelConfig, ropeInvFreq } from '../../worker/model/config.ts';
-import { applyAdapter, loadAdapter, saveAdapter, stageLoraTensors } from '../../worker/model/adapter.ts';
+import { createCpuBackend } from '../../core/engine/cpu.ts';
+import { loadStage } from '../../core/model/loader.ts';
+import { fullModelSpec } from '../../core/model/llama.ts';
+import { loadModelConfig, ropeInvFreq } from '../../core/model/config.ts';
+import { applyAdapter, loadAdapter, saveAdapter, stageLoraTensors } from '../../core/model/adapter.ts';
 import { SafetensorsFile } from '../../common/safetensors.ts';
 import { splitStages } from '../../coordinator/plan.ts';
-import { permuteRows } from '../../worker/engine/lora.ts';
-import type { StageBatch } from '../../worker/model/llama.ts';
+import { permuteRows } from '../../core/engine/lora.ts';
+import type { StageBatch } from '../../core/model/llama.ts';
 
 const ROOT = join(import.meta.dirname, '..', 'fixtures', 'golden-chatglm');
 

@@ -2,15 +2,15 @@
 // and pipeline boundaries do not change the numbers, and the dropout path's gradients are right.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createCpuBackend } from '../../worker/engine/cpu.ts';
-import { loadStage } from '../../worker/model/loader.ts';
-import { fullModelSpec, type LlamaStage, type LoraConfig } from '../../worker/model/llama.ts';
-import { loadModelConfig } from '../../worker/model/config.ts';
+import { createCpuBackend } from '../../core/engine/cpu.ts';
+import { loadStage } from '../../core/model/loader.ts';
+import { fullModelSpec, type LlamaStage, type LoraConfig } from '../../core/model/llama.ts';
+import { loadModelConfig } from '../../core/model/config.ts';
 import { splitStages } from '../../coordinator/plan.ts';
-import { makeMicroBatch } from '../../coordinator/data/batch.ts';
+import { makeMicroBatch } from '../../core/train/batch.ts';
 import { withoutLora } from '../../coordinator/answer.ts';
 import { tinyExamples, tinyModelDir, TINY } from '../helpers/tiny.ts';
-import type { Backend } from '../../worker/engine/backend.ts';
+import type { Backend } from '../../core/engine/backend.ts';
 
 const LORA: LoraConfig = { r: 4, alpha: 8, dropout: 0, useRslora: false, targetModules: 'all-linear' };
 const dir = tinyModelDir();
@@ -103,7 +103,7 @@ test('with LoRA dropout, the gradient of a LoRA weight matches a finite differen
 });
 
 test('generation with a KV cache equals full recomputation, batched (left padding) and one prompt at a time, across 2 stages', async () => {
-  const { generateTokens } = await import('../../worker/model/generate.ts');
+  const { generateTokens } = await import('../../core/model/generate.ts');
   const be = createCpuBackend();
   const stages = splitStages(cfg.numLayers, 2).map((spec) => loadStage(be, dir, spec, { lora: LORA, seed: 1 }));
   for (const s of stages) for (const p of s.loraParams()) be.axpy(p.B, be.upload(new Float32Array(p.B.size).fill(0.02), p.B.shape, 'f32'));

@@ -4,11 +4,11 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import type { Nf4Weight } from '../../worker/engine/backend.ts';
-import { quantizeNf4, dequantizeNf4, NF4_TABLE, DYNAMIC_SIGNED_MAP } from '../../worker/engine/nf4.ts';
+import type { Nf4Weight } from '../../core/engine/backend.ts';
+import { quantizeNf4, dequantizeNf4, NF4_TABLE, DYNAMIC_SIGNED_MAP } from '../../core/engine/nf4.ts';
 import {
   nf4ToRecords, nf4FromRecords, isPrequantized, bnbQuantizationConfig, quantizationConfigJson, pyFloatRepr, pyJsonDumps,
-} from '../../worker/model/bnb.ts';
+} from '../../core/model/bnb.ts';
 import { writeSafetensors, SafetensorsFile, type TensorRecord } from '../../common/safetensors.ts';
 import { CounterRng } from '../../common/rng.ts';
 import { FormatError, UnsupportedError } from '../../common/errors.ts';

@@ -1,11 +1,11 @@
-// NF4 + double quantization: bit-level behaviour of worker/engine/nf4.ts against qlora-spec §1–§2.
+// NF4 + double quantization: bit-level behaviour of core/engine/nf4.ts against qlora-spec §1–§2.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import {
   NF4_TABLE, NF4_THRESHOLDS, DYNAMIC_SIGNED_MAP, NESTED_BLOCKSIZE, quantizeNf4, dequantizeNf4, dequantizeNf4Rows,
   dequantizeAbsmax, quantizeBlockwise8, nf4Bytes,
-} from '../../worker/engine/nf4.ts';
+} from '../../core/engine/nf4.ts';
 import { CounterRng } from '../../common/rng.ts';
 import { ConfigError, ShapeError, FormatError } from '../../common/errors.ts';
 

@@ -8,9 +8,9 @@ import { writeSafetensors, ModelWeights, type TensorRecord } from '../../common/
 import { f32ToBf16 } from '../../common/halfprec.ts';
 import { CounterRng } from '../../common/rng.ts';
 import { ConfigError } from '../../common/errors.ts';
-import { quantizeNf4, dequantizeNf4 } from '../../worker/engine/nf4.ts';
-import { nf4FromRecords, nf4ToRecords, isPrequantized } from '../../worker/model/bnb.ts';
-import { quantizeCheckpoint } from '../../worker/model/quantize.ts';
+import { quantizeNf4, dequantizeNf4 } from '../../core/engine/nf4.ts';
+import { nf4FromRecords, nf4ToRecords, isPrequantized } from '../../core/model/bnb.ts';
+import { quantizeCheckpoint } from '../../core/model/quantize.ts';
 
 const H = 64, I = 128, V = 96, L = 2, HEADS = 4, KV = 2, D = H / HEADS;
 

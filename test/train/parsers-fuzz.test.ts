@@ -7,7 +7,7 @@ import { mkdtempSync, readFileSync, writeFileSync, cpSync, rmSync } from 'node:f
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { loadJob } from '../../coordinator/job.ts';
-import { loadAdapter, saveAdapter } from '../../worker/model/adapter.ts';
+import { loadAdapter, saveAdapter } from '../../core/model/adapter.ts';
 import { loadCheckpoint, saveCheckpoint } from '../../common/checkpoint.ts';
 import { DqloraError } from '../../common/errors.ts';
 import { CounterRng } from '../../common/rng.ts';

@@ -5,13 +5,13 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, readFileSync, writeFileSync, readdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createCpuBackend } from '../../worker/engine/cpu.ts';
-import { loadStage } from '../../worker/model/loader.ts';
-import { fullModelSpec, type LoraConfig } from '../../worker/model/llama.ts';
-import { loadModelConfig } from '../../worker/model/config.ts';
+import { createCpuBackend } from '../../core/engine/cpu.ts';
+import { loadStage } from '../../core/model/loader.ts';
+import { fullModelSpec, type LoraConfig } from '../../core/model/llama.ts';
+import { loadModelConfig } from '../../core/model/config.ts';
 import { Trainer, type TrainSettings } from '../../coordinator/train.ts';
 import { saveCheckpoint, loadCheckpoint, listCheckpoints } from '../../common/checkpoint.ts';
-import { lrMultiplier, warmupSteps } from '../../coordinator/schedule.ts';
+import { lrMultiplier, warmupSteps } from '../../core/train/schedule.ts';
 import { CheckpointError } from '../../common/errors.ts';
 import { tinyExamples, tinyModelDir, TINY } from '../helpers/tiny.ts';
 

@@ -4,7 +4,7 @@
 // older is stale, anything further ahead is refused (a peer cannot legitimately be two steps ahead,
 // and bounding it bounds memory).
 import { DqloraError, WireError } from '../../common/errors.ts';
-import type { HostTensor } from '../../common/wire.ts';
+import type { HostTensor } from '../../wire/tensor.ts';
 import type { Direction } from '../transport/pipeline.ts';
 
 /** The stage waited too long for a neighbour's tensor. */

@@ -10,19 +10,19 @@
 import { channelCredentials } from '../../common/tls.ts';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { z } from 'zod';
-import type { Backend, Tensor } from '../engine/backend.ts';
-import type { LoraParams } from '../engine/lora.ts';
-import type { LlamaStage, LoraConfig, StageBatch, StageSpec } from '../model/llama.ts';
-import { loadStage } from '../model/loader.ts';
+import type { Backend, Tensor } from '../../core/engine/backend.ts';
+import type { LoraParams } from '../../core/engine/lora.ts';
+import type { LlamaStage, LoraConfig, StageBatch, StageSpec } from '../../core/model/llama.ts';
+import { loadStage } from '../../core/model/loader.ts';
 import { NatsAllReduce } from '../allreduce.ts';
 import { PipelineClient } from '../transport/pipeline.ts';
 import { Inbox } from './inbox.ts';
-import { encodeStageState } from './state.ts';
+import { encodeStageState } from '../../wire/state.ts';
 // The checkpoint reader (verifies every file's sha256 against the manifest). The one place a worker reads
 // the coordinator's format: a resuming worker loads its shard from the checkpoint directory, which (like the
 // model directory) must be visible to it.
 import { loadCheckpoint } from '../../common/checkpoint.ts';
-import { decodeTensorAs, hostToF32, type HostTensor } from '../../common/wire.ts';
+import { decodeTensorAs, hostToF32, type HostTensor } from '../../wire/tensor.ts';
 import { mixKey } from '../../common/rng.ts';
 import { CheckpointError, ConfigError, DqloraError, ShapeError } from '../../common/errors.ts';
 import { logger } from '../../common/log.ts';

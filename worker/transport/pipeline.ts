@@ -1,6 +1,6 @@
 // gRPC transport between the pipeline stages of one replica: activations go forward to the next stage,
 // gradients go backward to the previous one. One client-streaming call carries one tensor of one
-// (step, micro-batch), chunked by common/wire.ts under the message limit; the receiver reassembles and
+// (step, micro-batch), chunked by wire/tensor.ts under the message limit; the receiver reassembles and
 // validates it (ChunkAssembler) before handing it to the stage.
 //
 // Status codes the sender sees (and whether retrying the same tensor can help):
@@ -20,7 +20,7 @@ import { logger } from '../../common/log.ts';
 import {
   ChunkAssembler, ChunkError, DEFAULT_CHUNK_BYTES, DEFAULT_MAX_NUMEL, chunkTensor, decodeChunk, f32ToBf16Tensor, f32ToTensor,
   type ChunkErrorReason, type HostTensor, type TensorChunk,
-} from '../../common/wire.ts';
+} from '../../wire/tensor.ts';
 import { PipelineService, PipelineClient as GrpcPipelineClient, type ChunkAck } from '../../proto/gen/dqlora/v1/pipeline.ts';
 import type { Tensor } from '../../proto/gen/dqlora/v1/tensor.ts';
 

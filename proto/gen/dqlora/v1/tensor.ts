@@ -13,7 +13,7 @@ export const protobufFileName = "dqlora/v1/tensor.proto";
 
 /**
  * Tensors on the wire. Data is little-endian, row-major (C order); `data` holds exactly
- * numel(shape) × dtype_size bytes (common/wire.ts validates every tensor it decodes).
+ * numel(shape) × dtype_size bytes (wire/tensor.ts validates every tensor it decodes).
  */
 
 export enum Dtype {

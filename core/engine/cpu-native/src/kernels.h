@@ -1,5 +1,5 @@
 // Attention, cross-entropy, dropout and a peak-FLOP probe, built on gemm.h and pool.h. Semantics are those of
-// worker/engine/backend.ts (see the TypeScript twins in worker/engine/cpu/*.ts, which the tests compare).
+// core/engine/backend.ts (see the TypeScript twins in core/engine/cpu/*.ts, which the tests compare).
 #pragma once
 #include <cmath>
 #include <cstdint>

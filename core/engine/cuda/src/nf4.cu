@@ -1,6 +1,6 @@
-// NF4 with double quantization on the GPU (qlora-spec §1–2, layout of worker/engine/nf4.ts).
+// NF4 with double quantization on the GPU (qlora-spec §1–2, layout of core/engine/nf4.ts).
 //
-// Quantize is bit-identical to the CPU reference quantizeNf4 (worker/engine/nf4.ts): the block scale's
+// Quantize is bit-identical to the CPU reference quantizeNf4 (core/engine/nf4.ts): the block scale's
 // reciprocal is the IEEE float32 one (__frcp_rn) and every product/difference is a separately rounded
 // __fmul_rn/__fsub_rn (no FMA contraction). Deviation from bitsandbytes, documented: bnb's CUDA build uses
 // --use_fast_math (rcp.approx.ftz), which can differ by an ulp and flip a code for a value within ~1 ulp of a

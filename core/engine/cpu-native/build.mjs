@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Builds the optional cpu kernels addon into worker/engine/cpu-native/build/dqlora_cpu.node with one g++ call
+// Builds the optional cpu kernels addon into core/engine/cpu-native/build/dqlora_cpu.node with one g++ call
 // (no node-gyp: works offline, using the headers of the node that runs this script). Never fails the install:
 // on any problem it prints one line and exits 0, and the cpu backend uses its TypeScript kernels.
 //

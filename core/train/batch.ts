@@ -3,7 +3,16 @@
 // Legend: B micro-batch size (rows), T padded sequence length, R data-parallel replicas, GA gradient accumulation.
 import { ConfigError } from '../../common/errors.ts';
 import { shuffledIndices } from '../../common/rng.ts';
-import { IGNORE_INDEX, type Example } from './tokenize.ts';
+
+/** One tokenized training example (prompt + answer). */
+export interface Example {
+  inputIds: Int32Array; // [T]
+  labels: Int32Array;   // [T] −100 on prompt / untrained tokens, else = inputIds (NOT shifted; batch.ts shifts)
+  /** Index of the record in the array given to tokenizeRecords (for buildDataset: in the file's records). */
+  sourceIndex: number;
+}
+
+export const IGNORE_INDEX = -100;
 
 export interface MicroBatch {
   B: number;

@@ -1,5 +1,5 @@
-// The whole surface of the optional C++ addon (worker/engine/cpu-native), declared in one place. The addon is
-// built at `npm ci` by worker/engine/cpu-native/build.mjs; when it is missing (no compiler, odd platform) or
+// The whole surface of the optional C++ addon (core/engine/cpu-native), declared in one place. The addon is
+// built at `npm ci` by core/engine/cpu-native/build.mjs; when it is missing (no compiler, odd platform) or
 // DQLORA_CPU_NATIVE=0, the cpu backend uses its TypeScript kernels instead. Every float array is float32,
 // taken from its byteOffset (subarray views are fine); all functions are synchronous and deterministic:
 // each output element is summed by one thread in a fixed order, whatever the thread count.
@@ -91,13 +91,13 @@ export function loadCpuNative(): CpuNative | null {
     const missing = NATIVE_FUNCTIONS.filter((f) => typeof (mod as unknown as Record<string, unknown>)[f] !== 'function');
     if (missing.length > 0) {
       // A binary built from older sources (npm ci not re-run after a pull): all or nothing, never a half-native backend.
-      log.warn({ path: CPU_NATIVE_PATH, missing }, 'cpu native addon is out of date; using TypeScript kernels (rebuild: node worker/engine/cpu-native/build.mjs --force)');
+      log.warn({ path: CPU_NATIVE_PATH, missing }, 'cpu native addon is out of date; using TypeScript kernels (rebuild: node core/engine/cpu-native/build.mjs --force)');
       return null;
     }
     cached = mod;
     log.debug({ isa: cached.isa() }, 'cpu native addon loaded');
   } catch (err) {
-    log.warn({ err, path: CPU_NATIVE_PATH }, 'cpu native addon failed to load; using TypeScript kernels (rebuild: node worker/engine/cpu-native/build.mjs)');
+    log.warn({ err, path: CPU_NATIVE_PATH }, 'cpu native addon failed to load; using TypeScript kernels (rebuild: node core/engine/cpu-native/build.mjs)');
     cached = null;
   }
   return cached;

@@ -1,7 +1,7 @@
 // NF4 weights on the cpu backend: the packed codes stay packed (no float32 copy of the weight); matmuls
 // dequantize a few rows at a time into a small scratch tile (qlora-spec §1.5: w[k] = f32(table[code(k)] ·
 // absmax[k / bs]); code of flat element k is in byte k >> 1, high nibble for even k). The math lives in
-// worker/engine/nf4.ts; double-quantized block scales are expanded once at upload (1/64 of the element count).
+// core/engine/nf4.ts; double-quantized block scales are expanded once at upload (1/64 of the element count).
 
 import type { Nf4Weight, QuantizedTensor } from '../backend.ts';
 import { dequantizeAbsmax, dequantizeNf4Rows, nf4Bytes } from '../nf4.ts';

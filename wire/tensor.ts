@@ -8,13 +8,13 @@
 // Byte order is little-endian on the wire. Like common/halfprec.ts, the typed-array views below assume a
 // little-endian host; the module refuses to load on a big-endian one rather than sending swapped bytes.
 import zlib from 'node:zlib';
-import { WireError } from './errors.ts';
-import { f32ToBf16, bf16ToF32 } from './halfprec.ts';
+import { WireError } from '../common/errors.ts';
+import { f32ToBf16, bf16ToF32 } from '../common/halfprec.ts';
 import { Dtype, type Tensor } from '../proto/gen/dqlora/v1/tensor.ts';
 import { ActivationChunk } from '../proto/gen/dqlora/v1/pipeline.ts';
 
 if (new Uint8Array(new Uint16Array([1]).buffer)[0] !== 1) {
-  throw new WireError('common/wire.ts: this host is big-endian; the dqlora wire format is little-endian', {
+  throw new WireError('wire/tensor.ts: this host is big-endian; the dqlora wire format is little-endian', {
     hint: 'run workers on a little-endian machine (x86-64, arm64)',
   });
 }

@@ -1,4 +1,4 @@
-// The one contract between model code and a device. Model code (worker/model/*) is written once against
+// The one contract between model code and a device. Model code (core/model/*) is written once against
 // `Backend` and never sees which backend runs it. Ops are coarse and fused, each forward next to its backward.
 //
 // Legend for shape comments:
@@ -29,7 +29,7 @@ export interface Tensor {
 
 /**
  * Host-side NF4 weight with optional double quantization, exactly the bitsandbytes layout (qlora-spec §1–3).
- * Produced by worker/engine/nf4.ts (quantizeNf4) or read from a pre-quantized checkpoint.
+ * Produced by core/engine/nf4.ts (quantizeNf4) or read from a pre-quantized checkpoint.
  */
 export interface Nf4Weight {
   /** Logical weight shape [out, in]. */

@@ -1,5 +1,5 @@
 // Elementwise and normalisation kernels of the cpu backend: swiglu (fwd/bwd), rmsnorm (fwd/bwd), rope, axpy, scale,
-// sumSquares, sumRows, adamw, embedding. Semantics are those of worker/engine/cpu.ts (the TypeScript twins, which the
+// sumSquares, sumRows, adamw, embedding. Semantics are those of core/engine/cpu.ts (the TypeScript twins, which the
 // tests compare against).
 //
 // Each kernel is written once as plain scalar C++ over a chunk [i0, i1) of elements or rows, in a branch-free form

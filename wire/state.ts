@@ -1,12 +1,12 @@
 // A stage's trainable state on the wire (proto StageState, sent chunked by PutState): LoRA weights and,
 // for checkpoints, AdamW moments. Both ends use this module: the worker encodes, the coordinator
 // reassembles and decodes into the host types coordinator/checkpoint.ts writes.
-import { WireError } from '../../common/errors.ts';
-import { crc32, decodeTensorAs, f32ToTensor } from '../../common/wire.ts';
-import { StageState, type StateChunk } from '../../proto/gen/dqlora/v1/control.ts';
-import type { Backend } from '../engine/backend.ts';
-import type { LoraParams } from '../engine/lora.ts';
-import type { LoraTensors } from '../model/adapter.ts';
+import { WireError } from '../common/errors.ts';
+import { crc32, decodeTensorAs, f32ToTensor } from './tensor.ts';
+import { StageState, type StateChunk } from '../proto/gen/dqlora/v1/control.ts';
+import type { Backend } from '../core/engine/backend.ts';
+import type { LoraParams } from '../core/engine/lora.ts';
+import type { LoraTensors } from '../core/model/adapter.ts';
 
 /** AdamW moments of one module (the shape coordinator/checkpoint.ts OptimizerMoments has). */
 export interface ModuleMoments {

@@ -1,5 +1,5 @@
 // Node-API surface of the CUDA backend. Every export takes plain numbers (device pointers travel as JS numbers:
-// x86-64 device addresses are < 2^53) and typed arrays; worker/engine/cuda/native.ts declares them all.
+// x86-64 device addresses are < 2^53) and typed arrays; core/engine/cuda/native.ts declares them all.
 // Every entry point catches C++ exceptions (dq::Error from CUDA_CHECK & co., std::bad_alloc) and rethrows them
 // as JS Errors, so a CUDA failure never aborts the process.
 #define NAPI_VERSION 8

@@ -1,6 +1,6 @@
 // The cpu backend: float32 everywhere ('act' = 'f32'), deterministic (same inputs ⇒ same bits, whatever the
 // thread count). The compute of every op (GEMMs, NF4 linear, attention, cross-entropy, dropout, and the elementwise /
-// normalisation ops, adamw, embedding) goes to the optional C++ addon (worker/engine/cpu-native, see cpu/native.ts)
+// normalisation ops, adamw, embedding) goes to the optional C++ addon (core/engine/cpu-native, see cpu/native.ts)
 // when it is built; everything has a TypeScript kernel too, used when the addon is missing or DQLORA_CPU_NATIVE=0,
 // and the tests compare the two. free() keeps large float32 buffers for reuse by the next tensor of the same length
 // (a training step repeats its shapes), so outputs skip V8's zero-fill and the page faults of fresh memory.

@@ -1,4 +1,4 @@
-// Node-API surface of the cpu kernels; declared for TypeScript in worker/engine/cpu/native.ts. Every argument is
+// Node-API surface of the cpu kernels; declared for TypeScript in core/engine/cpu/native.ts. Every argument is
 // checked here (types, and that each array holds every element the kernel will touch), so a wrong call throws a
 // JS TypeError/RangeError instead of reading or writing out of bounds.
 #include <napi.h>

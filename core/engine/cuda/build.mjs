@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Builds the CUDA backend addon worker/engine/cuda/build/dqlora_cuda.node with nvcc (called at `npm ci` by
+// Builds the CUDA backend addon core/engine/cuda/build/dqlora_cuda.node with nvcc (called at `npm ci` by
 // scripts/build-native.mjs, and by bench/gpu.sh on the GPU machine). Never fails the install: a missing nvcc
 // or a failed build prints one line and exits 0 (the cuda backend then reports itself unavailable).
 //

@@ -17,7 +17,7 @@ export async function createBackend(name: BackendName = 'auto'): Promise<Backend
   }
   if (name === 'cuda') {
     throw new BackendError(`the cuda backend is not available: ${(cudaErr as Error).message}`, {
-      hint: 'it needs nvcc at `npm ci` time (to build worker/engine/cuda) and an NVIDIA GPU; use backend: cpu otherwise',
+      hint: 'it needs nvcc at `npm ci` time (to build core/engine/cuda) and an NVIDIA GPU; use backend: cpu otherwise',
       cause: cudaErr,
     });
   }

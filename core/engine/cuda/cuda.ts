@@ -232,7 +232,7 @@ export class CudaBackend implements Backend {
   }
 
   /**
-   * NF4 quantization on the GPU, bit-identical to quantizeNf4 of worker/engine/nf4.ts (same codes, absmax,
+   * NF4 quantization on the GPU, bit-identical to quantizeNf4 of core/engine/nf4.ts (same codes, absmax,
    * offset and nested codes). w [out·in] row-major float32 → a host Nf4Weight.
    */
   quantizeNf4(w: Float32Array, shape: readonly [number, number], opts: QuantizeNf4Options = {}): Nf4Weight {
@@ -555,7 +555,7 @@ export function createCudaBackend(opts: CudaBackendOptions = {}): CudaBackend {
     nat = loadNative();
   } catch (e) {
     throw new BackendError(`cuda backend unavailable: ${String((e as Error).message).split('\n')[0]}`, {
-      hint: 'build it with `node worker/engine/cuda/build.mjs` on a machine with nvcc (npm ci does this), or use --device cpu',
+      hint: 'build it with `node core/engine/cuda/build.mjs` on a machine with nvcc (npm ci does this), or use --device cpu',
       cause: e,
     });
   }
