@@ -1,0 +1,104 @@
+// What the job loop tells the outside world while it runs: one observer interface for everything that watches a
+// run (log lines, the progress bar, Prometheus metrics, the /status page, train_log.jsonl, TensorBoard files).
+// The loop calls every registered observer in order; an observer never changes the run, and an observer that
+// throws is logged and dropped, never allowed to fail the job.
+
+/** Fixed facts of a run, known once the data is tokenized and the layout planned. */
+export interface JobStartEvent {
+  readonly name: string;
+  readonly outputDir: string;
+  readonly totalSteps: number;
+  /** Optimizer steps already done (a resumed run starts above 0). */
+  readonly startStep: number;
+  readonly stepsPerEpoch: number;
+  readonly stages: number;
+  readonly replicas: number;
+  /** 'in-process' (one process) or 'workers' (local or remote worker processes). */
+  readonly executor: 'in-process' | 'workers';
+  readonly backend: string;
+  readonly trainExamples: number;
+  readonly validationExamples: number;
+  /** The checkpoint resumed from, if any. */
+  readonly resumedFrom?: string;
+}
+
+/** One stage replica's share of a step, as its executor measured it (seconds). */
+export interface StageTiming {
+  readonly stage: number;
+  readonly replica: number;
+  readonly forwardSeconds: number;
+  readonly backwardSeconds: number;
+  /** Waiting on other stages (transfers + the pipeline bubble). */
+  readonly idleSeconds: number;
+  readonly allreduceSeconds: number;
+  /** Wall time of the stage's whole micro-batch schedule. */
+  readonly pipelineSeconds: number;
+  /** Per-phase intervals of the step's timeline, relative to the stage's step start (seconds), when recorded. */
+  readonly spans?: readonly TimelineSpan[];
+}
+
+export interface TimelineSpan {
+  readonly kind: 'forward' | 'backward' | 'wait' | 'allreduce' | 'optimizer';
+  readonly micro: number;   // micro-batch index, −1 for whole-step phases (all-reduce, optimizer)
+  readonly start: number;
+  readonly end: number;
+}
+
+export interface StepEvent {
+  readonly step: number;        // 1-based: optimizer steps done after this one
+  readonly totalSteps: number;
+  readonly loss: number;        // mean token loss of the step
+  readonly lr: number;
+  readonly gradNorm: number;    // before clipping
+  readonly tokens: number;      // real (non-padding) tokens processed
+  readonly labelTokens: number;
+  readonly epoch: number;       // fractional epoch reached
+  readonly seconds: number;     // wall time of the step
+  /** Tokens per second over this invocation's steps so far. */
+  readonly tokensPerSecond: number;
+  /** Mean over stage replicas of idle / schedule time (0 in one process with one stage). */
+  readonly bubble: number;
+  readonly stageTimings: readonly StageTiming[];
+}
+
+export interface EvalEvent { readonly step: number; readonly loss: number; readonly perplexity: number; readonly tokens: number }
+
+export interface CheckpointEvent { readonly step: number; readonly dir: string; readonly bytes: number; readonly seconds: number }
+
+export interface RecoveryEvent {
+  readonly step: number;
+  readonly attempt: number;
+  readonly reason: string;
+  /** The checkpoint the job rolls back to ('' = the initial state). */
+  readonly resumeFrom: string;
+}
+
+export interface Answer { readonly prompt: string; readonly base: string; readonly tuned: string }
+
+export interface JobEndEvent {
+  readonly status: 'succeeded' | 'stopped' | 'failed';
+  readonly step: number;
+  readonly totalSteps: number;
+  readonly firstLoss: number;
+  readonly lastLoss: number;
+  readonly evalLoss: number | null;
+  readonly seconds: number;
+  readonly tokensPerSecond: number;
+  /** The adapter written (output_dir/adapter on success, the checkpoint's adapter when stopped). */
+  readonly adapterDir?: string;
+  readonly answers: readonly Answer[];
+  /** The failure's message (status 'failed'). */
+  readonly error?: string;
+}
+
+/** Every method is optional; the loop awaits none of them (observers must not block a step). */
+export interface JobObserver {
+  onStart?(e: JobStartEvent): void;
+  onStep?(e: StepEvent): void;
+  onEval?(e: EvalEvent): void;
+  onCheckpoint?(e: CheckpointEvent): void;
+  onRecovery?(e: RecoveryEvent): void;
+  /** Worker table changes (distributed runs): id, stage, replica, state. */
+  onWorkers?(workers: readonly { id: string; stage: number; replica: number; state: string; address?: string }[]): void;
+  onEnd?(e: JobEndEvent): void;
+}
