@@ -14,7 +14,7 @@ import { loadStage } from '../core/model/loader.ts';
 import { fullModelSpec, type LlamaStage } from '../core/model/llama.ts';
 import { loadModelConfig } from '../core/model/config.ts';
 import { writeRandomLlama, EXAMPLE_SHAPE } from '../coordinator/example/model.ts';
-import { Trainer } from '../coordinator/train.ts';
+import { Trainer } from '../core/train/trainer.ts';
 import { CounterRng } from '../common/rng.ts';
 import type { Example } from '../coordinator/data/tokenize.ts';
 import type { Backend } from '../core/engine/backend.ts';

@@ -26,7 +26,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ensureExampleAssets, exampleJob } from '../coordinator/example/assets.ts';
 import { runJob } from '../coordinator/run.ts';
-import { runDistributed } from '../coordinator/distributed/run.ts';
+
 import { buildDataset } from '../coordinator/data/dataset.ts';
 import { makeMicroBatch, planSteps } from '../core/train/batch.ts';
 import { loadTokenizer } from '../common/tokenizer.ts';
@@ -78,7 +78,7 @@ const H = cfg.hiddenSize;
 // 2 stages, then 2 × 2
 for (const [S, R] of [[2, 1], [2, 2]] as const) {
   const ga = (2 * M) / R;
-  const res = await runDistributed(job(`p${S}r${R}`, { stages: S, replicas: R, workers: 'local' }, ga), { print: quiet });
+  const res = await runJob(job(`p${S}r${R}`, { stages: S, replicas: R, workers: 'local' }, ga), { print: quiet });
   const measured = res.timings.slice(1);
   const tokens = paddedTokens(R, ga).slice(1);
   const minGrpc = tokens.reduce((a, n) => a + 2 * (S - 1) * n * H * 4, 0) / tokens.length;

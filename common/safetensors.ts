@@ -21,7 +21,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { FormatError, ShapeError, UnsupportedError } from './errors.ts';
 import { bf16ToF32, f16ToF32 } from './halfprec.ts';
-import { TorchBinFile } from './torch-pickle.ts';
+import { MAX_JSON_DEPTH, describeJson as describe, parseJsonStrict, type Json } from './json-strict.ts';
+import { writeFileAtomic } from './fs-atomic.ts';
 
 if (os.endianness() !== 'LE') {
   // Typed-array views over file bytes assume the host byte order is the file's (little-endian).
@@ -69,142 +70,15 @@ const RUST_DTYPE_ORDER: readonly string[] = [
 
 /** Same bound as the Rust reader (MAX_HEADER_SIZE). */
 export const MAX_HEADER_BYTES = 100_000_000;
-const MAX_JSON_DEPTH = 32;
+/** File names of an HF model's safetensors weights (single file / sharded index). */
+export const SINGLE_FILE = 'model.safetensors';
+export const INDEX_FILE = 'model.safetensors.index.json';
 const UTF8 = new TextEncoder();
 /** fs.readSync takes at most 2 GiB - 1 per call; read in 1 GiB pieces. */
 const READ_CHUNK = 1 << 30;
 
 export function dtypeByteSize(dtype: StDtype): number {
   return DTYPE_BITS[dtype] / 8;
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Strict JSON: JSON.parse silently keeps the last of duplicate keys, so a hostile header could show one
-// tensor to us and another to a different reader. This parser rejects duplicates, bounds nesting, and builds
-// objects as Maps (no prototype tricks with "__proto__" keys).
-
-export type Json = null | boolean | number | string | Json[] | JsonObject;
-export type JsonObject = Map<string, Json>;
-
-class JsonSyntax extends Error {}
-
-/** Parses JSON text strictly (duplicate keys and nesting beyond `maxDepth` are errors). Throws FormatError. */
-export function parseJsonStrict(text: string, source: string, maxDepth = MAX_JSON_DEPTH): Json {
-  let i = 0;
-  const n = text.length;
-  const fail = (what: string): never => {
-    throw new JsonSyntax(`${what} at character ${i}`);
-  };
-  const ws = (): void => {
-    while (i < n) {
-      const c = text.charCodeAt(i);
-      if (c === 0x20 || c === 0x0a || c === 0x0d || c === 0x09) i++;
-      else break;
-    }
-  };
-  const numRe = /-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?/y;
-  const str = (): string => {
-    i++; // opening quote
-    let out = '';
-    let start = i;
-    for (;;) {
-      if (i >= n) fail('unterminated string');
-      const c = text.charCodeAt(i);
-      if (c === 0x22) { out += text.slice(start, i); i++; return out; }
-      if (c < 0x20) fail('control character in string');
-      if (c !== 0x5c) { i++; continue; }
-      out += text.slice(start, i);
-      const e = text[i + 1];
-      i += 2;
-      switch (e) {
-        case '"': out += '"'; break;
-        case '\\': out += '\\'; break;
-        case '/': out += '/'; break;
-        case 'b': out += '\b'; break;
-        case 'f': out += '\f'; break;
-        case 'n': out += '\n'; break;
-        case 'r': out += '\r'; break;
-        case 't': out += '\t'; break;
-        case 'u': {
-          const hex = text.slice(i, i + 4);
-          if (!/^[0-9a-fA-F]{4}$/.test(hex)) fail('bad \\u escape');
-          out += String.fromCharCode(parseInt(hex, 16));
-          i += 4;
-          break;
-        }
-        default: fail('bad escape');
-      }
-      start = i;
-    }
-  };
-  const value = (depth: number): Json => {
-    if (depth > maxDepth) fail(`nesting deeper than ${maxDepth}`);
-    ws();
-    if (i >= n) fail('unexpected end');
-    const c = text[i];
-    if (c === '{') {
-      i++;
-      const obj: JsonObject = new Map();
-      ws();
-      if (text[i] === '}') { i++; return obj; }
-      for (;;) {
-        ws();
-        if (text[i] !== '"') fail('expected a string key');
-        const key = str();
-        if (obj.has(key)) fail(`duplicate key ${JSON.stringify(key.slice(0, 200))}`);
-        ws();
-        if (text[i] !== ':') fail('expected ":"');
-        i++;
-        obj.set(key, value(depth + 1));
-        ws();
-        if (text[i] === ',') { i++; continue; }
-        if (text[i] === '}') { i++; return obj; }
-        fail('expected "," or "}"');
-      }
-    }
-    if (c === '[') {
-      i++;
-      const arr: Json[] = [];
-      ws();
-      if (text[i] === ']') { i++; return arr; }
-      for (;;) {
-        arr.push(value(depth + 1));
-        ws();
-        if (text[i] === ',') { i++; continue; }
-        if (text[i] === ']') { i++; return arr; }
-        fail('expected "," or "]"');
-      }
-    }
-    if (c === '"') return str();
-    if (text.startsWith('true', i)) { i += 4; return true; }
-    if (text.startsWith('false', i)) { i += 5; return false; }
-    if (text.startsWith('null', i)) { i += 4; return null; }
-    numRe.lastIndex = i;
-    const m = numRe.exec(text);
-    if (!m) fail('unexpected character');
-    i += m![0].length;
-    return Number(m![0]);
-  };
-  try {
-    const v = value(0);
-    ws();
-    if (i !== n) fail('trailing characters');
-    return v;
-  } catch (e) {
-    if (e instanceof JsonSyntax) throw new FormatError(`${source}: invalid JSON: ${e.message}`);
-    throw e;
-  }
-}
-
-/** Map-based JSON → plain objects (null-prototype, so any key is safe). */
-export function jsonToPlain(v: Json): unknown {
-  if (v instanceof Map) {
-    const o: Record<string, unknown> = Object.create(null);
-    for (const [k, x] of v) o[k] = jsonToPlain(x);
-    return o;
-  }
-  if (Array.isArray(v)) return v.map(jsonToPlain);
-  return v;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -215,11 +89,6 @@ interface Entry {
   shape: number[];
   begin: number; // relative to the data section
   end: number;
-}
-
-function describe(v: unknown): string {
-  const s = v instanceof Map ? 'an object' : JSON.stringify(v);
-  return s === undefined ? String(v) : s.length > 80 ? s.slice(0, 77) + '...' : s;
 }
 
 /** One open .safetensors file: the validated header in memory, tensor data read on demand. */
@@ -497,157 +366,6 @@ function readExact(fd: number, buf: Uint8Array, pos: number, p: string): void {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// HF model directories
-
-const INDEX_FILE = 'model.safetensors.index.json';
-const SINGLE_FILE = 'model.safetensors';
-const BIN_INDEX_FILE = 'pytorch_model.bin.index.json';
-const BIN_SINGLE_FILE = 'pytorch_model.bin';
-
-/** What ModelWeights needs of one weights file: a SafetensorsFile, or a PyTorch `.bin` (common/torch-pickle.ts). */
-type WeightsFile = Pick<SafetensorsFile, 'names' | 'has' | 'info' | 'readRaw' | 'readF32' | 'readI32' | 'close'>;
-
-/** The weights of an HF model directory (single file or sharded), tensor by tensor. */
-export class ModelWeights {
-  readonly dir: string;
-  /** The index's "metadata" (sharded) or the single file's "__metadata__". */
-  readonly metadata: Record<string, unknown>;
-  private readonly files: WeightsFile[];
-  private readonly where: Map<string, WeightsFile>;
-
-  private constructor(dir: string, files: WeightsFile[], where: Map<string, WeightsFile>, metadata: Record<string, unknown>) {
-    this.dir = dir;
-    this.files = files;
-    this.where = where;
-    this.metadata = metadata;
-  }
-
-  /**
-   * Opens `model.safetensors.index.json` (sharded), else `model.safetensors`, else the directory's only
-   * `*.safetensors`; without safetensors, PyTorch pickles the same way (`pytorch_model.bin.index.json`,
-   * `pytorch_model.bin`, the only `pytorch_model*.bin`) through the restricted reader of torch-pickle.ts.
-   * Headers are read and validated now; tensor data when asked for.
-   */
-  static open(dir: string): ModelWeights {
-    let listing: string[];
-    try {
-      listing = fs.readdirSync(dir);
-    } catch (e) {
-      throw new FormatError(`cannot read model directory ${dir}: ${(e as Error).message}`, { cause: e });
-    }
-    const has = (f: string): boolean => listing.includes(f);
-    if (has(INDEX_FILE)) return ModelWeights.openSharded(dir);
-    let single: string | null = has(SINGLE_FILE) ? SINGLE_FILE : null;
-    if (!single) {
-      const st = listing.filter((f) => f.endsWith('.safetensors')).sort();
-      if (st.length === 1) single = st[0];
-      else if (st.length > 1) {
-        throw new FormatError(`${dir}: ${st.length} .safetensors files (${st.slice(0, 5).join(', ')}${st.length > 5 ? ', ...' : ''}) but no ${INDEX_FILE} or ${SINGLE_FILE}`, {
-          hint: `add ${INDEX_FILE} mapping tensor names to shards, or keep only the model's weights file`,
-        });
-      }
-    }
-    if (single) {
-      const f = SafetensorsFile.open(path.join(dir, single));
-      const where = new Map<string, WeightsFile>();
-      for (const name of f.names()) where.set(name, f);
-      return new ModelWeights(dir, [f], where, { ...f.metadata });
-    }
-    if (has(BIN_INDEX_FILE)) return ModelWeights.openSharded(dir, BIN_INDEX_FILE, TorchBinFile.open);
-    const pickled = listing.filter((f) => /^pytorch_model.*\.bin$/.test(f)).sort();
-    const bin = has(BIN_SINGLE_FILE) ? BIN_SINGLE_FILE : pickled.length === 1 ? pickled[0] : null;
-    if (bin) {
-      const f = TorchBinFile.open(path.join(dir, bin));
-      const where = new Map<string, WeightsFile>();
-      for (const name of f.names()) where.set(name, f);
-      return new ModelWeights(dir, [f], where, {});
-    }
-    if (pickled.length > 1) {
-      throw new FormatError(`${dir}: ${pickled.length} pytorch_model*.bin files (${pickled.slice(0, 5).join(', ')}${pickled.length > 5 ? ', ...' : ''}) but no ${BIN_INDEX_FILE}`, {
-        hint: `add ${BIN_INDEX_FILE} mapping tensor names to shards (the download is incomplete?)`,
-      });
-    }
-    throw new FormatError(`${dir}: no model weights found (looked for ${INDEX_FILE}, ${SINGLE_FILE}, *.safetensors, pytorch_model*.bin)`, {
-      hint: 'point --model at a Hugging Face model directory',
-    });
-  }
-
-  private static openSharded(dir: string, indexFile = INDEX_FILE, openFile: (p: string) => WeightsFile = SafetensorsFile.open): ModelWeights {
-    const indexPath = path.join(dir, indexFile);
-    let text: string;
-    try {
-      text = fs.readFileSync(indexPath, 'utf8');
-    } catch (e) {
-      throw new FormatError(`cannot read ${indexPath}: ${(e as Error).message}`, { cause: e });
-    }
-    const root = parseJsonStrict(text, indexPath);
-    if (!(root instanceof Map)) throw new FormatError(`${indexPath}: must be a JSON object with "weight_map"`);
-    const wm = root.get('weight_map');
-    if (!(wm instanceof Map)) throw new FormatError(`${indexPath}: "weight_map" must be an object {tensor name: shard file}, found ${describe(wm)}`);
-    const md = root.get('metadata');
-    const metadata = md instanceof Map ? (jsonToPlain(md) as Record<string, unknown>) : {};
-    const shards = new Map<string, WeightsFile>();
-    const where = new Map<string, WeightsFile>();
-    try {
-      for (const [name, shard] of wm) {
-        // The shard name comes from the (untrusted) index: it must name a file in this directory.
-        if (typeof shard !== 'string' || shard === '' || shard !== path.basename(shard) || shard === '.' || shard === '..' || shard.includes('\\')) {
-          throw new FormatError(`${indexPath}: weight_map["${name}"] = ${describe(shard)} is not a file name in the model directory`);
-        }
-        let f = shards.get(shard);
-        if (!f) {
-          const sp = path.join(dir, shard);
-          if (!fs.existsSync(sp)) throw new FormatError(`${indexPath}: shard ${shard} (holding '${name}') does not exist`, { hint: 'the download is incomplete' });
-          f = openFile(sp);
-          shards.set(shard, f);
-        }
-        if (!f.has(name)) throw new FormatError(`${indexPath}: tensor '${name}' is mapped to ${shard}, which does not contain it`);
-        where.set(name, f);
-      }
-    } catch (e) {
-      for (const f of shards.values()) f.close();
-      throw e;
-    }
-    return new ModelWeights(dir, [...shards.values()], where, metadata);
-  }
-
-  /** Tensor names (index order when sharded, file order otherwise). */
-  names(): string[] {
-    return [...this.where.keys()];
-  }
-
-  has(name: string): boolean {
-    return this.where.has(name);
-  }
-
-  info(name: string): TensorInfo {
-    return this.file(name).info(name);
-  }
-
-  readRaw(name: string): Uint8Array {
-    return this.file(name).readRaw(name);
-  }
-
-  readF32(name: string): Float32Array {
-    return this.file(name).readF32(name);
-  }
-
-  readI32(name: string): Int32Array {
-    return this.file(name).readI32(name);
-  }
-
-  close(): void {
-    for (const f of this.files) f.close();
-  }
-
-  private file(name: string): WeightsFile {
-    const f = this.where.get(name);
-    if (!f) throw new FormatError(`${this.dir}: the model has no tensor named '${name}'`, { hint: 'does the config.json match these weights?' });
-    return f;
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
 // Writing
 
 interface Planned {
@@ -719,39 +437,6 @@ function buildHeader(sorted: readonly Planned[], metadata: Record<string, string
   new DataView(out.buffer).setBigUint64(0, BigInt(json.length + pad), true);
   out.set(json, 8);
   return out;
-}
-
-/** Writes `chunks` to `target` atomically: temp file in the same directory, fsync, rename, fsync the directory. */
-export function writeFileAtomic(target: string, chunks: readonly Uint8Array[]): void {
-  const tmp = `${target}.tmp-${process.pid}`;
-  let fd: number | null = null;
-  try {
-    fd = fs.openSync(tmp, 'w', 0o644);
-    for (const c of chunks) {
-      let done = 0;
-      while (done < c.byteLength) done += fs.writeSync(fd, c, done, Math.min(c.byteLength - done, READ_CHUNK));
-    }
-    fs.fsyncSync(fd);
-    fs.closeSync(fd);
-    fd = null;
-    fs.renameSync(tmp, target);
-  } catch (e) {
-    if (fd !== null) { try { fs.closeSync(fd); } catch { /* already failing */ } }
-    try { fs.unlinkSync(tmp); } catch { /* may not exist */ }
-    throw e;
-  }
-  fsyncDir(path.dirname(target));
-}
-
-function fsyncDir(dir: string): void {
-  // Makes the rename durable on Linux; some platforms cannot open or fsync a directory, which is harmless.
-  let fd: number | null = null;
-  try {
-    fd = fs.openSync(dir, 'r');
-    fs.fsyncSync(fd);
-  } catch { /* not supported here */ } finally {
-    if (fd !== null) fs.closeSync(fd);
-  }
 }
 
 /**

@@ -5,6 +5,9 @@ import { dirname, isAbsolute, resolve } from 'node:path';
 import { parse as parseYaml, YAMLParseError } from 'yaml';
 import { z } from 'zod';
 import { ConfigError } from '../common/errors.ts';
+import type { LoraConfig } from '../common/peft.ts';
+import { defaultTargetModules } from '../core/model/llama.ts';
+import type { ModelConfig } from '../core/model/config.ts';
 
 const positiveInt = z.number().int().positive();
 
@@ -126,4 +129,21 @@ export function configReference(): string {
   };
   walk(JobSchema, '');
   return lines.join('\n');
+}
+
+/** The job's LoRA settings as the engine takes them (PEFT's per-model default target modules filled in). */
+export function loraConfigOf(job: JobConfig, cfg: ModelConfig): LoraConfig {
+  return {
+    r: job.lora.r, alpha: job.lora.alpha, dropout: job.lora.dropout, useRslora: job.lora.use_rslora,
+    targetModules: job.lora.target_modules ?? defaultTargetModules(cfg.modelType),
+    rankPattern: job.lora.rank_pattern, alphaPattern: job.lora.alpha_pattern,
+  };
+}
+
+/** Stages × replicas of a job, with 'auto' resolved (see the distributed.* descriptions). */
+export function jobLayout(job: JobConfig): { stages: number; replicas: number } {
+  const d = job.distributed;
+  const stages = d.stages === 'auto' ? 1 : d.stages;
+  const replicas = d.replicas === 'auto' ? (typeof d.workers === 'number' ? Math.max(1, Math.floor(d.workers / stages)) : 1) : d.replicas;
+  return { stages, replicas };
 }

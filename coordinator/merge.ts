@@ -6,7 +6,8 @@
 // quantization error back. Tensor by tensor; the whole output is held in memory once before writing.
 import { copyFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { ModelWeights, writeShardedSafetensors, type TensorRecord } from '../common/safetensors.ts';
+import { writeShardedSafetensors, type TensorRecord } from '../common/safetensors.ts';
+import { ModelWeights } from '../common/model-weights.ts';
 import { f32ToBf16, f32ToF16 } from '../common/halfprec.ts';
 import { loadAdapter, loraDelta } from '../core/model/adapter.ts';
 import { hyperFor } from '../core/model/llama.ts';

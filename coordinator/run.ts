@@ -1,34 +1,37 @@
-// Runs a job in this process: load → (resume) → train with progress → eval → save adapter → compare answers.
-// The distributed path (workers over gRPC) drives the same Trainer logic from the coordinator.
+// The job loop: where a reader sees a training run end to end, whatever executes the steps.
+//
+//   config → tokenizer + dataset → step plan (which samples, which lr) → fingerprints → resume from a checkpoint
+//   → executor: the stages in this process, or on worker processes (coordinator/executor.ts)
+//   → for each optimizer step: plan → executor.step (forward, backward, all-reduce, clip, AdamW) → record → observers
+//     (log line / progress bar, metrics) → evaluation and checkpoints when due
+//   → final checkpoint, adapter (PEFT), evaluation, before/after answers, summary.json.
+//
+// A recoverable executor failure (a lost worker) pauses the run, rolls back to the last checkpoint (or the initial
+// state) and starts the executor again; the step plan depends only on the step number, so every sample is still
+// trained exactly once.
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import cliProgress from 'cli-progress';
-import type { JobConfig } from './job.ts';
+import { jobLayout, loraConfigOf, type JobConfig } from './job.ts';
+import type { StepExecutor, StepTiming } from './executor.ts';
+import { InProcessExecutor } from './in-process.ts';
+import { WorkersExecutor, type WorkersOptions } from './distributed/workers.ts';
+import type { Answer, JobObserver } from './events.ts';
+import { consoleObserver, metricsObserver, notify } from './observers.ts';
+import { compareAnswers } from './answer.ts';
+import { buildDataset } from './data/dataset.ts';
 import { createBackend } from '../core/engine/index.ts';
 import type { Backend } from '../core/engine/backend.ts';
-import { loadTokenizer } from '../common/tokenizer.ts';
-import { loadModelConfig, type ModelConfig } from '../core/model/config.ts';
-import { loadStage } from '../core/model/loader.ts';
-import { defaultTargetModules, type LlamaStage, type LoraConfig } from '../core/model/llama.ts';
-import { splitStages } from './plan.ts';
+import { loadModelConfig } from '../core/model/config.ts';
+import { StepPlanner } from '../core/train/steps.ts';
+import { checkFingerprints } from '../core/train/step.ts';
 import { saveAdapter } from '../core/model/adapter.ts';
-import { buildDataset } from './data/dataset.ts';
-import { Trainer, type StepResult } from './train.ts';
-import { fingerprint, listCheckpoints, loadCheckpoint, saveCheckpoint } from '../common/checkpoint.ts';
-import { answerPrompts } from './answer.ts';
-import { ConfigError } from '../common/errors.ts';
+import { loadTokenizer } from '../common/tokenizer.ts';
+import { fingerprint, listCheckpoints, loadCheckpoint, saveCheckpoint, type Checkpoint, type TrainerState } from '../common/checkpoint.ts';
+import { ConfigError, DqloraError } from '../common/errors.ts';
 import { logger } from '../common/log.ts';
-import { progress } from '../common/progress.ts';
+import { createCoordinatorMetrics, serveMetrics, type MetricsServer } from '../common/metrics.ts';
 
 const log = logger('job');
-
-export function loraConfigOf(job: JobConfig, cfg: ModelConfig): LoraConfig {
-  return {
-    r: job.lora.r, alpha: job.lora.alpha, dropout: job.lora.dropout, useRslora: job.lora.use_rslora,
-    targetModules: job.lora.target_modules ?? defaultTargetModules(cfg.modelType),
-    rankPattern: job.lora.rank_pattern, alphaPattern: job.lora.alpha_pattern,
-  };
-}
 
 export interface RunOutcome {
   readonly adapterDir: string;
@@ -36,129 +39,205 @@ export interface RunOutcome {
   readonly firstLoss: number;
   readonly lastLoss: number;
   readonly evalLoss: number | null;
-  readonly answers: { prompt: string; base: string; tuned: string }[];
+  readonly answers: Answer[];
   readonly tokensPerSecond: number;
+  /** Per-step measurements of distributed steps (empty in one process). */
+  readonly timings: StepTiming[];
+  /** Recoveries from lost workers during this invocation. */
+  readonly recoveries: number;
 }
 
-export interface RunOptions {
+export interface RunOptions extends WorkersOptions {
   /** Show a progress bar on stderr (TTY) — otherwise a log line per `log_every` steps. */
   readonly progress?: boolean;
   /** Stop after this many optimizer steps in this invocation (tests of resume). */
   readonly stopAfter?: number;
   /** Print function for user-facing output (default: stdout). */
   readonly print?: (s: string) => void;
+  /** The backend of an in-process run (default: job.backend). */
   readonly backend?: Backend;
+  /** More observers of the run (status page, logs, ...). */
+  readonly observers?: JobObserver[];
 }
 
 export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<RunOutcome> {
   const print = opts.print ?? ((s: string) => process.stdout.write(s + '\n'));
-  if (job.distributed.workers !== 0) return (await import('./distributed/run.ts')).runDistributed(job, opts);
-  if (job.distributed.replicas !== 1 && job.distributed.replicas !== 'auto') {
+  const t = job.training, d = job.distributed;
+  const distributed = d.workers !== 0;
+  const { stages: S, replicas: R } = jobLayout(job);
+  if (!distributed && R !== 1) {
     throw new ConfigError('distributed.replicas > 1 needs workers (distributed.workers: local or N)', { hint: 'use distributed.workers: local to start them on this machine' });
   }
-  const be = opts.backend ?? await createBackend(job.backend);
+  const be = distributed ? undefined : opts.backend ?? await createBackend(job.backend);
   const cfg = loadModelConfig(job.model);
   const tok = loadTokenizer(job.model);
   const lora = loraConfigOf(job, cfg);
-  log.info({ backend: be.name, model: job.model, type: cfg.modelType, layers: cfg.numLayers, hidden: cfg.hiddenSize }, 'loading');
+  log.info({ backend: be?.name ?? job.backend, model: job.model, type: cfg.modelType, layers: cfg.numLayers, hidden: cfg.hiddenSize, stages: S, replicas: R, workers: d.workers }, 'loading');
 
+  // ---- data, step plan, fingerprints ----
   const ds = buildDataset({
     trainPath: job.data.train, validationPath: job.data.validation, validationSplit: job.data.validation_split || undefined,
-    dedup: job.data.dedup, seed: job.training.seed, maxLength: job.data.max_length, onError: job.data.on_error,
+    dedup: job.data.dedup, seed: t.seed, maxLength: job.data.max_length, onError: job.data.on_error,
   }, tok);
   log.info({ ...ds.stats, train: ds.train.length, validation: ds.validation.length }, 'dataset ready');
-
-  const nStages = job.distributed.stages === 'auto' ? 1 : job.distributed.stages;
-  const loading = progress('load + quantize', log, { tty: opts.progress });
-  const stages: LlamaStage[] = splitStages(cfg.numLayers, nStages).map((spec, i) => loadStage(be, job.model, spec, {
-    lora, seed: job.training.seed, blocksize: job.quantization.blocksize, doubleQuant: job.quantization.double_quant,
-    gradientCheckpointing: job.training.gradient_checkpointing,
-    onProgress: (d, t, name) => loading.update(d, t, `stage ${i}: ${name}`),
-  }));
-  loading.stop();
-  log.info({ stages: stages.map((s) => s.spec), memoryBytes: be.memoryInUse() }, 'model loaded');
   const padId = tok.padId ?? tok.eosId ?? 0;
-  const t = job.training;
-  const trainer = new Trainer(be, stages, ds.train, {
-    epochs: t.epochs, maxSteps: t.max_steps, microBatchSize: t.micro_batch_size, gradAccum: t.grad_accum, replicas: 1,
-    lr: t.lr, schedule: t.schedule, warmupSteps: t.warmup_steps, weightDecay: t.weight_decay, beta1: t.adam_beta1,
-    beta2: t.adam_beta2, eps: t.adam_eps, maxGradNorm: t.max_grad_norm, seed: t.seed, padId,
-  }, {
-    configHash: fingerprint({ lora: job.lora, training: { ...t, resume: undefined, log_every: undefined, eval_every: undefined, save_every: undefined, keep_checkpoints: undefined }, quant: job.quantization, model: cfg.raw }),
-    dataHash: fingerprint(ds.train.map((e) => Array.from(e.inputIds).concat([-1], Array.from(e.labels)))),
+  const planner = new StepPlanner(ds.train, {
+    epochs: t.epochs, maxSteps: t.max_steps, microBatchSize: t.micro_batch_size, gradAccum: t.grad_accum, replicas: R,
+    lr: t.lr, schedule: t.schedule, warmupSteps: t.warmup_steps, seed: t.seed, padId,
   });
+  const totalSteps = planner.totalSteps;
+  // R = 1 runs share their fingerprint with a one-process run (either resumes the other's checkpoints); the replica
+  // count changes which samples form a step, so it is part of the fingerprint when R > 1.
+  const trainingFp = { ...t, resume: undefined, log_every: undefined, eval_every: undefined, save_every: undefined, keep_checkpoints: undefined };
+  const fingerprints = {
+    configHash: fingerprint({ lora: job.lora, training: R === 1 ? trainingFp : { ...trainingFp, replicas: R }, quant: job.quantization, model: cfg.raw }),
+    dataHash: fingerprint(ds.train.map((e) => Array.from(e.inputIds).concat([-1], Array.from(e.labels)))),
+  };
+  const fresh = (): TrainerState => ({ step: 0, totalSteps, stepsPerEpoch: planner.stepsPerEpoch, ...fingerprints, history: [], evalHistory: [] });
+  let state = fresh();
 
-  // Resume
+  // ---- resume ----
   mkdirSync(job.output_dir, { recursive: true });
+  let lastCheckpoint: Checkpoint | undefined;
+  const rollBackTo = (ck: Checkpoint | undefined): void => {
+    state = ck ? { ...ck.state, history: [...ck.state.history], evalHistory: [...ck.state.evalHistory] } : fresh();
+  };
   if (t.resume !== false) {
     const dir = typeof t.resume === 'string' ? t.resume : listCheckpoints(job.output_dir).at(-1)?.dir;
     if (dir) {
-      trainer.restore(loadCheckpoint(dir));
-      log.info({ checkpoint: dir, step: trainer.state.step }, 'resumed');
-      print(`resumed from ${dir} at step ${trainer.state.step}/${trainer.totalSteps}`);
+      const ck = loadCheckpoint(dir);
+      checkFingerprints(dir, ck.state, fingerprints);
+      lastCheckpoint = ck;
+      rollBackTo(ck);
+      log.info({ checkpoint: dir, step: state.step }, 'resumed');
+      print(`resumed from ${dir} at step ${state.step}/${totalSteps}`);
     } else if (typeof t.resume === 'string') throw new ConfigError(`training.resume: ${t.resume} does not exist`);
   }
 
-  // Answers of the base model (LoRA branch off), for the before/after comparison.
-  const prompts = job.compare.prompts;
-  const genOpts = { maxNewTokens: job.compare.max_new_tokens };
-  const baseAnswers = prompts.length ? answerPrompts(stages, tok, prompts, { ...genOpts, lora: false }) : [];
-
-  const startStep = trainer.state.step;
-  const firstLoss = trainer.state.history.at(-1)?.loss ?? NaN;
-  let first = firstLoss, last = NaN;
-  const bar = opts.progress ? new cliProgress.SingleBar({
-    format: 'train |{bar}| step {value}/{total} | loss {loss} | lr {lr} | {tps} tok/s | eta {eta_formatted}',
-    stream: process.stderr, hideCursor: true, etaBuffer: 20,
-  }, cliProgress.Presets.shades_classic) : undefined;
-  bar?.start(trainer.totalSteps, trainer.state.step, { loss: '-', lr: '-', tps: '-' });
+  // ---- observers and the executor ----
+  const metrics = createCoordinatorMetrics({ defaultLabels: { job: job.name } });
+  const terminal = consoleObserver({ progress: opts.progress, logEvery: t.log_every });
+  const observers: JobObserver[] = [terminal, metricsObserver(metrics, R), ...(opts.observers ?? [])];
+  let metricsServer: MetricsServer | undefined;
+  let executor: StepExecutor | undefined;
+  const timings: StepTiming[] = [];
+  let recoveries = 0;
+  const startStep = state.step;
+  let first = state.history.at(-1)?.loss ?? NaN, last = NaN;
+  let tokensSeen = 0, stepSeconds = 0;
   const t0 = performance.now();
-  let tokens = 0;
-  const stopAt = opts.stopAfter !== undefined ? Math.min(trainer.totalSteps, startStep + opts.stopAfter) : trainer.totalSteps;
-  while (trainer.state.step < stopAt) {
-    const r: StepResult = trainer.step();
-    tokens += r.tokens;
-    if (Number.isNaN(first)) first = r.loss;
-    last = r.loss;
-    const tps = tokens / ((performance.now() - t0) / 1000);
-    bar?.update(r.step, { loss: r.loss.toFixed(4), lr: r.lr.toExponential(2), tps: tps.toFixed(0) });
-    if (!bar && r.step % t.log_every === 0) log.info({ step: r.step, total: trainer.totalSteps, loss: +r.loss.toFixed(5), lr: r.lr, gradNorm: +r.gradNorm.toFixed(4), epoch: +r.epoch.toFixed(3), tokensPerSec: Math.round(tps) }, 'step');
-    if (!Number.isFinite(r.loss)) throw new ConfigError(`loss became ${r.loss} at step ${r.step}`, { hint: 'lower training.lr or check the data' });
-    if (t.eval_every > 0 && r.step % t.eval_every === 0 && ds.validation.length) {
-      const ev = trainer.evaluate(ds.validation);
-      trainer.state.evalHistory.push({ step: r.step, loss: ev.loss, perplexity: ev.perplexity });
-      log.info({ step: r.step, evalLoss: +ev.loss.toFixed(5), perplexity: +ev.perplexity.toFixed(3) }, 'eval');
-    }
-    if (t.save_every > 0 && r.step % t.save_every === 0 && r.step < trainer.totalSteps) checkpoint(trainer, job, lora);
-  }
-  bar?.stop();
-  const seconds = (performance.now() - t0) / 1000;
-  const ckDir = checkpoint(trainer, job, lora);
-  if (trainer.state.step < trainer.totalSteps) {
-    print(`stopped at step ${trainer.state.step}/${trainer.totalSteps}; checkpoint ${ckDir}`);
-    return { adapterDir: join(ckDir, 'adapter'), steps: trainer.state.step, firstLoss: first, lastLoss: last, evalLoss: null, answers: [], tokensPerSecond: tokens / seconds };
-  }
-  const adapterDir = join(job.output_dir, 'adapter');
-  saveAdapter(adapterDir, trainer.snapshot().modules, lora, job.model);
+  let final: { dir: string; modules: Checkpoint['modules'] } | undefined;
   let evalLoss: number | null = null;
-  if (ds.validation.length) {
-    const ev = trainer.evaluate(ds.validation);
-    evalLoss = ev.loss;
-    trainer.state.evalHistory.push({ step: trainer.state.step, loss: ev.loss, perplexity: ev.perplexity });
+  let baseAnswers: string[] = [];
+  try {
+    if (d.metrics_port >= 0) { metricsServer = await serveMetrics(metrics.registry, d.metrics_port); log.info({ port: metricsServer.port }, 'metrics on /metrics'); }
+    executor = distributed
+      ? await WorkersExecutor.open(job, { ...opts, cfg, lora, stages: S, replicas: R, totalSteps, padId, metrics, print })
+      : InProcessExecutor.open(job, { be: be!, cfg, lora, stages: S, tok, padId, progress: opts.progress });
+    const ex = executor;
+    notify(observers, 'onStart', {
+      name: job.name, outputDir: job.output_dir, totalSteps, startStep, stepsPerEpoch: planner.stepsPerEpoch, stages: S, replicas: R,
+      executor: ex.kind, backend: ex.backend, trainExamples: ds.train.length, validationExamples: ds.validation.length, resumedFrom: lastCheckpoint?.dir,
+    });
+    // Answers of the base model (LoRA branch off), for the before/after comparison (in-process: the model is here).
+    if (ex.answer && job.compare.prompts.length) baseAnswers = ex.answer(job.compare.prompts, false);
+
+    const evaluate = async (): Promise<number> => {
+      const ev = await ex.evaluate(ds.validation);
+      state.evalHistory.push({ step: state.step, loss: ev.loss, perplexity: ev.perplexity });
+      notify(observers, 'onEval', { step: state.step, ...ev });
+      return ev.loss;
+    };
+    const checkpoint = async (): Promise<{ dir: string; modules: Checkpoint['modules'] }> => {
+      const c0 = performance.now();
+      const snap = await ex.snapshot(true);
+      const dir = saveCheckpoint(job.output_dir, { state, modules: snap.modules, moments: snap.moments, loraConfig: lora }, job.model, t.keep_checkpoints);
+      lastCheckpoint = { dir, state: structuredClone(state), modules: snap.modules, moments: snap.moments, loraConfig: lora };
+      notify(observers, 'onCheckpoint', { step: state.step, dir, bytes: snap.bytes, seconds: (performance.now() - c0) / 1000 });
+      return { dir, modules: snap.modules };
+    };
+
+    // ---- the steps; recover from lost workers ----
+    const stopAt = opts.stopAfter !== undefined ? Math.min(totalSteps, startStep + opts.stopAfter) : totalSteps;
+    let started = false;
+    for (;;) {
+      try {
+        if (!started) { await ex.start(lastCheckpoint); started = true; }
+        while (state.step < stopAt) {
+          const s0 = performance.now();
+          const input = planner.input(state.step);
+          const out = await ex.step(input);
+          const r = planner.record(state, input, out);
+          const seconds = (performance.now() - s0) / 1000;
+          tokensSeen += r.tokens; stepSeconds += seconds;
+          if (Number.isNaN(first)) first = r.loss;
+          last = r.loss;
+          if (ex.kind === 'workers') {
+            timings.push({ step: r.step, seconds, bubble: out.bubble, grpcBytes: out.grpcBytes, natsBytes: out.natsBytes,
+              allreduceSeconds: Math.max(...out.stageTimings.map((x) => x.allreduceSeconds)), idleSeconds: Math.max(...out.stageTimings.map((x) => x.idleSeconds)) });
+          }
+          notify(observers, 'onStep', { ...r, totalSteps, seconds, tokensPerSecond: tokensSeen / stepSeconds, bubble: out.bubble, stageTimings: out.stageTimings });
+          if (!Number.isFinite(r.loss)) throw new ConfigError(`loss became ${r.loss} at step ${r.step}`, { hint: 'lower training.lr or check the data' });
+          if (t.eval_every > 0 && r.step % t.eval_every === 0 && ds.validation.length) await evaluate();
+          if (t.save_every > 0 && r.step % t.save_every === 0 && r.step < totalSteps) await checkpoint();
+        }
+        final = await checkpoint();
+        if (state.step >= totalSteps && ds.validation.length) evalLoss = await evaluate();
+        break;
+      } catch (e) {
+        if (!ex.recoverable(e)) throw e;
+        recoveries++;
+        const msg = (e as Error).message.split('\n')[0];
+        print(`worker failure at step ${state.step}: ${msg}`);
+        if (recoveries > d.max_recoveries) throw new DqloraError(`giving up after ${d.max_recoveries} recoveries; last failure: ${msg}`, { cause: e, hint: 'check the workers\' logs; raise distributed.max_recoveries to keep trying' });
+        ex.pause(msg);
+        rollBackTo(lastCheckpoint);
+        notify(observers, 'onRecovery', { step: state.step, attempt: recoveries, reason: msg, resumeFrom: lastCheckpoint?.dir ?? '' });
+        print(`paused; resuming from ${lastCheckpoint?.dir || 'the initial state'} (step ${state.step}) once ${S * R} workers are connected`);
+        started = false;
+      }
+    }
+  } catch (e) {
+    notify(observers, 'onEnd', { status: 'failed', step: state.step, totalSteps, firstLoss: first, lastLoss: last, evalLoss, seconds: (performance.now() - t0) / 1000, tokensPerSecond: tokensSeen / stepSeconds, answers: [], error: (e as Error).message });
+    throw e;
+  } finally {
+    terminal.stop();
+    await executor?.close();
+    await metricsServer?.close();
   }
-  const tunedAnswers = prompts.length ? answerPrompts(stages, tok, prompts, { ...genOpts, lora: true }) : [];
-  const answers = prompts.map((p, i) => ({ prompt: p, base: baseAnswers[i], tuned: tunedAnswers[i] }));
-  const summary = { steps: trainer.state.step, firstLoss: first, lastLoss: last, evalLoss, tokensPerSecond: tokens / seconds, seconds, adapterDir, answers, dataset: ds.stats };
+  const seconds = (performance.now() - t0) / 1000;
+  const tokensPerSecond = tokensSeen / stepSeconds;
+  const outcome = { steps: state.step, firstLoss: first, lastLoss: last, tokensPerSecond, timings, recoveries };
+  if (state.step < totalSteps) {
+    print(`stopped at step ${state.step}/${totalSteps}; checkpoint ${final!.dir}`);
+    const adapterDir = join(final!.dir, 'adapter');
+    notify(observers, 'onEnd', { status: 'stopped', step: state.step, totalSteps, firstLoss: first, lastLoss: last, evalLoss: null, seconds, tokensPerSecond, adapterDir, answers: [] });
+    return { ...outcome, adapterDir, evalLoss: null, answers: [] };
+  }
+
+  // ---- outputs: adapter, before/after answers, summary ----
+  const adapterDir = join(job.output_dir, 'adapter');
+  saveAdapter(adapterDir, final!.modules, lora, job.model);
+  let answers: Answer[] = [];
+  const prompts = job.compare.prompts;
+  if (prompts.length) {
+    if (executor!.answer) {
+      const tuned = executor!.answer(prompts, true);
+      answers = prompts.map((p, i) => ({ prompt: p, base: baseAnswers[i], tuned: tuned[i] }));
+    } else if (d.workers === 'local') {
+      // The local workers have exited and freed their devices: the whole model fits in this process now.
+      answers = await compareAnswers(job, adapterDir);
+    } else {
+      print(`compare.prompts: answer them with \`coordinator generate --model ${job.model} --adapter ${adapterDir} ...\` (the coordinator holds no model in remote deployments)`);
+    }
+  }
+  const summary = {
+    steps: state.step, firstLoss: first, lastLoss: last, evalLoss, tokensPerSecond, seconds: stepSeconds, wallSeconds: seconds, adapterDir,
+    answers, dataset: ds.stats, ...(distributed ? { distributed: { stages: S, replicas: R, recoveries } } : {}),
+  };
   writeFileSync(join(job.output_dir, 'summary.json'), JSON.stringify(summary, null, 1) + '\n');
-  print(`trained ${trainer.state.step - startStep} steps in ${seconds.toFixed(1)} s (${(tokens / seconds).toFixed(0)} tokens/s): loss ${first.toFixed(4)} → ${last.toFixed(4)}${evalLoss !== null ? `, validation loss ${evalLoss.toFixed(4)} (perplexity ${Math.exp(evalLoss).toFixed(2)})` : ''}`);
+  print(`trained ${state.step - startStep} steps in ${seconds.toFixed(1)} s (${tokensPerSecond.toFixed(0)} tokens/s): loss ${first.toFixed(4)} → ${last.toFixed(4)}${evalLoss !== null ? `, validation loss ${evalLoss.toFixed(4)} (perplexity ${Math.exp(evalLoss).toFixed(2)})` : ''}`);
   print(`adapter saved to ${adapterDir}`);
-  return { adapterDir, steps: trainer.state.step, firstLoss: first, lastLoss: last, evalLoss, answers, tokensPerSecond: tokens / seconds };
+  notify(observers, 'onEnd', { status: 'succeeded', step: state.step, totalSteps, firstLoss: first, lastLoss: last, evalLoss, seconds, tokensPerSecond, adapterDir, answers });
+  return { ...outcome, adapterDir, evalLoss, answers };
 }
-
-function checkpoint(trainer: Trainer, job: JobConfig, lora: LoraConfig): string {
-  const snap = trainer.snapshot();
-  const dir = saveCheckpoint(job.output_dir, { state: trainer.state, modules: snap.modules, moments: snap.moments, loraConfig: lora }, job.model, job.training.keep_checkpoints);
-  log.info({ dir, step: trainer.state.step }, 'checkpoint written');
-  return dir;
-}
-

@@ -9,7 +9,8 @@ import { channelCredentials, serverCredentials } from '../common/tls.ts';
 import os from 'node:os';
 import * as grpc from '@grpc/grpc-js';
 import type { Backend } from '../core/engine/backend.ts';
-import { StageRunner, assignmentFromWire } from './runtime/stage-runner.ts';
+import { StageRunner } from './runtime/stage-runner.ts';
+import { assignmentFromWire, generationId } from '../wire/assignment.ts';
 import { chunkState } from '../wire/state.ts';
 import { startPipelineServer, type PipelineServerHandle, type PipelineServerOptions } from './transport/pipeline.ts';
 import { DqloraError, WireError } from '../common/errors.ts';
@@ -146,7 +147,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
           state = WorkerState.WORKER_STATE_LOADING;
           const a = assignmentFromWire(k.assignStage, o.natsUrl);
           await runner.assign(a);
-          popts.jobId = a.jobId;
+          popts.jobId = generationId(a);
           pipeline.setMinStep(a.firstSeq);
           state = WorkerState.WORKER_STATE_READY;
           await report({ ...base, step: -1, error: '' });

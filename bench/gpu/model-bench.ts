@@ -1,6 +1,6 @@
 // Full-model QLoRA training benchmark on the cuda backend (run by bench/gpu.sh on the GPU machine): a real
 // Hugging Face checkpoint (written by torch_bench.py --save, the same weights PyTorch trains) loaded through
-// core/model/loader.ts (NF4 + double quant on the GPU), trained by coordinator/train.ts's Trainer: LoRA r16 α32
+// core/model/loader.ts (NF4 + double quant on the GPU), trained by core/train/trainer.ts's Trainer: LoRA r16 α32
 // on all 7 linears, AdamW, grad-norm clipping 1.0, constant lr. Each run = (gradient checkpointing, batch) at one
 // sequence length; the stage weights are loaded once and shared by the runs.
 //
@@ -12,11 +12,11 @@
 import { writeFileSync } from 'node:fs';
 import { createCudaBackend, type CudaBackend } from '../../core/engine/cuda/cuda.ts';
 import { createCpuBackend } from '../../core/engine/cpu.ts';
-import { ModelWeights } from '../../common/safetensors.ts';
+import { ModelWeights } from '../../common/model-weights.ts';
 import { loadModelConfig } from '../../core/model/config.ts';
 import { loadStageWeights } from '../../core/model/loader.ts';
 import { LlamaStage, fullModelSpec, type LoraConfig } from '../../core/model/llama.ts';
-import { Trainer, type TrainSettings } from '../../coordinator/train.ts';
+import { Trainer, type TrainSettings } from '../../core/train/trainer.ts';
 import type { Example } from '../../coordinator/data/tokenize.ts';
 
 function opt(name: string): string | undefined {

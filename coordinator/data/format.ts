@@ -22,7 +22,27 @@
 // BOS handling is the tokenizer stage's job (see tokenize.ts).
 import { DataError, FormatError, ConfigError } from '../../common/errors.ts';
 import type { Record, ChatMessage } from './records.ts';
-import type { TokenizerLike } from './tokenize.ts';
+
+/** What the data pipeline needs of a tokenizer (tokenizer.json or SentencePiece; see common/tokenizer.ts). */
+export interface TokenizerLike {
+  encode(text: string, opts?: { addSpecialTokens?: boolean }): number[];
+  eosId: number | null;
+  bosId: number | null;
+  padId: number | null;
+  chatTemplate: string | null;
+  applyChatTemplate(messages: { role: string; content: string }[], opts?: { addGenerationPrompt?: boolean }): string;
+  /**
+   * Ids every sequence starts with instead of BOS (ChatGLM2: [gMASK, sop], what its tokenizer's
+   * build_inputs_with_special_tokens prepends). Optional.
+   */
+  prefixTokens?(): number[];
+  /**
+   * The model's own prompt for a query and the previous (query, answer) rounds, for models without a chat
+   * template (ChatGLM2: "[Round 1]\n\n问：{query}\n\n答："). Optional; without it (and without a chat template)
+   * the documented default format is used.
+   */
+  formatQuery?(query: string, history?: [string, string][]): string;
+}
 
 /** A span of the formatted sequence. `eos`: append the tokenizer's EOS id after the text (same `trained` flag). */
 export interface Piece { text: string; trained: boolean; eos?: boolean }

@@ -17,28 +17,10 @@
 import { ConfigError, DataError, DqloraError } from '../../common/errors.ts';
 import { IGNORE_INDEX, type Example } from '../../core/train/batch.ts';
 export { IGNORE_INDEX, type Example };
-import { formatRecord } from './format.ts';
+import { formatRecord, type TokenizerLike } from './format.ts';
+export type { TokenizerLike };
 import { recordKey, type Record } from './records.ts';
 
-export interface TokenizerLike {
-  encode(text: string, opts?: { addSpecialTokens?: boolean }): number[];
-  eosId: number | null;
-  bosId: number | null;
-  padId: number | null;
-  chatTemplate: string | null;
-  applyChatTemplate(messages: { role: string; content: string }[], opts?: { addGenerationPrompt?: boolean }): string;
-  /**
-   * Ids every sequence starts with instead of BOS (ChatGLM2: [gMASK, sop], what its tokenizer's
-   * build_inputs_with_special_tokens prepends). Optional.
-   */
-  prefixTokens?(): number[];
-  /**
-   * The model's own prompt for a query and the previous (query, answer) rounds, for models without a chat
-   * template (ChatGLM2: "[Round 1]\n\n问：{query}\n\n答："). Optional; without it (and without a chat template)
-   * the documented default format is used.
-   */
-  formatQuery?(query: string, history?: [string, string][]): string;
-}
 
 
 export interface TokenizeOptions {

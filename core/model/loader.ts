@@ -4,7 +4,7 @@
 import type { Backend, Tensor } from '../engine/backend.ts';
 import { LoraParams, QLoraLinear } from '../engine/lora.ts';
 import { quantizeNf4 } from '../engine/nf4.ts';
-import { ModelWeights } from '../../common/safetensors.ts';
+import { ModelWeights } from '../../common/model-weights.ts';
 import { isPrequantized, nf4FromRecords } from './bnb.ts';
 import { loadModelConfig, type ModelConfig } from './config.ts';
 import { LINEAR_MODULES, LlamaStage, hyperFor, isTargeted, type LayerWeights, type LinearModule, type LoraConfig, type StageSpec, type StageWeights } from './llama.ts';

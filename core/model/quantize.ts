@@ -8,7 +8,9 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import { ModelWeights, writeShardedSafetensors, writeFileAtomic, type TensorRecord, type StDtype } from '../../common/safetensors.ts';
+import { writeShardedSafetensors, type TensorRecord, type StDtype } from '../../common/safetensors.ts';
+import { ModelWeights } from '../../common/model-weights.ts';
+import { writeFileAtomic } from '../../common/fs-atomic.ts';
 import { ConfigError, FormatError, UnsupportedError } from '../../common/errors.ts';
 import { quantizeNf4, type SourceDtype } from '../engine/nf4.ts';
 import { bnbQuantizationConfig, nf4ToRecords, quantizationConfigJson } from './bnb.ts';

@@ -13,7 +13,7 @@ import { loadAdapter } from '../../common/peft.ts';
 import { loadTokenizer } from '../../common/tokenizer.ts';
 import { SentencePieceTokenizer } from '../../common/sp-tokenizer.ts';
 import { buildDataset } from '../../coordinator/data/dataset.ts';
-import { ModelWeights } from '../../common/safetensors.ts';
+import { ModelWeights } from '../../common/model-weights.ts';
 
 const ROOT = join(import.meta.dirname, '..', '..');
 const MODEL = join(ROOT, 'test', 'fixtures', 'chatglm2-tiny');

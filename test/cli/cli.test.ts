@@ -9,7 +9,7 @@ import { existsSync, mkdtempSync, readFileSync, writeFileSync, copyFileSync } fr
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { loadAdapter } from '../../core/model/adapter.ts';
-import { ModelWeights } from '../../common/safetensors.ts';
+import { ModelWeights } from '../../common/model-weights.ts';
 
 const ROOT = join(import.meta.dirname, '..', '..');
 const BIN = join(ROOT, 'bin', 'coordinator.js');

@@ -11,7 +11,7 @@ import { ControlPlane, type WorkerHandle, type WorkerLostError } from '../../coo
 import { ControlClient, type RegisterReply, type StateChunk } from '../../proto/gen/dqlora/v1/control.ts';
 import { Inbox } from '../../worker/runtime/inbox.ts';
 import { StateAssembler, chunkState, decodeStageState, encodeStageState } from '../../wire/state.ts';
-import { microBatchFromWire } from '../../worker/runtime/stage-runner.ts';
+import { microBatchFromWire } from '../../wire/assignment.ts';
 import { startPipelineServer, PipelineClient, PipelineSendError, type PipelineServerOptions } from '../../worker/transport/pipeline.ts';
 import { createCpuBackend } from '../../core/engine/cpu.ts';
 import { LoraParams } from '../../core/engine/lora.ts';

@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { loadAdapter } from '../../core/model/adapter.ts';
 import { parseJob, type JobConfig } from '../../coordinator/job.ts';
 import { runJob } from '../../coordinator/run.ts';
-import { runDistributed } from '../../coordinator/distributed/run.ts';
+
 import { natsServerMissing, startNatsServer, type NatsServerHandle } from '../helpers/nats.ts';
 
 const skip = natsServerMissing();
@@ -114,7 +114,7 @@ test('a worker killed (SIGKILL) mid-step is reported with its id and stage; the 
   let address = '', token = '';
   const out = join(work, 'dist-kill');
   try {
-    const res = await runDistributed(job(out, { stages: 2, replicas: 2, workers: 4, nats_url: nats!.url, heartbeat_timeout_s: 3 }, 2), {
+    const res = await runJob(job(out, { stages: 2, replicas: 2, workers: 4, nats_url: nats!.url, heartbeat_timeout_s: 3 }, 2), {
       jobToken: 'test-token-kill',
       onListening: (a, tk) => {
         address = a; token = tk;

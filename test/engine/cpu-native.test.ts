@@ -15,7 +15,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { writeRandomLlama } from '../../coordinator/example/model.ts';
-import { Trainer } from '../../coordinator/train.ts';
+import { Trainer } from '../../core/train/trainer.ts';
 import { loadStage } from '../../core/model/loader.ts';
 import { fullModelSpec } from '../../core/model/llama.ts';
 import { loadModelConfig } from '../../core/model/config.ts';

@@ -5,10 +5,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import {
-  MAX_HEADER_BYTES, ModelWeights, SafetensorsFile, writeSafetensors, writeShardedSafetensors,
-  type StDtype, type TensorRecord,
-} from '../../common/safetensors.ts';
+import { MAX_HEADER_BYTES, SafetensorsFile, writeSafetensors, writeShardedSafetensors, type StDtype, type TensorRecord } from '../../common/safetensors.ts';
+import { ModelWeights } from '../../common/model-weights.ts';
 import { FormatError, ShapeError, UnsupportedError } from '../../common/errors.ts';
 import { f32ToBf16, f32ToF16 } from '../../common/halfprec.ts';
 import { CounterRng } from '../../common/rng.ts';

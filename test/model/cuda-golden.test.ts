@@ -12,7 +12,8 @@ import { loadStage } from '../../core/model/loader.ts';
 import { fullModelSpec, modulePath } from '../../core/model/llama.ts';
 import { loadModelConfig } from '../../core/model/config.ts';
 import { applyAdapter, loadAdapter } from '../../core/model/adapter.ts';
-import { SafetensorsFile, ModelWeights } from '../../common/safetensors.ts';
+import { SafetensorsFile } from '../../common/safetensors.ts';
+import { ModelWeights } from '../../common/model-weights.ts';
 import { quantizeNf4 } from '../../core/engine/nf4.ts';
 import type { StageBatch } from '../../core/model/llama.ts';
 

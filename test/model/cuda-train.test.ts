@@ -14,7 +14,7 @@ import type { Backend } from '../../core/engine/backend.ts';
 import { loadStage } from '../../core/model/loader.ts';
 import { fullModelSpec, type LoraConfig } from '../../core/model/llama.ts';
 import { loadModelConfig } from '../../core/model/config.ts';
-import { Trainer, type TrainSettings } from '../../coordinator/train.ts';
+import { Trainer, type TrainSettings } from '../../core/train/trainer.ts';
 import { writeRandomLlama } from '../../coordinator/example/model.ts';
 import { tinyExamples } from '../helpers/tiny.ts';
 

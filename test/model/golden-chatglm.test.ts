@@ -15,7 +15,7 @@ import { fullModelSpec } from '../../core/model/llama.ts';
 import { loadModelConfig, ropeInvFreq } from '../../core/model/config.ts';
 import { applyAdapter, loadAdapter, saveAdapter, stageLoraTensors } from '../../core/model/adapter.ts';
 import { SafetensorsFile } from '../../common/safetensors.ts';
-import { splitStages } from '../../coordinator/plan.ts';
+import { planStages } from '../../core/train/plan.ts';
 import { permuteRows } from '../../core/engine/lora.ts';
 import type { StageBatch } from '../../core/model/llama.ts';
 
@@ -43,7 +43,7 @@ for (const name of ['chatglm-qkv', 'chatglm-all']) {
     test(`golden ${name} (${stages} stage${stages > 1 ? 's' : ''}): loss, logits and every LoRA gradient match the PyTorch reference`, () => {
       const be = createCpuBackend();
       const cfg = loadModelConfig(join(dir, 'model'));
-      const st = splitStages(cfg.numLayers, stages).map((spec) => loadStage(be, join(dir, 'model'), spec, { doubleQuant: false }));
+      const st = planStages(cfg, stages).specs.map((spec) => loadStage(be, join(dir, 'model'), spec, { doubleQuant: false }));
       const adapter = loadAdapter(join(dir, 'adapter'));
       const applied = st.reduce((a, s) => a + applyAdapter(be, s, adapter, name), 0);
       assert.equal(applied, adapter.modules.length);

@@ -6,7 +6,7 @@ import { createCpuBackend } from '../../core/engine/cpu.ts';
 import { loadStage } from '../../core/model/loader.ts';
 import { fullModelSpec, type LlamaStage, type LoraConfig } from '../../core/model/llama.ts';
 import { loadModelConfig } from '../../core/model/config.ts';
-import { splitStages } from '../../coordinator/plan.ts';
+import { planStages } from '../../core/train/plan.ts';
 import { makeMicroBatch } from '../../core/train/batch.ts';
 import { withoutLora } from '../../coordinator/answer.ts';
 import { tinyExamples, tinyModelDir, TINY } from '../helpers/tiny.ts';
@@ -69,7 +69,7 @@ test('gradient checkpointing on or off gives bit-identical loss and gradients', 
 test('a pipeline of 3 stages gives bit-identical loss and gradients to one stage', () => {
   const run = (n: number): { loss: number; g: Float32Array[] } => {
     const be = createCpuBackend();
-    const stages = splitStages(cfg.numLayers, n).map((spec) => loadStage(be, dir, spec, { lora: LORA, seed: 1 }));
+    const stages = planStages(cfg, n).specs.map((spec) => loadStage(be, dir, spec, { lora: LORA, seed: 1 }));
     for (const s of stages) for (const p of s.loraParams()) be.axpy(p.B, be.upload(new Float32Array(p.B.size).fill(0.01), p.B.shape, 'f32'));
     return { loss: step(stages), g: grads(be, stages) };
   };
@@ -105,7 +105,7 @@ test('with LoRA dropout, the gradient of a LoRA weight matches a finite differen
 test('generation with a KV cache equals full recomputation, batched (left padding) and one prompt at a time, across 2 stages', async () => {
   const { generateTokens } = await import('../../core/model/generate.ts');
   const be = createCpuBackend();
-  const stages = splitStages(cfg.numLayers, 2).map((spec) => loadStage(be, dir, spec, { lora: LORA, seed: 1 }));
+  const stages = planStages(cfg, 2).specs.map((spec) => loadStage(be, dir, spec, { lora: LORA, seed: 1 }));
   for (const s of stages) for (const p of s.loraParams()) be.axpy(p.B, be.upload(new Float32Array(p.B.size).fill(0.02), p.B.shape, 'f32'));
   const prompts = [[1, 5, 9, 13], [1, 7], [1, 20, 21, 22, 23, 24, 25]];
   const opts = { maxNewTokens: 6, eosIds: [], padId: 0 };

@@ -9,7 +9,7 @@ import { createCpuBackend } from '../../core/engine/cpu.ts';
 import { loadStage } from '../../core/model/loader.ts';
 import { fullModelSpec, type LoraConfig } from '../../core/model/llama.ts';
 import { loadModelConfig } from '../../core/model/config.ts';
-import { Trainer, type TrainSettings } from '../../coordinator/train.ts';
+import { Trainer, type TrainSettings } from '../../core/train/trainer.ts';
 import { saveCheckpoint, loadCheckpoint, listCheckpoints } from '../../common/checkpoint.ts';
 import { lrMultiplier, warmupSteps } from '../../core/train/schedule.ts';
 import { CheckpointError } from '../../common/errors.ts';

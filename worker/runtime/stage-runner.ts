@@ -2,17 +2,16 @@
 // schedule with the neighbouring stages over the Pipeline service), all-reduces its LoRA gradients with
 // the same stage of the other replicas over NATS, and applies AdamW when the coordinator says how.
 //
-// The step, as the coordinator drives it (see coordinator/distributed/run.ts):
+// The step, as the coordinator drives it (see coordinator/distributed/workers.ts):
 //   RunStep      → 1F1B forward/backward of this replica's micro-batches → all-reduce → report ‖g‖² and loss
 //   ApplyUpdate  → clip by the coordinator's global coefficient → AdamW (update number step + 1) → zero grads
 // Numerics are the single-process Trainer's: same dropout key (seed, step), same loss scale (1 / label tokens
 // of the whole step), same clipping rule, float32 activations on the wire (bf16 would change the result).
 import { channelCredentials } from '../../common/tls.ts';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
-import { z } from 'zod';
 import type { Backend, Tensor } from '../../core/engine/backend.ts';
 import type { LoraParams } from '../../core/engine/lora.ts';
-import type { LlamaStage, LoraConfig, StageBatch, StageSpec } from '../../core/model/llama.ts';
+import type { LlamaStage } from '../../core/model/llama.ts';
 import { loadStage } from '../../core/model/loader.ts';
 import { NatsAllReduce } from '../allreduce.ts';
 import { PipelineClient } from '../transport/pipeline.ts';
@@ -22,80 +21,15 @@ import { encodeStageState } from '../../wire/state.ts';
 // the coordinator's format: a resuming worker loads its shard from the checkpoint directory, which (like the
 // model directory) must be visible to it.
 import { loadCheckpoint } from '../../common/checkpoint.ts';
-import { decodeTensorAs, hostToF32, type HostTensor } from '../../wire/tensor.ts';
-import { mixKey } from '../../common/rng.ts';
-import { CheckpointError, ConfigError, DqloraError, ShapeError } from '../../common/errors.ts';
+import { hostToF32, type HostTensor } from '../../wire/tensor.ts';
+import { generationId, microBatchFromWire, type Assignment } from '../../wire/assignment.ts';
+import { applyUpdate, dropoutKey, gradNormSq, lossScale, restoreLoraParams } from '../../core/train/step.ts';
+import { ConfigError, DqloraError, ShapeError } from '../../common/errors.ts';
 import { logger } from '../../common/log.ts';
 import type { WorkerMetrics } from '../../common/metrics.ts';
-import type { AssignStage, MicroBatch as WireMicroBatch, RunStep, ApplyUpdate, StepStats } from '../../proto/gen/dqlora/v1/control.ts';
+import type { RunStep, ApplyUpdate, StepStats } from '../../proto/gen/dqlora/v1/control.ts';
 
 const log = logger('stage');
-
-/** Training settings the coordinator sends in AssignStage.train_config_json. */
-export const WorkerTrainConfigSchema = z.object({
-  seed: z.number().int().min(0),
-  beta1: z.number(), beta2: z.number(), eps: z.number(), weightDecay: z.number().min(0),
-  blocksize: z.number().int().positive(), doubleQuant: z.boolean(), gradientCheckpointing: z.boolean(),
-  /** How long a stage waits for a neighbour's tensor, and for the all-reduce, before failing the step. */
-  stepTimeoutMs: z.number().positive(),
-  /** Pipeline chunk limit (bytes per gRPC message). */
-  chunkBytes: z.number().int().positive(),
-}).strict();
-export type WorkerTrainConfig = z.infer<typeof WorkerTrainConfigSchema>;
-
-export const LoraConfigSchema = z.object({
-  r: z.number().int().positive(), alpha: z.number().positive(), dropout: z.number().min(0).lt(1), useRslora: z.boolean(),
-  targetModules: z.union([z.literal('all-linear'), z.array(z.string())]),
-  rankPattern: z.record(z.string(), z.number()).optional(), alphaPattern: z.record(z.string(), z.number()).optional(),
-}).strict();
-
-function parseJson<T>(text: string, schema: z.ZodType<T>, what: string): T {
-  let v: unknown;
-  try { v = JSON.parse(text); } catch (e) { throw new ConfigError(`AssignStage.${what}: not JSON (${(e as Error).message})`); }
-  const r = schema.safeParse(v);
-  if (!r.success) throw new ConfigError(`AssignStage.${what}: ${r.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`, { hint: 'coordinator and worker versions differ?' });
-  return r.data;
-}
-
-export interface Assignment {
-  readonly jobId: string;        // pipeline/NATS job id of this generation
-  readonly stage: number;
-  readonly numStages: number;
-  readonly replica: number;
-  readonly numReplicas: number;
-  readonly spec: StageSpec;
-  readonly modelDir: string;
-  readonly lora: LoraConfig;
-  readonly train: WorkerTrainConfig;
-  readonly natsUrl: string;
-  readonly prev: string;
-  readonly next: string;
-  readonly resumeFrom: string;
-  readonly firstSeq: number;
-}
-
-export function assignmentFromWire(a: AssignStage, natsOverride?: string): Assignment {
-  if (a.lastLayer < a.firstLayer) throw new ConfigError(`AssignStage: layers ${a.firstLayer}..${a.lastLayer} are empty`);
-  return {
-    jobId: `${a.jobId}-g${a.generation}`, stage: a.stageIndex, numStages: a.numStages, replica: a.replicaIndex, numReplicas: a.numReplicas,
-    spec: { firstLayer: a.firstLayer, lastLayer: a.lastLayer + 1, hasEmbedding: a.hasEmbedding, hasHead: a.hasHead },
-    modelDir: a.modelDir, lora: parseJson(a.loraConfigJson, LoraConfigSchema, 'lora_config_json') as LoraConfig,
-    train: parseJson(a.trainConfigJson, WorkerTrainConfigSchema, 'train_config_json'),
-    natsUrl: natsOverride || a.natsUrl, prev: a.prevStageAddress, next: a.nextStageAddress, resumeFrom: a.resumeFromDir, firstSeq: a.firstSeq,
-  };
-}
-
-/** Host inputs of one micro-batch from the wire (only the fields this stage needs are required). */
-export function microBatchFromWire(m: WireMicroBatch, spec: StageSpec, what: string): StageBatch {
-  const km = decodeTensorAs(m.keyMask, 'u8', [-1, -1], { what: `${what} key_mask` });
-  const [B, T] = km.shape;
-  const i32 = (t: typeof m.inputIds, name: string, shape: number[]): Int32Array => decodeTensorAs(t, 'i32', shape, { what: `${what} ${name}` }).data;
-  return {
-    B, T, keyMask: Int32Array.from(km.data), positions: i32(m.positions, 'positions', [B, T]), sampleIds: i32(m.sampleIds, 'sample_ids', [B]),
-    ids: spec.hasEmbedding ? i32(m.inputIds, 'input_ids', [B, T]) : undefined,
-    targets: spec.hasHead ? i32(m.targets, 'targets', [B, T]) : undefined,
-  };
-}
 
 export class StageRunner {
   readonly inbox = new Inbox();
@@ -120,15 +54,15 @@ export class StageRunner {
     });
     this.params = this.stage.loraParams();
     if (a.resumeFrom) this.restore(a.resumeFrom);
-    const popts = { jobId: a.jobId, jobToken: this.jobToken, chunkBytes: a.train.chunkBytes, deadlineMs: a.train.stepTimeoutMs, sentBytes: this.metrics?.sentBytes, credentials: channelCredentials() };
+    const popts = { jobId: generationId(a), jobToken: this.jobToken, chunkBytes: a.train.chunkBytes, deadlineMs: a.train.stepTimeoutMs, sentBytes: this.metrics?.sentBytes, credentials: channelCredentials() };
     if (a.prev) this.prevClient = new PipelineClient(a.prev, popts);
     if (a.next) this.nextClient = new PipelineClient(a.next, popts);
     if (a.numReplicas > 1) {
       if (!a.natsUrl) throw new ConfigError(`stage ${a.stage} has ${a.numReplicas} replicas but no NATS URL was given`, { hint: 'start the coordinator with --nats URL (or nats-server on PATH in local mode), or the worker with --nats' });
       // NATS credentials come from the environment (a Kubernetes Secret), never from the job or a URL.
       const user = process.env.DQLORA_NATS_USER, pass = process.env.DQLORA_NATS_PASSWORD;
-      this.nc = await connect({ servers: a.natsUrl, name: `dqlora-${a.jobId}-s${a.stage}-r${a.replica}`, timeout: 10_000, ...(user ? { user, pass } : {}) });
-      this.allreduce = new NatsAllReduce(this.nc, { jobId: a.jobId, stage: a.stage, rank: a.replica, worldSize: a.numReplicas, timeoutMs: a.train.stepTimeoutMs });
+      this.nc = await connect({ servers: a.natsUrl, name: `dqlora-${generationId(a)}-s${a.stage}-r${a.replica}`, timeout: 10_000, ...(user ? { user, pass } : {}) });
+      this.allreduce = new NatsAllReduce(this.nc, { jobId: generationId(a), stage: a.stage, rank: a.replica, worldSize: a.numReplicas, timeoutMs: a.train.stepTimeoutMs });
     }
     this.inbox.begin(a.firstSeq);
     this.a = a;
@@ -136,15 +70,7 @@ export class StageRunner {
   }
 
   private restore(dir: string): void {
-    const ck = loadCheckpoint(dir);
-    const byPath = new Map(ck.modules.map((m) => [m.path, m]));
-    const mo = new Map(ck.moments.map((m) => [m.path, m]));
-    for (const p of this.params) {
-      const m = byPath.get(p.name), o = mo.get(p.name);
-      if (!m || !o) throw new CheckpointError(`checkpoint ${dir} has no state for '${p.name}'`, { hint: 'was it written by a job with other LoRA target modules?' });
-      if (m.r !== p.hyper.r) throw new CheckpointError(`checkpoint ${dir}: '${p.name}' has rank ${m.r}, the job says ${p.hyper.r}`);
-      p.setHostState({ A: m.A, B: m.B, mA: o.mA, vA: o.vA, mB: o.mB, vB: o.vB });
-    }
+    restoreLoraParams(this.params, loadCheckpoint(dir));
   }
 
   private overwrite(dst: Tensor, src: Float32Array): void {
@@ -180,8 +106,8 @@ export class StageRunner {
     const batches = cmd.microBatches.map((m, i) => microBatchFromWire(m, a.spec, `seq ${seq} micro-batch ${i}`));
     const m = batches.length, p = a.numStages, s = a.stage;
     const train = !cmd.forwardOnly;
-    const gradScale = cmd.lossNormaliser > 0 ? 1 / cmd.lossNormaliser : 0;
-    const dropout = { k0: mixKey(a.train.seed, 0x44524f50), k1: mixKey(cmd.step) };
+    const gradScale = lossScale(cmd.lossNormaliser);
+    const dropout = dropoutKey(a.train.seed, cmd.step);
     const timeout = a.train.stepTimeoutMs;
     let lossSum = 0, labelTokens = 0, fwd = 0, bwd = 0, idle = 0;
     const sends: Promise<unknown>[] = [];
@@ -244,7 +170,7 @@ export class StageRunner {
     }
     await Promise.all(sends);
     const pipelineMs = performance.now() - t0;
-    let arMs = 0, gradNormSq = 0;
+    let arMs = 0, normSq = 0;
     if (train) {
       if (this.allreduce) {
         const r0 = performance.now();
@@ -252,12 +178,12 @@ export class StageRunner {
         arMs = performance.now() - r0;
         this.metrics?.allReduceDuration.observe(arMs / 1000);
       }
-      for (const q of this.params) gradNormSq += this.be.sumSquares(q.dA) + this.be.sumSquares(q.dB);
+      normSq = gradNormSq(this.be, this.params);
     }
     const mem = this.be.memoryInUse();
     this.metrics?.memoryInUse.set({ device: this.be.name }, mem);
     return {
-      lossSum, labelTokens, gradNormSq, forwardSeconds: fwd / 1000, backwardSeconds: bwd / 1000, allreduceSeconds: arMs / 1000, optimizerSeconds: 0,
+      lossSum, labelTokens, gradNormSq: normSq, forwardSeconds: fwd / 1000, backwardSeconds: bwd / 1000, allreduceSeconds: arMs / 1000, optimizerSeconds: 0,
       grpcBytesSent: (this.prevClient?.stats.bytesSent ?? 0) + (this.nextClient?.stats.bytesSent ?? 0), grpcBytesReceived: 0,
       natsBytesSent: this.allreduce?.stats.bytesSent ?? 0, natsBytesReceived: this.allreduce?.stats.bytesReceived ?? 0,
       memoryInUseBytes: mem, checkpointBytes: 0, checkpointSeconds: 0, pipelineSeconds: pipelineMs / 1000, idleSeconds: idle / 1000,
@@ -279,17 +205,11 @@ export class StageRunner {
     for (const g of grads) { this.overwrite(g, flat.subarray(off, off + g.size)); off += g.size; }
   }
 
-  /** Clipping and AdamW exactly as Trainer.step: scale by coef when < 1, update number step + 1, zero grads. */
+  /** Clipping and AdamW with the coordinator's coefficient and learning rate (core/train/step.ts applyUpdate). */
   applyUpdate(u: ApplyUpdate): number {
     const { a } = this.need();
     const t0 = performance.now();
-    if (u.clipCoef < 1) for (const q of this.params) { this.be.scale(q.dA, u.clipCoef); this.be.scale(q.dB, u.clipCoef); }
-    const h = { lr: u.lr, beta1: a.train.beta1, beta2: a.train.beta2, eps: a.train.eps, weightDecay: a.train.weightDecay, step: u.step + 1 };
-    for (const q of this.params) {
-      this.be.adamw(q.A, q.dA, q.mA, q.vA, h);
-      this.be.adamw(q.B, q.dB, q.mB, q.vB, h);
-      q.zeroGrad();
-    }
+    applyUpdate(this.be, this.params, { step: u.step, lr: u.lr, clipCoef: u.clipCoef }, a.train);
     this.metrics?.step.set(u.step + 1);
     return (performance.now() - t0) / 1000;
   }

@@ -224,10 +224,6 @@ export interface AssignStage {
   /** last stage: final norm + LM head + loss */
   hasHead: boolean;
   modelDir: string;
-  /** LoRA r, alpha, dropout, target modules (coordinator's validated config) */
-  loraConfigJson: string;
-  /** optimizer, seed, gradient checkpointing, ... */
-  trainConfigJson: string;
   /** empty when num_replicas == 1 */
   natsUrl: string;
   /** host:port of the previous stage of this replica, empty on the first */
@@ -246,6 +242,52 @@ export interface AssignStage {
    * attempt's all-reduce messages never mix with the next one.
    */
   generation: number;
+  /** the coordinator's validated LoRA settings */
+  lora?:
+    | LoraSettings
+    | undefined;
+  /** optimizer, seed, quantization, timeouts */
+  train?: TrainSettings | undefined;
+}
+
+/** LoRA settings of a job (job.yaml lora.*, PEFT's per-model defaults already applied). */
+export interface LoraSettings {
+  r: number;
+  alpha: number;
+  dropout: number;
+  useRslora: boolean;
+  /** target_modules: all-linear (then target_modules is empty) */
+  allLinear: boolean;
+  targetModules: string[];
+  rankPattern: { [key: string]: number };
+  alphaPattern: { [key: string]: number };
+}
+
+export interface LoraSettings_RankPatternEntry {
+  key: string;
+  value: number;
+}
+
+export interface LoraSettings_AlphaPatternEntry {
+  key: string;
+  value: number;
+}
+
+/** What a stage needs of the job's training settings besides the per-step values RunStep and ApplyUpdate carry. */
+export interface TrainSettings {
+  seed: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+  /** NF4 block size */
+  blocksize: number;
+  doubleQuant: boolean;
+  gradientCheckpointing: boolean;
+  /** how long a stage waits for a neighbour's tensor and for the all-reduce */
+  stepTimeoutMs: number;
+  /** pipeline chunk limit (bytes per gRPC message) */
+  chunkBytes: number;
 }
 
 /**
@@ -1404,14 +1446,14 @@ function createBaseAssignStage(): AssignStage {
     hasEmbedding: false,
     hasHead: false,
     modelDir: "",
-    loraConfigJson: "",
-    trainConfigJson: "",
     natsUrl: "",
     prevStageAddress: "",
     nextStageAddress: "",
     resumeFromDir: "",
     firstSeq: 0,
     generation: 0,
+    lora: undefined,
+    train: undefined,
   };
 }
 
@@ -1447,12 +1489,6 @@ export const AssignStage: MessageFns<AssignStage> = {
     if (message.modelDir !== "") {
       writer.uint32(82).string(message.modelDir);
     }
-    if (message.loraConfigJson !== "") {
-      writer.uint32(90).string(message.loraConfigJson);
-    }
-    if (message.trainConfigJson !== "") {
-      writer.uint32(98).string(message.trainConfigJson);
-    }
     if (message.natsUrl !== "") {
       writer.uint32(106).string(message.natsUrl);
     }
@@ -1470,6 +1506,12 @@ export const AssignStage: MessageFns<AssignStage> = {
     }
     if (message.generation !== 0) {
       writer.uint32(144).uint32(message.generation);
+    }
+    if (message.lora !== undefined) {
+      LoraSettings.encode(message.lora, writer.uint32(154).fork()).join();
+    }
+    if (message.train !== undefined) {
+      TrainSettings.encode(message.train, writer.uint32(162).fork()).join();
     }
     return writer;
   },
@@ -1567,22 +1609,6 @@ export const AssignStage: MessageFns<AssignStage> = {
             message.modelDir = reader.string();
             continue;
           }
-          case 11: {
-            if (tag !== 90) {
-              break;
-            }
-
-            message.loraConfigJson = reader.string();
-            continue;
-          }
-          case 12: {
-            if (tag !== 98) {
-              break;
-            }
-
-            message.trainConfigJson = reader.string();
-            continue;
-          }
           case 13: {
             if (tag !== 106) {
               break;
@@ -1629,6 +1655,22 @@ export const AssignStage: MessageFns<AssignStage> = {
             }
 
             message.generation = reader.uint32();
+            continue;
+          }
+          case 19: {
+            if (tag !== 154) {
+              break;
+            }
+
+            message.lora = LoraSettings.decode(reader, reader.uint32());
+            continue;
+          }
+          case 20: {
+            if (tag !== 162) {
+              break;
+            }
+
+            message.train = TrainSettings.decode(reader, reader.uint32());
             continue;
           }
         }
@@ -1695,16 +1737,6 @@ export const AssignStage: MessageFns<AssignStage> = {
         : isSet(object.model_dir)
         ? globalThis.String(object.model_dir)
         : "",
-      loraConfigJson: isSet(object.loraConfigJson)
-        ? globalThis.String(object.loraConfigJson)
-        : isSet(object.lora_config_json)
-        ? globalThis.String(object.lora_config_json)
-        : "",
-      trainConfigJson: isSet(object.trainConfigJson)
-        ? globalThis.String(object.trainConfigJson)
-        : isSet(object.train_config_json)
-        ? globalThis.String(object.train_config_json)
-        : "",
       natsUrl: isSet(object.natsUrl)
         ? globalThis.String(object.natsUrl)
         : isSet(object.nats_url)
@@ -1731,6 +1763,8 @@ export const AssignStage: MessageFns<AssignStage> = {
         ? globalThis.Number(object.first_seq)
         : 0,
       generation: isSet(object.generation) ? globalThis.Number(object.generation) : 0,
+      lora: isSet(object.lora) ? LoraSettings.fromJSON(object.lora) : undefined,
+      train: isSet(object.train) ? TrainSettings.fromJSON(object.train) : undefined,
     };
   },
 
@@ -1766,12 +1800,6 @@ export const AssignStage: MessageFns<AssignStage> = {
     if (message.modelDir !== "") {
       obj.modelDir = message.modelDir;
     }
-    if (message.loraConfigJson !== "") {
-      obj.loraConfigJson = message.loraConfigJson;
-    }
-    if (message.trainConfigJson !== "") {
-      obj.trainConfigJson = message.trainConfigJson;
-    }
     if (message.natsUrl !== "") {
       obj.natsUrl = message.natsUrl;
     }
@@ -1789,6 +1817,12 @@ export const AssignStage: MessageFns<AssignStage> = {
     }
     if (message.generation !== 0) {
       obj.generation = Math.round(message.generation);
+    }
+    if (message.lora !== undefined) {
+      obj.lora = LoraSettings.toJSON(message.lora);
+    }
+    if (message.train !== undefined) {
+      obj.train = TrainSettings.toJSON(message.train);
     }
     return obj;
   },
@@ -1808,14 +1842,724 @@ export const AssignStage: MessageFns<AssignStage> = {
     message.hasEmbedding = object.hasEmbedding ?? false;
     message.hasHead = object.hasHead ?? false;
     message.modelDir = object.modelDir ?? "";
-    message.loraConfigJson = object.loraConfigJson ?? "";
-    message.trainConfigJson = object.trainConfigJson ?? "";
     message.natsUrl = object.natsUrl ?? "";
     message.prevStageAddress = object.prevStageAddress ?? "";
     message.nextStageAddress = object.nextStageAddress ?? "";
     message.resumeFromDir = object.resumeFromDir ?? "";
     message.firstSeq = object.firstSeq ?? 0;
     message.generation = object.generation ?? 0;
+    message.lora = (object.lora !== undefined && object.lora !== null)
+      ? LoraSettings.fromPartial(object.lora)
+      : undefined;
+    message.train = (object.train !== undefined && object.train !== null)
+      ? TrainSettings.fromPartial(object.train)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseLoraSettings(): LoraSettings {
+  return {
+    r: 0,
+    alpha: 0,
+    dropout: 0,
+    useRslora: false,
+    allLinear: false,
+    targetModules: [],
+    rankPattern: {},
+    alphaPattern: {},
+  };
+}
+
+export const LoraSettings: MessageFns<LoraSettings> = {
+  encode(message: LoraSettings, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.r !== 0) {
+      writer.uint32(8).uint32(message.r);
+    }
+    if (message.alpha !== 0) {
+      writer.uint32(17).double(message.alpha);
+    }
+    if (message.dropout !== 0) {
+      writer.uint32(25).double(message.dropout);
+    }
+    if (message.useRslora !== false) {
+      writer.uint32(32).bool(message.useRslora);
+    }
+    if (message.allLinear !== false) {
+      writer.uint32(40).bool(message.allLinear);
+    }
+    for (const v of message.targetModules) {
+      writer.uint32(50).string(v!);
+    }
+    globalThis.Object.entries(message.rankPattern).forEach(([key, value]: [string, number]) => {
+      LoraSettings_RankPatternEntry.encode({ key: key as any, value }, writer.uint32(58).fork()).join();
+    });
+    globalThis.Object.entries(message.alphaPattern).forEach(([key, value]: [string, number]) => {
+      LoraSettings_AlphaPatternEntry.encode({ key: key as any, value }, writer.uint32(66).fork()).join();
+    });
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LoraSettings {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLoraSettings();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.r = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 17) {
+              break;
+            }
+
+            message.alpha = reader.double();
+            continue;
+          }
+          case 3: {
+            if (tag !== 25) {
+              break;
+            }
+
+            message.dropout = reader.double();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.useRslora = reader.bool();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.allLinear = reader.bool();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.targetModules.push(reader.string());
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            const entry7 = LoraSettings_RankPatternEntry.decode(reader, reader.uint32());
+            if (entry7.value !== undefined) {
+              message.rankPattern[entry7.key] = entry7.value;
+            }
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            const entry8 = LoraSettings_AlphaPatternEntry.decode(reader, reader.uint32());
+            if (entry8.value !== undefined) {
+              message.alphaPattern[entry8.key] = entry8.value;
+            }
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LoraSettings {
+    return {
+      r: isSet(object.r) ? globalThis.Number(object.r) : 0,
+      alpha: isSet(object.alpha) ? globalThis.Number(object.alpha) : 0,
+      dropout: isSet(object.dropout) ? globalThis.Number(object.dropout) : 0,
+      useRslora: isSet(object.useRslora)
+        ? globalThis.Boolean(object.useRslora)
+        : isSet(object.use_rslora)
+        ? globalThis.Boolean(object.use_rslora)
+        : false,
+      allLinear: isSet(object.allLinear)
+        ? globalThis.Boolean(object.allLinear)
+        : isSet(object.all_linear)
+        ? globalThis.Boolean(object.all_linear)
+        : false,
+      targetModules: globalThis.Array.isArray(object?.targetModules)
+        ? object.targetModules.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.target_modules)
+        ? object.target_modules.map((e: any) => globalThis.String(e))
+        : [],
+      rankPattern: isObject(object.rankPattern)
+        ? (globalThis.Object.entries(object.rankPattern) as [string, any][]).reduce(
+          (acc: { [key: string]: number }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.Number(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : isObject(object.rank_pattern)
+        ? (globalThis.Object.entries(object.rank_pattern) as [string, any][]).reduce(
+          (acc: { [key: string]: number }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.Number(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+      alphaPattern: isObject(object.alphaPattern)
+        ? (globalThis.Object.entries(object.alphaPattern) as [string, any][]).reduce(
+          (acc: { [key: string]: number }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.Number(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : isObject(object.alpha_pattern)
+        ? (globalThis.Object.entries(object.alpha_pattern) as [string, any][]).reduce(
+          (acc: { [key: string]: number }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.Number(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+    };
+  },
+
+  toJSON(message: LoraSettings): unknown {
+    const obj: any = {};
+    if (message.r !== 0) {
+      obj.r = Math.round(message.r);
+    }
+    if (message.alpha !== 0) {
+      obj.alpha = floatToJson(message.alpha);
+    }
+    if (message.dropout !== 0) {
+      obj.dropout = floatToJson(message.dropout);
+    }
+    if (message.useRslora !== false) {
+      obj.useRslora = message.useRslora;
+    }
+    if (message.allLinear !== false) {
+      obj.allLinear = message.allLinear;
+    }
+    if (message.targetModules?.length) {
+      obj.targetModules = message.targetModules;
+    }
+    if (message.rankPattern) {
+      const entries = globalThis.Object.entries(message.rankPattern) as [string, number][];
+      if (entries.length > 0) {
+        obj.rankPattern = {};
+        entries.forEach(([k, v]) => {
+          obj.rankPattern[k] = Math.round(v);
+        });
+      }
+    }
+    if (message.alphaPattern) {
+      const entries = globalThis.Object.entries(message.alphaPattern) as [string, number][];
+      if (entries.length > 0) {
+        obj.alphaPattern = {};
+        entries.forEach(([k, v]) => {
+          obj.alphaPattern[k] = floatToJson(v);
+        });
+      }
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<LoraSettings>, I>>(base?: I): LoraSettings {
+    return LoraSettings.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<LoraSettings>, I>>(object: I): LoraSettings {
+    const message = createBaseLoraSettings();
+    message.r = object.r ?? 0;
+    message.alpha = object.alpha ?? 0;
+    message.dropout = object.dropout ?? 0;
+    message.useRslora = object.useRslora ?? false;
+    message.allLinear = object.allLinear ?? false;
+    message.targetModules = object.targetModules?.map((e) => e) || [];
+    message.rankPattern = (globalThis.Object.entries(object.rankPattern ?? {}) as [string, number][]).reduce(
+      (acc: { [key: string]: number }, [key, value]: [string, number]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.Number(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.alphaPattern = (globalThis.Object.entries(object.alphaPattern ?? {}) as [string, number][]).reduce(
+      (acc: { [key: string]: number }, [key, value]: [string, number]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.Number(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    return message;
+  },
+};
+
+function createBaseLoraSettings_RankPatternEntry(): LoraSettings_RankPatternEntry {
+  return { key: "", value: 0 };
+}
+
+export const LoraSettings_RankPatternEntry: MessageFns<LoraSettings_RankPatternEntry> = {
+  encode(message: LoraSettings_RankPatternEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== 0) {
+      writer.uint32(16).uint32(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LoraSettings_RankPatternEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLoraSettings_RankPatternEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.value = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LoraSettings_RankPatternEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.Number(object.value) : 0,
+    };
+  },
+
+  toJSON(message: LoraSettings_RankPatternEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== 0) {
+      obj.value = Math.round(message.value);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<LoraSettings_RankPatternEntry>, I>>(base?: I): LoraSettings_RankPatternEntry {
+    return LoraSettings_RankPatternEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<LoraSettings_RankPatternEntry>, I>>(
+    object: I,
+  ): LoraSettings_RankPatternEntry {
+    const message = createBaseLoraSettings_RankPatternEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? 0;
+    return message;
+  },
+};
+
+function createBaseLoraSettings_AlphaPatternEntry(): LoraSettings_AlphaPatternEntry {
+  return { key: "", value: 0 };
+}
+
+export const LoraSettings_AlphaPatternEntry: MessageFns<LoraSettings_AlphaPatternEntry> = {
+  encode(message: LoraSettings_AlphaPatternEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== 0) {
+      writer.uint32(17).double(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LoraSettings_AlphaPatternEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLoraSettings_AlphaPatternEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 17) {
+              break;
+            }
+
+            message.value = reader.double();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LoraSettings_AlphaPatternEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.Number(object.value) : 0,
+    };
+  },
+
+  toJSON(message: LoraSettings_AlphaPatternEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== 0) {
+      obj.value = floatToJson(message.value);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<LoraSettings_AlphaPatternEntry>, I>>(base?: I): LoraSettings_AlphaPatternEntry {
+    return LoraSettings_AlphaPatternEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<LoraSettings_AlphaPatternEntry>, I>>(
+    object: I,
+  ): LoraSettings_AlphaPatternEntry {
+    const message = createBaseLoraSettings_AlphaPatternEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? 0;
+    return message;
+  },
+};
+
+function createBaseTrainSettings(): TrainSettings {
+  return {
+    seed: 0,
+    beta1: 0,
+    beta2: 0,
+    eps: 0,
+    weightDecay: 0,
+    blocksize: 0,
+    doubleQuant: false,
+    gradientCheckpointing: false,
+    stepTimeoutMs: 0,
+    chunkBytes: 0,
+  };
+}
+
+export const TrainSettings: MessageFns<TrainSettings> = {
+  encode(message: TrainSettings, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.seed !== 0) {
+      writer.uint32(8).uint64(message.seed);
+    }
+    if (message.beta1 !== 0) {
+      writer.uint32(17).double(message.beta1);
+    }
+    if (message.beta2 !== 0) {
+      writer.uint32(25).double(message.beta2);
+    }
+    if (message.eps !== 0) {
+      writer.uint32(33).double(message.eps);
+    }
+    if (message.weightDecay !== 0) {
+      writer.uint32(41).double(message.weightDecay);
+    }
+    if (message.blocksize !== 0) {
+      writer.uint32(48).uint32(message.blocksize);
+    }
+    if (message.doubleQuant !== false) {
+      writer.uint32(56).bool(message.doubleQuant);
+    }
+    if (message.gradientCheckpointing !== false) {
+      writer.uint32(64).bool(message.gradientCheckpointing);
+    }
+    if (message.stepTimeoutMs !== 0) {
+      writer.uint32(72).uint32(message.stepTimeoutMs);
+    }
+    if (message.chunkBytes !== 0) {
+      writer.uint32(80).uint32(message.chunkBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): TrainSettings {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTrainSettings();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.seed = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 17) {
+              break;
+            }
+
+            message.beta1 = reader.double();
+            continue;
+          }
+          case 3: {
+            if (tag !== 25) {
+              break;
+            }
+
+            message.beta2 = reader.double();
+            continue;
+          }
+          case 4: {
+            if (tag !== 33) {
+              break;
+            }
+
+            message.eps = reader.double();
+            continue;
+          }
+          case 5: {
+            if (tag !== 41) {
+              break;
+            }
+
+            message.weightDecay = reader.double();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.blocksize = reader.uint32();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.doubleQuant = reader.bool();
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.gradientCheckpointing = reader.bool();
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.stepTimeoutMs = reader.uint32();
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.chunkBytes = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): TrainSettings {
+    return {
+      seed: isSet(object.seed) ? globalThis.Number(object.seed) : 0,
+      beta1: isSet(object.beta1) ? globalThis.Number(object.beta1) : 0,
+      beta2: isSet(object.beta2) ? globalThis.Number(object.beta2) : 0,
+      eps: isSet(object.eps) ? globalThis.Number(object.eps) : 0,
+      weightDecay: isSet(object.weightDecay)
+        ? globalThis.Number(object.weightDecay)
+        : isSet(object.weight_decay)
+        ? globalThis.Number(object.weight_decay)
+        : 0,
+      blocksize: isSet(object.blocksize) ? globalThis.Number(object.blocksize) : 0,
+      doubleQuant: isSet(object.doubleQuant)
+        ? globalThis.Boolean(object.doubleQuant)
+        : isSet(object.double_quant)
+        ? globalThis.Boolean(object.double_quant)
+        : false,
+      gradientCheckpointing: isSet(object.gradientCheckpointing)
+        ? globalThis.Boolean(object.gradientCheckpointing)
+        : isSet(object.gradient_checkpointing)
+        ? globalThis.Boolean(object.gradient_checkpointing)
+        : false,
+      stepTimeoutMs: isSet(object.stepTimeoutMs)
+        ? globalThis.Number(object.stepTimeoutMs)
+        : isSet(object.step_timeout_ms)
+        ? globalThis.Number(object.step_timeout_ms)
+        : 0,
+      chunkBytes: isSet(object.chunkBytes)
+        ? globalThis.Number(object.chunkBytes)
+        : isSet(object.chunk_bytes)
+        ? globalThis.Number(object.chunk_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: TrainSettings): unknown {
+    const obj: any = {};
+    if (message.seed !== 0) {
+      obj.seed = Math.round(message.seed);
+    }
+    if (message.beta1 !== 0) {
+      obj.beta1 = floatToJson(message.beta1);
+    }
+    if (message.beta2 !== 0) {
+      obj.beta2 = floatToJson(message.beta2);
+    }
+    if (message.eps !== 0) {
+      obj.eps = floatToJson(message.eps);
+    }
+    if (message.weightDecay !== 0) {
+      obj.weightDecay = floatToJson(message.weightDecay);
+    }
+    if (message.blocksize !== 0) {
+      obj.blocksize = Math.round(message.blocksize);
+    }
+    if (message.doubleQuant !== false) {
+      obj.doubleQuant = message.doubleQuant;
+    }
+    if (message.gradientCheckpointing !== false) {
+      obj.gradientCheckpointing = message.gradientCheckpointing;
+    }
+    if (message.stepTimeoutMs !== 0) {
+      obj.stepTimeoutMs = Math.round(message.stepTimeoutMs);
+    }
+    if (message.chunkBytes !== 0) {
+      obj.chunkBytes = Math.round(message.chunkBytes);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<TrainSettings>, I>>(base?: I): TrainSettings {
+    return TrainSettings.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<TrainSettings>, I>>(object: I): TrainSettings {
+    const message = createBaseTrainSettings();
+    message.seed = object.seed ?? 0;
+    message.beta1 = object.beta1 ?? 0;
+    message.beta2 = object.beta2 ?? 0;
+    message.eps = object.eps ?? 0;
+    message.weightDecay = object.weightDecay ?? 0;
+    message.blocksize = object.blocksize ?? 0;
+    message.doubleQuant = object.doubleQuant ?? false;
+    message.gradientCheckpointing = object.gradientCheckpointing ?? false;
+    message.stepTimeoutMs = object.stepTimeoutMs ?? 0;
+    message.chunkBytes = object.chunkBytes ?? 0;
     return message;
   },
 };
@@ -4300,6 +5044,10 @@ function longToNumber(int64: { toString(): string }): number {
     throw new globalThis.Error("Value is smaller than Number.MIN_SAFE_INTEGER");
   }
   return num;
+}
+
+function isObject(value: any): boolean {
+  return typeof value === "object" && value !== null;
 }
 
 function isSet(value: any): boolean {
