@@ -1,6 +1,6 @@
 // A stage's trainable state on the wire (proto StageState, sent chunked by PutState): LoRA weights and,
 // for checkpoints, AdamW moments. Both ends use this module: the worker encodes, the coordinator
-// reassembles and decodes into the host types coordinator/checkpoint.ts writes.
+// reassembles and decodes into the host types common/checkpoint.ts writes.
 import { WireError } from '../common/errors.ts';
 import { crc32, decodeTensorAs, f32ToTensor } from './tensor.ts';
 import { StageState, type StateChunk } from '../proto/gen/dqlora/v1/control.ts';
@@ -8,7 +8,7 @@ import type { Backend } from '../core/engine/backend.ts';
 import type { LoraParams } from '../core/engine/lora.ts';
 import type { LoraTensors } from '../core/model/adapter.ts';
 
-/** AdamW moments of one module (the shape coordinator/checkpoint.ts OptimizerMoments has). */
+/** AdamW moments of one module (the shape common/checkpoint.ts OptimizerMoments has). */
 export interface ModuleMoments {
   readonly path: string;
   readonly mA: Float32Array; readonly vA: Float32Array;

@@ -93,6 +93,17 @@ export interface AdamWHyper {
   readonly step: number;
 }
 
+export type SourceDtype = 'bfloat16' | 'float16' | 'float32';
+
+export interface QuantizeNf4Options {
+  /** Elements per block: a power of two in 32..4096 (default 64, what transformers always uses). */
+  blocksize?: number;
+  /** Quantize the absmax vector to 8 bits as well (QLoRA's "double quantization"); default true. */
+  doubleQuant?: boolean;
+  /** dtype the weight had in the checkpoint (recorded for serialization only); default 'float32'. */
+  sourceDtype?: SourceDtype;
+}
+
 export interface Backend {
   readonly name: 'cpu' | 'cuda';
   /** Activation dtype this backend computes in ('f32' on cpu, 'bf16' on cuda). */
@@ -122,6 +133,17 @@ export interface Backend {
   freeQuantized(q: QuantizedTensor): void;
   /** Full dequantized weight [out, in] in f32 (for merge / tests; not used in training). */
   dequantize(q: QuantizedTensor): Tensor;
+  /**
+   * NF4 + double quantization of a host weight [out, in], bit-identical to core/engine/nf4.ts quantizeNf4 (same
+   * codes, absmax and nested constants): the loader quantizes every decoder linear through this, so a device that
+   * can do it faster (cuda) does.
+   */
+  quantizeNf4(w: Float32Array, shape: readonly [number, number], opts?: QuantizeNf4Options): Nf4Weight;
+  /**
+   * Rows of the LM head + loss computed per chunk for a vocabulary of `vocabSize`: the memory of the logits vs the
+   * efficiency of the head GEMM on this device.
+   */
+  logitsChunkRows(vocabSize: number): number;
 
   // ---- linear algebra -------------------------------------------------------------------------------
   /**

@@ -18,6 +18,7 @@ import { CpuQuantized, dequantRows } from './cpu/nf4-tiles.ts';
 import { attentionBackwardTs, attentionForwardTs } from './cpu/attention-ts.ts';
 import { attentionCachedTs } from './cpu/attention-cached.ts';
 import { loadCpuNative, type CpuNative } from './cpu/native.ts';
+import { quantizeNf4 } from './nf4.ts';
 
 export { CpuTensor, cpuData } from './cpu/tensor.ts';
 export { CpuQuantized } from './cpu/nf4-tiles.ts';
@@ -43,6 +44,14 @@ const NF4_TILE_FLOATS = 16384;
 export class CpuBackend implements Backend {
   readonly name = 'cpu' as const;
   readonly actDtype: DType = 'f32';
+  /** The TypeScript quantizer (core/engine/nf4.ts) is the reference every other must match bit for bit. */
+  readonly quantizeNf4 = quantizeNf4;
+
+  /**
+   * ≈16 MB of f32 logits per chunk, but at least 512 rows: the head GEMM runs well below peak on fewer rows
+   * (≈110 vs ≈175 GFLOP/s at 131 vs 512 rows of V = 32000, bench/cpu-ops.ts).
+   */
+  logitsChunkRows(vocabSize: number): number { return Math.max(512, Math.floor((1 << 22) / vocabSize)); }
   /** The addon in use, or null for the TypeScript kernels. */
   readonly native: CpuNative | null;
   readonly threads: number;

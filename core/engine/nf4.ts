@@ -13,7 +13,8 @@
 // subnormals. The IEEE reciprocal may differ from rcp.approx by an ulp, which can flip a code only for values
 // within ~1 ulp of a threshold; a block whose absmax is subnormal (< 1.18e-38) would be all code 0 there.
 
-import type { Nf4Weight } from './backend.ts';
+import type { Nf4Weight, QuantizeNf4Options } from './backend.ts';
+export type { QuantizeNf4Options, SourceDtype } from './backend.ts';
 import { ConfigError, FormatError, ShapeError } from '../../common/errors.ts';
 
 /** Reinterprets uint32 bit patterns as float32 values. */
@@ -79,17 +80,6 @@ export const DYNAMIC_SIGNED_MAP: Float32Array = fromBits([
 
 /** Blocksize of the nested (double) quantization; hard-coded in bitsandbytes. */
 export const NESTED_BLOCKSIZE = 256;
-
-export type SourceDtype = 'bfloat16' | 'float16' | 'float32';
-
-export interface QuantizeNf4Options {
-  /** Elements per block: a power of two in 32..4096 (default 64, what transformers always uses). */
-  blocksize?: number;
-  /** Quantize the absmax vector to 8 bits as well (QLoRA's "double quantization"); default true. */
-  doubleQuant?: boolean;
-  /** dtype the weight had in the checkpoint (recorded for serialization only); default 'float32'. */
-  sourceDtype?: SourceDtype;
-}
 
 // Thresholds padded to 16 with +Infinity so the 4-step branchy binary search below needs no bounds checks.
 const T16 = new Float32Array(16);

@@ -263,12 +263,7 @@ export class LlamaStage {
     const targets = be.upload(batch.targets, [N], 'i32');
     const { y, rstd } = be.rmsnorm(x, this.weights.finalNorm!, this.cfg.rmsNormEps);
     const dY = gradScale !== undefined ? be.zeros([N, H], 'act') : undefined;
-    // ≈16 MB of f32 logits per chunk on cpu, but at least 512 rows: the head GEMM runs well below peak on fewer rows
-    // (≈110 vs ≈175 GFLOP/s at 131 vs 512 rows of V = 32000, bench/cpu-ops.ts). On cuda each chunk costs a host sync
-    // (crossEntropy returns numbers) and small GEMMs run far below peak, so chunks are ≈256 MB of bf16 logits there.
-    const chunk = this.opts.headChunkRows ?? (be.name === 'cuda'
-      ? Math.max(1, Math.floor((1 << 27) / this.cfg.vocabSize))
-      : Math.max(512, Math.floor((1 << 22) / this.cfg.vocabSize)));
+    const chunk = this.opts.headChunkRows ?? be.logitsChunkRows(this.cfg.vocabSize);
     let lossSum = 0, count = 0;
     for (let r0 = 0; r0 < N; r0 += chunk) {
       const r1 = Math.min(N, r0 + chunk);

@@ -3,7 +3,6 @@
 // bitsandbytes checkpoint; norms, embeddings and the LM head are kept in full precision (spec §4.2).
 import type { Backend, Tensor } from '../engine/backend.ts';
 import { LoraParams, QLoraLinear } from '../engine/lora.ts';
-import { quantizeNf4 } from '../engine/nf4.ts';
 import { ModelWeights } from '../../common/model-weights.ts';
 import { isPrequantized, nf4FromRecords } from './bnb.ts';
 import { loadModelConfig, type ModelConfig } from './config.ts';
@@ -87,9 +86,6 @@ export function loadStageWeights(be: Backend, cfg: ModelConfig, w: ModelWeights,
   if (needEmbedTable) embed = dense(names.embed, [cfg.vocabSize, H]);
 
   const qo = { blocksize: opts.blocksize ?? 64, doubleQuant: opts.doubleQuant ?? true };
-  // A backend that quantizes on its device (CudaBackend.quantizeNf4: bit-identical codes) is far faster than
-  // the TS loop on billions of weights; it is not part of the Backend contract, so look for it.
-  const devQuant = (be as Partial<{ quantizeNf4: typeof quantizeNf4 }>).quantizeNf4;
   const layers: LayerWeights[] = [];
   for (let l = spec.firstLayer; l < spec.lastLayer; l++) {
     const ln = names.layer(l);
@@ -125,7 +121,7 @@ export function loadStageWeights(be: Backend, cfg: ModelConfig, w: ModelWeights,
         // offset is per part).
         const wdata = src.rows || src.perm ? sliceRows(full, inF, src.rows?.start ?? 0, src.rows?.end ?? out, src.perm) : full;
         const o = { ...qo, sourceDtype: sourceDtype(info.dtype) };
-        const nf4 = devQuant ? devQuant.call(be, wdata, [out, inF], o) : quantizeNf4(wdata, [out, inF], o);
+        const nf4 = be.quantizeNf4(wdata, [out, inF], o);
         q = be.uploadNf4(nf4);
       }
       let bias: Tensor | undefined;

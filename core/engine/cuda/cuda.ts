@@ -232,6 +232,12 @@ export class CudaBackend implements Backend {
   }
 
   /**
+   * ≈256 MB of bf16 logits per chunk: each chunk costs a host sync (crossEntropy returns numbers) and small GEMMs
+   * run far below peak here.
+   */
+  logitsChunkRows(vocabSize: number): number { return Math.max(1, Math.floor((1 << 27) / vocabSize)); }
+
+  /**
    * NF4 quantization on the GPU, bit-identical to quantizeNf4 of core/engine/nf4.ts (same codes, absmax,
    * offset and nested codes). w [out·in] row-major float32 → a host Nf4Weight.
    */
