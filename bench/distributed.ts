@@ -21,7 +21,7 @@
 // measured bubble is far above theory here because the two stages' compute does not run in parallel on
 // this contended 2-core box (per-worker compute ≈ half the schedule time each: see the coordinator's
 // debug-level "step timings" line); step-time ranges span repeated runs under varying load.
-import { mkdtempSync, readFileSync } from 'node:fs';
+import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ensureExampleAssets, exampleJob } from '../coordinator/example/assets.ts';
@@ -67,13 +67,14 @@ function paddedTokens(R: number, gradAccum: number): number[] {
 const median = (xs: number[]): number => { const s = [...xs].sort((a, b) => a - b); return s[Math.floor(s.length / 2)]; };
 const quiet = (): void => {};
 const rows: string[][] = [];
+let single = NaN;
 const H = cfg.hiddenSize;
 
 // 1 process
 {
-  await runJob(job('single', {}, 2 * M), { print: quiet });
-  const sum = JSON.parse(readFileSync(join(work, 'single', 'summary.json'), 'utf8')) as { seconds: number; steps: number };
-  rows.push(['1 process', '1×1', (sum.seconds / sum.steps * 1000).toFixed(0), '-', '-', '-', '-', '-', '-']);
+  const res = await runJob(job('single', {}, 2 * M), { print: quiet });
+  single = median(res.timings.slice(1).map((t) => t.seconds));
+  rows.push(['1 process', '1×1', (single * 1000).toFixed(0), '1.00', '-', '-', '-', '-', '-', '-', '-']);
 }
 // 2 stages, then 2 × 2
 for (const [S, R] of [[2, 1], [2, 2]] as const) {
@@ -86,13 +87,14 @@ for (const [S, R] of [[2, 1], [2, 2]] as const) {
   const grpc = measured.reduce((a, t) => a + t.grpcBytes, 0) / measured.length;
   const nats = measured.reduce((a, t) => a + t.natsBytes, 0) / measured.length;
   rows.push([
-    `${S} stages${R > 1 ? ` × ${R} replicas` : ''}`, `${S}×${R}`, (median(measured.map((t) => t.seconds)) * 1000).toFixed(0),
+    `${S} stages${R > 1 ? ` × ${R} replicas` : ''}`, `${S}×${R}`, (median(measured.map((t) => t.seconds)) * 1000).toFixed(0), (median(measured.map((t) => t.seconds)) / single).toFixed(2),
+    (Math.max(...measured.map((t) => t.eventLoopLagP99)) * 1000).toFixed(1),
     median(measured.map((t) => t.bubble)).toFixed(3), ((S - 1) / (ga + S - 1)).toFixed(3),
     (grpc / 2 ** 20).toFixed(2), (minGrpc / 2 ** 20).toFixed(2), (nats / 2 ** 20).toFixed(2), (minNats / 2 ** 20).toFixed(2),
   ]);
 }
 
-const head = ['layout', 'S×R', 'step ms', 'bubble', 'theory', 'gRPC MiB/step', 'min', 'NATS MiB/step', 'min'];
+const head = ['layout', 'S×R', 'step ms', '× 1 process', 'loop lag p99 ms', 'bubble', 'theory', 'gRPC MiB/step', 'min', 'NATS MiB/step', 'min'];
 const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
 const line = (cells: string[]): string => cells.map((c, i) => c.padStart(widths[i])).join('  ');
 process.stdout.write(`example model (H=${H}, ${cfg.numLayers} layers, LoRA r${r} all-linear: ${loraParams} params), micro-batch ${MBS}, ${2 * M} micro-batches per step in total, ${STEPS} steps (first one not measured)\n`);

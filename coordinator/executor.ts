@@ -19,6 +19,8 @@ export interface StepTiming {
   readonly allreduceSeconds: number;
   /** Slowest worker's time waiting on other stages (activation/gradient transfer + the bubble) (s). */
   readonly idleSeconds: number;
+  /** Highest event-loop delay p99 of any worker during the step (s): compute must never block a worker's loop. */
+  readonly eventLoopLagP99: number;
 }
 
 export interface ExecutedStep extends StepOutcome {
@@ -27,6 +29,8 @@ export interface ExecutedStep extends StepOutcome {
   readonly bubble: number;
   readonly grpcBytes: number;
   readonly natsBytes: number;
+  /** Highest worker event-loop delay p99 in the step (s); 0 in one process. */
+  readonly eventLoopLagP99: number;
 }
 
 export interface Snapshot {

@@ -44,7 +44,7 @@ export class InProcessExecutor implements StepExecutor {
   }
 
   async step(input: StepInput): Promise<ExecutedStep> {
-    return { ...this.pipeline.step(input), stageTimings: [], bubble: 0, grpcBytes: 0, natsBytes: 0 };
+    return { ...this.pipeline.step(input), stageTimings: [], bubble: 0, grpcBytes: 0, natsBytes: 0, eventLoopLagP99: 0 };
   }
 
   async evaluate(examples: readonly Example[]): Promise<{ loss: number; perplexity: number; tokens: number }> {

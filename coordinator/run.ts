@@ -41,7 +41,7 @@ export interface RunOutcome {
   readonly evalLoss: number | null;
   readonly answers: Answer[];
   readonly tokensPerSecond: number;
-  /** Per-step measurements of distributed steps (empty in one process). */
+  /** Per-step measurements (transfer and all-reduce fields are 0 in one process). */
   readonly timings: StepTiming[];
   /** Recoveries from lost workers during this invocation. */
   readonly recoveries: number;
@@ -172,10 +172,8 @@ export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<Run
           tokensSeen += r.tokens; stepSeconds += seconds;
           if (Number.isNaN(first)) first = r.loss;
           last = r.loss;
-          if (ex.kind === 'workers') {
-            timings.push({ step: r.step, seconds, bubble: out.bubble, grpcBytes: out.grpcBytes, natsBytes: out.natsBytes,
-              allreduceSeconds: Math.max(...out.stageTimings.map((x) => x.allreduceSeconds)), idleSeconds: Math.max(...out.stageTimings.map((x) => x.idleSeconds)) });
-          }
+          timings.push({ step: r.step, seconds, bubble: out.bubble, grpcBytes: out.grpcBytes, natsBytes: out.natsBytes,
+            allreduceSeconds: Math.max(0, ...out.stageTimings.map((x) => x.allreduceSeconds)), idleSeconds: Math.max(0, ...out.stageTimings.map((x) => x.idleSeconds)), eventLoopLagP99: out.eventLoopLagP99 });
           notify(observers, 'onStep', { ...r, totalSteps, seconds, tokensPerSecond: tokensSeen / stepSeconds, bubble: out.bubble, stageTimings: out.stageTimings });
           if (!Number.isFinite(r.loss)) throw new ConfigError(`loss became ${r.loss} at step ${r.step}`, { hint: 'lower training.lr or check the data' });
           if (t.eval_every > 0 && r.step % t.eval_every === 0 && ds.validation.length) await evaluate();

@@ -41,8 +41,7 @@ program.command('start')
   .action(async (o: { coordinator: string; nats?: string; device: BackendName; listen: string; advertise?: string; jobToken?: string; metricsPort?: number }) => {
     const jobToken = o.jobToken ?? process.env.DQLORA_JOB_TOKEN;
     if (!jobToken) throw new ConfigError('no job token: pass --job-token or set DQLORA_JOB_TOKEN', { hint: 'the coordinator prints or is given the token (coordinator start --job-token ...)' });
-    const backend = await createBackend(o.device);
-    const code = await runWorker({ coordinator: o.coordinator, jobToken, backend, listen: o.listen, advertise: o.advertise, natsUrl: o.nats, metricsPort: o.metricsPort });
+    const code = await runWorker({ coordinator: o.coordinator, jobToken, device: o.device, listen: o.listen, advertise: o.advertise, natsUrl: o.nats, metricsPort: o.metricsPort });
     process.exit(code);
   });
 

@@ -8,7 +8,7 @@
 import { channelCredentials, serverCredentials } from '../common/tls.ts';
 import os from 'node:os';
 import * as grpc from '@grpc/grpc-js';
-import type { Backend } from '../core/engine/backend.ts';
+import type { BackendName } from '../core/engine/index.ts';
 import { StageRunner } from './runtime/stage-runner.ts';
 import { assignmentFromWire, generationId } from '../wire/assignment.ts';
 import { chunkState } from '../wire/state.ts';
@@ -27,7 +27,8 @@ export interface WorkerOptions {
   /** host:port of the coordinator's Control service. */
   readonly coordinator: string;
   readonly jobToken: string;
-  readonly backend: Backend;
+  /** Backend of the stage's compute thread: cpu, cuda or auto. */
+  readonly device: BackendName;
   /** host:port for this worker's Pipeline server (port 0 = OS-assigned). */
   readonly listen: string;
   /** Address other stages dial (default: the listen host, or this host's name when listening on 0.0.0.0). */
@@ -60,7 +61,9 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
     metricsServer = await serveMetrics(metrics.registry, o.metricsPort);
     log.info({ port: metricsServer.port }, 'metrics on /metrics');
   }
-  const runner = new StageRunner(o.backend, o.jobToken, metrics);
+  const runner = await StageRunner.start(o.device, o.jobToken, metrics);
+  const backendName = runner.backendName;
+  log.info({ backend: backendName, activations: runner.device.actDtype }, 'compute thread ready');
   const [host, portStr] = splitHostPort(o.listen, '--listen');
   // The job id is known only after the assignment: until then every tensor is refused as foreign. The
   // server reads `jobId` from this object on every call, so assigning it here re-targets the server.
@@ -80,8 +83,8 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   for (let wait = 100; ; wait = Math.min(2000, wait * 2)) {
     try {
       reg = await unary(client.register.bind(client), {
-        jobToken: o.jobToken, hostname: os.hostname(), listenAddress: advertise, capabilities: [o.backend.name],
-        device: { kind: o.backend.name === 'cuda' ? DeviceKind.DEVICE_KIND_CUDA : DeviceKind.DEVICE_KIND_CPU, name: o.backend.name === 'cpu' ? os.cpus()[0]?.model ?? 'cpu' : 'cuda', totalMemoryBytes: os.totalmem(), freeMemoryBytes: os.freemem() },
+        jobToken: o.jobToken, hostname: os.hostname(), listenAddress: advertise, capabilities: [backendName],
+        device: { kind: backendName === 'cuda' ? DeviceKind.DEVICE_KIND_CUDA : DeviceKind.DEVICE_KIND_CPU, name: backendName === 'cpu' ? os.cpus()[0]?.model ?? 'cpu' : 'cuda', totalMemoryBytes: os.totalmem(), freeMemoryBytes: os.freemem() },
       });
       break;
     } catch (e) {
@@ -117,7 +120,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   const hbMs = Math.max(50, reg.heartbeatIntervalMs || 1000);
   let lastOk = Date.now();
   const hb = setInterval(() => {
-    unary(client.heartbeat.bind(client), { jobToken: o.jobToken, workerId: id, state, step: lastStep, memoryInUseBytes: o.backend.memoryInUse(), freeMemoryBytes: os.freemem() }, Math.max(1000, hbMs * 2))
+    unary(client.heartbeat.bind(client), { jobToken: o.jobToken, workerId: id, state, step: lastStep, memoryInUseBytes: runner.memoryInUse(), freeMemoryBytes: os.freemem() }, Math.max(1000, hbMs * 2))
       .then((r) => { lastOk = Date.now(); if (!r.ok) stop(1, `the coordinator does not know this worker any more: ${r.reason}`); })
       .catch(() => { if (Date.now() - lastOk > Math.max(30_000, 10 * hbMs)) stop(1, `no contact with the coordinator at ${o.coordinator} for ${Math.round((Date.now() - lastOk) / 1000)} s`); });
   }, hbMs);
@@ -167,7 +170,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
           break;
         }
         case 'applyUpdate': {
-          const sec = runner.applyUpdate(k.applyUpdate);
+          const sec = await runner.applyUpdate(k.applyUpdate);
           lastStep = k.applyUpdate.step;
           await report({ ...base, step: lastStep, stats: StepStats.fromPartial({ optimizerSeconds: sec }), error: '' });
           break;
@@ -175,7 +178,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
         case 'uploadState': {
           state = WorkerState.WORKER_STATE_CHECKPOINTING;
           const t0 = performance.now();
-          const bytes = runner.stateBytes(k.uploadState.includeMoments);
+          const bytes = await runner.stateBytes(k.uploadState.includeMoments);
           await putState(cmd.commandId, k.uploadState.step, bytes);
           state = WorkerState.WORKER_STATE_READY;
           await report({ ...base, stats: StepStats.fromPartial({ checkpointBytes: bytes.byteLength, checkpointSeconds: (performance.now() - t0) / 1000 }), error: '' });
@@ -215,7 +218,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   return exitCode;
 
   async function cleanup(): Promise<void> {
-    await runner.release().catch(() => {});
+    await runner.close().catch(() => {});
     await pipeline.close();
     client.close();
     await metricsServer?.close();

@@ -181,11 +181,12 @@ export class WorkersExecutor implements StepExecutor {
     const stageTimings: StageTiming[] = reps.flatMap((row, r) => row.map((x, st) => ({
       stage: st, replica: r, forwardSeconds: x.stats!.forwardSeconds, backwardSeconds: x.stats!.backwardSeconds, idleSeconds: x.stats!.idleSeconds,
       allreduceSeconds: x.stats!.allreduceSeconds, pipelineSeconds: x.stats!.pipelineSeconds,
+      spans: x.stats!.spans.map((sp) => ({ kind: sp.kind as 'forward', micro: sp.micro, start: sp.start, end: sp.end })),
     })));
     const bubble = stats.reduce((a, x) => a + (x.pipelineSeconds > 0 ? x.idleSeconds / x.pipelineSeconds : 0), 0) / stats.length;
     log.debug({ step: input.step + 1, workers: stageTimings }, 'step timings');
     const grpcNow = stats.reduce((a, x) => a + x.grpcBytesSent, 0), natsNow = stats.reduce((a, x) => a + x.natsBytesSent, 0);
-    const out = { lossSum, gradNorm, stageTimings, bubble, grpcBytes: grpcNow - this.grpcBefore, natsBytes: natsNow - this.natsBefore };
+    const out = { lossSum, gradNorm, stageTimings, bubble, grpcBytes: grpcNow - this.grpcBefore, natsBytes: natsNow - this.natsBefore, eventLoopLagP99: Math.max(...stats.map((x) => x.eventLoopLagP99Seconds)) };
     this.grpcBefore = grpcNow; this.natsBefore = natsNow;
     this.plane.progress.step = input.step + 1; this.plane.progress.lastLoss = lossSum * input.gradScale;
     return out;

@@ -6,8 +6,20 @@ import { logger } from '../../common/log.ts';
 
 export type BackendName = 'cpu' | 'cuda' | 'auto';
 
+/**
+ * Threads of the cpu backend from DQLORA_CPU_THREADS (the local launcher splits the cores between the worker
+ * processes it starts); undefined = all cores.
+ */
+function cpuThreads(): number | undefined {
+  const v = process.env.DQLORA_CPU_THREADS;
+  if (v === undefined || v === '') return undefined;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1) throw new BackendError(`DQLORA_CPU_THREADS=${v} must be a positive integer`);
+  return n;
+}
+
 export async function createBackend(name: BackendName = 'auto'): Promise<Backend> {
-  if (name === 'cpu') return createCpuBackend();
+  if (name === 'cpu') return createCpuBackend({ threads: cpuThreads() });
   let cudaErr: unknown;
   try {
     const mod = await import('./cuda/cuda.ts');
@@ -22,5 +34,5 @@ export async function createBackend(name: BackendName = 'auto'): Promise<Backend
     });
   }
   logger('engine').debug({ reason: (cudaErr as Error).message }, 'cuda backend not available, using cpu');
-  return createCpuBackend();
+  return createCpuBackend({ threads: cpuThreads() });
 }

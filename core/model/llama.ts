@@ -165,8 +165,13 @@ export class LlamaStage {
 
   /** Every LoRA module of this stage, in a fixed order (layer, then module). */
   loraParams(): LoraParams[] {
+    return this.weights.layers.flatMap((_, i) => this.layerLoraParams(i));
+  }
+
+  /** The LoRA modules of this stage's layer i (0-based within the stage), in module order. */
+  layerLoraParams(i: number): LoraParams[] {
     const out = new Set<LoraParams>();   // parts of a packed module share one LoraParams
-    for (const lw of this.weights.layers) for (const m of LINEAR_MODULES) { const p = lw.linears[m].lora; if (p) out.add(p); }
+    for (const m of LINEAR_MODULES) { const p = this.weights.layers[i].linears[m].lora; if (p) out.add(p); }
     return [...out];
   }
 
@@ -320,8 +325,10 @@ export class LlamaStage {
    * Backward of micro-batch `id`. Last stage: uses the head gradient computed in forward (dHidden must be
    * undefined). Other stages: dHidden [N, H] is the gradient of this stage's output. Accumulates LoRA
    * gradients and returns the gradient of the stage input (undefined on the first stage). Frees the state.
+   * `onLayerDone(i)` runs right after layer i's LoRA gradients got this micro-batch's share (layers go last to
+   * first): on the last micro-batch of a step they are final there, and their all-reduce can start.
    */
-  backward(id: number, dHidden?: Tensor): Tensor | undefined {
+  backward(id: number, dHidden?: Tensor, onLayerDone?: (layer: number) => void): Tensor | undefined {
     const be = this.be;
     const st = this.states.get(id);
     if (!st) throw new ShapeError(`no forward state for micro-batch ${id} on this stage (stale or duplicated backward?)`);
@@ -348,6 +355,7 @@ export class LlamaStage {
       be.free(dx);
       be.free(x);
       dx = next;
+      onLayerDone?.(i);
     }
     this.freeState(st);
     if (this.spec.hasEmbedding) { be.free(dx); return undefined; }

@@ -5,55 +5,68 @@
 // The step, as the coordinator drives it (see coordinator/distributed/workers.ts):
 //   RunStep      → 1F1B forward/backward of this replica's micro-batches → all-reduce → report ‖g‖² and loss
 //   ApplyUpdate  → clip by the coordinator's global coefficient → AdamW (update number step + 1) → zero grads
-// Numerics are the single-process Trainer's: same dropout key (seed, step), same loss scale (1 / label tokens
-// of the whole step), same clipping rule, float32 activations on the wire (bf16 would change the result).
+// Numerics are the single-process run's (core/train/step.ts): same dropout key (seed, step), same loss scale
+// (1 / label tokens of the whole step), same clipping rule.
+//
+// Threads: the kernels run on the stage's compute thread (compute.ts); this thread only schedules, moves tensors
+// and all-reduces. So a send never waits behind the next micro-batch's compute: the next forward is queued on the
+// compute thread the moment the previous one returns, while gRPC streams its output to the next stage (at most
+// MAX_SENDS_IN_FLIGHT per direction before the schedule waits for the oldest), and in the step's last backward
+// the all-reduce of the last layers' gradients runs while the earlier layers are still being computed.
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { channelCredentials } from '../../common/tls.ts';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
-import type { Backend, Tensor } from '../../core/engine/backend.ts';
-import type { LoraParams } from '../../core/engine/lora.ts';
-import type { LlamaStage } from '../../core/model/llama.ts';
-import { loadStage } from '../../core/model/loader.ts';
+import type { BackendName } from '../../core/engine/index.ts';
 import { NatsAllReduce } from '../allreduce.ts';
 import { PipelineClient } from '../transport/pipeline.ts';
-import { Inbox } from './inbox.ts';
-import { encodeStageState } from '../../wire/state.ts';
-// The checkpoint reader (verifies every file's sha256 against the manifest). The one place a worker reads
-// the coordinator's format: a resuming worker loads its shard from the checkpoint directory, which (like the
-// model directory) must be visible to it.
-import { loadCheckpoint } from '../../common/checkpoint.ts';
+import { Inbox, StepAbortedError } from './inbox.ts';
+import { ComputeThread } from './stage-compute.ts';
+import type { ComputeInfo, GradBucket, HostActivation } from './compute.ts';
 import { hostToF32, type HostTensor } from '../../wire/tensor.ts';
 import { generationId, microBatchFromWire, type Assignment } from '../../wire/assignment.ts';
-import { applyUpdate, dropoutKey, gradNormSq, lossScale, restoreLoraParams } from '../../core/train/step.ts';
+import { dropoutKey, lossScale } from '../../core/train/step.ts';
 import { ConfigError, DqloraError, ShapeError } from '../../common/errors.ts';
 import { logger } from '../../common/log.ts';
 import type { WorkerMetrics } from '../../common/metrics.ts';
-import type { RunStep, ApplyUpdate, StepStats } from '../../proto/gen/dqlora/v1/control.ts';
+import type { RunStep, ApplyUpdate, StepStats, TimelineSpan } from '../../proto/gen/dqlora/v1/control.ts';
 
 const log = logger('stage');
 
+/** Sends per direction the schedule lets run ahead of their acknowledgement (bounds host memory). */
+const MAX_SENDS_IN_FLIGHT = 4;
+/** Gradient bytes per all-reduce bucket: big enough to amortise a NATS round, small enough to overlap backward. */
+const BUCKET_BYTES = 4 << 20;
+
 export class StageRunner {
   readonly inbox = new Inbox();
-  private stage?: LlamaStage;
-  private params: LoraParams[] = [];
   private a?: Assignment;
   private prevClient?: PipelineClient;
   private nextClient?: PipelineClient;
   private nc?: NatsConnection;
   private allreduce?: NatsAllReduce;
+  /** Event-loop delay during steps (reported per step: the loop must never wait on compute). */
+  private readonly loopDelay = monitorEventLoopDelay({ resolution: 1 });
+  /** Incremented by abort(): a step whose generation is older stops at its next await. */
+  private gen = 0;
 
-  constructor(private readonly be: Backend, private readonly jobToken: string, private readonly metrics?: WorkerMetrics) {}
+  private constructor(private readonly compute: ComputeThread, readonly device: ComputeInfo, private readonly jobToken: string, private readonly metrics?: WorkerMetrics) {}
+
+  /** Starts the compute thread and its backend (`device`: cpu, cuda or auto). */
+  static async start(device: BackendName, jobToken: string, metrics?: WorkerMetrics): Promise<StageRunner> {
+    const { thread, info } = await ComputeThread.start(device);
+    return new StageRunner(thread, info, jobToken, metrics);
+  }
 
   get assignment(): Assignment | undefined { return this.a; }
+  get backendName(): 'cpu' | 'cuda' { return this.device.name; }
+  /** Device bytes in use after the last compute request. */
+  memoryInUse(): number { return this.compute.memoryInUse; }
 
   /** Loads the stage (and restores its state from a checkpoint), connects to peers. Replaces any earlier assignment. */
   async assign(a: Assignment): Promise<void> {
     await this.release();
     const t0 = performance.now();
-    this.stage = loadStage(this.be, a.modelDir, a.spec, {
-      lora: a.lora, seed: a.train.seed, blocksize: a.train.blocksize, doubleQuant: a.train.doubleQuant, gradientCheckpointing: a.train.gradientCheckpointing,
-    });
-    this.params = this.stage.loraParams();
-    if (a.resumeFrom) this.restore(a.resumeFrom);
+    const { params } = await this.compute.call({ op: 'assign', a }) as { params: number };
     const popts = { jobId: generationId(a), jobToken: this.jobToken, chunkBytes: a.train.chunkBytes, deadlineMs: a.train.stepTimeoutMs, sentBytes: this.metrics?.sentBytes, credentials: channelCredentials() };
     if (a.prev) this.prevClient = new PipelineClient(a.prev, popts);
     if (a.next) this.nextClient = new PipelineClient(a.next, popts);
@@ -66,42 +79,37 @@ export class StageRunner {
     }
     this.inbox.begin(a.firstSeq);
     this.a = a;
-    log.info({ stage: a.stage, replica: a.replica, layers: [a.spec.firstLayer, a.spec.lastLayer], lora: this.params.length, resumeFrom: a.resumeFrom || undefined, ms: Math.round(performance.now() - t0) }, 'stage assigned');
+    log.info({ stage: a.stage, replica: a.replica, layers: [a.spec.firstLayer, a.spec.lastLayer], lora: params, resumeFrom: a.resumeFrom || undefined, ms: Math.round(performance.now() - t0) }, 'stage assigned');
   }
 
-  private restore(dir: string): void {
-    restoreLoraParams(this.params, loadCheckpoint(dir));
-  }
-
-  private overwrite(dst: Tensor, src: Float32Array): void {
-    if (dst.size !== src.length) throw new ShapeError(`tensor size mismatch (${dst.size} vs ${src.length})`);
-    const t = this.be.upload(src, dst.shape, 'f32');
-    this.be.scale(dst, 0); this.be.axpy(dst, t, 1); this.be.free(t);
-  }
-
-  private need(): { a: Assignment; stage: LlamaStage } {
-    if (!this.a || !this.stage) throw new DqloraError('this worker has no stage assigned yet');
-    return { a: this.a, stage: this.stage };
+  private need(): Assignment {
+    if (!this.a) throw new DqloraError('this worker has no stage assigned yet');
+    return this.a;
   }
 
   /** Drops the step in flight (waiters fail with StepAbortedError); gradients and saved activations are cleared. */
   abort(reason: string): void {
+    this.gen++;
     this.inbox.abort(reason);
     // A closed all-reduce wakes a rank blocked on a dead peer at once; the coordinator re-assigns (a new
     // instance) before the next step anyway.
     this.allreduce?.close();
-    this.stage?.reset();
-    for (const p of this.params) p.zeroGrad();
+    this.compute.onBucket = undefined;
+    if (this.a) this.compute.call({ op: 'reset' }).catch(() => { /* a dead thread fails the next command */ });
   }
 
   /**
-   * This replica's part of one step. Training: 1F1B over the micro-batches, then the gradient all-reduce;
-   * the report carries the stage's ‖g‖² (after the all-reduce) and, on the last stage, the loss sum.
-   * Forward-only (evaluation): the loss sum and label count of the micro-batches.
+   * This replica's part of one step. Training: 1F1B over the micro-batches, the gradient all-reduce overlapping
+   * the last backward; the report carries the stage's ‖g‖² (after the all-reduce) and, on the last stage, the
+   * loss sum. Forward-only (evaluation): the loss sum and label count of the micro-batches.
    */
   async runStep(cmd: RunStep): Promise<StepStats> {
-    const { a, stage } = this.need();
+    const a = this.need();
+    const gen = this.gen;
+    const alive = (): void => { if (this.gen !== gen) throw new StepAbortedError(`step seq ${cmd.seq} was aborted`); };
     const seq = cmd.seq, t0 = performance.now();
+    this.loopDelay.reset(); this.loopDelay.enable();
+    const at = (): number => (performance.now() - t0) / 1000;
     this.inbox.begin(seq);
     const batches = cmd.microBatches.map((m, i) => microBatchFromWire(m, a.spec, `seq ${seq} micro-batch ${i}`));
     const m = batches.length, p = a.numStages, s = a.stage;
@@ -110,124 +118,156 @@ export class StageRunner {
     const dropout = dropoutKey(a.train.seed, cmd.step);
     const timeout = a.train.stepTimeoutMs;
     let lossSum = 0, labelTokens = 0, fwd = 0, bwd = 0, idle = 0;
-    const sends: Promise<unknown>[] = [];
-    const H = stage.cfg.hiddenSize;
+    const spans: TimelineSpan[] = [];
+    const sends: { forward: Promise<unknown>[]; backward: Promise<unknown>[] } = { forward: [], backward: [] };
+    const allSends: Promise<unknown>[] = [];
     const prevName = `stage ${s - 1} (${a.prev})`, nextName = `stage ${s + 1} (${a.next})`;
-    const receive = async (dir: 'forward' | 'backward', i: number, from: string): Promise<Tensor> => {
-      const w0 = performance.now();
-      const h: HostTensor = await this.inbox.take(dir, seq, i, timeout, from);
-      idle += performance.now() - w0;
-      const n = batches[i].B * batches[i].T;
-      if (h.shape.length !== 2 || h.shape[0] !== n || h.shape[1] !== H) throw new ShapeError(`${dir} tensor of seq ${seq} micro-batch ${i} from ${from} has shape [${h.shape}], expected [${n}, ${H}]`);
-      return this.be.upload(hostToF32(h), [n, H], 'act');
+    const wait = async <T>(micro: number, what: Promise<T>): Promise<T> => {
+      const w0 = at();
+      try { return await what; } finally { const w1 = at(); idle += w1 - w0; if (w1 - w0 > 1e-4) spans.push({ kind: 'wait', micro, start: w0, end: w1 }); }
     };
-    // A send is awaited (until the receiver acknowledged it) before this stage computes again. The compute is
-    // synchronous on this thread, and HTTP/2 moves a tensor only in 64 KiB flow-control windows that need both
-    // event loops: a send left pending would sit behind the next micro-batch's compute while the receiving
-    // stage idles. Awaiting it costs one loopback round trip and lets the transfer overlap the receiver's
-    // compute instead (in 1F1B the receiver is usually waiting for exactly this tensor).
-    const ship = async (client: PipelineClient, dir: 'forward' | 'backward', i: number, t: Tensor): Promise<void> => {
-      const data = this.be.download(t) as Float32Array;
-      this.be.free(t);
-      const w0 = performance.now();
-      // A bf16 backend's activations are bf16 already: sending them as bf16 halves the bytes and loses nothing.
-      const o = { dtype: this.be.actDtype === 'bf16' ? 'bf16' as const : 'f32' as const };
-      const pr = dir === 'forward' ? client.sendForward(seq, i, data, [t.shape[0], t.shape[1]], o) : client.sendBackward(seq, i, data, [t.shape[0], t.shape[1]], o);
-      sends.push(pr);
-      await pr;
-      idle += performance.now() - w0;
+    const receive = async (dir: 'forward' | 'backward', i: number, from: string): Promise<HostActivation> => {
+      const h: HostTensor = await wait(i, this.inbox.take(dir, seq, i, timeout, from));
+      alive();
+      const n = batches[i].B * batches[i].T, H = h.shape[1];
+      if (h.shape.length !== 2 || h.shape[0] !== n) throw new ShapeError(`${dir} tensor of seq ${seq} micro-batch ${i} from ${from} has shape [${h.shape}], expected [${n}, hidden]`);
+      return { data: hostToF32(h), shape: [n, H] };
+    };
+    // Sends are not awaited before the next compute: the compute thread is already busy with it while this
+    // thread streams the tensor. Only when MAX_SENDS_IN_FLIGHT are unacknowledged does the schedule wait.
+    const ship = async (client: PipelineClient, dir: 'forward' | 'backward', i: number, h: HostActivation): Promise<void> => {
+      const o = { dtype: this.device.actDtype === 'bf16' ? 'bf16' as const : 'f32' as const };
+      const pr = dir === 'forward' ? client.sendForward(seq, i, h.data, h.shape, o) : client.sendBackward(seq, i, h.data, h.shape, o);
+      pr.catch(() => { /* awaited below */ });
+      const q = sends[dir];
+      q.push(pr); allSends.push(pr);
+      if (q.length > MAX_SENDS_IN_FLIGHT) await wait(i, q.shift()!);
     };
     const forward = async (i: number): Promise<void> => {
       const hidden = a.spec.hasEmbedding ? undefined : await receive('forward', i, prevName);
-      const c0 = performance.now();
-      const r = stage.forward(i, batches[i], hidden, train ? { train: true, dropout, gradScale } : { train: false });
+      const c0 = at();
+      const r = await this.compute.call({ op: 'forward', id: i, batch: batches[i], hidden, train, ...(train ? { dropout, gradScale } : {}) }) as { hidden?: HostActivation; lossSum?: number; count?: number };
+      alive();
+      const c1 = at();
+      spans.push({ kind: 'forward', micro: i, start: c0, end: c1 });
       if (r.lossSum !== undefined) { lossSum += r.lossSum; labelTokens += r.count ?? 0; }
-      const dt = performance.now() - c0;
+      fwd += c1 - c0;
+      this.metrics?.stageDuration.observe({ phase: 'forward' }, c1 - c0);
       if (r.hidden) await ship(this.nextClient!, 'forward', i, r.hidden);
-      fwd += dt;
-      this.metrics?.stageDuration.observe({ phase: 'forward' }, dt / 1000);
     };
-    const backward = async (i: number): Promise<void> => {
+    const buckets: Promise<void>[] = [];
+    const backward = async (i: number, last: boolean): Promise<void> => {
       const d = a.spec.hasHead ? undefined : await receive('backward', i, nextName);
-      const c0 = performance.now();
-      const dx = stage.backward(i, d);
-      const dt = performance.now() - c0;
-      if (dx) await ship(this.prevClient!, 'backward', i, dx);
-      bwd += dt;
-      this.metrics?.stageDuration.observe({ phase: 'backward' }, dt / 1000);
+      const c0 = at();
+      const r = await this.compute.call({ op: 'backward', id: i, d, bucketBytes: last && this.allreduce ? BUCKET_BYTES : undefined }) as { dx?: HostActivation };
+      alive();
+      const c1 = at();
+      spans.push({ kind: 'backward', micro: i, start: c0, end: c1 });
+      bwd += c1 - c0;
+      this.metrics?.stageDuration.observe({ phase: 'backward' }, c1 - c0);
+      if (r.dx) await ship(this.prevClient!, 'backward', i, r.dx);
     };
 
-    if (!train) {
-      for (let i = 0; i < m; i++) await forward(i);
-    } else {
-      // 1F1B: stage s runs (p − 1 − s) warm-up forwards, then alternates one forward and one backward,
-      // then drains the remaining backwards; at most p − s micro-batches are in flight on this stage.
-      const warmup = Math.min(p - 1 - s, m);
-      let f = 0, b = 0;
-      while (f < warmup) await forward(f++);
-      while (f < m) { await forward(f++); await backward(b++); }
-      while (b < m) await backward(b++);
+    let arStart = 0;
+    if (train && this.allreduce) {
+      // Buckets arrive (last layers first) while the last backward still computes the earlier layers.
+      let chain = Promise.resolve();
+      this.compute.onBucket = (b: GradBucket) => {
+        if (arStart === 0) arStart = at();
+        chain = chain.then(() => this.reduceBucket(seq, b));
+        buckets.push(chain);
+      };
     }
-    await Promise.all(sends);
-    const pipelineMs = performance.now() - t0;
-    let arMs = 0, normSq = 0;
+    try {
+      if (!train) {
+        for (let i = 0; i < m; i++) await forward(i);
+      } else {
+        // 1F1B: stage s runs (p − 1 − s) warm-up forwards, then alternates one forward and one backward,
+        // then drains the remaining backwards; at most p − s micro-batches are in flight on this stage.
+        const warmup = Math.min(p - 1 - s, m);
+        let f = 0, b = 0;
+        while (f < warmup) await forward(f++);
+        while (f < m) { await forward(f++); await backward(b, b === m - 1); b++; }
+        while (b < m) { await backward(b, b === m - 1); b++; }
+      }
+      await wait(-1, Promise.all(allSends));
+      alive();
+    } finally {
+      this.compute.onBucket = undefined;
+    }
+    const pipelineSec = at();
+    let arSec = 0, gradNormSq = 0;
     if (train) {
       if (this.allreduce) {
-        const r0 = performance.now();
-        await this.allReduceGrads(seq);
-        arMs = performance.now() - r0;
-        this.metrics?.allReduceDuration.observe(arMs / 1000);
+        if (m === 0) await this.reduceEmpty(seq); // no micro-batch on this replica: it still contributes zeros
+        const w0 = at();
+        await Promise.all(buckets);
+        alive();
+        const w1 = at();
+        arSec = w1 - (arStart || w0);
+        if (w1 > w0) spans.push({ kind: 'allreduce', micro: -1, start: arStart || w0, end: w1 });
+        this.metrics?.allReduceDuration.observe(arSec);
       }
-      normSq = gradNormSq(this.be, this.params);
+      gradNormSq = await this.compute.call({ op: 'gradNormSq' }) as number;
+      alive();
     }
-    const mem = this.be.memoryInUse();
-    this.metrics?.memoryInUse.set({ device: this.be.name }, mem);
+    this.loopDelay.disable();
+    const lagP99 = this.loopDelay.count > 0 ? this.loopDelay.percentile(99) / 1e9 : 0;
+    const mem = this.compute.memoryInUse;
+    this.metrics?.memoryInUse.set({ device: this.device.name }, mem);
     return {
-      lossSum, labelTokens, gradNormSq: normSq, forwardSeconds: fwd / 1000, backwardSeconds: bwd / 1000, allreduceSeconds: arMs / 1000, optimizerSeconds: 0,
+      lossSum, labelTokens, gradNormSq, forwardSeconds: fwd, backwardSeconds: bwd, allreduceSeconds: arSec, optimizerSeconds: 0,
       grpcBytesSent: (this.prevClient?.stats.bytesSent ?? 0) + (this.nextClient?.stats.bytesSent ?? 0), grpcBytesReceived: 0,
       natsBytesSent: this.allreduce?.stats.bytesSent ?? 0, natsBytesReceived: this.allreduce?.stats.bytesReceived ?? 0,
-      memoryInUseBytes: mem, checkpointBytes: 0, checkpointSeconds: 0, pipelineSeconds: pipelineMs / 1000, idleSeconds: idle / 1000,
+      memoryInUseBytes: mem, checkpointBytes: 0, checkpointSeconds: 0, pipelineSeconds: pipelineSec, idleSeconds: idle, spans, eventLoopLagP99Seconds: lagP99,
     };
   }
 
-  /** All-reduce of every LoRA gradient of this stage as one flat buffer, in the stage's fixed parameter order. */
-  private async allReduceGrads(seq: number): Promise<void> {
-    const grads: Tensor[] = this.params.flatMap((q) => [q.dA, q.dB]);
-    const n = grads.reduce((acc, g) => acc + g.size, 0);
-    const flat = new Float32Array(n); // [Σ sizes]
-    let off = 0;
-    for (const g of grads) { flat.set(this.be.download(g) as Float32Array, off); off += g.size; }
-    const s0 = this.allreduce!.stats.bytesSent, r0 = this.allreduce!.stats.bytesReceived;
-    await this.allreduce!.allReduceSum(seq, flat);
-    this.metrics?.sentBytes.inc({ transport: 'nats' }, this.allreduce!.stats.bytesSent - s0);
-    this.metrics?.receivedBytes.inc({ transport: 'nats' }, this.allreduce!.stats.bytesReceived - r0);
-    off = 0;
-    for (const g of grads) { this.overwrite(g, flat.subarray(off, off + g.size)); off += g.size; }
+  /** All-reduces one gradient bucket (fixed summation order over ranks) and writes the sums back. */
+  private async reduceBucket(seq: number, b: GradBucket): Promise<void> {
+    const ar = this.allreduce!;
+    const s0 = ar.stats.bytesSent, r0 = ar.stats.bytesReceived;
+    await ar.allReduceSum(seq * 4096 + b.index, b.data);
+    this.metrics?.sentBytes.inc({ transport: 'nats' }, ar.stats.bytesSent - s0);
+    this.metrics?.receivedBytes.inc({ transport: 'nats' }, ar.stats.bytesReceived - r0);
+    await this.compute.call({ op: 'setBucket', bucket: b });
+  }
+
+  /** A replica without micro-batches in this step: its gradients are zero, and its buckets must still take part. */
+  private async reduceEmpty(seq: number): Promise<void> {
+    const sizes = await this.compute.call({ op: 'bucketSizes', bucketBytes: BUCKET_BYTES }) as number[];
+    for (let k = 0; k < sizes.length; k++) await this.reduceBucket(seq, { index: k, data: new Float32Array(sizes[k]) });
   }
 
   /** Clipping and AdamW with the coordinator's coefficient and learning rate (core/train/step.ts applyUpdate). */
-  applyUpdate(u: ApplyUpdate): number {
-    const { a } = this.need();
+  async applyUpdate(u: ApplyUpdate): Promise<number> {
+    this.need();
     const t0 = performance.now();
-    applyUpdate(this.be, this.params, { step: u.step, lr: u.lr, clipCoef: u.clipCoef }, a.train);
+    await this.compute.call({ op: 'update', step: u.step, lr: u.lr, clipCoef: u.clipCoef });
     this.metrics?.step.set(u.step + 1);
     return (performance.now() - t0) / 1000;
   }
 
   /** StageState bytes of this stage (weights, and moments when asked). */
-  stateBytes(includeMoments: boolean): Uint8Array {
-    const { a } = this.need();
-    return encodeStageState(this.be, a.stage, this.params, includeMoments);
+  async stateBytes(includeMoments: boolean): Promise<Uint8Array> {
+    this.need();
+    return await this.compute.call({ op: 'state', includeMoments }) as Uint8Array;
   }
 
-  /** Closes peer connections (the loaded stage is dropped with the runner's references). */
+  /** Closes peer connections and drops the loaded stage. */
   async release(): Promise<void> {
     this.inbox.abort('stage released');
     this.prevClient?.close(); this.nextClient?.close();
     this.prevClient = this.nextClient = undefined;
     this.allreduce?.close(); this.allreduce = undefined;
     if (this.nc) { await this.nc.close().catch(() => {}); this.nc = undefined; }
-    this.stage?.reset();
-    this.stage = undefined; this.params = []; this.a = undefined;
+    if (this.a) await this.compute.call({ op: 'release' }).catch(() => {});
+    this.a = undefined;
+  }
+
+  /** Stops the compute thread (the worker is exiting). */
+  async close(): Promise<void> {
+    await this.release();
+    await this.compute.close();
   }
 }

@@ -379,6 +379,24 @@ export interface StepStats {
   pipelineSeconds: number;
   /** of which waiting for other stages' tensors (the pipeline bubble) */
   idleSeconds: number;
+  /** the step's timeline on this stage (status page), relative to its start */
+  spans: TimelineSpan[];
+  /** the worker's event-loop delay p99 during the step (compute is off-loop) */
+  eventLoopLagP99Seconds: number;
+}
+
+/**
+ * One interval of a stage's step: computing a micro-batch's forward or backward, waiting on another stage, or
+ * waiting for the gradient all-reduce to finish.
+ */
+export interface TimelineSpan {
+  /** forward | backward | wait | allreduce */
+  kind: string;
+  /** micro-batch index, -1 for the all-reduce */
+  micro: number;
+  /** seconds since the stage started the step */
+  start: number;
+  end: number;
 }
 
 export interface StepReport {
@@ -3265,6 +3283,8 @@ function createBaseStepStats(): StepStats {
     checkpointSeconds: 0,
     pipelineSeconds: 0,
     idleSeconds: 0,
+    spans: [],
+    eventLoopLagP99Seconds: 0,
   };
 }
 
@@ -3317,6 +3337,12 @@ export const StepStats: MessageFns<StepStats> = {
     }
     if (message.idleSeconds !== 0) {
       writer.uint32(129).double(message.idleSeconds);
+    }
+    for (const v of message.spans) {
+      TimelineSpan.encode(v!, writer.uint32(138).fork()).join();
+    }
+    if (message.eventLoopLagP99Seconds !== 0) {
+      writer.uint32(145).double(message.eventLoopLagP99Seconds);
     }
     return writer;
   },
@@ -3462,6 +3488,22 @@ export const StepStats: MessageFns<StepStats> = {
             message.idleSeconds = reader.double();
             continue;
           }
+          case 17: {
+            if (tag !== 138) {
+              break;
+            }
+
+            message.spans.push(TimelineSpan.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 18: {
+            if (tag !== 145) {
+              break;
+            }
+
+            message.eventLoopLagP99Seconds = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3556,6 +3598,14 @@ export const StepStats: MessageFns<StepStats> = {
         : isSet(object.idle_seconds)
         ? globalThis.Number(object.idle_seconds)
         : 0,
+      spans: globalThis.Array.isArray(object?.spans)
+        ? object.spans.map((e: any) => TimelineSpan.fromJSON(e))
+        : [],
+      eventLoopLagP99Seconds: isSet(object.eventLoopLagP99Seconds)
+        ? globalThis.Number(object.eventLoopLagP99Seconds)
+        : isSet(object.event_loop_lag_p99_seconds)
+        ? globalThis.Number(object.event_loop_lag_p99_seconds)
+        : 0,
     };
   },
 
@@ -3609,6 +3659,12 @@ export const StepStats: MessageFns<StepStats> = {
     if (message.idleSeconds !== 0) {
       obj.idleSeconds = floatToJson(message.idleSeconds);
     }
+    if (message.spans?.length) {
+      obj.spans = message.spans.map((e) => TimelineSpan.toJSON(e));
+    }
+    if (message.eventLoopLagP99Seconds !== 0) {
+      obj.eventLoopLagP99Seconds = floatToJson(message.eventLoopLagP99Seconds);
+    }
     return obj;
   },
 
@@ -3633,6 +3689,125 @@ export const StepStats: MessageFns<StepStats> = {
     message.checkpointSeconds = object.checkpointSeconds ?? 0;
     message.pipelineSeconds = object.pipelineSeconds ?? 0;
     message.idleSeconds = object.idleSeconds ?? 0;
+    message.spans = object.spans?.map((e) => TimelineSpan.fromPartial(e)) || [];
+    message.eventLoopLagP99Seconds = object.eventLoopLagP99Seconds ?? 0;
+    return message;
+  },
+};
+
+function createBaseTimelineSpan(): TimelineSpan {
+  return { kind: "", micro: 0, start: 0, end: 0 };
+}
+
+export const TimelineSpan: MessageFns<TimelineSpan> = {
+  encode(message: TimelineSpan, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.kind !== "") {
+      writer.uint32(10).string(message.kind);
+    }
+    if (message.micro !== 0) {
+      writer.uint32(16).int32(message.micro);
+    }
+    if (message.start !== 0) {
+      writer.uint32(25).double(message.start);
+    }
+    if (message.end !== 0) {
+      writer.uint32(33).double(message.end);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): TimelineSpan {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTimelineSpan();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.kind = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.micro = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 25) {
+              break;
+            }
+
+            message.start = reader.double();
+            continue;
+          }
+          case 4: {
+            if (tag !== 33) {
+              break;
+            }
+
+            message.end = reader.double();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): TimelineSpan {
+    return {
+      kind: isSet(object.kind) ? globalThis.String(object.kind) : "",
+      micro: isSet(object.micro) ? globalThis.Number(object.micro) : 0,
+      start: isSet(object.start) ? globalThis.Number(object.start) : 0,
+      end: isSet(object.end) ? globalThis.Number(object.end) : 0,
+    };
+  },
+
+  toJSON(message: TimelineSpan): unknown {
+    const obj: any = {};
+    if (message.kind !== "") {
+      obj.kind = message.kind;
+    }
+    if (message.micro !== 0) {
+      obj.micro = Math.round(message.micro);
+    }
+    if (message.start !== 0) {
+      obj.start = floatToJson(message.start);
+    }
+    if (message.end !== 0) {
+      obj.end = floatToJson(message.end);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<TimelineSpan>, I>>(base?: I): TimelineSpan {
+    return TimelineSpan.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<TimelineSpan>, I>>(object: I): TimelineSpan {
+    const message = createBaseTimelineSpan();
+    message.kind = object.kind ?? "";
+    message.micro = object.micro ?? 0;
+    message.start = object.start ?? 0;
+    message.end = object.end ?? 0;
     return message;
   },
 };

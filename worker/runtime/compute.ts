@@ -1,0 +1,201 @@
+// The stage's compute, on its own thread (worker_threads): the backend, the loaded layers and the LoRA params live
+// here, and every kernel runs here, so the worker's event loop — gRPC transfers to and from the neighbouring stages,
+// the NATS all-reduce, heartbeats, the control stream — never waits on compute (a CPU forward takes hundreds of ms;
+// a CUDA download blocks until the stream drains). The main thread (stage-compute.ts) sends one request at a time
+// per operation; requests are executed strictly in arrival order, so the schedule the main thread issues is the
+// order the device sees.
+import { parentPort } from 'node:worker_threads';
+import { createBackend, type BackendName } from '../../core/engine/index.ts';
+import type { Backend, Tensor } from '../../core/engine/backend.ts';
+import type { LoraParams } from '../../core/engine/lora.ts';
+import type { LlamaStage, StageBatch } from '../../core/model/llama.ts';
+import { loadStage } from '../../core/model/loader.ts';
+import { applyUpdate, gradNormSq, restoreLoraParams, type StepDropoutKey } from '../../core/train/step.ts';
+import type { Assignment } from '../../wire/assignment.ts';
+import { encodeStageState } from '../../wire/state.ts';
+import { loadCheckpoint } from '../../common/checkpoint.ts';
+import { DqloraError, ShapeError } from '../../common/errors.ts';
+
+/** Activations / gradients crossing between the threads: float32 on the host, [rows, hidden]. */
+export interface HostActivation { readonly data: Float32Array; readonly shape: [number, number] }
+
+/** A run of consecutive layers whose LoRA gradients are all-reduced together (last layers first). */
+export interface GradBucket { readonly index: number; readonly data: Float32Array }
+
+export type ComputeRequest =
+  | { op: 'init'; device: BackendName }
+  | { op: 'assign'; a: Assignment }
+  | { op: 'forward'; id: number; batch: StageBatch; hidden?: HostActivation; train: boolean; dropout?: StepDropoutKey; gradScale?: number }
+  | { op: 'backward'; id: number; d?: HostActivation; bucketBytes?: number }
+  | { op: 'setBucket'; bucket: GradBucket }
+  | { op: 'gradNormSq' }
+  | { op: 'bucketSizes'; bucketBytes: number }
+  | { op: 'update'; step: number; lr: number; clipCoef: number }
+  | { op: 'state'; includeMoments: boolean }
+  | { op: 'reset' }
+  | { op: 'release' };
+
+export interface ComputeInfo { readonly name: 'cpu' | 'cuda'; readonly actDtype: string; readonly memoryInUse: number }
+
+export type ComputeReply =
+  | { ok: true; id: number; value: unknown; memoryInUse: number }
+  | { ok: false; id: number; error: { name: string; message: string } }
+  /** A gradient bucket became final during the last backward of a step (sent before that backward's reply). */
+  | { bucket: GradBucket };
+
+class StageCompute {
+  private be?: Backend;
+  private stage?: LlamaStage;
+  private params: LoraParams[] = [];
+  /** Bucket k's params (bucket 0 = the stage's last layers), fixed per assignment so every replica agrees. */
+  private bucketParams: LoraParams[][] = [];
+  private bucketBytes = 0;
+  /** The layer (within the stage) whose backward completes bucket k. */
+  private bucketEnds: number[] = [];
+
+  constructor(private readonly post: (m: ComputeReply, transfer?: ArrayBuffer[]) => void) {}
+
+  private need(): { be: Backend; stage: LlamaStage } {
+    if (!this.be || !this.stage) throw new DqloraError('this worker has no stage assigned yet');
+    return { be: this.be, stage: this.stage };
+  }
+
+  async handle(r: ComputeRequest): Promise<{ value: unknown; transfer?: ArrayBuffer[] }> {
+    switch (r.op) {
+      case 'init': {
+        this.be = await createBackend(r.device);
+        return { value: { name: this.be.name, actDtype: this.be.actDtype, memoryInUse: this.be.memoryInUse() } satisfies ComputeInfo };
+      }
+      case 'assign': {
+        this.release();
+        const be = this.be!, a = r.a;
+        this.stage = loadStage(be, a.modelDir, a.spec, {
+          lora: a.lora, seed: a.train.seed, blocksize: a.train.blocksize, doubleQuant: a.train.doubleQuant, gradientCheckpointing: a.train.gradientCheckpointing,
+        });
+        this.params = this.stage.loraParams();
+        if (a.resumeFrom) restoreLoraParams(this.params, loadCheckpoint(a.resumeFrom));
+        this.bucketParams = []; this.bucketBytes = 0;
+        return { value: { params: this.params.length } };
+      }
+      case 'forward': {
+        const { be, stage } = this.need();
+        const hidden = r.hidden ? be.upload(r.hidden.data, r.hidden.shape, 'act') : undefined;
+        const out = stage.forward(r.id, r.batch, hidden, r.train ? { train: true, dropout: r.dropout, gradScale: r.gradScale } : { train: false });
+        const h = out.hidden ? this.download(out.hidden) : undefined;
+        return { value: { hidden: h, lossSum: out.lossSum, count: out.count }, transfer: h ? [h.data.buffer as ArrayBuffer] : undefined };
+      }
+      case 'backward': {
+        const { be, stage } = this.need();
+        const d = r.d ? be.upload(r.d.data, r.d.shape, 'act') : undefined;
+        const onLayer = r.bucketBytes ? this.bucketer(stage, r.bucketBytes) : undefined;
+        const dx = stage.backward(r.id, d, onLayer);
+        const h = dx ? this.download(dx) : undefined;
+        return { value: { dx: h }, transfer: h ? [h.data.buffer as ArrayBuffer] : undefined };
+      }
+      case 'setBucket': {
+        const { be } = this.need();
+        let off = 0;
+        for (const p of this.bucketParams[r.bucket.index]) for (const g of [p.dA, p.dB]) { overwrite(be, g, r.bucket.data.subarray(off, off + g.size)); off += g.size; }
+        if (off !== r.bucket.data.length) throw new ShapeError(`gradient bucket ${r.bucket.index}: ${r.bucket.data.length} values for ${off} gradients`);
+        return { value: null };
+      }
+      case 'gradNormSq': return { value: gradNormSq(this.need().be, this.params) };
+      case 'bucketSizes': {
+        this.ensureBuckets(this.need().stage, r.bucketBytes);
+        return { value: this.bucketParams.map((ps) => ps.reduce((a, p) => a + p.dA.size + p.dB.size, 0)) };
+      }
+      case 'update': {
+        const { be } = this.need();
+        applyUpdate(be, this.params, r, this.assignment!.train);
+        return { value: null };
+      }
+      case 'state': {
+        const { be } = this.need();
+        const bytes = encodeStageState(be, this.assignment!.stage, this.params, r.includeMoments);
+        const copy = bytes.slice(); // own buffer, transferable
+        return { value: copy, transfer: [copy.buffer as ArrayBuffer] };
+      }
+      case 'reset': {
+        this.stage?.reset();
+        for (const p of this.params) p.zeroGrad();
+        return { value: null };
+      }
+      case 'release': { this.release(); return { value: null }; }
+    }
+  }
+
+  assignment?: Assignment;
+
+  /**
+   * The layer hook of the step's last backward: groups layers (last first) into buckets of about `bytes` of
+   * gradients and posts each bucket as soon as its last layer is done. The grouping depends only on the stage's
+   * param sizes, so all replicas of the stage form the same buckets.
+   */
+  private bucketer(stage: LlamaStage, bytes: number): (layer: number) => void {
+    const be = this.be!;
+    this.ensureBuckets(stage, bytes);
+    const endLayer = new Map(this.bucketEnds.map((layer, k) => [layer, k]));
+    return (layer: number): void => {
+      const b = endLayer.get(layer);
+      if (b === undefined) return;
+      const ps = this.bucketParams[b];
+      const n = ps.reduce((a, p) => a + p.dA.size + p.dB.size, 0);
+      const data = new Float32Array(n);
+      let off = 0;
+      for (const p of ps) for (const g of [p.dA, p.dB]) { data.set(be.download(g) as Float32Array, off); off += g.size; }
+      this.post({ bucket: { index: b, data } }, [data.buffer as ArrayBuffer]);
+    };
+  }
+
+  /** Groups the stage's LoRA params into buckets of about `bytes` of gradients, last layers first. */
+  private ensureBuckets(stage: LlamaStage, bytes: number): void {
+    if (this.bucketBytes !== bytes || this.bucketParams.length === 0) {
+      this.bucketParams = []; this.bucketEnds = [];
+      let cur: LoraParams[] = [], size = 0;
+      for (let i = stage.weights.layers.length - 1; i >= 0; i--) {
+        for (const p of stage.layerLoraParams(i)) { cur.push(p); size += 4 * (p.dA.size + p.dB.size); }
+        if (cur.length && (size >= bytes || i === 0)) { this.bucketParams.push(cur); this.bucketEnds.push(i); cur = []; size = 0; }
+      }
+      this.bucketBytes = bytes;
+    }
+  }
+
+  private download(t: Tensor): HostActivation {
+    const be = this.be!;
+    const data = be.download(t) as Float32Array;
+    be.free(t);
+    return { data, shape: [t.shape[0], t.shape[1]] };
+  }
+
+  private release(): void {
+    this.stage?.reset();
+    this.stage = undefined; this.params = []; this.bucketParams = [];
+  }
+}
+
+function overwrite(be: Backend, dst: Tensor, src: Float32Array): void {
+  if (dst.size !== src.length) throw new ShapeError(`tensor size mismatch (${dst.size} vs ${src.length})`);
+  const t = be.upload(src, dst.shape, 'f32');
+  be.scale(dst, 0); be.axpy(dst, t, 1); be.free(t);
+}
+
+/** Runs the request loop on this thread (called from compute-thread.mjs). */
+export function serve(): void {
+  const port = parentPort;
+  if (!port) throw new DqloraError('worker/runtime/compute.ts must run in a worker thread');
+  const post = (m: ComputeReply, transfer?: ArrayBuffer[]): void => port.postMessage(m, transfer ?? []);
+  const compute = new StageCompute(post);
+  let queue = Promise.resolve();
+  port.on('message', (m: { id: number; req: ComputeRequest }) => {
+    queue = queue.then(async () => {
+      try {
+        if (m.req.op === 'assign') compute.assignment = m.req.a;
+        const { value, transfer } = await compute.handle(m.req);
+        post({ ok: true, id: m.id, value, memoryInUse: compute['be']?.memoryInUse() ?? 0 }, transfer);
+      } catch (e) {
+        const err = e instanceof Error ? e : new Error(String(e));
+        post({ ok: false, id: m.id, error: { name: err.name, message: err.message } });
+      }
+    });
+  });
+}
