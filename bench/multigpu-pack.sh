@@ -15,6 +15,7 @@ bundle() {
 }
 bundle bench/multigpu.ts .device/multigpu.mjs
 bundle worker/cli.ts .device/worker.mjs
+bundle worker/runtime/compute-main.ts .device/compute.mjs
 mkdir -p .device/bin .device/tok
 cp "$(command -v nats-server)" .device/bin/
 node --import tsx -e "import('./coordinator/example/assets.ts').then((m) => console.log(m.ensureExampleAssets().modelDir))" >/dev/null

@@ -66,7 +66,7 @@ function memorySampler(): { stop: () => Promise<Map<string, number>> } {
   };
 }
 
-interface Row { layout: string; tps: number; seconds: number; peak: Map<string, number>; bubble: string; theory: number; diff: string; loss: number; allreduce: string; idle: string }
+interface Row { layout: string; tps: number; seconds: number; peak: Map<string, number>; bubble: string; theory: number; diff: string; loss: number; allreduce: string; idle: string; idleShare: string; lag: string }
 const rows: Row[] = [];
 let ref: Map<string, Float32Array> | undefined;
 for (const [S, R] of layouts) {
@@ -81,7 +81,7 @@ for (const [S, R] of layouts) {
   }, 'bench/multigpu', out);
   const sampler = memorySampler();
   const t0 = performance.now();
-  const res = await runJob(job, { print: (s) => process.stderr.write(s + '\n') }) as Awaited<ReturnType<typeof runJob>> & { timings?: { bubble?: number; allreduceSeconds?: number; idleSeconds?: number }[] };
+  const res = await runJob(job, { print: (s) => process.stderr.write(s + '\n') });
   const seconds = (performance.now() - t0) / 1000;
   const peak = await sampler.stop();
   const adapter = new Map(loadAdapter(res.adapterDir).modules.flatMap((m) => [[m.path + '.A', m.A], [m.path + '.B', m.B]] as [string, Float32Array][]));
@@ -92,17 +92,27 @@ for (const [S, R] of layouts) {
     for (const [k, v] of ref) { const w = adapter.get(k)!; for (let i = 0; i < v.length; i++) { maxAbs = Math.max(maxAbs, Math.abs(v[i])); maxErr = Math.max(maxErr, Math.abs(v[i] - w[i])); } }
     diff = (maxErr / maxAbs).toExponential(2);
   }
-  const bubbles = (res.timings ?? []).map((t) => t.bubble).filter((b): b is number => typeof b === 'number');
+  // Steady state: the first step (allocations, cuBLAS autotuning, connections) is not measured.
+  const steady = res.timings.length > 1 ? res.timings.slice(1) : res.timings;
+  const med = (xs: number[]): number => { const v = [...xs].sort((a, b) => a - b); return v[Math.floor(v.length / 2)]; };
+  const stepSec = med(steady.map((t) => t.seconds));
+  const bubbles = steady.map((t) => t.bubble);
   const m = (GBS / R) / MICRO;
   const mean = (xs: (number | undefined)[]): string => { const v = xs.filter((x): x is number => typeof x === 'number'); return v.length ? (1000 * v.reduce((a, b) => a + b, 0) / v.length).toFixed(0) : '—'; };
-  rows.push({ layout: name, tps: res.tokensPerSecond, seconds, peak, bubble: bubbles.length ? (bubbles.reduce((a, b) => a + b, 0) / bubbles.length).toFixed(3) : '—', theory: S > 1 ? (S - 1) / (m + S - 1) : 0, diff, loss: res.lastLoss, allreduce: mean((res.timings ?? []).map((t) => t.allreduceSeconds)), idle: mean((res.timings ?? []).map((t) => t.idleSeconds)) });
-  process.stderr.write(`${name}: ${res.tokensPerSecond.toFixed(0)} tokens/s\n`);
+  rows.push({
+    layout: name, tps: (GBS * SEQ) / stepSec, seconds, peak, bubble: S > 1 ? (bubbles.reduce((a, b) => a + b, 0) / bubbles.length).toFixed(3) : '—', theory: S > 1 ? (S - 1) / (m + S - 1) : 0,
+    diff, loss: res.lastLoss, allreduce: R > 1 ? mean(steady.map((t) => t.allreduceSeconds)) : '—', idle: S > 1 ? mean(steady.map((t) => t.idleSeconds)) : '—',
+    idleShare: S > 1 ? `${(100 * med(steady.map((t) => t.idleSeconds / t.seconds))).toFixed(0)} %` : '—',
+    lag: S * R > 1 ? (1000 * Math.max(...steady.map((t) => t.eventLoopLagP99))).toFixed(1) : '—',
+  });
+  process.stderr.write(`${name}: ${((GBS * SEQ) / stepSec).toFixed(0)} tokens/s (median step ${(stepSec * 1000).toFixed(0)} ms)\n`);
 }
 const base = rows[0]?.tps ?? 1;
 const lines = [
   `Multi-GPU layouts — ${new Date().toISOString().slice(0, 10)}; model ${model}; seq ${SEQ}, global batch ${GBS} sequences, micro-batch ${MICRO}, ${STEPS} steps, backend ${BACKEND}`,
-  '', '| layout (stages×replicas) | tokens/s | vs 1×1 | peak MiB per GPU | bubble measured | bubble theory | all-reduce ms/step | waiting on other stages ms/step | adapter max rel. diff vs 1×1 | last loss |', '|---|---|---|---|---|---|---|---|---|---|',
-  ...rows.map((r) => `| ${r.layout} | ${r.tps.toFixed(0)} | ${(r.tps / base).toFixed(2)}× | ${[...r.peak].map(([g, v]) => `${g}: ${v}`).join(', ') || '—'} | ${r.bubble} | ${r.theory.toFixed(3)} | ${r.allreduce} | ${r.idle} | ${r.diff} | ${r.loss.toFixed(4)} |`),
+  'tokens/s from the median step time of steps 2..N (the first step warms up); worker event-loop lag = highest p99 of any worker in any measured step.',
+  '', '| layout (stages×replicas) | tokens/s | vs 1×1 | peak MiB per GPU | bubble measured | bubble theory | all-reduce ms/step | waiting on other stages ms/step | waiting share of step | worker loop lag p99 ms | adapter max rel. diff vs 1×1 | last loss |', '|---|---|---|---|---|---|---|---|---|---|---|---|',
+  ...rows.map((r) => `| ${r.layout} | ${r.tps.toFixed(0)} | ${(r.tps / base).toFixed(2)}× | ${[...r.peak].map(([g, v]) => `${g}: ${v}`).join(', ') || '—'} | ${r.bubble} | ${r.theory.toFixed(3)} | ${r.allreduce} | ${r.idle} | ${r.idleShare} | ${r.lag} | ${r.diff} | ${r.loss.toFixed(4)} |`),
 ];
 writeFileSync(join(out, 'multigpu.md'), lines.join('\n') + '\n');
 process.stdout.write(lines.join('\n') + '\n');

@@ -30,7 +30,9 @@ export class ComputeThread {
   onBucket?: (b: GradBucket) => void;
 
   private constructor() {
-    this.worker = new Worker(new URL('./compute-thread.mjs', import.meta.url));
+    // DQLORA_COMPUTE_ENTRY: a bundled build's entry (compute-main.ts bundled), else the source tree's bootstrap.
+    const entry = process.env.DQLORA_COMPUTE_ENTRY;
+    this.worker = new Worker(entry ? entry : new URL('./compute-thread.mjs', import.meta.url));
     this.worker.on('message', (m: ComputeReply) => {
       if ('bucket' in m) { this.onBucket?.(m.bucket); return; }
       const p = this.pending.get(m.id);
