@@ -16,6 +16,16 @@ export DQLORA_COMPUTE_ENTRY=$PWD/.device/compute.mjs
 export DQLORA_LOG_LEVEL=${DQLORA_LOG_LEVEL:-warn}
 nvidia-smi -L | tee "$OUT/log.txt"
 node -e 'const a=require(process.env.DQLORA_CUDA_ADDON); console.log("cuda devices:", a.deviceCount().count)' 2>&1 | tee -a "$OUT/log.txt"
+# MG_MPS=1: run the layouts under CUDA MPS (processes sharing a GPU then run kernels concurrently), when the
+# control daemon exists on the machine; the log says whether it ran.
+if [ "${MG_MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control >/dev/null; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d && echo "CUDA MPS: started" | tee -a "$OUT/log.txt"
+  trap 'echo quit | nvidia-cuda-mps-control' EXIT
+else
+  echo "CUDA MPS: not used (MG_MPS=${MG_MPS:-0}; control daemon $(command -v nvidia-cuda-mps-control || echo absent))" | tee -a "$OUT/log.txt"
+fi
 MODEL=/tmp/dqlora-mgpu-model
 PYTHONUNBUFFERED=1 timeout 200 python3 bench/gpu/torch_bench.py --save "$MODEL" --no-train --seq "${MG_SEQ:-1024}" 2>&1 | tail -3 | tee -a "$OUT/log.txt"
 timeout 420 node .device/multigpu.mjs --model "$MODEL" --tokenizer .device/tok --out "$OUT/run" \
