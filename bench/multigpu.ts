@@ -66,7 +66,7 @@ function memorySampler(): { stop: () => Promise<Map<string, number>> } {
   };
 }
 
-interface Row { layout: string; tps: number; seconds: number; peak: Map<string, number>; bubble: string; theory: number; diff: string; loss: number; allreduce: string; idle: string; idleShare: string; lag: string }
+interface Row { detail: string; layout: string; tps: number; seconds: number; peak: Map<string, number>; bubble: string; theory: number; diff: string; loss: number; allreduce: string; idle: string; idleShare: string; lag: string }
 const rows: Row[] = [];
 let ref: Map<string, Float32Array> | undefined;
 for (const [S, R] of layouts) {
@@ -99,8 +99,12 @@ for (const [S, R] of layouts) {
   const bubbles = steady.map((t) => t.bubble);
   const m = (GBS / R) / MICRO;
   const mean = (xs: (number | undefined)[]): string => { const v = xs.filter((x): x is number => typeof x === 'number'); return v.length ? (1000 * v.reduce((a, b) => a + b, 0) / v.length).toFixed(0) : '—'; };
+  // Where a stage's time goes in the median step: compute (forward + backward, as the worker's main thread sees
+  // it: includes host copies), waiting on the other stage, all-reduce.
+  const medStep = [...steady].sort((a, b) => a.seconds - b.seconds)[Math.floor(steady.length / 2)];
+  const detail = (medStep?.stages ?? []).map((x) => `s${x.stage}r${x.replica}: fwd ${(1000 * x.forwardSeconds).toFixed(0)} bwd ${(1000 * x.backwardSeconds).toFixed(0)} wait ${(1000 * x.idleSeconds).toFixed(0)} ar ${(1000 * x.allreduceSeconds).toFixed(0)} sched ${(1000 * x.pipelineSeconds).toFixed(0)}`).join('; ');
   rows.push({
-    layout: name, tps: (GBS * SEQ) / stepSec, seconds, peak, bubble: S > 1 ? (bubbles.reduce((a, b) => a + b, 0) / bubbles.length).toFixed(3) : '—', theory: S > 1 ? (S - 1) / (m + S - 1) : 0,
+    detail, layout: name, tps: (GBS * SEQ) / stepSec, seconds, peak, bubble: S > 1 ? (bubbles.reduce((a, b) => a + b, 0) / bubbles.length).toFixed(3) : '—', theory: S > 1 ? (S - 1) / (m + S - 1) : 0,
     diff, loss: res.lastLoss, allreduce: R > 1 ? mean(steady.map((t) => t.allreduceSeconds)) : '—', idle: S > 1 ? mean(steady.map((t) => t.idleSeconds)) : '—',
     idleShare: S > 1 ? `${(100 * med(steady.map((t) => t.idleSeconds / t.seconds))).toFixed(0)} %` : '—',
     lag: S * R > 1 ? (1000 * Math.max(...steady.map((t) => t.eventLoopLagP99))).toFixed(1) : '—',
@@ -113,6 +117,8 @@ const lines = [
   'tokens/s from the median step time of steps 2..N (the first step warms up); worker event-loop lag = highest p99 of any worker in any measured step.',
   '', '| layout (stages×replicas) | tokens/s | vs 1×1 | peak MiB per GPU | bubble measured | bubble theory | all-reduce ms/step | waiting on other stages ms/step | waiting share of step | worker loop lag p99 ms | adapter max rel. diff vs 1×1 | last loss |', '|---|---|---|---|---|---|---|---|---|---|---|---|',
   ...rows.map((r) => `| ${r.layout} | ${r.tps.toFixed(0)} | ${(r.tps / base).toFixed(2)}× | ${[...r.peak].map(([g, v]) => `${g}: ${v}`).join(', ') || '—'} | ${r.bubble} | ${r.theory.toFixed(3)} | ${r.allreduce} | ${r.idle} | ${r.idleShare} | ${r.lag} | ${r.diff} | ${r.loss.toFixed(4)} |`),
+  '', 'Per stage replica in the median step (ms):', '',
+  ...rows.filter((r) => r.detail).map((r) => `- ${r.layout}: ${r.detail}`),
 ];
 writeFileSync(join(out, 'multigpu.md'), lines.join('\n') + '\n');
 process.stdout.write(lines.join('\n') + '\n');

@@ -21,6 +21,8 @@ export interface StepTiming {
   readonly idleSeconds: number;
   /** Highest event-loop delay p99 of any worker during the step (s): compute must never block a worker's loop. */
   readonly eventLoopLagP99: number;
+  /** Per stage replica: forward, backward, waiting and all-reduce seconds (empty in one process). */
+  readonly stages: readonly StageTiming[];
 }
 
 export interface ExecutedStep extends StepOutcome {

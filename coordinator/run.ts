@@ -173,7 +173,7 @@ export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<Run
           if (Number.isNaN(first)) first = r.loss;
           last = r.loss;
           timings.push({ step: r.step, seconds, bubble: out.bubble, grpcBytes: out.grpcBytes, natsBytes: out.natsBytes,
-            allreduceSeconds: Math.max(0, ...out.stageTimings.map((x) => x.allreduceSeconds)), idleSeconds: Math.max(0, ...out.stageTimings.map((x) => x.idleSeconds)), eventLoopLagP99: out.eventLoopLagP99 });
+            allreduceSeconds: Math.max(0, ...out.stageTimings.map((x) => x.allreduceSeconds)), idleSeconds: Math.max(0, ...out.stageTimings.map((x) => x.idleSeconds)), eventLoopLagP99: out.eventLoopLagP99, stages: out.stageTimings });
           notify(observers, 'onStep', { ...r, totalSteps, seconds, tokensPerSecond: tokensSeen / stepSeconds, bubble: out.bubble, stageTimings: out.stageTimings });
           if (!Number.isFinite(r.loss)) throw new ConfigError(`loss became ${r.loss} at step ${r.step}`, { hint: 'lower training.lr or check the data' });
           if (t.eval_every > 0 && r.step % t.eval_every === 0 && ds.validation.length) await evaluate();
