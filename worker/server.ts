@@ -17,6 +17,7 @@ import { DqloraError, WireError } from '../common/errors.ts';
 import { logger } from '../common/log.ts';
 import { createWorkerMetrics, serveMetrics, type MetricsServer, type WorkerMetrics } from '../common/metrics.ts';
 import { DEFAULT_CHUNK_BYTES } from '../wire/tensor.ts';
+import { freeMemoryBytes, totalMemoryBytes } from '../common/container.ts';
 import {
   ControlClient, DeviceKind, StepStats, WorkerState, type Command, type RegisterReply, type StepReport, type ReportAck, type StateChunk,
 } from '../proto/gen/dqlora/v1/control.ts';
@@ -84,7 +85,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
     try {
       reg = await unary(client.register.bind(client), {
         jobToken: o.jobToken, hostname: os.hostname(), listenAddress: advertise, capabilities: [backendName],
-        device: { kind: backendName === 'cuda' ? DeviceKind.DEVICE_KIND_CUDA : DeviceKind.DEVICE_KIND_CPU, name: backendName === 'cpu' ? os.cpus()[0]?.model ?? 'cpu' : 'cuda', totalMemoryBytes: os.totalmem(), freeMemoryBytes: os.freemem() },
+        device: { kind: backendName === 'cuda' ? DeviceKind.DEVICE_KIND_CUDA : DeviceKind.DEVICE_KIND_CPU, name: backendName === 'cpu' ? os.cpus()[0]?.model ?? 'cpu' : 'cuda', totalMemoryBytes: totalMemoryBytes(), freeMemoryBytes: freeMemoryBytes() },
       });
       break;
     } catch (e) {
@@ -120,7 +121,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   const hbMs = Math.max(50, reg.heartbeatIntervalMs || 1000);
   let lastOk = Date.now();
   const hb = setInterval(() => {
-    unary(client.heartbeat.bind(client), { jobToken: o.jobToken, workerId: id, state, step: lastStep, memoryInUseBytes: runner.memoryInUse(), freeMemoryBytes: os.freemem() }, Math.max(1000, hbMs * 2))
+    unary(client.heartbeat.bind(client), { jobToken: o.jobToken, workerId: id, state, step: lastStep, memoryInUseBytes: runner.memoryInUse(), freeMemoryBytes: freeMemoryBytes() }, Math.max(1000, hbMs * 2))
       .then((r) => { lastOk = Date.now(); if (!r.ok) stop(1, `the coordinator does not know this worker any more: ${r.reason}`); })
       .catch(() => { if (Date.now() - lastOk > Math.max(30_000, 10 * hbMs)) stop(1, `no contact with the coordinator at ${o.coordinator} for ${Math.round((Date.now() - lastOk) / 1000)} s`); });
   }, hbMs);
