@@ -140,16 +140,36 @@ export interface MetricsServer {
   close(): Promise<void>;
 }
 
+/** One probe's answer: ok → 200, else 503; `detail` is the response body (what a `kubectl describe` shows). */
+export interface HealthStatus { readonly ok: boolean; readonly detail: string }
+
 /**
- * Serves `GET /metrics` (Prometheus text format) and `GET /healthz` ("ok") on host:port (port 0 = any free
- * port; the bound one is returned). Binds 127.0.0.1 unless told otherwise: exposing it is a deployment choice.
+ * What the probes mean (Kubernetes): liveness (`/healthz`) = the process answers and need not be restarted;
+ * readiness (`/readyz`) = it can do its job now (a worker: its stage is loaded and it can take a step). A check
+ * that throws counts as not ok. Without checks both answer "ok" while the process serves HTTP.
  */
+export interface HealthChecks {
+  live?(): HealthStatus;
+  ready?(): HealthStatus;
+}
+
 /** Host the /metrics server binds: DQLORA_METRICS_HOST (0.0.0.0 in Kubernetes, so probes and Prometheus reach it), else loopback. */
 export function metricsHost(env: NodeJS.ProcessEnv = process.env): string {
   return env.DQLORA_METRICS_HOST?.trim() || '127.0.0.1';
 }
 
-export function serveMetrics(registry: Registry, port: number, host = metricsHost()): Promise<MetricsServer> {
+function probe(health: HealthChecks, which: 'live' | 'ready'): HealthStatus {
+  const name = which === 'ready' && !health.ready ? 'live' : which;
+  if (!health[name]) return { ok: true, detail: 'ok' };
+  try { return health[name](); } catch (e) { return { ok: false, detail: `health check failed: ${(e as Error).message}` }; }
+}
+
+/**
+ * Serves `GET /metrics` (Prometheus text format), `GET /healthz` (liveness) and `GET /readyz` (readiness) on
+ * host:port (port 0 = any free port; the bound one is returned). Binds 127.0.0.1 unless told otherwise: exposing
+ * it is a deployment choice.
+ */
+export function serveMetrics(registry: Registry, port: number, host = metricsHost(), health: HealthChecks = {}): Promise<MetricsServer> {
   const server = http.createServer((req, res) => {
     const path = (req.url ?? '/').split('?')[0];
     if (req.method !== 'GET' && req.method !== 'HEAD') {
@@ -159,10 +179,11 @@ export function serveMetrics(registry: Registry, port: number, host = metricsHos
         (text) => res.writeHead(200, { 'content-type': registry.contentType }).end(req.method === 'HEAD' ? undefined : text),
         (err: unknown) => res.writeHead(500, { 'content-type': 'text/plain' }).end(`collecting metrics failed: ${String(err)}\n`),
       );
-    } else if (path === '/healthz') {
-      res.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
+    } else if (path === '/healthz' || path === '/readyz') {
+      const h = probe(health, path === '/healthz' ? 'live' : 'ready');
+      res.writeHead(h.ok ? 200 : 503, { 'content-type': 'text/plain' }).end(`${h.detail}\n`);
     } else {
-      res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics or /healthz\n');
+      res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics, /healthz or /readyz\n');
     }
   });
   return new Promise((resolve, reject) => {

@@ -18,6 +18,7 @@ import { logger } from '../common/log.ts';
 import { createWorkerMetrics, serveMetrics, type MetricsServer, type WorkerMetrics } from '../common/metrics.ts';
 import { DEFAULT_CHUNK_BYTES } from '../wire/tensor.ts';
 import { freeMemoryBytes, totalMemoryBytes } from '../common/container.ts';
+import { WorkerHealth } from './health.ts';
 import {
   ControlClient, DeviceKind, StepStats, WorkerState, type Command, type RegisterReply, type StepReport, type ReportAck, type StateChunk,
 } from '../proto/gen/dqlora/v1/control.ts';
@@ -58,8 +59,9 @@ function unary<Req, Res>(fn: (req: Req, md: grpc.Metadata, o: grpc.CallOptions, 
 export async function runWorker(o: WorkerOptions): Promise<number> {
   const metrics: WorkerMetrics = createWorkerMetrics({ defaultLabels: { role: 'worker' } });
   let metricsServer: MetricsServer | undefined;
+  const health = new WorkerHealth(); // /healthz = alive, /readyz = a loaded stage (worker/health.ts)
   if (o.metricsPort !== undefined) {
-    metricsServer = await serveMetrics(metrics.registry, o.metricsPort);
+    metricsServer = await serveMetrics(metrics.registry, o.metricsPort, undefined, health);
     log.info({ port: metricsServer.port }, 'metrics on /metrics');
   }
   const runner = await StageRunner.start(o.device, o.jobToken, metrics);
@@ -104,6 +106,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   log.info({ id, coordinator: o.coordinator, pipeline: advertise }, 'registered');
 
   let state = WorkerState.WORKER_STATE_REGISTERED;
+  health.track(() => state);
   let lastStep = -1;
   let exitCode = 0;
   let finish!: () => void;
