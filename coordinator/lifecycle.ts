@@ -1,0 +1,354 @@
+// A job's life outside its steps: whether to run at all (a finished output_dir), how to stop on SIGTERM / SIGINT
+// (checkpoint within the grace period, a documented exit code, the resume command), how long to wait between
+// recoveries (exponential back-off with a cap), how to ride out a short NATS or coordinator outage without using
+// up a recovery, and how recover / fatal events are logged (structured JSON, one `event` field to filter on).
+//
+// The job loop calls these; none of them runs a step. Exit codes (documented in README "Exit codes"):
+//   0   succeeded, or output_dir already holds the finished run (nothing to do)
+//   1   failed: a fatal error (bad input, recoveries exhausted); the message says what to do
+//   75  stopped by SIGTERM / SIGINT after writing a checkpoint: resumable (EX_TEMPFAIL; a Kubernetes Job's
+//       podFailurePolicy ignores it, so a preempted coordinator does not count against backoffLimit)
+//   130 interrupted without a checkpoint: a second signal, or no checkpoint within the grace period
+import { existsSync, readFileSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import { listCheckpoints } from '../common/checkpoint.ts';
+import { DqloraError } from '../common/errors.ts';
+import { logger, type Logger } from '../common/log.ts';
+
+export const EXIT = { succeeded: 0, failed: 1, stopped: 75, interrupted: 130 } as const;
+
+const log = logger('lifecycle');
+
+// ---- a finished output_dir ------------------------------------------------------------------------------------
+
+export interface FinishedRun {
+  /** Optimizer steps done = the run's total. */
+  readonly step: number;
+  readonly totalSteps: number;
+  readonly checkpointDir: string;
+  readonly adapterDir: string;
+  /** When summary.json was written. */
+  readonly finishedAt: Date;
+}
+
+/**
+ * The finished run in `outputDir`, or null. Finished = the final adapter and summary.json exist and the newest
+ * complete checkpoint has done all its steps (the loop writes the final checkpoint before the adapter and the
+ * summary last). Reads three small files; runs before any slow work (dataset, model).
+ */
+export function finishedRun(outputDir: string): FinishedRun | null {
+  const summary = join(outputDir, 'summary.json');
+  const adapterDir = join(outputDir, 'adapter');
+  if (!existsSync(summary) || !existsSync(join(adapterDir, 'adapter_model.safetensors'))) return null;
+  const newest = listCheckpoints(outputDir).at(-1);
+  if (!newest) return null;
+  let state: { step?: unknown; totalSteps?: unknown };
+  try {
+    state = JSON.parse(readFileSync(join(newest.dir, 'trainer_state.json'), 'utf8')) as typeof state;
+  } catch {
+    return null; // a torn state file: the loop's own checks report it when it resumes
+  }
+  if (typeof state.step !== 'number' || typeof state.totalSteps !== 'number' || state.step < state.totalSteps) return null;
+  return { step: state.step, totalSteps: state.totalSteps, checkpointDir: newest.dir, adapterDir, finishedAt: statSync(summary).mtime };
+}
+
+export type StartDecision =
+  | { readonly action: 'run' }
+  /** Nothing to do: print `message`, exit 0, touch nothing. */
+  | { readonly action: 'done'; readonly message: string; readonly finished: FinishedRun }
+  /** --fresh on a finished run: train from step 0 (training.resume: false). */
+  | { readonly action: 'fresh'; readonly message: string }
+  /** --max-steps above the finished count: resume from the final checkpoint and train on. */
+  | { readonly action: 'extend'; readonly message: string; readonly finished: FinishedRun };
+
+/** What `coordinator start` does with `outputDir`, given --fresh and --max-steps. */
+export function startDecision(outputDir: string, o: { fresh?: boolean; maxSteps?: number } = {}): StartDecision {
+  const f = finishedRun(outputDir);
+  if (!f) return { action: 'run' };
+  if (o.fresh) return { action: 'fresh', message: `${outputDir} holds a finished run (${f.step} steps); --fresh: training again from step 0 (its checkpoints, adapter and summary will be replaced)` };
+  if (o.maxSteps !== undefined && o.maxSteps > f.step) {
+    return { action: 'extend', finished: f, message: `${outputDir} holds a finished run of ${f.step} steps; --max-steps ${o.maxSteps}: resuming from ${f.checkpointDir} to train ${o.maxSteps - f.step} more` };
+  }
+  const why = o.maxSteps !== undefined ? ` (--max-steps ${o.maxSteps} is not above the ${f.step} steps done)` : '';
+  return {
+    action: 'done', finished: f,
+    message: `${outputDir} already holds a finished run: ${f.step}/${f.totalSteps} steps, adapter ${f.adapterDir}, finished ${f.finishedAt.toISOString()}${why}. `
+      + 'Nothing to do; nothing was changed. To train again from scratch pass --fresh; to train further pass --max-steps N with N above '
+      + `${f.step}; or choose another output_dir.`,
+  };
+}
+
+// ---- SIGTERM / SIGINT ------------------------------------------------------------------------------------------
+
+export interface StopSignals {
+  /** True once SIGTERM or SIGINT arrived: finish or abort the step in flight, checkpoint, exit EXIT.stopped. */
+  readonly requested: boolean;
+  /** The signal received ('SIGTERM' | 'SIGINT'), when requested. */
+  readonly signalName: string | undefined;
+  /** Aborted on the first signal: pass it to waits (back-off, worker waits) so they end at once. */
+  readonly abort: AbortSignal;
+  /** Resolves on the first signal. */
+  readonly whenRequested: Promise<string>;
+  /** Removes the handlers and the grace timer (call when the job ends). */
+  dispose(): void;
+}
+
+export interface StopSignalOptions {
+  /**
+   * Time from the first signal to the forced exit (EXIT.interrupted) when the checkpoint is not written by then.
+   * Default: DQLORA_STOP_GRACE_S, else 50 s. Keep it below the pod's terminationGracePeriodSeconds (the kubelet
+   * SIGKILLs after that): the manifests set 90 s and DQLORA_STOP_GRACE_S=75.
+   */
+  readonly graceMs?: number;
+  /** For tests: the process whose signals to handle, and how to exit. */
+  readonly proc?: Pick<NodeJS.Process, 'on' | 'off'>;
+  readonly exit?: (code: number) => void;
+  readonly log?: Logger;
+}
+
+export function defaultGraceMs(env: NodeJS.ProcessEnv = process.env): number {
+  const s = Number(env.DQLORA_STOP_GRACE_S);
+  return Number.isFinite(s) && s > 0 ? s * 1000 : 50_000;
+}
+
+/**
+ * Handles SIGTERM and SIGINT: the first asks the loop to stop (it writes a checkpoint and exits EXIT.stopped);
+ * a second one, or the grace period running out, exits at once with EXIT.interrupted.
+ */
+export function installStopSignals(o: StopSignalOptions = {}): StopSignals {
+  const proc = o.proc ?? process;
+  const exit = o.exit ?? ((c: number) => process.exit(c));
+  const l = o.log ?? log;
+  const graceMs = o.graceMs ?? defaultGraceMs();
+  const ac = new AbortController();
+  let signalName: string | undefined;
+  let resolve!: (s: string) => void;
+  const whenRequested = new Promise<string>((r) => { resolve = r; });
+  let timer: NodeJS.Timeout | undefined;
+  const handler = (sig: NodeJS.Signals): void => {
+    if (signalName) {
+      l.warn({ event: 'stop', signal: sig, forced: true }, `${sig} again: exiting now without a checkpoint`);
+      exit(EXIT.interrupted);
+      return;
+    }
+    signalName = sig;
+    l.warn({ event: 'stop', signal: sig, graceSeconds: graceMs / 1000 }, `${sig}: stopping after a checkpoint (again to exit at once)`);
+    timer = setTimeout(() => {
+      l.error({ event: 'stop', signal: sig, forced: true, graceSeconds: graceMs / 1000 }, `no checkpoint within ${graceMs / 1000} s of ${sig}: exiting without one`);
+      exit(EXIT.interrupted);
+    }, graceMs);
+    timer.unref();
+    ac.abort(new StopRequested(sig));
+    resolve(sig);
+  };
+  proc.on('SIGTERM', handler);
+  proc.on('SIGINT', handler);
+  return {
+    get requested() { return signalName !== undefined; },
+    get signalName() { return signalName; },
+    abort: ac.signal,
+    whenRequested,
+    dispose() {
+      proc.off('SIGTERM', handler);
+      proc.off('SIGINT', handler);
+      if (timer) clearTimeout(timer);
+    },
+  };
+}
+
+/** The abort reason of StopSignals.abort: a wait cut short by a stop request (not a failure). */
+export class StopRequested extends DqloraError {
+  constructor(readonly signalName: string) { super(`stopped by ${signalName}`); }
+}
+
+/**
+ * The command that resumes this run: the same invocation without --stop-after and --fresh (a resume must not
+ * start over). `argv` is process.argv; the program is shown as `npx coordinator`.
+ */
+export function resumeCommand(argv: readonly string[] = process.argv): string {
+  const args = argv.slice(2);
+  const out: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i];
+    if (a === '--fresh') continue;
+    if (a === '--stop-after') { i++; continue; }
+    if (a.startsWith('--stop-after=')) continue;
+    out.push(a);
+  }
+  return ['npx coordinator', ...out.map(shellQuote)].join(' ');
+}
+
+function shellQuote(s: string): string {
+  return /^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
+/** The lines printed when a signal stopped the run after its checkpoint. */
+export function stoppedMessage(o: { signalName: string; step: number; totalSteps: number; checkpointDir: string; argv?: readonly string[] }): string {
+  return `stopped by ${o.signalName} at step ${o.step}/${o.totalSteps}; checkpoint ${o.checkpointDir}\n`
+    + `resume with: ${resumeCommand(o.argv)}\n`
+    + `(exit code ${EXIT.stopped}: stopped, resumable)`;
+}
+
+// ---- recovery back-off -----------------------------------------------------------------------------------------
+
+export interface BackoffOptions {
+  /** First delay (ms). Default 1 s. */
+  readonly initialMs?: number;
+  /** Growth per attempt. Default 2. */
+  readonly factor?: number;
+  /** Largest delay (ms). Default 60 s. */
+  readonly maxMs?: number;
+  /** ± fraction of random jitter (0 = none). Default 0.2: replicas of a job restarting together spread out. */
+  readonly jitter?: number;
+  /** Uniform [0, 1) source (tests pass a fixed one). */
+  readonly random?: () => number;
+}
+
+/** Exponential back-off with a cap: initial · factor^attempt, at most maxMs, with jitter; reset after success. */
+export class Backoff {
+  private n = 0;
+  readonly initialMs: number; readonly factor: number; readonly maxMs: number; readonly jitter: number;
+  private readonly random: () => number;
+  constructor(o: BackoffOptions = {}) {
+    this.initialMs = o.initialMs ?? 1000;
+    this.factor = o.factor ?? 2;
+    this.maxMs = o.maxMs ?? 60_000;
+    this.jitter = o.jitter ?? 0.2;
+    this.random = o.random ?? Math.random;
+    if (!(this.initialMs > 0 && this.factor >= 1 && this.maxMs >= this.initialMs && this.jitter >= 0 && this.jitter < 1)) {
+      throw new DqloraError(`back-off: need initialMs > 0, factor ≥ 1, maxMs ≥ initialMs, 0 ≤ jitter < 1 (got ${this.initialMs}, ${this.factor}, ${this.maxMs}, ${this.jitter})`);
+    }
+  }
+  /** Attempts so far since the last reset. */
+  get attempt(): number { return this.n; }
+  /** The next delay (ms), and count the attempt. */
+  next(): number {
+    const base = Math.min(this.maxMs, this.initialMs * this.factor ** this.n);
+    this.n++;
+    const j = this.jitter ? 1 + this.jitter * (2 * this.random() - 1) : 1;
+    return Math.round(Math.min(this.maxMs, base * j));
+  }
+  reset(): void { this.n = 0; }
+}
+
+/** Waits ms, or less when `abort` fires (resolves false then). */
+export function sleep(ms: number, abort?: AbortSignal): Promise<boolean> {
+  return new Promise((resolve) => {
+    if (abort?.aborted) { resolve(false); return; }
+    const t = setTimeout(() => { abort?.removeEventListener('abort', onAbort); resolve(true); }, ms);
+    const onAbort = (): void => { clearTimeout(t); resolve(false); };
+    abort?.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+// ---- riding out short outages ----------------------------------------------------------------------------------
+
+/** Node's and gRPC's "cannot reach the other side" errors: an outage, not a bug. */
+const CONNECTION_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'ENETUNREACH', 'ETIMEDOUT', 'EPIPE', 'ENOTFOUND', 'EAI_AGAIN', 'CONNECTION_REFUSED', 'DISCONNECT']);
+/** gRPC status 14 UNAVAILABLE: the server is down or unreachable (retryable by definition). */
+const GRPC_UNAVAILABLE = 14;
+
+export function isConnectionError(e: unknown): boolean {
+  for (let x: unknown = e, depth = 0; x && depth < 5; x = (x as { cause?: unknown }).cause, depth++) {
+    const code = (x as { code?: unknown }).code;
+    if (typeof code === 'string' && CONNECTION_CODES.has(code)) return true;
+    if (code === GRPC_UNAVAILABLE) return true;
+    const msg = (x as Error).message;
+    if (typeof msg === 'string' && /ECONNREFUSED|ECONNRESET|CONNECTION_REFUSED|connection refused|No connection established/i.test(msg)) return true;
+  }
+  return false;
+}
+
+/** A connection failure that names what was dialled and where. */
+export class ConnectionError extends DqloraError {}
+
+export function connectionError(what: string, address: string, cause: unknown, downForMs?: number): ConnectionError {
+  const code = (cause as { code?: unknown }).code;
+  const detail = (cause as Error)?.message?.split('\n')[0] ?? String(cause);
+  const down = downForMs !== undefined ? ` (unreachable for ${(downForMs / 1000).toFixed(0)} s)` : '';
+  return new ConnectionError(`cannot reach ${what} at ${address}${down}: ${detail}${typeof code === 'string' && !detail.includes(code) ? ` (${code})` : ''}`, {
+    hint: `check that ${what} is running and that ${address} resolves and is reachable from here (network policy, firewall, TLS settings)`,
+    cause,
+  });
+}
+
+export interface RideOutOptions {
+  /** What is dialled, for messages ("NATS", "the coordinator"). */
+  readonly what: string;
+  readonly address: string;
+  /** Keep retrying connection errors for this long after the first failure (ms). */
+  readonly windowMs: number;
+  readonly backoff?: Backoff;
+  readonly abort?: AbortSignal;
+  readonly log?: Logger;
+}
+
+/**
+ * Runs `fn`; a connection error is retried with back-off until `windowMs` has passed since the first one, so an
+ * outage shorter than the window (a NATS restart, a rescheduled coordinator pod) costs a delay, not a recovery.
+ * Other errors, and an outage longer than the window, are thrown (the latter as a ConnectionError naming the
+ * address); the loop's recovery takes over from there.
+ */
+export async function rideOut<T>(fn: () => Promise<T>, o: RideOutOptions): Promise<T> {
+  const backoff = o.backoff ?? new Backoff({ initialMs: 250, maxMs: 5000 });
+  const l = o.log ?? log;
+  let firstFailure: number | undefined;
+  for (;;) {
+    try {
+      const r = await fn();
+      if (firstFailure !== undefined) l.info({ event: 'reconnected', what: o.what, address: o.address, downSeconds: (Date.now() - firstFailure) / 1000 }, `${o.what} at ${o.address} reachable again`);
+      return r;
+    } catch (e) {
+      if (!isConnectionError(e)) throw e;
+      const now = Date.now();
+      firstFailure ??= now;
+      const down = now - firstFailure;
+      const wait = backoff.next();
+      if (down + wait > o.windowMs) throw connectionError(o.what, o.address, e, down);
+      l.warn({ event: 'outage', what: o.what, address: o.address, downSeconds: down / 1000, retryInMs: wait, windowSeconds: o.windowMs / 1000 }, `${o.what} at ${o.address} unreachable: retrying`);
+      if (!(await sleep(wait, o.abort))) throw o.abort?.reason ?? connectionError(o.what, o.address, e, down);
+    }
+  }
+}
+
+// ---- structured recover / fatal events --------------------------------------------------------------------------
+
+export interface RecoverEventFields {
+  readonly step: number;
+  readonly attempt: number;
+  readonly maxRecoveries: number;
+  readonly reason: string;
+  readonly resumeFrom: string;
+  readonly backoffMs: number;
+  readonly worker?: string;
+  readonly stage?: number;
+}
+
+/** One JSON log line per recovery: {event: "recover", step, attempt, maxRecoveries, reason, resumeFrom, backoffMs, …}. */
+export function logRecover(f: RecoverEventFields, l: Logger = log): void {
+  l.warn({ event: 'recover', ...f }, `recovering (${f.attempt}/${f.maxRecoveries}) from step ${f.step}: ${f.reason}; resuming from ${f.resumeFrom || 'the initial state'} in ${(f.backoffMs / 1000).toFixed(1)} s`);
+}
+
+/** The fatal error as one JSON log line: {event: "fatal", error, hint?, kind, step?}; no stack for user mistakes. */
+export function logFatal(e: unknown, ctx: { step?: number } = {}, l: Logger = log): void {
+  const user = e instanceof DqloraError;
+  const msg = e instanceof Error ? e.message.split('\n  hint: ')[0] : String(e);
+  l.fatal({
+    event: 'fatal', kind: e instanceof Error ? e.name : typeof e, error: msg,
+    ...(user && e.hint ? { hint: e.hint } : {}), ...ctx,
+    ...(!user && e instanceof Error ? { stack: e.stack } : {}),
+  }, `job failed: ${msg}`);
+}
+
+// ---- the last scrape ----------------------------------------------------------------------------------------------
+
+/**
+ * Keeps the process (and its /metrics) up for `ms` after the job ended, so Prometheus scrapes the final state
+ * (job state succeeded/failed, last loss, eval loss). Ends early on SIGTERM/SIGINT. Default from
+ * DQLORA_METRICS_LINGER_S (the manifests set 2 scrape intervals), else 0.
+ */
+export async function lingerForScrape(ms = Number(process.env.DQLORA_METRICS_LINGER_S ?? 0) * 1000, abort?: AbortSignal): Promise<void> {
+  if (!(ms > 0)) return;
+  log.info({ event: 'linger', seconds: ms / 1000 }, 'job ended: serving the final metrics before exiting');
+  await sleep(ms, abort);
+}
