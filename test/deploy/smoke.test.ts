@@ -78,14 +78,14 @@ test('cpu overlay: coordinator and workers started with the manifests\' argument
       return p;
     };
 
-    const co = containerOf(objs, 'Deployment', n.coordinator);
+    const co = containerOf(objs, 'Job', n.coordinator);
     assert.deepEqual(co.args.slice(0, 2), ['start', '-c']);
     const coordEnv = envOf(co, secrets, {});
     assert.equal(coordEnv[ENV.jobToken], secrets['job-token']);
     const coordinator = start('coordinator.js', ['start', '-c', jobPath, ...co.args.slice(3)], coordEnv);
     const coordExit = new Promise<number | null>((res) => coordinator.once('exit', (code) => res(code)));
 
-    const wo = containerOf(objs, 'StatefulSet', n.worker);
+    const wo = containerOf(objs, 'Job', n.worker);
     const workerMetrics: number[] = [];
     for (let i = 0; i < S * R; i++) {
       const [pipe, metrics] = [await freePort(), await freePort()];
@@ -97,7 +97,7 @@ test('cpu overlay: coordinator and workers started with the manifests\' argument
         if (flag === '--metrics-port') return String(metrics);
         return a;
       });
-      start('worker.js', args, envOf(wo, secrets, { POD_NAME: `${n.worker}-${i}`, POD_NAMESPACE: cfg.namespace }));
+      start('worker.js', args, envOf(wo, secrets, { JOB_COMPLETION_INDEX: String(i), POD_NAMESPACE: cfg.namespace }));
     }
 
     // The probes' endpoint answers on every worker while the job runs.
