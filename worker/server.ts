@@ -5,6 +5,9 @@
 //
 // Lifetime: the worker exits when the coordinator says Shutdown, when its command stream ends or breaks
 // (coordinator gone: nothing to wait for), or when heartbeats keep failing — it never hangs on a dead job.
+// Exit codes: 0 the coordinator said Shutdown (the job is over: a Kubernetes Indexed Job counts the index done),
+// 75 lost its coordinator (EXIT_COORDINATOR_LOST: the pod is replaced and rejoins the restarted coordinator),
+// 1 this worker failed.
 import { channelCredentials, serverCredentials } from '../common/tls.ts';
 import os from 'node:os';
 import * as grpc from '@grpc/grpc-js';
@@ -45,6 +48,9 @@ export interface WorkerOptions {
 
 /** Test hook: DQLORA_FAULT_KILL_AT_STEP=N makes the worker SIGKILL itself when RunStep N arrives. */
 const faultStep = process.env.DQLORA_FAULT_KILL_AT_STEP !== undefined ? Number(process.env.DQLORA_FAULT_KILL_AT_STEP) : undefined;
+
+/** Exit code when the coordinator went away without saying Shutdown: rejoin (EX_TEMPFAIL, as the coordinator's stop). */
+export const EXIT_COORDINATOR_LOST = 75;
 
 /** Deadline of unary control calls. */
 const CONTROL_DEADLINE_MS = 10_000;
@@ -125,8 +131,8 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   let lastOk = Date.now();
   const hb = setInterval(() => {
     unary(client.heartbeat.bind(client), { jobToken: o.jobToken, workerId: id, state, step: lastStep, memoryInUseBytes: runner.memoryInUse(), freeMemoryBytes: freeMemoryBytes() }, Math.max(1000, hbMs * 2))
-      .then((r) => { lastOk = Date.now(); if (!r.ok) stop(1, `the coordinator does not know this worker any more: ${r.reason}`); })
-      .catch(() => { if (Date.now() - lastOk > Math.max(30_000, 10 * hbMs)) stop(1, `no contact with the coordinator at ${o.coordinator} for ${Math.round((Date.now() - lastOk) / 1000)} s`); });
+      .then((r) => { lastOk = Date.now(); if (!r.ok) stop(EXIT_COORDINATOR_LOST, `the coordinator does not know this worker any more: ${r.reason}`); })
+      .catch(() => { if (Date.now() - lastOk > Math.max(30_000, 10 * hbMs)) stop(EXIT_COORDINATOR_LOST, `no contact with the coordinator at ${o.coordinator} for ${Math.round((Date.now() - lastOk) / 1000)} s`); });
   }, hbMs);
 
   const report = (r: Omit<StepReport, 'jobToken' | 'workerId'>): Promise<ReportAck> =>
@@ -212,8 +218,8 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
     else if (k === 'assignStage' || k === 'shutdown') runner.abort(`${k} received`);
     queue = queue.then(() => execute(cmd));
   });
-  stream.on('error', (e: grpc.ServiceError) => { if (e.code !== grpc.status.CANCELLED) stop(1, `command stream from ${o.coordinator} broke: ${e.details || e.message}`); });
-  stream.on('end', () => stop(stopping ? exitCode : 0, 'the coordinator closed the command stream'));
+  stream.on('error', (e: grpc.ServiceError) => { if (e.code !== grpc.status.CANCELLED) stop(EXIT_COORDINATOR_LOST, `command stream from ${o.coordinator} broke: ${e.details || e.message}`); });
+  stream.on('end', () => stop(stopping ? exitCode : EXIT_COORDINATOR_LOST, 'the coordinator closed the command stream without a shutdown'));
 
   await finished;
   clearInterval(hb);
