@@ -78,6 +78,22 @@ export function startDecision(outputDir: string, o: { fresh?: boolean; maxSteps?
   };
 }
 
+/**
+ * A checkpoint's run length against this job's: equal, or a finished run extended (more steps; `--max-steps N`
+ * above the finished count). Anything else would silently change the learning-rate schedule under the steps
+ * already trained, so it is refused, naming both lengths. (The fingerprint leaves max_steps/epochs out so that an
+ * extension can resume; this check keeps every other change of length out.)
+ */
+export function checkRunLength(dir: string, ck: { step: number; totalSteps: number }, totalSteps: number): 'same' | 'extend' {
+  if (ck.totalSteps === totalSteps) return 'same';
+  if (ck.step >= ck.totalSteps && totalSteps > ck.totalSteps) return 'extend';
+  throw new DqloraError(`checkpoint ${dir} belongs to a run of ${ck.totalSteps} steps (at step ${ck.step}); this job has ${totalSteps}`, {
+    hint: ck.step >= ck.totalSteps
+      ? `that run is finished: --max-steps N above ${ck.totalSteps} trains further from it; --fresh starts over`
+      : `training.max_steps / epochs changed mid-run: restore them to finish the run (${ck.totalSteps} steps), or start over with --fresh (or another output_dir)`,
+  });
+}
+
 // ---- SIGTERM / SIGINT ------------------------------------------------------------------------------------------
 
 export interface StopSignals {

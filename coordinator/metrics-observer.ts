@@ -7,6 +7,8 @@ import { WORKER_STATES } from '../common/metrics.ts';
 import type { JobObserver } from './events.ts';
 
 export interface MetricsObserverOptions {
+  /** Data-parallel replicas (all-reduce durations are recorded when > 1). */
+  readonly replicas: number;
   /** Micro-batches per step and replica (training.grad_accum): with the stage count, the theoretical bubble. */
   readonly microBatches: number;
   /** training.save_every (0 = only at the end). */
@@ -25,7 +27,7 @@ export interface MetricsObserver extends JobObserver {
   stopping(): void;
 }
 
-export function metricsObserver(m: CoordinatorMetrics, o: MetricsObserverOptions): MetricsObserver {
+export function jobMetricsObserver(m: CoordinatorMetrics, o: MetricsObserverOptions): MetricsObserver {
   const now = o.now ?? (() => Date.now() / 1000);
   return {
     onStart(e) {
@@ -38,17 +40,16 @@ export function metricsObserver(m: CoordinatorMetrics, o: MetricsObserverOptions
       m.loss.set(e.loss);
       m.learningRate.set(e.lr);
       m.gradNorm.set(e.gradNorm);
-      m.tokensPerSecond.set(e.tokensPerSecond);
+      m.tokensPerSecond.set(e.tokens / e.seconds);
       m.tokens.inc(e.tokens);
       m.steps.inc();
       m.stepDuration.observe(e.seconds);
-      m.pipelineBubble.set(e.bubble);
+      if (e.stageTimings.length) m.pipelineBubble.set(e.bubble);
       m.lastStepTimestamp.set(now());
-      const replicas = new Set(e.stageTimings.map((t) => t.replica)).size;
       for (const t of e.stageTimings) {
         m.stageDuration.observe({ stage: String(t.stage), phase: 'forward' }, t.forwardSeconds);
         m.stageDuration.observe({ stage: String(t.stage), phase: 'backward' }, t.backwardSeconds);
-        if (replicas > 1) m.allReduceDuration.observe({ stage: String(t.stage) }, t.allreduceSeconds);
+        if (o.replicas > 1) m.allReduceDuration.observe({ stage: String(t.stage) }, t.allreduceSeconds);
       }
     },
     onEval(e) {

@@ -19,7 +19,7 @@ import { runJob } from '../../coordinator/run.ts';
 import {
   Backoff, ConnectionError, EXIT, finishedRun, installStopSignals, isConnectionError, logFatal, logRecover, resumeCommand, rideOut, startDecision, stoppedMessage,
 } from '../../coordinator/lifecycle.ts';
-import { metricsObserver, theoreticalBubble } from '../../coordinator/metrics-observer.ts';
+import { jobMetricsObserver, theoreticalBubble } from '../../coordinator/metrics-observer.ts';
 import { createCoordinatorMetrics } from '../../common/metrics.ts';
 import { ConfigError } from '../../common/errors.ts';
 import { tinyExampleSetup } from '../helpers/tiny.ts';
@@ -217,7 +217,7 @@ test('metrics from the job events: unset until the first value, job state, recov
   assert.ok(sample(t, 'dqlora_job_state').includes('dqlora_job_state{state="starting",dqlora_job="kb"} 1'));
   assert.ok(!/[{,]job="/.test(t), 'no `job` label (Prometheus would rename it exported_job)');
 
-  const obs = metricsObserver(m, { microBatches: 4, saveEvery: 0, now: () => 1234 });
+  const obs = jobMetricsObserver(m, { replicas: 2, microBatches: 4, saveEvery: 0, now: () => 1234 });
   obs.onStart!({ name: 'kb', outputDir: 'o', totalSteps: 10, startStep: 0, stepsPerEpoch: 10, stages: 2, replicas: 2, executor: 'workers', backend: 'cpu', trainExamples: 1, validationExamples: 1 });
   obs.onStep!({ step: 1, totalSteps: 10, loss: 2.5, lr: 1e-4, gradNorm: 0.5, tokens: 100, labelTokens: 50, epoch: 0.1, seconds: 2, tokensPerSecond: 50, bubble: 0.3, stageTimings: [
     { stage: 0, replica: 0, forwardSeconds: 0.1, backwardSeconds: 0.2, idleSeconds: 0.1, allreduceSeconds: 0.05, pipelineSeconds: 1 },
