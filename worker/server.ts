@@ -212,14 +212,16 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   };
   const md = new grpc.Metadata();
   const stream = client.commands({ workerId: id, jobToken: o.jobToken }, md);
+  let shutdownSeen = false; // the stream may end before the queued Shutdown runs: it still counts as "job over"
   stream.on('data', (cmd: Command) => {
     const k = cmd.kind?.$case;
+    if (k === 'shutdown') shutdownSeen = true;
     if (cmd.kind?.$case === 'abort') runner.abort(cmd.kind.abort.reason);
     else if (k === 'assignStage' || k === 'shutdown') runner.abort(`${k} received`);
     queue = queue.then(() => execute(cmd));
   });
-  stream.on('error', (e: grpc.ServiceError) => { if (e.code !== grpc.status.CANCELLED) stop(EXIT_COORDINATOR_LOST, `command stream from ${o.coordinator} broke: ${e.details || e.message}`); });
-  stream.on('end', () => stop(stopping ? exitCode : EXIT_COORDINATOR_LOST, 'the coordinator closed the command stream without a shutdown'));
+  stream.on('error', (e: grpc.ServiceError) => { if (e.code !== grpc.status.CANCELLED) stop(shutdownSeen ? 0 : EXIT_COORDINATOR_LOST, `command stream from ${o.coordinator} broke: ${e.details || e.message}`); });
+  stream.on('end', () => stop(stopping ? exitCode : shutdownSeen ? 0 : EXIT_COORDINATOR_LOST, shutdownSeen ? 'shutdown: the coordinator closed the command stream' : 'the coordinator closed the command stream without a shutdown'));
 
   await finished;
   clearInterval(hb);
