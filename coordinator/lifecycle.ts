@@ -338,6 +338,8 @@ export interface RecoverEventFields {
   readonly backoffMs: number;
   readonly worker?: string;
   readonly stage?: number;
+  /** Set when the failure is part of a connection outage being ridden out (not counted as a recovery). */
+  readonly outageSeconds?: number;
 }
 
 /** One JSON log line per recovery: {event: "recover", step, attempt, maxRecoveries, reason, resumeFrom, backoffMs, …}. */

@@ -18,7 +18,7 @@ import { WorkersExecutor, type WorkersOptions } from './distributed/workers.ts';
 import type { Answer, JobObserver } from './events.ts';
 import { consoleObserver, notify } from './observers.ts';
 import { jobMetricsObserver } from './metrics-observer.ts';
-import { Backoff, checkRunLength, lingerForScrape, logRecover, sleep, type StopSignals } from './lifecycle.ts';
+import { Backoff, checkRunLength, isConnectionError, lingerForScrape, logRecover, sleep, type StopSignals } from './lifecycle.ts';
 import { compareAnswers } from './answer.ts';
 import { buildDataset } from './data/dataset.ts';
 import { createBackend } from '../core/engine/index.ts';
@@ -145,6 +145,8 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: { server?: Met
   const observers: JobObserver[] = [terminal, jobMetrics, ...(opts.observers ?? [])];
   const backoff = opts.recoveryBackoff ?? new Backoff();
   let stoppedBy: string | undefined;
+  /** When the current run of connection failures began (undefined: none since the last good step). */
+  let outageSince: number | undefined;
   let executor: StepExecutor | undefined;
   const timings: StepTiming[] = [];
   let recoveries = 0;
@@ -204,7 +206,7 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: { server?: Met
           timings.push({ step: r.step, seconds, bubble: out.bubble, grpcBytes: out.grpcBytes, natsBytes: out.natsBytes,
             allreduceSeconds: Math.max(0, ...out.stageTimings.map((x) => x.allreduceSeconds)), idleSeconds: Math.max(0, ...out.stageTimings.map((x) => x.idleSeconds)), eventLoopLagP99: out.eventLoopLagP99 });
           notify(observers, 'onStep', { ...r, totalSteps, seconds, tokensPerSecond: tokensSeen / stepSeconds, bubble: out.bubble, stageTimings: out.stageTimings });
-          backoff.reset();
+          backoff.reset(); outageSince = undefined;
           if (!Number.isFinite(r.loss)) throw new ConfigError(`loss became ${r.loss} at step ${r.step}`, { hint: 'lower training.lr or check the data' });
           if (t.eval_every > 0 && r.step % t.eval_every === 0 && ds.validation.length) await evaluate();
           if (t.save_every > 0 && r.step % t.save_every === 0 && r.step < totalSteps) await checkpoint();
@@ -214,8 +216,13 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: { server?: Met
         break;
       } catch (e) {
         if (!ex.recoverable(e)) throw e;
-        recoveries++;
         const msg = (e as Error).message.split('\n')[0];
+        // An outage (NATS restarting, connections refused) within distributed.outage_window_s is ridden out: the
+        // same pause, roll-back and back-off, but it does not use up a recovery.
+        const outage = isConnectionError(e) || /connection refused|ECONNREFUSED|ECONNRESET|UNAVAILABLE|cannot reach/i.test((e as Error).message);
+        if (outage) outageSince ??= Date.now();
+        const riddenOut = outage && Date.now() - outageSince! < d.outage_window_s * 1000;
+        if (!riddenOut) recoveries++;
         print(`worker failure at step ${state.step}: ${msg}`);
         if (recoveries > d.max_recoveries) throw new DqloraError(`giving up after ${d.max_recoveries} recoveries; last failure: ${msg}`, { cause: e, hint: 'check the workers\' logs; raise distributed.max_recoveries to keep trying' });
         ex.pause(msg);
@@ -223,7 +230,7 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: { server?: Met
         rollBackTo(lastCheckpoint);
         notify(observers, 'onRecovery', { step: state.step, attempt: recoveries, reason: msg, resumeFrom: lastCheckpoint?.dir ?? '' });
         const wait = backoff.next();
-        logRecover({ step: failedAt, attempt: recoveries, maxRecoveries: d.max_recoveries, reason: msg, resumeFrom: lastCheckpoint?.dir ?? '', backoffMs: wait });
+        logRecover({ step: failedAt, attempt: recoveries, maxRecoveries: d.max_recoveries, reason: msg, resumeFrom: lastCheckpoint?.dir ?? '', backoffMs: wait, ...(riddenOut ? { outageSeconds: (Date.now() - outageSince!) / 1000 } : {}) });
         print(`paused; resuming from ${lastCheckpoint?.dir || 'the initial state'} (step ${state.step}) in ${(wait / 1000).toFixed(1)} s, once ${S * R} workers are connected`);
         started = false;
         // A stop signal during the wait: the last checkpoint is the resume point (the workers are gone: no new one).
