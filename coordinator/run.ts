@@ -95,6 +95,9 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: { server?: Met
   const tok = loadTokenizer(job.model);
   const lora = loraConfigOf(job, cfg);
   log.info({ backend: be?.name ?? job.backend, model: job.model, type: cfg.modelType, layers: cfg.numLayers, hidden: cfg.hiddenSize, stages: S, replicas: R, workers: d.workers }, 'loading');
+  // /metrics and the probes' /healthz before the slow work (tokenizing a large dataset): a starting job is alive.
+  const metrics = createCoordinatorMetrics({ defaultLabels: { job: job.name } });
+  if (d.metrics_port >= 0) { held.server = await serveMetrics(metrics.registry, d.metrics_port); log.info({ port: held.server.port }, 'metrics on /metrics'); }
 
   // ---- data, step plan, fingerprints ----
   const ds = buildDataset({
@@ -139,7 +142,6 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: { server?: Met
   }
 
   // ---- observers and the executor ----
-  const metrics = createCoordinatorMetrics({ defaultLabels: { job: job.name } });
   const terminal = consoleObserver({ progress: opts.progress, logEvery: t.log_every });
   const jobMetrics = jobMetricsObserver(metrics, { replicas: R, microBatches: t.grad_accum, saveEvery: t.save_every });
   const observers: JobObserver[] = [terminal, jobMetrics, ...(opts.observers ?? [])];
@@ -158,7 +160,6 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: { server?: Met
   let evalLoss: number | null = null;
   let baseAnswers: string[] = [];
   try {
-    if (d.metrics_port >= 0) { held.server = await serveMetrics(metrics.registry, d.metrics_port); log.info({ port: held.server.port }, 'metrics on /metrics'); }
     executor = distributed
       ? await WorkersExecutor.open(job, { ...opts, cfg, lora, stages: S, replicas: R, totalSteps, padId, metrics, print })
       : InProcessExecutor.open(job, { be: be!, cfg, lora, stages: S, tok, padId, progress: opts.progress });

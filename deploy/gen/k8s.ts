@@ -283,7 +283,8 @@ export function baseObjects(c: DeployConfig): BaseObjects {
     ],
     resources: c.coordinatorResources,
     securityContext: containerSecurity,
-    // Building the dataset (tokenising every record) comes before the metrics server: allow 10 minutes.
+    // The metrics server starts before the dataset is built, but tokenising is synchronous: the probes go
+    // unanswered until it ends. Allow 10 minutes.
     ...probes('metrics', 600),
     volumeMounts: [
       { name: 'job', mountPath: MOUNTS.job, readOnly: true },
