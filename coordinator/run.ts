@@ -247,7 +247,7 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: { server?: Met
     throw e;
   } finally {
     terminal.stop();
-    await executor?.close();
+    await executor?.close({ jobOver: !stoppedBy });
   }
   const seconds = (performance.now() - t0) / 1000;
   const tokensPerSecond = tokensSeen / stepSeconds;
