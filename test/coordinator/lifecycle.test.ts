@@ -16,9 +16,8 @@ import { fileURLToPath } from 'node:url';
 import { pino } from 'pino';
 import { loadJob } from '../../coordinator/job.ts';
 import { runJob } from '../../coordinator/run.ts';
-import {
-  Backoff, ConnectionError, EXIT, finishedRun, installStopSignals, isConnectionError, logFatal, logRecover, resumeCommand, rideOut, startDecision, stoppedMessage,
-} from '../../coordinator/lifecycle.ts';
+import { EXIT, finishedRun, installStopSignals, logFatal, logRecover, resumeCommand, startDecision, stoppedMessage } from '../../coordinator/lifecycle.ts';
+import { Backoff, ConnectionError, isConnectionError, rideOut } from '../../common/connection.ts';
 import { jobMetricsObserver, theoreticalBubble } from '../../coordinator/metrics-observer.ts';
 import { createCoordinatorMetrics } from '../../common/metrics.ts';
 import { ConfigError } from '../../common/errors.ts';

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseJob, type JobConfig } from '../../coordinator/job.ts';
 import { runJob } from '../../coordinator/run.ts';
-import { Backoff } from '../../coordinator/lifecycle.ts';
+import { Backoff } from '../../common/connection.ts';
 import { tinyExampleSetup } from '../helpers/tiny.ts';
 import { freePort, natsServerMissing } from '../helpers/nats.ts';
 
@@ -37,7 +37,7 @@ test('NATS down at the start for a few seconds: ridden out within the window, no
     const res = await runJob(job(work, s, 'ridden', url, 120), { print: (l) => lines.push(l), recoveryBackoff: new Backoff({ initialMs: 500, maxMs: 2000, jitter: 0 }) });
     assert.equal(res.steps, 2);
     assert.equal(res.recoveries, 0, 'the outage used up no recovery');
-    assert.ok(lines.some((l) => /worker failure at step 0: .*connection refused/i.test(l)), `the outage was seen:\n${lines.join('\n')}`);
+    assert.ok(lines.some((l) => l.includes(`cannot reach NATS at ${url}`) && /connection refused/i.test(l)), `the outage was seen, naming the address:\n${lines.join('\n')}`);
 
     // Same outage, no window: max_recoveries 0 ends the job at the first refused connection.
     await new Promise<void>((r) => { nats!.once('exit', () => r()); nats!.kill('SIGTERM'); });
