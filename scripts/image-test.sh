@@ -19,13 +19,13 @@ tag=dqlora-image-test
 t0=$(date +%s)
 step() { printf '\n== %s (%ss)\n' "$*" "$(($(date +%s) - t0))"; }
 
-for tool in mmdebstrap buildah; do
+for tool in mmdebstrap buildah podman; do
   command -v "$tool" >/dev/null || { echo "image-test: $tool is not installed (apt-get install mmdebstrap buildah podman): skipped"; exit 77; }
 done
 node_bin=$(command -v node || true)
 node_dir=${DQLORA_IMAGE_NODE_DIR:-$(dirname "$(dirname "$(readlink -f "$node_bin")")")}
-[ -x "$node_dir/bin/node" ] && [ -d "$node_dir/lib/node_modules/npm" ] \
-  || { echo "image-test: no Node.js install with npm under $node_dir (set DQLORA_IMAGE_NODE_DIR)"; exit 2; }
+[ -x "$node_dir/bin/node" ] && [ -d "$node_dir/lib/node_modules/npm" ] && [ -f "$node_dir/include/node/node_api.h" ] \
+  || { echo "image-test: no Node.js install with npm and headers (include/node) under $node_dir (set DQLORA_IMAGE_NODE_DIR)"; exit 2; }
 
 # chroot isolation and vfs storage work inside unprivileged CI containers too (no user namespaces, no overlay).
 export BUILDAH_ISOLATION=chroot STORAGE_DRIVER=${STORAGE_DRIVER:-vfs}
@@ -40,17 +40,28 @@ cleanup() {
 trap cleanup EXIT
 
 step "base: Debian $suite via mmdebstrap + Node $("$node_dir/bin/node" --version) from $node_dir"
-# What the node:*-bookworm-slim image provides: Debian, node + npm in /usr/local, a `node` user with uid 1000.
+# What the node:*-bookworm-slim image provides: Debian, node + npm + headers in /usr/local, a `node` user (uid 1000).
 # The Dockerfile's own apt-get installs (g++, make, python3; tini) then find them present.
-mmdebstrap --variant=apt --format=tar --include=ca-certificates,g++,make,python3,tini \
+# Site-local CAs of this machine (a TLS-inspecting proxy in front of the npm registry, say) go into the base, as
+# a site's own base image would carry them; node reads them through NODE_EXTRA_CA_CERTS.
+site_ca=()
+base_env=()
+if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
+  site_ca=(--customize-hook='mkdir -p "$1/usr/local/share/ca-certificates"'
+           --customize-hook='copy-in /usr/local/share/ca-certificates/. /usr/local/share/ca-certificates'
+           --customize-hook='chroot "$1" update-ca-certificates')
+  base_env=(--change 'ENV NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt')
+fi
+mmdebstrap --variant=apt --format=tar --include=ca-certificates,g++,make,python3,tini "${site_ca[@]}" \
   --customize-hook="mkdir -p \"\$1/usr/local/bin\" \"\$1/usr/local/lib/node_modules\"" \
   --customize-hook="copy-in $node_dir/bin/node /usr/local/bin" \
   --customize-hook="copy-in $node_dir/lib/node_modules/npm /usr/local/lib/node_modules" \
+  --customize-hook="mkdir -p \"\$1/usr/local/include\"" \
+  --customize-hook="copy-in $node_dir/include/node /usr/local/include" \
   --customize-hook="chroot \"\$1\" ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm" \
   --customize-hook="chroot \"\$1\" useradd --uid 1000 --create-home --shell /bin/bash node" \
   "$suite" "$work/rootfs.tar" "$mirror"
-buildah import --change 'CMD ["node"]' "$work/rootfs.tar" "localhost/$tag-base" >/dev/null 2>&1 \
-  || podman import --change 'CMD ["node"]' "$work/rootfs.tar" "localhost/$tag-base" >/dev/null
+podman import --change 'CMD ["node"]' "${base_env[@]}" "$work/rootfs.tar" "localhost/$tag-base" >/dev/null
 
 step "context: the files git tracks (what a clean clone has)"
 mkdir "$work/ctx"
