@@ -10,7 +10,7 @@
 //   both:        /healthz (alive), /readyz (worker: a stage loaded) and /metrics on the metrics port, bound to $DQLORA_METRICS_HOST
 //   worker:      NATS user/password from $DQLORA_NATS_USER / $DQLORA_NATS_PASSWORD
 //   both (mTLS): PEM files from $DQLORA_TLS_CA / $DQLORA_TLS_CERT / $DQLORA_TLS_KEY
-//   worker (mTLS): NATS TLS from $DQLORA_NATS_TLS_CA/_CERT/_KEY (common/nats-options.ts)  (needs the hook in the stage runner)
+//   worker (mTLS): NATS TLS from $DQLORA_NATS_TLS_CA/_CERT/_KEY (common/nats-options.ts)
 //   coordinator: exit 0 done, 1 failed for good, 75 stopped by a signal after a checkpoint (coordinator/lifecycle.ts)
 //   worker:      exit 0 job finished, 75 lost its coordinator (rejoin), other = failed
 
