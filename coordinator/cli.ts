@@ -18,7 +18,7 @@ import { evaluateLoss } from '../core/train/local.ts';
 import { quantizeCheckpoint } from '../core/model/quantize.ts';
 import { mergeAdapter } from './merge.ts';
 import { DqloraError } from '../common/errors.ts';
-import { EXIT, installStopSignals, logFatal, startDecision, stoppedMessage } from './lifecycle.ts';
+import { EXIT, clearRunOutputs, installStopSignals, logFatal, startDecision, stoppedMessage } from './lifecycle.ts';
 
 const int = (name: string) => (v: string): number => {
   const n = Number(v);
@@ -92,11 +92,14 @@ without a checkpoint (a second signal, or none written within DQLORA_STOP_GRACE_
     // A finished output_dir is left alone (a Kubernetes Job restarted after success, a second `start`), before any
     // slow work; --fresh starts over, --max-steps above the finished count trains on. training.resume: false (the
     // built-in example) always starts over.
-    if (o.fresh) job.training.resume = false;
     if (job.training.resume !== false || o.fresh) {
       const decision = startDecision(job.output_dir, { fresh: o.fresh, maxSteps: o.maxSteps });
       if (decision.action !== 'run') out(decision.message);
       if (decision.action === 'done') return;
+    }
+    if (o.fresh) {
+      job.training.resume = false;
+      for (const p of clearRunOutputs(job.output_dir)) out(`--fresh: removed ${p}`);
     }
     const stop = installStopSignals();
     const res = await runJob(job, { progress: o.progress && process.stderr.isTTY, stopAfter: o.stopAfter, print: out, stop }).finally(() => stop.dispose());

@@ -9,7 +9,7 @@
 //   75  stopped by SIGTERM / SIGINT after writing a checkpoint: resumable (EX_TEMPFAIL; a Kubernetes Job's
 //       podFailurePolicy ignores it, so a preempted coordinator does not count against backoffLimit)
 //   130 interrupted without a checkpoint: a second signal, or no checkpoint within the grace period
-import { existsSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { listCheckpoints } from '../common/checkpoint.ts';
 import { DqloraError } from '../common/errors.ts';
@@ -66,7 +66,7 @@ export type StartDecision =
 export function startDecision(outputDir: string, o: { fresh?: boolean; maxSteps?: number } = {}): StartDecision {
   const f = finishedRun(outputDir);
   if (!f) return { action: 'run' };
-  if (o.fresh) return { action: 'fresh', message: `${outputDir} holds a finished run (${f.step} steps); --fresh: training again from step 0 (its checkpoints, adapter and summary will be replaced)` };
+  if (o.fresh) return { action: 'fresh', message: `${outputDir} holds a finished run (${f.step} steps); --fresh: training again from step 0 (its checkpoints, adapter and summary are removed first)` };
   if (o.maxSteps !== undefined && o.maxSteps > f.step) {
     return { action: 'extend', finished: f, message: `${outputDir} holds a finished run of ${f.step} steps; --max-steps ${o.maxSteps}: resuming from ${f.checkpointDir} to train ${o.maxSteps - f.step} more` };
   }
@@ -77,6 +77,18 @@ export function startDecision(outputDir: string, o: { fresh?: boolean; maxSteps?
       + 'Nothing to do; nothing was changed. To train again from scratch pass --fresh; to train further pass --max-steps N with N above '
       + `${f.step}; or choose another output_dir.`,
   };
+}
+
+/**
+ * --fresh: removes the earlier run's checkpoints, adapter and summary.json (nothing else in output_dir), so that
+ * neither a later resume nor the finished-run check can pick up a checkpoint of the old run.
+ */
+export function clearRunOutputs(outputDir: string): string[] {
+  const removed: string[] = [];
+  for (const p of [join(outputDir, 'checkpoints'), join(outputDir, 'adapter'), join(outputDir, 'summary.json')]) {
+    if (existsSync(p)) { rmSync(p, { recursive: true, force: true }); removed.push(p); }
+  }
+  return removed;
 }
 
 /**

@@ -93,6 +93,10 @@ test('a finished output_dir: a second start says so, exits 0 and changes nothing
     assert.equal(fresh.code, 0, fresh.err);
     assert.match(fresh.out, /--fresh: training again from step 0/);
     assert.match(fresh.out, /trained 3 steps/);
+    // Nothing of the old run (5 steps) is left for a later resume to pick up.
+    assert.deepEqual(fs.readdirSync(path.join(out, 'checkpoints')), ['step-000003']);
+    const after = await start(['-c', job, '--output', out, '--no-progress']);
+    assert.match(after.out, /already holds a finished run: 3\/3 steps/);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
