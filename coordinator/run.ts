@@ -32,7 +32,7 @@ import { loadTokenizer } from '../common/tokenizer.ts';
 import { fingerprint, listCheckpoints, loadCheckpoint, saveCheckpoint, type Checkpoint, type TrainerState } from '../common/checkpoint.ts';
 import { ConfigError, DqloraError } from '../common/errors.ts';
 import { logger } from '../common/log.ts';
-import { createCoordinatorMetrics, serveMetrics, type MetricsServer } from '../common/metrics.ts';
+import { createCoordinatorMetrics, serveMetrics, type CoordinatorMetrics, type MetricsServer } from '../common/metrics.ts';
 
 const log = logger('job');
 
@@ -70,11 +70,17 @@ export interface RunOptions extends WorkersOptions {
 /** A run a stop signal ended: where it stopped and the checkpoint to resume from ('' = none yet). */
 export interface StopInfo { readonly signalName: string; readonly step: number; readonly totalSteps: number; readonly checkpointDir: string }
 
+/** What outlives the loop: the metrics and their server, for the final scrapes. */
+interface Held { server?: MetricsServer; metrics?: CoordinatorMetrics }
+
 /** runJob, then — with a metrics endpoint — its final state served for DQLORA_METRICS_LINGER_S before closing. */
 export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<RunOutcome & { stopped?: StopInfo }> {
-  const held: { server?: MetricsServer } = {};
+  const held: Held = {};
   try {
     return await runJobLoop(job, opts, held);
+  } catch (e) {
+    held.metrics?.setJobState('failed'); // also for failures before the first step (data, model, workers)
+    throw e;
   } finally {
     if (held.server) {
       await lingerForScrape(undefined, opts.stop?.abort);
@@ -83,7 +89,7 @@ export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<Run
   }
 }
 
-async function runJobLoop(job: JobConfig, opts: RunOptions, held: { server?: MetricsServer }): Promise<RunOutcome & { stopped?: StopInfo }> {
+async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise<RunOutcome & { stopped?: StopInfo }> {
   const print = opts.print ?? ((s: string) => process.stdout.write(s + '\n'));
   const t = job.training, d = job.distributed;
   const distributed = d.workers !== 0;
@@ -97,7 +103,7 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: { server?: Met
   const lora = loraConfigOf(job, cfg);
   log.info({ backend: be?.name ?? job.backend, model: job.model, type: cfg.modelType, layers: cfg.numLayers, hidden: cfg.hiddenSize, stages: S, replicas: R, workers: d.workers }, 'loading');
   // /metrics and the probes' /healthz before the slow work (tokenizing a large dataset): a starting job is alive.
-  const metrics = createCoordinatorMetrics({ defaultLabels: { job: job.name } });
+  const metrics = held.metrics = createCoordinatorMetrics({ defaultLabels: { job: job.name } });
   if (d.metrics_port >= 0) { held.server = await serveMetrics(metrics.registry, d.metrics_port); log.info({ port: held.server.port }, 'metrics on /metrics'); }
 
   // ---- data, step plan, fingerprints ----

@@ -241,3 +241,30 @@ test('metrics from the job events: unset until the first value, job state, recov
   assert.equal(theoreticalBubble(1, 8), 0);
   assert.equal(theoreticalBubble(4, 4), 3 / 7);
 });
+
+test('a job that fails before its first step (a missing data file) shows state "failed" on /metrics during the linger', { timeout: 60_000 }, async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dqlora-fail-metrics-'));
+  const saved = process.env.DQLORA_METRICS_LINGER_S;
+  process.env.DQLORA_METRICS_LINGER_S = '3';
+  try {
+    const job = loadJob(tinyJob(dir, 2));
+    job.data.train = path.join(dir, 'missing.jsonl');
+    const port = await freePort();
+    job.distributed.metrics_port = port;
+    const run = runJob(job, { print: () => {} });
+    const failed = run.then(() => undefined, (e: Error) => e);
+    let text = '';
+    const t0 = Date.now();
+    while (Date.now() - t0 < 20_000 && !/dqlora_job_state\{state="failed"[^}]*\} 1/.test(text)) {
+      text = await fetch(`http://127.0.0.1:${port}/metrics`).then((r) => r.text(), () => '');
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.match(text, /dqlora_job_state\{state="failed",dqlora_job="job"\} 1/);
+    const e = await failed;
+    assert.ok(e instanceof Error);
+    assert.match(e.message, /missing\.jsonl/);
+  } finally {
+    if (saved === undefined) delete process.env.DQLORA_METRICS_LINGER_S; else process.env.DQLORA_METRICS_LINGER_S = saved;
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
