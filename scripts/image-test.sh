@@ -35,6 +35,7 @@ cleanup() {
   if [ "${DQLORA_IMAGE_KEEP:-0}" != 1 ]; then
     buildah rm --all >/dev/null 2>&1 || true
     buildah rmi "localhost/$tag-coordinator" "localhost/$tag-worker" "localhost/$tag-base" >/dev/null 2>&1 || true
+    buildah rmi --prune >/dev/null 2>&1 || true   # the build's intermediate layers (vfs: hundreds of MB each)
   fi
 }
 trap cleanup EXIT
