@@ -12,6 +12,12 @@
 //   workers by state                                                gauge, label state
 //   checkpoint duration / size                                      histogram, seconds / gauge, bytes
 //   memory in use                                                   gauge, bytes, label device
+//   job state                                                       gauge, label state (one is 1, the others 0)
+//   recoveries                                                      counter
+// Gauges of values that arrive later (loss, eval loss, checkpoint size, …) have no sample until their first
+// value: a 0 before the first evaluation would read as a perfect loss. The `job` label belongs to Prometheus
+// (the scrape job; the ServiceMonitor sets it to the dqlora job name): a registry label of that name would be
+// renamed `exported_job`, so the job name goes in `dqlora_job`.
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
@@ -28,6 +34,9 @@ export type Phase = 'forward' | 'backward';
 /** Worker states as the coordinator counts them (mirrors proto WorkerState, lower-case). */
 export const WORKER_STATES = ['registered', 'loading', 'ready', 'training', 'checkpointing', 'failed', 'stopped'] as const;
 export type WorkerStateLabel = (typeof WORKER_STATES)[number];
+/** The job's state, as the coordinator's dqlora_job_state gauge shows it. */
+export const JOB_STATES = ['starting', 'running', 'recovering', 'stopping', 'succeeded', 'failed', 'stopped'] as const;
+export type JobStateLabel = (typeof JOB_STATES)[number];
 
 /** Metrics both roles export. */
 interface CommonMetrics {
@@ -55,6 +64,17 @@ export interface CoordinatorMetrics extends CommonMetrics {
   workers: Gauge<'state'>;
   /** Sets the worker-count gauge for every state (states absent from `counts` become 0). */
   setWorkerCounts(counts: Partial<Record<WorkerStateLabel, number>>): void;
+  /** 1 for the job's current state, 0 for the others. */
+  jobState: Gauge<'state'>;
+  setJobState(state: JobStateLabel): void;
+  /** Recoveries: a lost worker or failed step rolled back to the last checkpoint. */
+  recoveries: Counter<never>;
+  /** (p−1)/(m+p−1) of the layout: the bubble a perfect 1F1B/GPipe schedule has. */
+  pipelineBubbleTheoretical: Gauge<never>;
+  /** training.save_every (0 = a checkpoint only at the end): alerts on stale checkpoints need it. */
+  checkpointIntervalSteps: Gauge<never>;
+  /** Unix time the last optimizer step completed. */
+  lastStepTimestamp: Gauge<never>;
 }
 
 export interface WorkerMetrics extends CommonMetrics {
@@ -74,7 +94,11 @@ export interface MetricsOptions {
 
 function newRegistry(opts: MetricsOptions): Registry {
   const registry = new Registry();
-  if (opts.defaultLabels) registry.setDefaultLabels(opts.defaultLabels);
+  if (opts.defaultLabels) {
+    // `job` is Prometheus' own target label: exported as-is it becomes `exported_job` (see the header).
+    const { job, ...rest } = opts.defaultLabels;
+    registry.setDefaultLabels(job === undefined ? rest : { ...rest, dqlora_job: job });
+  }
   if (opts.processMetrics ?? true) {
     collectDefaultMetrics({ register: registry });
     // prom-client exports these totals as gauges with a `_total` suffix, which breaks the naming rules
@@ -86,6 +110,15 @@ function newRegistry(opts: MetricsOptions): Registry {
   return registry;
 }
 
+/** A gauge without a sample until its first set() (prom-client starts unlabelled gauges at 0). */
+function unsetGauge<T extends string>(g: Gauge<T>): Gauge<T> {
+  const reset = g.reset.bind(g);
+  const clear = (): void => { (g as unknown as { hashMap: Record<string, unknown> }).hashMap = {}; };
+  g.reset = () => { reset(); clear(); };
+  clear();
+  return g;
+}
+
 function common(registry: Registry, role: string): CommonMetrics {
   const registers = [registry];
   return {
@@ -93,7 +126,7 @@ function common(registry: Registry, role: string): CommonMetrics {
     sentBytes: new Counter({ name: 'dqlora_sent_bytes_total', help: `Bytes this ${role} sent, by transport (gRPC pipeline/control, NATS all-reduce).`, labelNames: ['transport'] as const, registers }),
     receivedBytes: new Counter({ name: 'dqlora_received_bytes_total', help: `Bytes this ${role} received, by transport.`, labelNames: ['transport'] as const, registers }),
     checkpointDuration: new Histogram({ name: 'dqlora_checkpoint_duration_seconds', help: `Time to write a checkpoint (${role === 'worker' ? 'this worker\'s shard' : 'manifest and all shards'}).`, buckets: CHECKPOINT_BUCKETS, registers }),
-    checkpointSize: new Gauge({ name: 'dqlora_checkpoint_size_bytes', help: `Size of the last checkpoint written (${role === 'worker' ? 'this worker\'s shard' : 'all shards'}).`, registers }),
+    checkpointSize: unsetGauge(new Gauge({ name: 'dqlora_checkpoint_size_bytes', help: `Size of the last checkpoint written (${role === 'worker' ? 'this worker\'s shard' : 'all shards'}).`, registers })),
     memoryInUse: new Gauge({ name: 'dqlora_memory_in_use_bytes', help: 'Memory in use by model state, by device (cpu, cuda:N).', labelNames: ['device'] as const, registers }),
   };
 }
@@ -103,23 +136,33 @@ export function createCoordinatorMetrics(opts: MetricsOptions = {}): Coordinator
   const registers = [registry];
   const workers = new Gauge({ name: 'dqlora_workers', help: 'Registered workers by state.', labelNames: ['state'] as const, registers });
   for (const s of WORKER_STATES) workers.set({ state: s }, 0);
+  const jobState = new Gauge({ name: 'dqlora_job_state', help: 'The job\'s state: 1 for the current one (starting, running, recovering, stopping, succeeded, failed, stopped), 0 for the others.', labelNames: ['state'] as const, registers });
+  for (const s of JOB_STATES) jobState.set({ state: s }, s === 'starting' ? 1 : 0);
   return {
     ...common(registry, 'coordinator'),
-    loss: new Gauge({ name: 'dqlora_train_loss', help: 'Training loss of the last optimizer step (mean over label tokens).', registers }),
-    evalLoss: new Gauge({ name: 'dqlora_eval_loss', help: 'Loss on the validation split at the last evaluation.', registers }),
-    learningRate: new Gauge({ name: 'dqlora_learning_rate', help: 'Learning rate of the last optimizer step.', registers }),
-    gradNorm: new Gauge({ name: 'dqlora_grad_norm', help: 'Global L2 norm of the LoRA gradients of the last step (before clipping).', registers }),
-    tokensPerSecond: new Gauge({ name: 'dqlora_tokens_per_second', help: 'Training throughput of the last optimizer step, tokens per second.', registers }),
+    loss: unsetGauge(new Gauge({ name: 'dqlora_train_loss', help: 'Training loss of the last optimizer step (mean over label tokens).', registers })),
+    evalLoss: unsetGauge(new Gauge({ name: 'dqlora_eval_loss', help: 'Loss on the validation split at the last evaluation.', registers })),
+    learningRate: unsetGauge(new Gauge({ name: 'dqlora_learning_rate', help: 'Learning rate of the last optimizer step.', registers })),
+    gradNorm: unsetGauge(new Gauge({ name: 'dqlora_grad_norm', help: 'Global L2 norm of the LoRA gradients of the last step (before clipping).', registers })),
+    tokensPerSecond: unsetGauge(new Gauge({ name: 'dqlora_tokens_per_second', help: 'Training throughput of the last optimizer step, tokens per second.', registers })),
     tokens: new Counter({ name: 'dqlora_tokens_total', help: 'Training tokens processed (including padding-free prompt tokens).', registers }),
     steps: new Counter({ name: 'dqlora_optimizer_steps_total', help: 'Optimizer steps completed.', registers }),
     stepDuration: new Histogram({ name: 'dqlora_step_duration_seconds', help: 'Wall time of one optimizer step, schedule start to last update.', buckets: STEP_BUCKETS, registers }),
     stageDuration: new Histogram({ name: 'dqlora_stage_duration_seconds', help: 'Compute time of one stage per step, by phase, as reported by the workers.', labelNames: ['stage', 'phase'] as const, buckets: FAST_BUCKETS, registers }),
     allReduceDuration: new Histogram({ name: 'dqlora_allreduce_duration_seconds', help: 'LoRA gradient all-reduce time per step, by stage, as reported by the workers.', labelNames: ['stage'] as const, buckets: FAST_BUCKETS, registers }),
-    pipelineBubble: new Gauge({ name: 'dqlora_pipeline_bubble_ratio', help: 'Fraction of the last step\'s stage time spent idle waiting on other stages (0..1).', registers }),
+    pipelineBubble: unsetGauge(new Gauge({ name: 'dqlora_pipeline_bubble_ratio', help: 'Fraction of the last step\'s stage time spent idle waiting on other stages (0..1).', registers })),
     workers,
     setWorkerCounts(counts) {
       for (const s of WORKER_STATES) workers.set({ state: s }, counts[s] ?? 0);
     },
+    jobState,
+    setJobState(state) {
+      for (const s of JOB_STATES) jobState.set({ state: s }, s === state ? 1 : 0);
+    },
+    recoveries: new Counter({ name: 'dqlora_recoveries_total', help: 'Recoveries: the job paused, rolled back to its last checkpoint and resumed (lost worker, failed step).', registers }),
+    pipelineBubbleTheoretical: unsetGauge(new Gauge({ name: 'dqlora_pipeline_bubble_theoretical_ratio', help: 'Bubble of an ideal pipeline schedule for this layout: (stages-1)/(micro-batches+stages-1).', registers })),
+    checkpointIntervalSteps: unsetGauge(new Gauge({ name: 'dqlora_checkpoint_interval_steps', help: 'training.save_every: optimizer steps between checkpoints (0 = only at the end).', registers })),
+    lastStepTimestamp: unsetGauge(new Gauge({ name: 'dqlora_last_step_timestamp_seconds', help: 'Unix time the last optimizer step completed.', registers })),
   };
 }
 
@@ -140,16 +183,36 @@ export interface MetricsServer {
   close(): Promise<void>;
 }
 
+/** One probe's answer: ok → 200, else 503; `detail` is the response body (what a `kubectl describe` shows). */
+export interface HealthStatus { readonly ok: boolean; readonly detail: string }
+
 /**
- * Serves `GET /metrics` (Prometheus text format) and `GET /healthz` ("ok") on host:port (port 0 = any free
- * port; the bound one is returned). Binds 127.0.0.1 unless told otherwise: exposing it is a deployment choice.
+ * What the probes mean (Kubernetes): liveness (`/healthz`) = the process answers and need not be restarted;
+ * readiness (`/readyz`) = it can do its job now (a worker: its stage is loaded and it can take a step). A check
+ * that throws counts as not ok. Without checks both answer "ok" while the process serves HTTP.
  */
+export interface HealthChecks {
+  live?(): HealthStatus;
+  ready?(): HealthStatus;
+}
+
 /** Host the /metrics server binds: DQLORA_METRICS_HOST (0.0.0.0 in Kubernetes, so probes and Prometheus reach it), else loopback. */
 export function metricsHost(env: NodeJS.ProcessEnv = process.env): string {
   return env.DQLORA_METRICS_HOST?.trim() || '127.0.0.1';
 }
 
-export function serveMetrics(registry: Registry, port: number, host = metricsHost()): Promise<MetricsServer> {
+function probe(health: HealthChecks, which: 'live' | 'ready'): HealthStatus {
+  const name = which === 'ready' && !health.ready ? 'live' : which;
+  if (!health[name]) return { ok: true, detail: 'ok' };
+  try { return health[name](); } catch (e) { return { ok: false, detail: `health check failed: ${(e as Error).message}` }; }
+}
+
+/**
+ * Serves `GET /metrics` (Prometheus text format), `GET /healthz` (liveness) and `GET /readyz` (readiness) on
+ * host:port (port 0 = any free port; the bound one is returned). Binds 127.0.0.1 unless told otherwise: exposing
+ * it is a deployment choice.
+ */
+export function serveMetrics(registry: Registry, port: number, host = metricsHost(), health: HealthChecks = {}): Promise<MetricsServer> {
   const server = http.createServer((req, res) => {
     const path = (req.url ?? '/').split('?')[0];
     if (req.method !== 'GET' && req.method !== 'HEAD') {
@@ -159,10 +222,11 @@ export function serveMetrics(registry: Registry, port: number, host = metricsHos
         (text) => res.writeHead(200, { 'content-type': registry.contentType }).end(req.method === 'HEAD' ? undefined : text),
         (err: unknown) => res.writeHead(500, { 'content-type': 'text/plain' }).end(`collecting metrics failed: ${String(err)}\n`),
       );
-    } else if (path === '/healthz') {
-      res.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
+    } else if (path === '/healthz' || path === '/readyz') {
+      const h = probe(health, path === '/healthz' ? 'live' : 'ready');
+      res.writeHead(h.ok ? 200 : 503, { 'content-type': 'text/plain' }).end(`${h.detail}\n`);
     } else {
-      res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics or /healthz\n');
+      res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics, /healthz or /readyz\n');
     }
   });
   return new Promise((resolve, reject) => {

@@ -18,6 +18,7 @@ import { evaluateLoss } from '../core/train/local.ts';
 import { quantizeCheckpoint } from '../core/model/quantize.ts';
 import { mergeAdapter } from './merge.ts';
 import { DqloraError } from '../common/errors.ts';
+import { EXIT, clearRunOutputs, installStopSignals, logFatal, startDecision, stoppedMessage } from './lifecycle.ts';
 
 const int = (name: string) => (v: string): number => {
   const n = Number(v);
@@ -62,11 +63,16 @@ program.command('start')
   .option('--max-steps <n>', 'override training.max_steps', int('--max-steps'))
   .option('--stop-after <n>', 'stop (with a checkpoint) after n optimizer steps of this invocation', int('--stop-after'))
   .option('--output <dir>', 'override output_dir')
+  .option('--fresh', 'train from step 0 even when output_dir holds checkpoints or a finished run (they are replaced)')
   .option('--no-progress', 'log lines instead of a progress bar')
   .option('--listen <host:port>', 'distributed: control service address (overrides distributed.listen)')
   .option('--nats <url>', 'distributed: NATS server for the all-reduce (overrides distributed.nats_url)')
   .option('--job-token <token>', 'distributed: token workers must present (default: $DQLORA_JOB_TOKEN, else random)')
-  .action(async (o: { config?: string; backend: BackendName; maxSteps?: number; stopAfter?: number; output?: string; progress: boolean; listen?: string; nats?: string; jobToken?: string }) => {
+  .addHelpText('after', `
+Exit codes: ${EXIT.succeeded} trained, or output_dir already holds the finished run (nothing is touched); ${EXIT.failed} failed;
+${EXIT.stopped} stopped by SIGTERM/SIGINT after a checkpoint (resumable, the resume command is printed); ${EXIT.interrupted} interrupted
+without a checkpoint (a second signal, or none written within DQLORA_STOP_GRACE_S).`)
+  .action(async (o: { config?: string; backend: BackendName; maxSteps?: number; stopAfter?: number; output?: string; progress: boolean; listen?: string; nats?: string; jobToken?: string; fresh?: boolean }) => {
     const isExample = !o.config;
     let job;
     if (isExample) {
@@ -83,7 +89,24 @@ program.command('start')
     if (o.listen) job.distributed.listen = o.listen;
     if (o.nats) job.distributed.nats_url = o.nats;
     if (o.jobToken) process.env.DQLORA_JOB_TOKEN = o.jobToken;
-    const res = await runJob(job, { progress: o.progress && process.stderr.isTTY, stopAfter: o.stopAfter, print: out });
+    // A finished output_dir is left alone (a Kubernetes Job restarted after success, a second `start`), before any
+    // slow work; --fresh starts over, --max-steps above the finished count trains on. training.resume: false (the
+    // built-in example) always starts over.
+    if (job.training.resume !== false || o.fresh) {
+      const decision = startDecision(job.output_dir, { fresh: o.fresh, maxSteps: o.maxSteps });
+      if (decision.action !== 'run') out(decision.message);
+      if (decision.action === 'done') return;
+    }
+    if (o.fresh) {
+      job.training.resume = false;
+      for (const p of clearRunOutputs(job.output_dir)) out(`--fresh: removed ${p}`);
+    }
+    const stop = installStopSignals();
+    const res = await runJob(job, { progress: o.progress && process.stderr.isTTY, stopAfter: o.stopAfter, print: out, stop }).finally(() => stop.dispose());
+    if (res.stopped) {
+      out(stoppedMessage({ ...res.stopped, checkpointDir: res.stopped.checkpointDir || '(none yet: the resume starts from step 0)' }));
+      process.exit(EXIT.stopped);
+    }
     if (res.answers.length) {
       const expected = isExample ? new Map(exampleComparePrompts(res.answers.length).map((p) => [p.prompt, p.expected])) : new Map<string, string>();
       out('\nbefore / after fine-tuning (greedy decoding):');
@@ -182,9 +205,11 @@ program.command('config-doc')
 try {
   await program.parseAsync(process.argv);
 } catch (e) {
+  // One structured `event: "fatal"` line for log collectors, and the message for the person at the terminal.
+  logFatal(e);
   if (e instanceof DqloraError) {
     process.stderr.write(`error: ${e.message}\n`);
-    process.exit(1);
+    process.exit(EXIT.failed);
   }
   throw e;
 }

@@ -62,5 +62,9 @@ export interface StepExecutor {
   pause(reason: string): void;
   /** Answers with the model in this process (in-process only): base (lora false) or fine-tuned. */
   answer?(prompts: string[], lora: boolean): string[];
-  close(): Promise<void>;
+  /**
+   * Ends the executor. `jobOver: false` (a stop signal, the run resumes later): remote workers are not told
+   * Shutdown, so they exit "coordinator lost" (75) and rejoin the restarted coordinator instead of completing.
+   */
+  close(o?: { jobOver?: boolean }): Promise<void>;
 }

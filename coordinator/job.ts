@@ -72,6 +72,7 @@ export const JobSchema = z.object({
     step_timeout_s: z.number().positive().default(300).describe('Distributed: deadline for one command (a step, an update, a state upload) and for waiting on another stage\'s tensors.'),
     wait_timeout_s: z.number().positive().default(600).describe('Distributed: how long to wait for enough workers to (re)start, before failing the job.'),
     max_recoveries: z.number().int().min(0).default(3).describe('Distributed: worker failures the job recovers from (pause, wait for a replacement, resume from the last checkpoint) before giving up.'),
+    outage_window_s: z.number().min(0).default(120).describe('Distributed: a connection outage (NATS or a peer refusing or resetting connections) shorter than this is ridden out: the job pauses and resumes with back-off without counting it against max_recoveries.'),
     metrics_port: z.number().int().min(-1).default(-1).describe('Distributed: serve the coordinator\'s Prometheus /metrics on this port (0 = OS-assigned, -1 = off).'),
   }).strict().prefault({}),
 }).strict();

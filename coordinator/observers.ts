@@ -2,7 +2,6 @@
 // Prometheus metrics. Others (status page, train_log.jsonl, ...) plug in the same way (coordinator/events.ts).
 import cliProgress from 'cli-progress';
 import type { JobObserver } from './events.ts';
-import type { CoordinatorMetrics } from '../common/metrics.ts';
 import { logger } from '../common/log.ts';
 
 const log = logger('job');
@@ -49,20 +48,4 @@ export function consoleObserver(o: { progress?: boolean; logEvery: number }): Jo
   };
 }
 
-/** Sets the coordinator's Prometheus metrics from the run's events. */
-export function metricsObserver(m: CoordinatorMetrics, replicas: number): JobObserver {
-  return {
-    onStep(r) {
-      m.loss.set(r.loss); m.learningRate.set(r.lr); m.gradNorm.set(r.gradNorm); m.tokensPerSecond.set(r.tokens / r.seconds);
-      m.tokens.inc(r.tokens); m.steps.inc(); m.stepDuration.observe(r.seconds);
-      if (r.stageTimings.length) m.pipelineBubble.set(r.bubble);
-      for (const x of r.stageTimings) {
-        m.stageDuration.observe({ stage: String(x.stage), phase: 'forward' }, x.forwardSeconds);
-        m.stageDuration.observe({ stage: String(x.stage), phase: 'backward' }, x.backwardSeconds);
-        if (replicas > 1) m.allReduceDuration.observe({ stage: String(x.stage) }, x.allreduceSeconds);
-      }
-    },
-    onEval(e) { m.evalLoss.set(e.loss); },
-    onCheckpoint(e) { m.checkpointDuration.observe(e.seconds); m.checkpointSize.set(e.bytes); },
-  };
-}
+// The metrics observer (job state, recoveries, every dqlora_* gauge) is coordinator/metrics-observer.ts.

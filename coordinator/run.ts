@@ -16,7 +16,10 @@ import type { StepExecutor, StepTiming } from './executor.ts';
 import { InProcessExecutor } from './in-process.ts';
 import { WorkersExecutor, type WorkersOptions } from './distributed/workers.ts';
 import type { Answer, JobObserver } from './events.ts';
-import { consoleObserver, metricsObserver, notify } from './observers.ts';
+import { consoleObserver, notify } from './observers.ts';
+import { jobMetricsObserver } from './metrics-observer.ts';
+import { checkRunLength, lingerForScrape, logRecover, type StopSignals } from './lifecycle.ts';
+import { Backoff, isConnectionError, sleep } from '../common/connection.ts';
 import { compareAnswers } from './answer.ts';
 import { buildDataset } from './data/dataset.ts';
 import { createBackend } from '../core/engine/index.ts';
@@ -29,7 +32,7 @@ import { loadTokenizer } from '../common/tokenizer.ts';
 import { fingerprint, listCheckpoints, loadCheckpoint, saveCheckpoint, type Checkpoint, type TrainerState } from '../common/checkpoint.ts';
 import { ConfigError, DqloraError } from '../common/errors.ts';
 import { logger } from '../common/log.ts';
-import { createCoordinatorMetrics, serveMetrics, type MetricsServer } from '../common/metrics.ts';
+import { createCoordinatorMetrics, serveMetrics, type CoordinatorMetrics, type MetricsServer } from '../common/metrics.ts';
 
 const log = logger('job');
 
@@ -58,9 +61,35 @@ export interface RunOptions extends WorkersOptions {
   readonly backend?: Backend;
   /** More observers of the run (status page, logs, ...). */
   readonly observers?: JobObserver[];
+  /** SIGTERM/SIGINT (coordinator/lifecycle.ts installStopSignals): stop at the next step boundary with a checkpoint. */
+  readonly stop?: StopSignals;
+  /** Back-off between recoveries (default: 1 s doubling to 60 s). */
+  readonly recoveryBackoff?: Backoff;
 }
 
-export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<RunOutcome> {
+/** A run a stop signal ended: where it stopped and the checkpoint to resume from ('' = none yet). */
+export interface StopInfo { readonly signalName: string; readonly step: number; readonly totalSteps: number; readonly checkpointDir: string }
+
+/** What outlives the loop: the metrics and their server, for the final scrapes. */
+interface Held { server?: MetricsServer; metrics?: CoordinatorMetrics }
+
+/** runJob, then — with a metrics endpoint — its final state served for DQLORA_METRICS_LINGER_S before closing. */
+export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<RunOutcome & { stopped?: StopInfo }> {
+  const held: Held = {};
+  try {
+    return await runJobLoop(job, opts, held);
+  } catch (e) {
+    held.metrics?.setJobState('failed'); // also for failures before the first step (data, model, workers)
+    throw e;
+  } finally {
+    if (held.server) {
+      await lingerForScrape(undefined, opts.stop?.abort);
+      await held.server.close();
+    }
+  }
+}
+
+async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise<RunOutcome & { stopped?: StopInfo }> {
   const print = opts.print ?? ((s: string) => process.stdout.write(s + '\n'));
   const t = job.training, d = job.distributed;
   const distributed = d.workers !== 0;
@@ -73,6 +102,9 @@ export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<Run
   const tok = loadTokenizer(job.model);
   const lora = loraConfigOf(job, cfg);
   log.info({ backend: be?.name ?? job.backend, model: job.model, type: cfg.modelType, layers: cfg.numLayers, hidden: cfg.hiddenSize, stages: S, replicas: R, workers: d.workers }, 'loading');
+  // /metrics and the probes' /healthz before the slow work (tokenizing a large dataset): a starting job is alive.
+  const metrics = held.metrics = createCoordinatorMetrics({ defaultLabels: { job: job.name } });
+  if (d.metrics_port >= 0) { held.server = await serveMetrics(metrics.registry, d.metrics_port); log.info({ port: held.server.port }, 'metrics on /metrics'); }
 
   // ---- data, step plan, fingerprints ----
   const ds = buildDataset({
@@ -88,7 +120,8 @@ export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<Run
   const totalSteps = planner.totalSteps;
   // R = 1 runs share their fingerprint with a one-process run (either resumes the other's checkpoints); the replica
   // count changes which samples form a step, so it is part of the fingerprint when R > 1.
-  const trainingFp = { ...t, resume: undefined, log_every: undefined, eval_every: undefined, save_every: undefined, keep_checkpoints: undefined };
+  // The run's length (max_steps, epochs) is checked apart (checkRunLength): a finished run may be extended.
+  const trainingFp = { ...t, resume: undefined, log_every: undefined, eval_every: undefined, save_every: undefined, keep_checkpoints: undefined, max_steps: undefined, epochs: undefined };
   const fingerprints = {
     configHash: fingerprint({ lora: job.lora, training: R === 1 ? trainingFp : { ...trainingFp, replicas: R }, quant: job.quantization, model: cfg.raw }),
     dataHash: fingerprint(ds.train.map((e) => Array.from(e.inputIds).concat([-1], Array.from(e.labels)))),
@@ -100,13 +133,14 @@ export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<Run
   mkdirSync(job.output_dir, { recursive: true });
   let lastCheckpoint: Checkpoint | undefined;
   const rollBackTo = (ck: Checkpoint | undefined): void => {
-    state = ck ? { ...ck.state, history: [...ck.state.history], evalHistory: [...ck.state.evalHistory] } : fresh();
+    state = ck ? { ...ck.state, totalSteps, history: [...ck.state.history], evalHistory: [...ck.state.evalHistory] } : fresh();
   };
   if (t.resume !== false) {
     const dir = typeof t.resume === 'string' ? t.resume : listCheckpoints(job.output_dir).at(-1)?.dir;
     if (dir) {
       const ck = loadCheckpoint(dir);
       checkFingerprints(dir, ck.state, fingerprints);
+      if (checkRunLength(dir, ck.state, totalSteps) === 'extend') print(`extending the finished run of ${ck.state.totalSteps} steps to ${totalSteps}`);
       lastCheckpoint = ck;
       rollBackTo(ck);
       log.info({ checkpoint: dir, step: state.step }, 'resumed');
@@ -115,10 +149,13 @@ export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<Run
   }
 
   // ---- observers and the executor ----
-  const metrics = createCoordinatorMetrics({ defaultLabels: { job: job.name } });
   const terminal = consoleObserver({ progress: opts.progress, logEvery: t.log_every });
-  const observers: JobObserver[] = [terminal, metricsObserver(metrics, R), ...(opts.observers ?? [])];
-  let metricsServer: MetricsServer | undefined;
+  const jobMetrics = jobMetricsObserver(metrics, { replicas: R, microBatches: t.grad_accum, saveEvery: t.save_every });
+  const observers: JobObserver[] = [terminal, jobMetrics, ...(opts.observers ?? [])];
+  const backoff = opts.recoveryBackoff ?? new Backoff();
+  let stoppedBy: string | undefined;
+  /** When the current run of connection failures began (undefined: none since the last good step). */
+  let outageSince: number | undefined;
   let executor: StepExecutor | undefined;
   const timings: StepTiming[] = [];
   let recoveries = 0;
@@ -130,7 +167,6 @@ export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<Run
   let evalLoss: number | null = null;
   let baseAnswers: string[] = [];
   try {
-    if (d.metrics_port >= 0) { metricsServer = await serveMetrics(metrics.registry, d.metrics_port); log.info({ port: metricsServer.port }, 'metrics on /metrics'); }
     executor = distributed
       ? await WorkersExecutor.open(job, { ...opts, cfg, lora, stages: S, replicas: R, totalSteps, padId, metrics, print })
       : InProcessExecutor.open(job, { be: be!, cfg, lora, stages: S, tok, padId, progress: opts.progress });
@@ -164,6 +200,9 @@ export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<Run
       try {
         if (!started) { await ex.start(lastCheckpoint); started = true; }
         while (state.step < stopAt) {
+          // Signals are delivered by the event loop; an in-process step never yields to it, so let it turn once.
+          if (opts.stop) await new Promise<void>((r) => setImmediate(r));
+          if (opts.stop?.requested) { stoppedBy = opts.stop.signalName; jobMetrics.stopping(); break; }
           const s0 = performance.now();
           const input = planner.input(state.step);
           const out = await ex.step(input);
@@ -175,24 +214,39 @@ export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<Run
           timings.push({ step: r.step, seconds, bubble: out.bubble, grpcBytes: out.grpcBytes, natsBytes: out.natsBytes,
             allreduceSeconds: Math.max(0, ...out.stageTimings.map((x) => x.allreduceSeconds)), idleSeconds: Math.max(0, ...out.stageTimings.map((x) => x.idleSeconds)), eventLoopLagP99: out.eventLoopLagP99, stages: out.stageTimings });
           notify(observers, 'onStep', { ...r, totalSteps, seconds, tokensPerSecond: tokensSeen / stepSeconds, bubble: out.bubble, stageTimings: out.stageTimings });
+          backoff.reset(); outageSince = undefined;
           if (!Number.isFinite(r.loss)) throw new ConfigError(`loss became ${r.loss} at step ${r.step}`, { hint: 'lower training.lr or check the data' });
           if (t.eval_every > 0 && r.step % t.eval_every === 0 && ds.validation.length) await evaluate();
           if (t.save_every > 0 && r.step % t.save_every === 0 && r.step < totalSteps) await checkpoint();
         }
         final = await checkpoint();
-        if (state.step >= totalSteps && ds.validation.length) evalLoss = await evaluate();
+        if (state.step >= totalSteps && ds.validation.length && !stoppedBy) evalLoss = await evaluate();
         break;
       } catch (e) {
         if (!ex.recoverable(e)) throw e;
-        recoveries++;
         const msg = (e as Error).message.split('\n')[0];
+        // An outage (NATS restarting, connections refused) within distributed.outage_window_s is ridden out: the
+        // same pause, roll-back and back-off, but it does not use up a recovery.
+        const outage = isConnectionError(e) || /connection refused|ECONNREFUSED|ECONNRESET|UNAVAILABLE|cannot reach/i.test((e as Error).message);
+        if (outage) outageSince ??= Date.now();
+        const riddenOut = outage && Date.now() - outageSince! < d.outage_window_s * 1000;
+        if (!riddenOut) recoveries++;
         print(`worker failure at step ${state.step}: ${msg}`);
         if (recoveries > d.max_recoveries) throw new DqloraError(`giving up after ${d.max_recoveries} recoveries; last failure: ${msg}`, { cause: e, hint: 'check the workers\' logs; raise distributed.max_recoveries to keep trying' });
         ex.pause(msg);
+        const failedAt = state.step;
         rollBackTo(lastCheckpoint);
         notify(observers, 'onRecovery', { step: state.step, attempt: recoveries, reason: msg, resumeFrom: lastCheckpoint?.dir ?? '' });
-        print(`paused; resuming from ${lastCheckpoint?.dir || 'the initial state'} (step ${state.step}) once ${S * R} workers are connected`);
+        const wait = backoff.next();
+        logRecover({ step: failedAt, attempt: recoveries, maxRecoveries: d.max_recoveries, reason: msg, resumeFrom: lastCheckpoint?.dir ?? '', backoffMs: wait, ...(riddenOut ? { outageSeconds: (Date.now() - outageSince!) / 1000 } : {}) });
+        print(`paused; resuming from ${lastCheckpoint?.dir || 'the initial state'} (step ${state.step}) in ${(wait / 1000).toFixed(1)} s, once ${S * R} workers are connected`);
         started = false;
+        // A stop signal during the wait: the last checkpoint is the resume point (the workers are gone: no new one).
+        if (!(await sleep(wait, opts.stop?.abort))) {
+          stoppedBy = opts.stop?.signalName;
+          final = lastCheckpoint ? { dir: lastCheckpoint.dir, modules: lastCheckpoint.modules } : undefined;
+          break;
+        }
       }
     }
   } catch (e) {
@@ -200,17 +254,17 @@ export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<Run
     throw e;
   } finally {
     terminal.stop();
-    await executor?.close();
-    await metricsServer?.close();
+    await executor?.close({ jobOver: !stoppedBy });
   }
   const seconds = (performance.now() - t0) / 1000;
   const tokensPerSecond = tokensSeen / stepSeconds;
   const outcome = { steps: state.step, firstLoss: first, lastLoss: last, tokensPerSecond, timings, recoveries };
-  if (state.step < totalSteps) {
-    print(`stopped at step ${state.step}/${totalSteps}; checkpoint ${final!.dir}`);
-    const adapterDir = join(final!.dir, 'adapter');
+  if (state.step < totalSteps || stoppedBy) {
+    const ckDir = final?.dir ?? '';
+    if (!stoppedBy) print(`stopped at step ${state.step}/${totalSteps}; checkpoint ${ckDir}`);
+    const adapterDir = ckDir ? join(ckDir, 'adapter') : '';
     notify(observers, 'onEnd', { status: 'stopped', step: state.step, totalSteps, firstLoss: first, lastLoss: last, evalLoss: null, seconds, tokensPerSecond, adapterDir, answers: [] });
-    return { ...outcome, adapterDir, evalLoss: null, answers: [] };
+    return { ...outcome, adapterDir, evalLoss: null, answers: [], ...(stoppedBy ? { stopped: { signalName: stoppedBy, step: state.step, totalSteps, checkpointDir: ckDir } } : {}) };
   }
 
   // ---- outputs: adapter, before/after answers, summary ----

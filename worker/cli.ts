@@ -3,6 +3,7 @@
 // LoRA gradients over NATS with the other replicas of its stage, and exits when the job ends.
 import { Command, InvalidArgumentError, Option } from 'commander';
 import os from 'node:os';
+import { containerLimits, cpuThreads, freeMemoryBytes } from '../common/container.ts';
 import { createBackend, type BackendName } from '../core/engine/index.ts';
 import { runWorker, splitHostPort } from './server.ts';
 import { ConfigError, DqloraError } from '../common/errors.ts';
@@ -16,6 +17,8 @@ program.command('info')
   .action(async (o: { device: BackendName }) => {
     const be = await createBackend(o.device);
     const info: Record<string, unknown> = { backend: be.name, activationDtype: be.actDtype, hostname: os.hostname(), cpus: os.cpus().length, hostMemoryBytes: os.totalmem() };
+    const limits = containerLimits();
+    Object.assign(info, { cgroup: limits.source, cpuQuota: limits.cpuQuota, threads: cpuThreads(limits), memoryLimitBytes: limits.memoryLimitBytes, freeMemoryBytes: freeMemoryBytes() });
     if ('native' in be) info.cpuNativeKernels = (be as { native: unknown }).native ? 'loaded' : 'not built (pure TypeScript kernels)';
     process.stdout.write(JSON.stringify(info, null, 2) + '\n');
   });

@@ -5,6 +5,9 @@
 //
 // Lifetime: the worker exits when the coordinator says Shutdown, when its command stream ends or breaks
 // (coordinator gone: nothing to wait for), or when heartbeats keep failing — it never hangs on a dead job.
+// Exit codes: 0 the coordinator said Shutdown (the job is over: a Kubernetes Indexed Job counts the index done),
+// 75 lost its coordinator (EXIT_COORDINATOR_LOST: the pod is replaced and rejoins the restarted coordinator),
+// 1 this worker failed.
 import { channelCredentials, serverCredentials } from '../common/tls.ts';
 import os from 'node:os';
 import * as grpc from '@grpc/grpc-js';
@@ -17,6 +20,8 @@ import { DqloraError, WireError } from '../common/errors.ts';
 import { logger } from '../common/log.ts';
 import { createWorkerMetrics, serveMetrics, type MetricsServer, type WorkerMetrics } from '../common/metrics.ts';
 import { DEFAULT_CHUNK_BYTES } from '../wire/tensor.ts';
+import { freeMemoryBytes, totalMemoryBytes } from '../common/container.ts';
+import { WorkerHealth } from './health.ts';
 import {
   ControlClient, DeviceKind, StepStats, WorkerState, type Command, type RegisterReply, type StepReport, type ReportAck, type StateChunk,
 } from '../proto/gen/dqlora/v1/control.ts';
@@ -44,6 +49,9 @@ export interface WorkerOptions {
 /** Test hook: DQLORA_FAULT_KILL_AT_STEP=N makes the worker SIGKILL itself when RunStep N arrives. */
 const faultStep = process.env.DQLORA_FAULT_KILL_AT_STEP !== undefined ? Number(process.env.DQLORA_FAULT_KILL_AT_STEP) : undefined;
 
+/** Exit code when the coordinator went away without saying Shutdown: rejoin (EX_TEMPFAIL, as the coordinator's stop). */
+export const EXIT_COORDINATOR_LOST = 75;
+
 /** Deadline of unary control calls. */
 const CONTROL_DEADLINE_MS = 10_000;
 
@@ -57,8 +65,9 @@ function unary<Req, Res>(fn: (req: Req, md: grpc.Metadata, o: grpc.CallOptions, 
 export async function runWorker(o: WorkerOptions): Promise<number> {
   const metrics: WorkerMetrics = createWorkerMetrics({ defaultLabels: { role: 'worker' } });
   let metricsServer: MetricsServer | undefined;
+  const health = new WorkerHealth(); // /healthz = alive, /readyz = a loaded stage (worker/health.ts)
   if (o.metricsPort !== undefined) {
-    metricsServer = await serveMetrics(metrics.registry, o.metricsPort);
+    metricsServer = await serveMetrics(metrics.registry, o.metricsPort, undefined, health);
     log.info({ port: metricsServer.port }, 'metrics on /metrics');
   }
   const runner = await StageRunner.start(o.device, o.jobToken, metrics);
@@ -84,7 +93,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
     try {
       reg = await unary(client.register.bind(client), {
         jobToken: o.jobToken, hostname: os.hostname(), listenAddress: advertise, capabilities: [backendName],
-        device: { kind: backendName === 'cuda' ? DeviceKind.DEVICE_KIND_CUDA : DeviceKind.DEVICE_KIND_CPU, name: backendName === 'cpu' ? os.cpus()[0]?.model ?? 'cpu' : 'cuda', totalMemoryBytes: os.totalmem(), freeMemoryBytes: os.freemem() },
+        device: { kind: backendName === 'cuda' ? DeviceKind.DEVICE_KIND_CUDA : DeviceKind.DEVICE_KIND_CPU, name: backendName === 'cpu' ? os.cpus()[0]?.model ?? 'cpu' : 'cuda', totalMemoryBytes: totalMemoryBytes(), freeMemoryBytes: freeMemoryBytes() },
       });
       break;
     } catch (e) {
@@ -103,6 +112,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   log.info({ id, coordinator: o.coordinator, pipeline: advertise }, 'registered');
 
   let state = WorkerState.WORKER_STATE_REGISTERED;
+  health.track(() => state);
   let lastStep = -1;
   let exitCode = 0;
   let finish!: () => void;
@@ -120,9 +130,9 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   const hbMs = Math.max(50, reg.heartbeatIntervalMs || 1000);
   let lastOk = Date.now();
   const hb = setInterval(() => {
-    unary(client.heartbeat.bind(client), { jobToken: o.jobToken, workerId: id, state, step: lastStep, memoryInUseBytes: runner.memoryInUse(), freeMemoryBytes: os.freemem() }, Math.max(1000, hbMs * 2))
-      .then((r) => { lastOk = Date.now(); if (!r.ok) stop(1, `the coordinator does not know this worker any more: ${r.reason}`); })
-      .catch(() => { if (Date.now() - lastOk > Math.max(30_000, 10 * hbMs)) stop(1, `no contact with the coordinator at ${o.coordinator} for ${Math.round((Date.now() - lastOk) / 1000)} s`); });
+    unary(client.heartbeat.bind(client), { jobToken: o.jobToken, workerId: id, state, step: lastStep, memoryInUseBytes: runner.memoryInUse(), freeMemoryBytes: freeMemoryBytes() }, Math.max(1000, hbMs * 2))
+      .then((r) => { lastOk = Date.now(); if (!r.ok) stop(EXIT_COORDINATOR_LOST, `the coordinator does not know this worker any more: ${r.reason}`); })
+      .catch(() => { if (Date.now() - lastOk > Math.max(30_000, 10 * hbMs)) stop(EXIT_COORDINATOR_LOST, `no contact with the coordinator at ${o.coordinator} for ${Math.round((Date.now() - lastOk) / 1000)} s`); });
   }, hbMs);
 
   const report = (r: Omit<StepReport, 'jobToken' | 'workerId'>): Promise<ReportAck> =>
@@ -202,14 +212,16 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   };
   const md = new grpc.Metadata();
   const stream = client.commands({ workerId: id, jobToken: o.jobToken }, md);
+  let shutdownSeen = false; // the stream may end before the queued Shutdown runs: it still counts as "job over"
   stream.on('data', (cmd: Command) => {
     const k = cmd.kind?.$case;
+    if (k === 'shutdown') shutdownSeen = true;
     if (cmd.kind?.$case === 'abort') runner.abort(cmd.kind.abort.reason);
     else if (k === 'assignStage' || k === 'shutdown') runner.abort(`${k} received`);
     queue = queue.then(() => execute(cmd));
   });
-  stream.on('error', (e: grpc.ServiceError) => { if (e.code !== grpc.status.CANCELLED) stop(1, `command stream from ${o.coordinator} broke: ${e.details || e.message}`); });
-  stream.on('end', () => stop(stopping ? exitCode : 0, 'the coordinator closed the command stream'));
+  stream.on('error', (e: grpc.ServiceError) => { if (e.code !== grpc.status.CANCELLED) stop(shutdownSeen ? 0 : EXIT_COORDINATOR_LOST, `command stream from ${o.coordinator} broke: ${e.details || e.message}`); });
+  stream.on('end', () => stop(stopping ? exitCode : shutdownSeen ? 0 : EXIT_COORDINATOR_LOST, shutdownSeen ? 'shutdown: the coordinator closed the command stream' : 'the coordinator closed the command stream without a shutdown'));
 
   await finished;
   clearInterval(hb);

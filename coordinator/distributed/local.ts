@@ -3,7 +3,7 @@
 // was given, a private nats-server on a free loopback port. A worker that dies is replaced by a fresh one
 // (a few times at most), which is what a supervisor (Kubernetes) does for remote workers.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { availableParallelism } from 'node:os';
+import { cpuThreads } from '../../common/container.ts';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
@@ -43,7 +43,7 @@ export function spawnLocalWorkers(n: number, o: { coordinator: string; jobToken:
   const start = (slot: number): void => {
     const env: NodeJS.ProcessEnv = { ...process.env, DQLORA_JOB_TOKEN: o.jobToken };
     // CPU workers share this machine's cores: each gets its share (the stages of a pipeline compute in parallel).
-    env.DQLORA_CPU_THREADS ??= String(Math.max(1, Math.floor(availableParallelism() / n)));
+    env.DQLORA_CPU_THREADS ??= String(Math.max(1, Math.floor(cpuThreads() / n)));
     if (gpus.length > 0) env.CUDA_VISIBLE_DEVICES = gpus[slot % gpus.length];
     // DQLORA_WORKER_ENTRY: another worker entry script (e.g. an esbuild bundle on a machine without node_modules).
     const entry = process.env.DQLORA_WORKER_ENTRY ?? join(ROOT, 'bin', 'worker.js');

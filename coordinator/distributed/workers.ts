@@ -225,11 +225,11 @@ export class WorkersExecutor implements StepExecutor {
   /** Sets the step counter the workers are told about (after a resume or a rollback). */
   atStep(step: number): void { this.plane.progress.step = step; }
 
-  async close(): Promise<void> {
+  async close(o: { jobOver?: boolean } = {}): Promise<void> {
     const plane = this.plane;
     plane.jobState = 'done';
     plane.closing = true;
-    for (const w of plane.ready()) plane.tell(w, { $case: 'shutdown', shutdown: { reason: 'job finished' } });
+    if (o.jobOver ?? true) for (const w of plane.ready()) plane.tell(w, { $case: 'shutdown', shutdown: { reason: 'job finished' } });
     await this.workers?.stop();
     await plane.close();
     await this.nats?.stop();

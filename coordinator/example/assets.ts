@@ -1,6 +1,7 @@
 // The built-in example: makes (once) a small random Llama in real HF format with the project's BPE tokenizer and
 // a keywords → description dataset in the seed's form, and the job that QLoRA-trains it.
-import { existsSync, readFileSync, writeFileSync, mkdirSync, rmSync, renameSync } from 'node:fs';
+import { accessSync, constants, existsSync, readFileSync, writeFileSync, mkdirSync, rmSync, renameSync } from 'node:fs';
+import { ConfigError } from '../../common/errors.ts';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { writeExampleData, generateExampleData } from './data.ts';
@@ -15,11 +16,36 @@ export const PACKAGE_ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', 
 
 export interface ExampleAssets { root: string; modelDir: string; trainPath: string; validationPath: string }
 
+/**
+ * Where the example's files go: $DQLORA_CACHE_DIR when set (container images set it to a writable path: their
+ * application directory is read-only), else examples-cache/ and runs/ beside the package.
+ */
+export function exampleCacheDir(env: NodeJS.ProcessEnv = process.env): string {
+  return env.DQLORA_CACHE_DIR?.trim() || join(PACKAGE_ROOT, 'examples-cache');
+}
+export function exampleOutputDir(env: NodeJS.ProcessEnv = process.env): string {
+  const c = env.DQLORA_CACHE_DIR?.trim();
+  return c ? join(c, 'runs', 'example') : join(PACKAGE_ROOT, 'runs', 'example');
+}
+
+/** Fails early, with what to do, when `dir` cannot be created or written (a read-only image, a full disk). */
+export function assertWritableDir(dir: string, what: string): void {
+  try {
+    mkdirSync(dir, { recursive: true });
+    accessSync(dir, constants.W_OK);
+  } catch (e) {
+    throw new ConfigError(`cannot write the ${what} under ${dir}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, {
+      hint: 'set DQLORA_CACHE_DIR to a writable directory (the example model and runs/ go there), or pass --output DIR', cause: e,
+    });
+  }
+}
+
 /** Creates the example's model and data under `cacheDir` unless a complete copy is there already. */
-export function ensureExampleAssets(cacheDir = join(PACKAGE_ROOT, 'examples-cache'), log: (s: string) => void = () => {}): ExampleAssets {
+export function ensureExampleAssets(cacheDir = exampleCacheDir(), log: (s: string) => void = () => {}): ExampleAssets {
   const root = join(cacheDir, `example-v${EXAMPLE_VERSION}`);
   const assets = { root, modelDir: join(root, 'model'), trainPath: join(root, 'data', 'train.jsonl'), validationPath: join(root, 'data', 'validation.jsonl') };
   if (existsSync(join(root, 'READY'))) return assets;
+  assertWritableDir(cacheDir, 'example model and data');
   log(`creating the example model and dataset in ${root} (once)`);
   const tmp = `${root}.tmp-${process.pid}`;
   rmSync(tmp, { recursive: true, force: true });
@@ -49,7 +75,7 @@ export function exampleComparePrompts(n = 3): { prompt: string; expected: string
 }
 
 /** The example job: QLoRA on all linear layers, sized to finish in a few minutes on 2 CPU cores. */
-export function exampleJob(a: ExampleAssets, outputDir = join(PACKAGE_ROOT, 'runs', 'example'), overrides: Record<string, unknown> = {}): JobConfig {
+export function exampleJob(a: ExampleAssets, outputDir = exampleOutputDir(), overrides: Record<string, unknown> = {}): JobConfig {
   return parseJob({
     name: 'example',
     model: a.modelDir,

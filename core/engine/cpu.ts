@@ -6,7 +6,7 @@
 // (a training step repeats its shapes), so outputs skip V8's zero-fill and the page faults of fresh memory.
 // Each op's forward sits directly above its backward; shape legend in backend.ts.
 
-import os from 'node:os';
+import { cpuThreads } from '../../common/container.ts';
 import type {
   AdamWHyper, AttentionSaved, Backend, DropoutKey, DType, Nf4Weight, QuantizedTensor, Tensor,
 } from './backend.ts';
@@ -65,7 +65,8 @@ export class CpuBackend implements Backend {
 
   constructor(opts: CpuBackendOptions = {}) {
     this.native = opts.native === false ? null : loadCpuNative();
-    const cores = typeof os.availableParallelism === 'function' ? os.availableParallelism() : os.cpus().length;
+    // The CPUs this process may use: affinity mask and the container's cgroup CPU quota (common/container.ts).
+    const cores = cpuThreads();
     this.threads = Math.max(1, Math.min(cores, opts.threads ?? cores));
     this.reuseCap = Math.max(0, opts.reuseBytes ?? 256 * 2 ** 20);
   }

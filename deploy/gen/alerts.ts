@@ -26,51 +26,77 @@ export interface RuleGroup {
 const COORD = 'role!="worker"';
 const WORKER = 'role="worker"';
 
+/**
+ * Series of a job that has ended (succeeded, failed or stopped by a signal): the coordinator's last scraped job
+ * state (it serves its final metrics for DQLORA_METRICS_LINGER_S after the end). `unless on (job)` this, the
+ * Down alerts stay quiet after a job finished and its pods are gone or completed.
+ */
+const ENDED = `(max by (job) (last_over_time(dqlora_job_state{${COORD}, state=~"succeeded|failed|stopped"}[1h])) == 1)`;
+
 export function alertGroups(c: DeployConfig): RuleGroup[] {
   const a = c.alerts;
   const noProgress = `${a.noProgressMinutes}m`;
+  const lag = `${a.lagMinutes}m`;
+  const stale = `${a.checkpointStaleHours}h`;
   return [
     {
       name: 'dqlora.workers',
       rules: [
         {
           alert: 'DqloraWorkerDown',
-          expr: 'up{container="worker"} == 0',
+          expr: `up{container="worker"} == 0 unless on (job) ${ENDED}`,
           for: '2m',
           labels: { severity: 'critical' },
           annotations: {
             summary: 'dqlora worker {{ $labels.pod }} is not answering /metrics',
-            description: 'Prometheus has failed to scrape worker pod {{ $labels.pod }} (job {{ $labels.job }}) for 2 minutes: the process is down, restarting, or its metrics port is unreachable. The coordinator pauses the job when a worker misses its heartbeats; check `kubectl logs` and `kubectl describe pod {{ $labels.pod }}`.',
+            description: 'Prometheus has failed to scrape worker pod {{ $labels.pod }} (job {{ $labels.job }}) for 2 minutes while the job has not ended: the process is down, restarting, or its metrics port is unreachable. The coordinator pauses the job when a worker misses its heartbeats; check `kubectl logs` and `kubectl describe pod {{ $labels.pod }}`.',
           },
         },
         {
           alert: 'DqloraCoordinatorDown',
-          expr: 'up{container="coordinator"} == 0',
+          expr: `up{container="coordinator"} == 0 unless on (job) ${ENDED}`,
           for: '2m',
           labels: { severity: 'critical' },
           annotations: {
             summary: 'dqlora coordinator {{ $labels.pod }} is not answering /metrics',
-            description: 'The coordinator of job {{ $labels.job }} has not been scraped for 2 minutes. Without it no step runs; on restart it resumes from the newest checkpoint in output_dir.',
+            description: 'The coordinator of job {{ $labels.job }} has not been scraped for 2 minutes and the job has not ended. Without it no step runs; its Job replaces the pod, which resumes from the newest checkpoint in output_dir.',
           },
         },
         {
           alert: 'DqloraWorkerLost',
-          expr: 'sum by (job) (dqlora_workers{state="failed"}) > 0',
-          for: '1m',
+          // The recoveries counter keeps what a gauge sampled every 15 s can miss (a worker lost and replaced
+          // between two scrapes); the gauge still catches a job waiting for a replacement.
+          expr: `sum by (job) (increase(dqlora_recoveries_total{${COORD}}[10m])) > 0 or sum by (job) (dqlora_workers{${COORD}, state="failed"}) > 0`,
           labels: { severity: 'critical' },
           annotations: {
-            summary: '{{ $value }} dqlora worker(s) of job {{ $labels.job }} lost (heartbeats missing)',
-            description: 'The coordinator declared workers lost: no heartbeat within distributed.heartbeat_timeout_s, a closed control stream, or a failed command. The job pauses and resumes from the last checkpoint once a replacement registers (the StatefulSet restarts the pod); it fails after distributed.max_recoveries.',
+            summary: 'dqlora job {{ $labels.job }} lost worker(s) and is recovering',
+            description: 'The coordinator declared workers lost (no heartbeat within distributed.heartbeat_timeout_s, a closed control stream, or a failed command) and rolled back to the last checkpoint; `event: "recover"` lines in its log name the worker and the reason. The job fails after distributed.max_recoveries.',
           },
         },
         {
           alert: 'DqloraWorkerLagging',
-          expr: `max by (job) (dqlora_step{${WORKER}}) - on (job) group_right () dqlora_step{${WORKER}} > 2`,
-          for: '10m',
+          // By time, not by step numbers sampled at different moments: every worker takes part in every step,
+          // so a worker whose step has not changed for the whole window while the job's steps went on is stuck.
+          expr: `changes(dqlora_step{${WORKER}}[${lag}]) == 0 and on (job) (sum by (job) (increase(dqlora_optimizer_steps_total{${COORD}}[${lag}])) > 0)`,
+          for: '5m',
           labels: { severity: 'warning' },
           annotations: {
-            summary: 'dqlora worker {{ $labels.pod }} is {{ $value }} steps behind the rest of job {{ $labels.job }}',
-            description: 'Every worker takes part in every optimizer step, so a worker whose last completed step stays behind the others has stalled or restarted without rejoining. Check its logs; the coordinator declares it lost once its heartbeats stop.',
+            summary: `dqlora worker {{ $labels.pod }} completed no step in ${a.lagMinutes} minutes while job {{ $labels.job }} advanced`,
+            description: 'Every worker takes part in every optimizer step, so a worker whose last completed step stays the same while the job advances has stalled, or restarted without rejoining. Check its logs; the coordinator declares it lost once its heartbeats stop.',
+          },
+        },
+      ],
+    },
+    {
+      name: 'dqlora.job',
+      rules: [
+        {
+          alert: 'DqloraJobFailed',
+          expr: `last_over_time(dqlora_job_state{${COORD}, state="failed"}[15m]) == 1`,
+          labels: { severity: 'critical' },
+          annotations: {
+            summary: 'dqlora job {{ $labels.job }} failed',
+            description: 'The coordinator ended the job with a fatal error (bad input, or recoveries exhausted): its log\'s `event: "fatal"` line says what and what to do. The Kubernetes Job is marked failed and is not retried.',
           },
         },
       ],
@@ -90,7 +116,7 @@ export function alertGroups(c: DeployConfig): RuleGroup[] {
         },
         {
           alert: 'DqloraNoProgress',
-          expr: `sum by (job) (increase(dqlora_optimizer_steps_total{${COORD}}[${noProgress}])) == 0 and on (job) sum by (job) (dqlora_workers{state="training"}) > 0`,
+          expr: `sum by (job) (increase(dqlora_optimizer_steps_total{${COORD}}[${noProgress}])) == 0 and on (job) sum by (job) (dqlora_workers{${COORD}, state="training"}) > 0`,
           for: '5m',
           labels: { severity: 'critical' },
           annotations: {
@@ -110,12 +136,13 @@ export function alertGroups(c: DeployConfig): RuleGroup[] {
         },
         {
           alert: 'DqloraPipelineBubbleHigh',
-          expr: `dqlora_pipeline_bubble_ratio{${COORD}} > 0.5`,
+          // Relative to the layout's own theory: a 2-stage job with 4 micro-batches idles 20 % by design.
+          expr: `dqlora_pipeline_bubble_ratio{${COORD}} - on (job) dqlora_pipeline_bubble_theoretical_ratio{${COORD}} > ${a.bubbleExcess}`,
           for: '30m',
           labels: { severity: 'info' },
           annotations: {
-            summary: 'dqlora job {{ $labels.job }}: stages idle {{ $value | humanizePercentage }} of each step',
-            description: 'More than half of every stage\'s step time is spent waiting on other stages. Raise training.grad_accum (more micro-batches per step shrink the bubble (p-1)/(m+p-1)) or rebalance stages.',
+            summary: 'dqlora job {{ $labels.job }}: stages idle {{ $value | humanizePercentage }} of each step beyond the pipeline\'s theoretical bubble',
+            description: 'Stages wait on each other more than an ideal schedule of this layout would ((p-1)/(m+p-1)): unbalanced stages, slow transfers between them, or a straggler. Compare per-stage durations; raise training.grad_accum or rebalance stages.',
           },
         },
       ],
@@ -125,12 +152,14 @@ export function alertGroups(c: DeployConfig): RuleGroup[] {
       rules: [
         {
           alert: 'DqloraCheckpointStale',
-          expr: `sum by (job) (increase(dqlora_checkpoint_duration_seconds_count{${COORD}}[${a.checkpointStaleHours}h])) == 0 and on (job) sum by (job) (increase(dqlora_optimizer_steps_total{${COORD}}[${a.checkpointStaleHours}h])) > 0`,
+          // Only when checkpoints are configured (save_every > 0) and overdue: more than two intervals' worth of
+          // steps in the window without one.
+          expr: `sum by (job) (increase(dqlora_checkpoint_duration_seconds_count{${COORD}}[${stale}])) == 0 and on (job) sum by (job) (increase(dqlora_optimizer_steps_total{${COORD}}[${stale}])) > on (job) 2 * max by (job) (dqlora_checkpoint_interval_steps{${COORD}}) and on (job) max by (job) (dqlora_checkpoint_interval_steps{${COORD}}) > 0`,
           for: '10m',
           labels: { severity: 'warning' },
           annotations: {
-            summary: `dqlora job {{ $labels.job }}: no checkpoint written in ${a.checkpointStaleHours} hours while training`,
-            description: 'Steps complete but no checkpoint was written: either training.save_every is 0 / larger than the steps in this window (then silence this alert), or checkpoint writes fail (see the coordinator log: a full or read-only outputs volume). A failure now loses all progress since the last checkpoint.',
+            summary: `dqlora job {{ $labels.job }}: no checkpoint in ${a.checkpointStaleHours} hours though two were due`,
+            description: 'More than 2 × training.save_every steps completed without a checkpoint: checkpoint writes fail (see the coordinator log: a full or read-only outputs volume, a worker that cannot upload its state). A failure now loses all progress since the last checkpoint.',
           },
         },
         {

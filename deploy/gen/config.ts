@@ -7,9 +7,12 @@
 //                service address and metrics port from job.yaml (distributed.listen, distributed.metrics_port)
 //   worker:      `node bin/worker.js start --coordinator HOST:PORT --device D --listen HOST:PORT --advertise HOST:PORT
 //                --metrics-port P`, job token from $DQLORA_JOB_TOKEN
-//   both:        /healthz and /metrics on the metrics port, bound to $DQLORA_METRICS_HOST      (ASSUMED, not yet read)
-//   worker:      NATS user/password from $DQLORA_NATS_USER / $DQLORA_NATS_PASSWORD             (ASSUMED, not yet read)
-//   both (mTLS): PEM files from $DQLORA_TLS_CA / $DQLORA_TLS_CERT / $DQLORA_TLS_KEY            (ASSUMED, not yet read)
+//   both:        /healthz (alive), /readyz (worker: a stage loaded) and /metrics on the metrics port, bound to $DQLORA_METRICS_HOST
+//   worker:      NATS user/password from $DQLORA_NATS_USER / $DQLORA_NATS_PASSWORD
+//   both (mTLS): PEM files from $DQLORA_TLS_CA / $DQLORA_TLS_CERT / $DQLORA_TLS_KEY
+//   worker (mTLS): NATS TLS from $DQLORA_NATS_TLS_CA/_CERT/_KEY (common/nats-options.ts)
+//   coordinator: exit 0 done, 1 failed for good, 75 stopped by a signal after a checkpoint (coordinator/lifecycle.ts)
+//   worker:      exit 0 job finished, 75 lost its coordinator (rejoin), other = failed
 
 /** Kubernetes resource quantities of one container. */
 export interface Resources {
@@ -25,7 +28,7 @@ export interface OverlayConfig {
   readonly device: 'cpu' | 'cuda';
   /** Pipeline stages (distributed.stages). */
   readonly stages: number;
-  /** Data-parallel replicas per stage (distributed.replicas). Workers StatefulSet replicas = stages × replicas. */
+  /** Data-parallel replicas per stage (distributed.replicas). Worker Job completions = parallelism = stages × replicas. */
   readonly replicas: number;
   /** Image of the workers (kustomize `images` name → newName:newTag). */
   readonly workerImage: string;
@@ -47,6 +50,19 @@ export interface DeployConfig {
   /** Registry/repository the images are pushed to, and the tag (kustomize `images`). */
   readonly registry: string;
   readonly tag: string;
+  /**
+   * Pin images by digest (`sha256:…`, from `docker push` / `crane digest`): kustomize `images` then uses
+   * `digest:` instead of the tag, so a re-pushed tag never changes what runs. Empty = tags.
+   */
+  readonly imageDigests: { readonly coordinator?: string; readonly workerCpu?: string; readonly workerCuda?: string; readonly nats?: string };
+  /** Namespace Prometheus runs in: the only one allowed to reach the metrics ports (NetworkPolicy). */
+  readonly monitoringNamespace: string;
+  /**
+   * Stopping: SIGTERM → the coordinator checkpoints within stopGraceSeconds (DQLORA_STOP_GRACE_S) and exits 75;
+   * the kubelet SIGKILLs after terminationGraceSeconds, so keep it above. After the end the coordinator serves its
+   * final metrics for lingerSeconds (DQLORA_METRICS_LINGER_S: a few scrape intervals) before exiting.
+   */
+  readonly lifecycle: { readonly stopGraceSeconds: number; readonly terminationGraceSeconds: number; readonly lingerSeconds: number };
   readonly ports: {
     readonly control: number;
     readonly coordinatorMetrics: number;
@@ -59,11 +75,15 @@ export interface DeployConfig {
   readonly monitoringLabels: Record<string, string>;
   readonly nats: { readonly image: string; readonly maxPayloadBytes: number; readonly resources: Resources };
   readonly coordinatorResources: Resources;
+  /**
+   * storageClassName: a class offering the access mode (NFS, CephFS, EFS, Filestore, Azure Files…); null = the
+   * cluster's default class (often ReadWriteOnce only: the claims would stay Pending).
+   */
   readonly storage: {
     /** Base model + datasets, written once by the user, read by every pod (ReadOnlyMany). */
-    readonly models: { readonly size: string; readonly storageClassName?: string };
+    readonly models: { readonly size: string; readonly storageClassName: string | null };
     /** Checkpoints and the final adapter: written by the coordinator, read by workers on resume (ReadWriteMany). */
-    readonly outputs: { readonly size: string; readonly storageClassName?: string };
+    readonly outputs: { readonly size: string; readonly storageClassName: string | null };
   };
   /** Paths inside the models volume (mounted at /models). */
   readonly modelPath: string;
@@ -75,6 +95,10 @@ export interface DeployConfig {
     readonly noProgressMinutes: number;
     readonly stepRegressionFactor: number;
     readonly checkpointStaleHours: number;
+    /** A worker whose step has not changed for this long while the job's steps advance is lagging. */
+    readonly lagMinutes: number;
+    /** Bubble above the layout's theoretical (p−1)/(m+p−1) by more than this fraction of step time. */
+    readonly bubbleExcess: number;
   };
   readonly overlays: readonly OverlayConfig[];
 }
@@ -99,6 +123,11 @@ export const ENV = {
   tlsCa: 'DQLORA_TLS_CA',
   tlsCert: 'DQLORA_TLS_CERT',
   tlsKey: 'DQLORA_TLS_KEY',
+  natsTlsCa: 'DQLORA_NATS_TLS_CA',
+  natsTlsCert: 'DQLORA_NATS_TLS_CERT',
+  natsTlsKey: 'DQLORA_NATS_TLS_KEY',
+  stopGrace: 'DQLORA_STOP_GRACE_S',
+  linger: 'DQLORA_METRICS_LINGER_S',
 } as const;
 
 export const defaultDeployConfig: DeployConfig = {
@@ -107,22 +136,26 @@ export const defaultDeployConfig: DeployConfig = {
   prefix: 'dqlora',
   registry: 'registry.example.com/dqlora',
   tag: '0.1.0',
+  imageDigests: {},
+  monitoringNamespace: 'monitoring',
+  lifecycle: { stopGraceSeconds: 75, terminationGraceSeconds: 90, lingerSeconds: 45 },
   ports: { control: 50051, coordinatorMetrics: 9400, pipeline: 50052, workerMetrics: 9401, nats: 4222, natsMonitor: 8222 },
   monitoringLabels: { release: 'kube-prometheus-stack' },
   nats: {
-    image: 'nats:2.10-alpine',
+    // A fixed release, never a floating `2.10-alpine`; `imageDigests.nats` pins it further.
+    image: 'nats:2.10.22-alpine',
     // The all-reduce chunks its messages under max_payload; 8 MiB keeps the per-message overhead small.
     maxPayloadBytes: 8 * 1024 * 1024,
     resources: { requests: { cpu: '250m', memory: '256Mi' }, limits: { cpu: '2', memory: '1Gi' } },
   },
   // The coordinator holds no model tensors: tokenised dataset, plan, checkpoint assembly (LoRA + optimizer state).
   coordinatorResources: { requests: { cpu: '1', memory: '2Gi' }, limits: { cpu: '2', memory: '8Gi' } },
-  storage: { models: { size: '100Gi' }, outputs: { size: '50Gi' } },
+  storage: { models: { size: '100Gi', storageClassName: null }, outputs: { size: '50Gi', storageClassName: null } },
   modelPath: '/models/base',
   trainPath: '/models/data/train.jsonl',
   validationPath: '/models/data/validation.jsonl',
   uid: 1000,
-  alerts: { noProgressMinutes: 15, stepRegressionFactor: 1.5, checkpointStaleHours: 2 },
+  alerts: { noProgressMinutes: 15, stepRegressionFactor: 1.5, checkpointStaleHours: 2, lagMinutes: 10, bubbleExcess: 0.15 },
   overlays: [
     {
       name: 'cpu', device: 'cpu', stages: 2, replicas: 1, workerImage: 'dqlora-worker',
@@ -156,6 +189,6 @@ export function names(c: DeployConfig) {
     models: `${c.prefix}-models`,
     outputs: `${c.prefix}-outputs`,
     alerts: `${c.prefix}-alerts`,
-    tls: { ca: `${c.prefix}-ca`, selfSigned: `${c.prefix}-selfsigned`, coordinator: `${c.prefix}-coordinator-tls`, worker: `${c.prefix}-worker-tls` },
+    tls: { ca: `${c.prefix}-ca`, selfSigned: `${c.prefix}-selfsigned`, coordinator: `${c.prefix}-coordinator-tls`, worker: `${c.prefix}-worker-tls`, nats: `${c.prefix}-nats-tls` },
   } as const;
 }

@@ -50,6 +50,8 @@ export function buildDashboard(): Dashboard {
       .refresh(VariableRefresh.OnTimeRangeChanged).sort(VariableSort.AlphabeticalAsc));
 
   d.withRow(new RowBuilder('Overview'))
+    .withPanel(stat('Job state', 'none', 'The coordinator\'s job state (starting, running, recovering, stopping, succeeded, failed, stopped); the last value stays after the job ends.', q(`max by (state) (last_over_time(dqlora_job_state{${C}}[1h])) == 1`, '{{state}}')))
+    .withPanel(stat('Recoveries', 'none', 'Times the job rolled back to its last checkpoint after losing a worker (a counter: lost workers between two scrapes still count).', q(`max(dqlora_recoveries_total{${C}})`, 'recoveries')))
     .withPanel(stat('Optimizer steps', 'none', 'Optimizer steps completed.', q(`max(dqlora_optimizer_steps_total{${C}})`, 'steps')))
     .withPanel(stat('Train loss', 'none', 'Loss of the last optimizer step.', q(`max(dqlora_train_loss{${C}})`, 'loss')))
     .withPanel(stat('Tokens / s', 'none', 'Throughput of the last optimizer step.', q(`max(dqlora_tokens_per_second{${C}})`, 'tokens/s')))
@@ -72,8 +74,8 @@ export function buildDashboard(): Dashboard {
     .withPanel(ts('Stage compute per step (p50)', 's', 'Forward and backward compute time of each stage per step, as the workers report it.', [
       q(`histogram_quantile(0.5, sum by (le, stage, phase) (rate(dqlora_stage_duration_seconds_bucket{${C}}[$__rate_interval])))`, 'stage {{stage}} {{phase}}'),
     ]))
-    .withPanel(ts('Pipeline bubble', 'percentunit', 'Fraction of the step each stage waits on others; theory for p stages and m micro-batches: (p-1)/(m+p-1).', [
-      q(`dqlora_pipeline_bubble_ratio{${C}}`, 'bubble'),
+    .withPanel(ts('Pipeline bubble', 'percentunit', 'Fraction of the step each stage waits on others, and the theory for this layout (p stages, m micro-batches): (p-1)/(m+p-1).', [
+      q(`dqlora_pipeline_bubble_ratio{${C}}`, 'bubble'), q(`dqlora_pipeline_bubble_theoretical_ratio{${C}}`, 'theory'),
     ]))
     .withPanel(ts('All-reduce duration', 's', 'LoRA gradient all-reduce over NATS per step, by stage (p50, p90).', [
       q(`histogram_quantile(0.5, sum by (le, stage) (rate(dqlora_allreduce_duration_seconds_bucket{${C}}[$__rate_interval])))`, 'stage {{stage}} p50'),
@@ -84,6 +86,9 @@ export function buildDashboard(): Dashboard {
     .withPanel(ts('Workers by state', 'none', 'Registered workers counted by the coordinator, by state.', [q(`sum by (state) (dqlora_workers{${C}})`, '{{state}}')])
       .stacking(new StackingConfigBuilder().mode(StackingMode.Normal)))
     .withPanel(ts('Last step per worker', 'none', 'The last optimizer step each worker completed: a worker left behind has stalled.', [q(`dqlora_step{${W}}`, '{{pod}}')]))
+    .withPanel(ts('Seconds since the last step', 's', 'Time since the coordinator completed an optimizer step: a flat sawtooth while training, a ramp when stalled.', [
+      q(`time() - dqlora_last_step_timestamp_seconds{${C}}`, 'since last step'),
+    ]))
     .withPanel(ts('Bytes per second by transport', 'Bps', 'Bytes sent and received by all processes of the job: gRPC (pipeline + control) and NATS (all-reduce).', [
       q(`sum by (transport) (rate(dqlora_sent_bytes_total{job="$job"}[$__rate_interval]))`, 'sent {{transport}}'),
       q(`sum by (transport) (rate(dqlora_received_bytes_total{job="$job"}[$__rate_interval]))`, 'received {{transport}}'),
@@ -102,7 +107,8 @@ export function buildDashboard(): Dashboard {
     .withPanel(ts('Checkpoint duration', 's', 'Mean time to write a checkpoint over the last hour (manifest and every stage shard, atomically).', [
       q(`sum(increase(dqlora_checkpoint_duration_seconds_sum{${C}}[1h])) / sum(increase(dqlora_checkpoint_duration_seconds_count{${C}}[1h]))`, 'mean (1h)'),
     ]))
-    .withPanel(ts('Checkpoint size', 'bytes', 'Size of the last checkpoint written.', [q(`dqlora_checkpoint_size_bytes{${C}}`, 'size')]));
+    .withPanel(ts('Checkpoint size', 'bytes', 'Size of the last checkpoint written (no value before the first).', [q(`dqlora_checkpoint_size_bytes{${C}}`, 'size')]))
+    .withPanel(stat('Checkpoint interval', 'none', 'training.save_every: steps between checkpoints (0 = only at the end; CheckpointStale stays quiet then).', q(`max(dqlora_checkpoint_interval_steps{${C}})`, 'steps')));
 
   return d.build();
 }

@@ -49,11 +49,13 @@ test('coordinator start -c job.yaml trains, checkpoints, saves a PEFT adapter an
   assert.ok(existsSync(join(work, 'run', 'checkpoints', 'step-000003', 'manifest.json')));
 });
 
-test('a finished job started again resumes from its last checkpoint and does no more steps', () => {
+test('a finished job started again says so and exits 0 without training or rewriting anything', () => {
+  const summary = readFileSync(join(work, 'run', 'summary.json'), 'utf8');
   const r = cli(['start', '-c', jobPath, '--no-progress']);
   assert.equal(r.code, 0, r.err);
-  assert.match(r.out, /resumed from .*step-000006 at step 6\/6/);
-  assert.match(r.out, /trained 0 steps/);
+  assert.match(r.out, /already holds a finished run: 6\/6 steps/);
+  assert.doesNotMatch(r.out, /trained \d+ steps|resumed from/);
+  assert.equal(readFileSync(join(work, 'run', 'summary.json'), 'utf8'), summary, 'summary.json untouched');
 });
 
 test('generate prints the base and the fine-tuned answer; eval prints loss and perplexity for both', () => {

@@ -31,7 +31,7 @@ test('alerts.yml holds the generated groups, the PrometheusRule the same, every 
   assert.deepEqual((pr.spec as { groups: unknown }).groups, file.groups);
   const alertNames = rules.map((r) => r.alert);
   assert.equal(new Set(alertNames).size, alertNames.length, 'alert names are unique');
-  for (const want of ['DqloraWorkerDown', 'DqloraWorkerLost', 'DqloraLossNotFinite', 'DqloraStepTimeRegression', 'DqloraNoProgress', 'DqloraCheckpointStale']) {
+  for (const want of ['DqloraWorkerDown', 'DqloraWorkerLost', 'DqloraJobFailed', 'DqloraLossNotFinite', 'DqloraStepTimeRegression', 'DqloraNoProgress', 'DqloraCheckpointStale']) {
     assert.ok(alertNames.includes(want), `has ${want}`);
   }
   for (const r of rules) {
@@ -86,9 +86,15 @@ test('promtool test rules: each alert fires on its failure and not on a healthy 
             { series: 'dqlora_train_loss{job="j"}', values: '2.5 2.4 NaN NaN NaN' },
             { series: 'dqlora_grad_norm{job="k"}', values: '1 1 1 +Inf +Inf' },
             { series: 'dqlora_train_loss{job="ok"}', values: '2.5 2.4 2.3 2.2 2.1' },
+            { series: 'dqlora_job_state{job="j", state="running"}', values: '1x10' },
             { series: 'up{job="j", container="worker", pod="dqlora-worker-1"}', values: '1 0 0 0 0 0' },
             { series: 'up{job="j", container="worker", pod="dqlora-worker-0"}', values: '1 1 1 1 1 1' },
-            { series: 'dqlora_workers{job="j", state="failed"}', values: '0 1 1 1 1 1' },
+            // A worker lost and replaced between two scrapes: the failed-workers gauge never shows it, the
+            // recoveries counter does.
+            { series: 'dqlora_workers{job="j", state="failed"}', values: '0 0 0 0 0 0' },
+            { series: 'dqlora_recoveries_total{job="j"}', values: '0 0 1 1 1 1' },
+            { series: 'dqlora_recoveries_total{job="ok"}', values: '0 0 0 0 0 0' },
+            { series: 'dqlora_workers{job="w", state="failed"}', values: '0 0 1 1 1 1' },
           ],
           alert_rule_test: [
             { eval_time: '1m', alertname: 'DqloraLossNotFinite', exp_alerts: [] },
@@ -96,7 +102,29 @@ test('promtool test rules: each alert fires on its failure and not on a healthy 
             { eval_time: '2m', alertname: 'DqloraWorkerDown', exp_alerts: [] },
             { eval_time: '4m', alertname: 'DqloraWorkerDown', exp_alerts: [alert('DqloraWorkerDown', { job: 'j', container: 'worker', pod: 'dqlora-worker-1' })] },
             { eval_time: '1m', alertname: 'DqloraWorkerLost', exp_alerts: [] },
-            { eval_time: '3m', alertname: 'DqloraWorkerLost', exp_alerts: [alert('DqloraWorkerLost', { job: 'j' })] },
+            { eval_time: '3m', alertname: 'DqloraWorkerLost', exp_alerts: [alert('DqloraWorkerLost', { job: 'j' }), alert('DqloraWorkerLost', { job: 'w' })] },
+          ],
+        },
+        {
+          // After success: the pods complete and their targets go down or vanish; nothing is down that matters.
+          // NATS outage that used up the recoveries within seconds: the job failed; one alert says so, no Down
+          // alerts pile up after it.
+          interval: '1m',
+          input_series: [
+            { series: 'dqlora_job_state{job="done", state="succeeded"}', values: '0 0 0 1 1 _ _ _ _ _ _ _ _ _ _' },
+            { series: 'dqlora_job_state{job="done", state="running"}', values: '1 1 1 0 0 _ _ _ _ _ _ _ _ _ _' },
+            { series: 'up{job="done", container="coordinator", pod="dqlora-coordinator-x"}', values: '1 1 1 1 1 0 0 0 0 0 0 0 0 0 0' },
+            { series: 'up{job="done", container="worker", pod="dqlora-worker-0-x"}', values: '1 1 1 1 0 0 0 0 0 0 0 0 0 0 0' },
+            { series: 'dqlora_job_state{job="nats", state="failed"}', values: '0 0 1 1 _ _ _ _ _ _ _ _ _ _ _' },
+            { series: 'dqlora_recoveries_total{job="nats"}', values: '0 0 3 3 _ _ _ _ _ _ _ _ _ _ _' },
+            { series: 'up{job="nats", container="worker", pod="dqlora-worker-1-y"}', values: '1 1 1 0 0 0 0 0 0 0 0 0 0 0 0' },
+          ],
+          alert_rule_test: [
+            { eval_time: '10m', alertname: 'DqloraWorkerDown', exp_alerts: [] },
+            { eval_time: '10m', alertname: 'DqloraCoordinatorDown', exp_alerts: [] },
+            { eval_time: '3m', alertname: 'DqloraWorkerLost', exp_alerts: [alert('DqloraWorkerLost', { job: 'nats' })] },
+            { eval_time: '3m', alertname: 'DqloraJobFailed', exp_alerts: [alert('DqloraJobFailed', { job: 'nats', state: 'failed' })] },
+            { eval_time: '10m', alertname: 'DqloraJobFailed', exp_alerts: [alert('DqloraJobFailed', { job: 'nats', state: 'failed' })] },
           ],
         },
         {
@@ -107,17 +135,26 @@ test('promtool test rules: each alert fires on its failure and not on a healthy 
             { series: 'dqlora_workers{job="j", state="training"}', values: '4x50' },
             { series: 'dqlora_optimizer_steps_total{job="done"}', values: '0+1x10 10x40' },
             { series: 'dqlora_workers{job="done", state="training"}', values: '0x50' },
-            // Worker w1 stops at step 5 while w0 goes on.
-            { series: 'dqlora_step{job="j", role="worker", pod="w0"}', values: '0+1x50' },
-            { series: 'dqlora_step{job="j", role="worker", pod="w1"}', values: '0+1x5 5x45' },
+            // Job h is healthy: 6 steps a minute, its two workers scraped at different phases of a step (w1 always
+            // reads 3 steps ahead of w0), which a step-difference rule mistook for lag. Worker w2 of job s is stuck.
+            { series: 'dqlora_optimizer_steps_total{job="h"}', values: '0+6x50' },
+            { series: 'dqlora_step{job="h", role="worker", pod="w0"}', values: '0+6x50' },
+            { series: 'dqlora_step{job="h", role="worker", pod="w1"}', values: '3+6x50' },
+            { series: 'dqlora_optimizer_steps_total{job="s"}', values: '0+1x50' },
+            { series: 'dqlora_step{job="s", role="worker", pod="w0"}', values: '0+1x50' },
+            { series: 'dqlora_step{job="s", role="worker", pod="w2"}', values: '0+1x5 5x45' },
+            // Bubble against the layout's theory (2 stages, 4 micro-batches: 0.2): 0.3 is fine, 0.7 is not.
             { series: 'dqlora_pipeline_bubble_ratio{job="j"}', values: '0.7x50' },
-            { series: 'dqlora_pipeline_bubble_ratio{job="ok"}', values: '0.2x50' },
+            { series: 'dqlora_pipeline_bubble_theoretical_ratio{job="j"}', values: '0.2x50' },
+            { series: 'dqlora_pipeline_bubble_ratio{job="ok"}', values: '0.3x50' },
+            { series: 'dqlora_pipeline_bubble_theoretical_ratio{job="ok"}', values: '0.2x50' },
           ],
           alert_rule_test: [
             { eval_time: '12m', alertname: 'DqloraNoProgress', exp_alerts: [] },
             { eval_time: '35m', alertname: 'DqloraNoProgress', exp_alerts: [alert('DqloraNoProgress', { job: 'j' })] },
-            { eval_time: '5m', alertname: 'DqloraWorkerLagging', exp_alerts: [] },
-            { eval_time: '25m', alertname: 'DqloraWorkerLagging', exp_alerts: [alert('DqloraWorkerLagging', { job: 'j', role: 'worker', pod: 'w1' })] },
+            { eval_time: '12m', alertname: 'DqloraWorkerLagging', exp_alerts: [] },
+            { eval_time: '25m', alertname: 'DqloraWorkerLagging', exp_alerts: [alert('DqloraWorkerLagging', { job: 's', role: 'worker', pod: 'w2' })] },
+            { eval_time: '45m', alertname: 'DqloraWorkerLagging', exp_alerts: [alert('DqloraWorkerLagging', { job: 's', role: 'worker', pod: 'w2' })] },
             { eval_time: '20m', alertname: 'DqloraPipelineBubbleHigh', exp_alerts: [] },
             { eval_time: '40m', alertname: 'DqloraPipelineBubbleHigh', exp_alerts: [alert('DqloraPipelineBubbleHigh', { job: 'j' })] },
           ],
@@ -128,11 +165,17 @@ test('promtool test rules: each alert fires on its failure and not on a healthy 
             // One step a minute; 1 s each for 200 minutes, then 3 s each.
             { series: 'dqlora_step_duration_seconds_sum{job="j"}', values: '0+1x200 203+3x100' },
             { series: 'dqlora_step_duration_seconds_count{job="j"}', values: '0+1x300' },
-            // Job j never checkpoints; job k checkpoints every minute.
+            // Job j should checkpoint every 50 steps and never does; job z has save_every 0 (only at the end):
+            // nothing is due; job k checkpoints every minute.
             { series: 'dqlora_optimizer_steps_total{job="j"}', values: '0+1x300' },
             { series: 'dqlora_checkpoint_duration_seconds_count{job="j"}', values: '0x300' },
+            { series: 'dqlora_checkpoint_interval_steps{job="j"}', values: '50x300' },
+            { series: 'dqlora_optimizer_steps_total{job="z"}', values: '0+1x300' },
+            { series: 'dqlora_checkpoint_duration_seconds_count{job="z"}', values: '0x300' },
+            { series: 'dqlora_checkpoint_interval_steps{job="z"}', values: '0x300' },
             { series: 'dqlora_optimizer_steps_total{job="k"}', values: '0+1x300' },
             { series: 'dqlora_checkpoint_duration_seconds_count{job="k"}', values: '0+1x300' },
+            { series: 'dqlora_checkpoint_interval_steps{job="k"}', values: '1x300' },
           ],
           alert_rule_test: [
             { eval_time: '150m', alertname: 'DqloraStepTimeRegression', exp_alerts: [] },
@@ -141,8 +184,27 @@ test('promtool test rules: each alert fires on its failure and not on a healthy 
             { eval_time: '130m', alertname: 'DqloraCheckpointStale', exp_alerts: [alert('DqloraCheckpointStale', { job: 'j' })] },
           ],
         },
+        {
+          interval: '1m',
+          input_series: [
+            // p90 of checkpoint writes: job slow takes 10 min each, job fast 1 s.
+            { series: 'dqlora_checkpoint_duration_seconds_bucket{job="slow", le="300"}', values: '0x90' },
+            { series: 'dqlora_checkpoint_duration_seconds_bucket{job="slow", le="600"}', values: '0+1x90' },
+            { series: 'dqlora_checkpoint_duration_seconds_bucket{job="slow", le="+Inf"}', values: '0+1x90' },
+            { series: 'dqlora_checkpoint_duration_seconds_bucket{job="fast", le="1"}', values: '0+1x90' },
+            { series: 'dqlora_checkpoint_duration_seconds_bucket{job="fast", le="300"}', values: '0+1x90' },
+            { series: 'dqlora_checkpoint_duration_seconds_bucket{job="fast", le="600"}', values: '0+1x90' },
+            { series: 'dqlora_checkpoint_duration_seconds_bucket{job="fast", le="+Inf"}', values: '0+1x90' },
+          ],
+          alert_rule_test: [
+            { eval_time: '60m', alertname: 'DqloraCheckpointSlow', exp_alerts: [alert('DqloraCheckpointSlow', { job: 'slow' })] },
+          ],
+        },
       ],
     };
+    // Every alert is exercised by at least one case above.
+    const tested = new Set(tests.tests.flatMap((t) => t.alert_rule_test.map((a) => a.alertname)));
+    for (const r of rules) assert.ok(tested.has(r.alert), `${r.alert} has a promtool test`);
     const testFile = path.join(tmp, 'alerts_test.yml');
     fs.writeFileSync(testFile, stringify(tests));
     const r = spawnSync('promtool', ['test', 'rules', testFile], { encoding: 'utf8', cwd: tmp });

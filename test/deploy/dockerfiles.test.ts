@@ -119,7 +119,16 @@ test('build stages: compilers installed, and `npm ci` sees every file package.js
       assert.match(build.instructions[ciAt].args, new RegExp(`test -f ${built.replace(/\./g, '\\.')}`), `${flavour}: the build checks ${built} was produced`);
     }
   }
-  assert.match(argDefault(files.cpu.df, 'NODE_IMAGE') ?? '', /^node:20-bookworm-slim$/);
+  // The images' Node satisfies `engines` (itself the highest any production dependency declares: @nats-io/nuid ≥ 22).
+  const engines = (JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8')) as { engines: { node: string } }).engines.node;
+  const needMajor = Number(/^>=\s*(\d+)/.exec(engines)?.[1]);
+  assert.ok(needMajor >= 22, `engines.node ${engines} covers @nats-io/nuid's >= 22`);
+  for (const f of ['cpu', 'cuda'] as const) {
+    const img = argDefault(files[f].df, 'NODE_IMAGE') ?? '';
+    assert.match(img, /^node:\d+-bookworm-slim$/);
+    assert.ok(Number(/^node:(\d+)/.exec(img)![1]) >= needMajor, `${f}: ${img} satisfies engines ${engines}`);
+    assert.match(fs.readFileSync(path.join(dockerDir, `Dockerfile.${f}`), 'utf8'), /DQLORA_CACHE_DIR=\/tmp\//, `${f}: the example cache goes to a writable path`);
+  }
   assert.match(argDefault(files.cuda.df, 'CUDA_VERSION') ?? '', /^13\.\d+\.\d+$/);
   assert.equal(stage(files.cuda.df.stages, 'build').from, 'nvidia/cuda:${CUDA_VERSION}-devel-ubuntu24.04');
 });

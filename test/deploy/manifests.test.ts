@@ -1,6 +1,6 @@
 // deploy/k8s: the generated kustomize trees are current, every object validates against the Kubernetes / CRD
 // schemas, and the rendered overlays hold together: references resolve, secrets stay out of ConfigMaps, every
-// container is sized, probed and locked down, the job.yaml agrees with the StatefulSet and with the runtime's
+// container is sized, probed and locked down, the job.yaml agrees with the worker Job and with the runtime's
 // own config schema and command-line flags; with kubectl, `kubectl kustomize` renders what the generator says.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -73,7 +73,7 @@ test('every object in the committed YAML files validates against its Kubernetes 
   }
   assert.ok(count >= 20, `${count} objects validated`);
   // And the validation does catch a broken object.
-  const sts = structuredClone(find(rendered.get('gpu')!, 'StatefulSet', n.worker));
+  const sts = structuredClone(find(rendered.get('gpu')!, 'Job', n.worker));
   (containers(sts)[0].ports as Obj[])[0].containerPort = 'fifty';
   assert.throws(() => validateObject(sts), /containerPort/);
 });
@@ -82,7 +82,7 @@ test('every rendered overlay object validates, and names, namespaces and referen
   for (const ov of OVERLAYS) {
     const objs = rendered.get(ov)!;
     const kinds = new Set(objs.map((o) => o.kind));
-    for (const k of ['Namespace', 'PersistentVolumeClaim', 'ConfigMap', 'Secret', 'Deployment', 'StatefulSet', 'Service', 'NetworkPolicy', 'ServiceMonitor', 'PodMonitor', 'PrometheusRule']) {
+    for (const k of ['Namespace', 'PersistentVolumeClaim', 'ConfigMap', 'Secret', 'Deployment', 'Job', 'Service', 'NetworkPolicy', 'PodDisruptionBudget', 'ServiceMonitor', 'PodMonitor', 'PrometheusRule']) {
       assert.ok(kinds.has(k), `${ov}: renders a ${k}`);
     }
     const seen = new Set<string>();
@@ -134,8 +134,8 @@ test('every rendered overlay object validates, and names, namespaces and referen
     assert.deepEqual(get(sm, 'spec', 'selector', 'matchLabels'), get(coordSvc, 'spec', 'selector'));
     assert.equal((coordSvc.metadata.labels as Obj)['dqlora.io/job'], cfg.jobName);
     const pm = find(objs, 'PodMonitor', n.worker);
-    const sts = find(objs, 'StatefulSet', n.worker);
-    assert.deepEqual(get(pm, 'spec', 'selector', 'matchLabels'), get(sts, 'spec', 'selector', 'matchLabels'));
+    const sts = find(objs, 'Job', n.worker);
+    for (const [k, v] of Object.entries(get(pm, 'spec', 'selector', 'matchLabels') as Obj)) assert.equal((get(sts, 'spec', 'template', 'metadata', 'labels') as Obj)[k], v, `PodMonitor selects the worker pods (${k})`);
     assert.equal((get(sts, 'spec', 'template', 'metadata', 'labels') as Obj)['dqlora.io/job'], cfg.jobName);
     for (const m of [sm, pm, find(objs, 'PrometheusRule', n.alerts)]) {
       for (const [k, v] of Object.entries(cfg.monitoringLabels)) assert.equal((m.metadata.labels as Obj)[k], v, `${m.kind} carries ${k} for the Prometheus selector`);
@@ -168,7 +168,7 @@ test('secrets never appear in ConfigMaps or plain env values; NATS reads its cre
     }
     const natsEnv = (containers(find(objs, 'Deployment', n.nats))[0].env as Obj[]).map((e) => [e.name, get(e, 'valueFrom', 'secretKeyRef', 'key')]);
     assert.deepEqual(natsEnv, [['NATS_USER', SECRET_KEYS.natsUser], ['NATS_PASSWORD', SECRET_KEYS.natsPassword]]);
-    const worker = containers(find(objs, 'StatefulSet', n.worker))[0];
+    const worker = containers(find(objs, 'Job', n.worker))[0];
     const envKeys = Object.fromEntries((worker.env as Obj[]).map((e) => [e.name, get(e, 'valueFrom', 'secretKeyRef', 'key')]));
     assert.equal(envKeys[ENV.jobToken], SECRET_KEYS.jobToken);
     assert.equal(envKeys[ENV.natsUser], SECRET_KEYS.natsUser);
@@ -194,7 +194,9 @@ test('every container has requests and limits, startup/liveness/readiness probes
           const r = get(ct, 'resources', kind) as Obj | undefined;
           assert.ok(r?.cpu && r?.memory, `${where} has ${kind}.cpu and ${kind}.memory`);
         }
-        for (const pr of ['startupProbe', 'livenessProbe', 'readinessProbe']) assert.equal(get(ct, pr, 'httpGet', 'path'), '/healthz', `${where} ${pr} on /healthz`);
+        // Liveness: the process answers; readiness: it can work (a worker: a stage loaded). NATS has only /healthz.
+        for (const pr of ['startupProbe', 'livenessProbe']) assert.equal(get(ct, pr, 'httpGet', 'path'), '/healthz', `${where} ${pr} on /healthz`);
+        assert.equal(get(ct, 'readinessProbe', 'httpGet', 'path'), ct.name === 'nats' ? '/healthz' : '/readyz', `${where} readinessProbe`);
         assert.equal(get(ct, 'securityContext', 'readOnlyRootFilesystem'), true, `${where} read-only root`);
         assert.equal(get(ct, 'securityContext', 'allowPrivilegeEscalation'), false);
         assert.deepEqual(get(ct, 'securityContext', 'capabilities', 'drop'), ['ALL']);
@@ -204,7 +206,7 @@ test('every container has requests and limits, startup/liveness/readiness probes
 });
 
 test('gpu overlay: one nvidia.com/gpu per worker, GPU nodes, cuda device and image; cpu overlay asks for no GPU', () => {
-  const gpu = find(rendered.get('gpu')!, 'StatefulSet', n.worker);
+  const gpu = find(rendered.get('gpu')!, 'Job', n.worker);
   const w = containers(gpu)[0];
   assert.equal(get(w, 'resources', 'requests', 'nvidia.com/gpu'), '1');
   assert.equal(get(w, 'resources', 'limits', 'nvidia.com/gpu'), '1');
@@ -213,7 +215,7 @@ test('gpu overlay: one nvidia.com/gpu per worker, GPU nodes, cuda device and ima
   const args = w.args as string[];
   assert.equal(args[args.indexOf('--device') + 1], 'cuda');
   assert.equal(w.image, `${cfg.registry}/worker:${cfg.tag}-cuda`);
-  const cpu = find(rendered.get('cpu')!, 'StatefulSet', n.worker);
+  const cpu = find(rendered.get('cpu')!, 'Job', n.worker);
   const c = containers(cpu)[0];
   assert.equal(get(c, 'resources', 'limits', 'nvidia.com/gpu'), undefined);
   assert.equal(podSpec(cpu)!.tolerations, undefined);
@@ -221,13 +223,13 @@ test('gpu overlay: one nvidia.com/gpu per worker, GPU nodes, cuda device and ima
   assert.equal(c.image, `${cfg.registry}/worker:${cfg.tag}-cpu`);
   // The coordinator holds no tensors: CPU image, no GPU, in every overlay.
   for (const ov of OVERLAYS) {
-    const co = containers(find(rendered.get(ov)!, 'Deployment', n.coordinator))[0];
+    const co = containers(find(rendered.get(ov)!, 'Job', n.coordinator))[0];
     assert.equal(co.image, `${cfg.registry}/coordinator:${cfg.tag}-cpu`);
     assert.equal(get(co, 'resources', 'limits', 'nvidia.com/gpu'), undefined);
   }
 });
 
-test('job.yaml passes the coordinator\'s schema and agrees with the StatefulSet, Services and worker flags', () => {
+test('job.yaml passes the coordinator\'s schema and agrees with the worker Job, Services and worker flags', () => {
   for (const ov of OVERLAYS) {
     const objs = rendered.get(ov)!;
     const job = jobOf(objs);
@@ -235,8 +237,9 @@ test('job.yaml passes the coordinator\'s schema and agrees with the StatefulSet,
     assert.equal(job.distributed.stages, o.stages);
     assert.equal(job.distributed.replicas, o.replicas);
     assert.equal(job.distributed.workers, o.stages * o.replicas, `${ov}: workers = stages × replicas`);
-    const sts = find(objs, 'StatefulSet', n.worker);
-    assert.equal(get(sts, 'spec', 'replicas'), o.stages * o.replicas, `${ov}: StatefulSet replicas = stages × replicas`);
+    const sts = find(objs, 'Job', n.worker);
+    assert.equal(get(sts, 'spec', 'completions'), o.stages * o.replicas, `${ov}: worker Job completions = stages × replicas`);
+    assert.equal(get(sts, 'spec', 'parallelism'), o.stages * o.replicas, `${ov}: all workers run at once`);
     assert.equal(job.backend, o.device);
     assert.equal(job.name, cfg.jobName);
     assert.ok(job.output_dir.startsWith('/outputs/') && job.model.startsWith('/models/') && job.data.train.startsWith('/models/'), `${ov}: paths on the volumes`);
@@ -255,10 +258,11 @@ test('job.yaml passes the coordinator\'s schema and agrees with the StatefulSet,
     const wPorts = Object.fromEntries((w.ports as Obj[]).map((p) => [p.name, p.containerPort]));
     assert.equal(flag('--listen'), `0.0.0.0:${String(wPorts.pipeline)}`);
     assert.equal(flag('--metrics-port'), String(wPorts.metrics));
-    assert.equal(flag('--advertise'), `$(POD_NAME).${n.worker}.$(POD_NAMESPACE).svc:${String(wPorts.pipeline)}`);
-    assert.equal(get(sts, 'spec', 'serviceName'), n.worker);
+    assert.equal(flag('--advertise'), `${n.worker}-$(JOB_COMPLETION_INDEX).${n.worker}.$(POD_NAMESPACE).svc:${String(wPorts.pipeline)}`);
+    assert.ok((w.env as Obj[]).some((e) => e.name === 'JOB_COMPLETION_INDEX'), 'the index variable is declared, so $(JOB_COMPLETION_INDEX) expands');
+    assert.equal(podSpec(sts)!.subdomain, n.worker, 'pods get <job>-<index>.<headless service> names');
     assert.equal(get(find(objs, 'Service', n.worker), 'spec', 'clusterIP'), 'None');
-    const c = containers(find(objs, 'Deployment', n.coordinator))[0];
+    const c = containers(find(objs, 'Job', n.coordinator))[0];
     assert.deepEqual(c.args, ['start', '-c', '/etc/dqlora/job/job.yaml', '--no-progress']);
     assert.ok(((c.volumeMounts as Obj[]).find((m) => m.mountPath === '/etc/dqlora/job')), 'job ConfigMap mounted where -c points');
   }
@@ -274,10 +278,10 @@ test('the flags the manifests pass exist in the real worker and coordinator CLIs
   const coordHelp = help('coordinator.js');
   for (const ov of OVERLAYS) {
     const objs = rendered.get(ov)!;
-    for (const a of (containers(find(objs, 'StatefulSet', n.worker))[0].args as string[]).filter((x) => x.startsWith('--'))) {
+    for (const a of (containers(find(objs, 'Job', n.worker))[0].args as string[]).filter((x) => x.startsWith('--'))) {
       assert.ok(workerHelp.includes(a + ' '), `worker start accepts ${a}`);
     }
-    for (const a of (containers(find(objs, 'Deployment', n.coordinator))[0].args as string[]).filter((x) => x.startsWith('-'))) {
+    for (const a of (containers(find(objs, 'Job', n.coordinator))[0].args as string[]).filter((x) => x.startsWith('-'))) {
       assert.ok(coordHelp.includes(a), `coordinator start accepts ${a}`);
     }
   }
@@ -288,14 +292,14 @@ test('the flags the manifests pass exist in the real worker and coordinator CLIs
 test('mtls overlay: cert-manager CA, coordinator and wildcard worker certificates, mounted with their paths in env', () => {
   const objs = rendered.get('mtls')!;
   const certs = objs.filter((o) => o.kind === 'Certificate');
-  assert.equal(certs.length, 3);
+  assert.equal(certs.length, 4);
   const ca = find(objs, 'Certificate', n.tls.ca);
   assert.equal(get(ca, 'spec', 'isCA'), true);
   assert.equal(get(find(objs, 'Issuer', n.tls.ca), 'spec', 'ca', 'secretName'), n.tls.ca);
   assert.ok((get(find(objs, 'Certificate', n.tls.coordinator), 'spec', 'dnsNames') as string[]).includes(n.coordinator), 'coordinator cert covers the Service name workers dial');
   assert.ok((get(find(objs, 'Certificate', n.tls.worker), 'spec', 'dnsNames') as string[]).includes(`*.${n.worker}.${cfg.namespace}.svc`), 'worker cert covers the advertised pod names');
   for (const c of certs.filter((x) => x !== ca)) assert.deepEqual(get(c, 'spec', 'usages'), ['server auth', 'client auth', 'digital signature']);
-  for (const [kind, name] of [['Deployment', n.coordinator], ['StatefulSet', n.worker]] as const) {
+  for (const [kind, name] of [['Job', n.coordinator], ['Job', n.worker]] as const) {
     const ct = containers(find(objs, kind, name))[0];
     const env = Object.fromEntries((ct.env as Obj[]).map((e) => [e.name, e.value]));
     assert.equal(env[ENV.tlsCa], '/etc/dqlora/tls/ca.crt');
@@ -304,8 +308,89 @@ test('mtls overlay: cert-manager CA, coordinator and wildcard worker certificate
     // The env patch merged into the base env instead of replacing it.
     assert.ok(env[ENV.jobToken] === undefined && (ct.env as Obj[]).some((e) => e.name === ENV.jobToken));
   }
+  // NATS requires TLS with verified client certificates; workers present theirs to NATS too.
+  const natsConf = get(find(objs, 'ConfigMap', n.natsConfig), 'data', 'nats.conf') as string;
+  assert.match(natsConf, /tls \{\n  cert_file: "\/etc\/dqlora\/tls\/tls.crt"\n  key_file: "\/etc\/dqlora\/tls\/tls.key"\n  ca_file: "\/etc\/dqlora\/tls\/ca.crt"\n  verify: true/);
+  assert.match(natsConf, /user: \$NATS_USER/, 'credentials still required');
+  const nats = find(objs, 'Deployment', n.nats);
+  assert.ok((containers(nats)[0].volumeMounts as Obj[]).some((m) => m.mountPath === '/etc/dqlora/tls'));
+  assert.ok((get(find(objs, 'Certificate', n.tls.nats), 'spec', 'dnsNames') as string[]).includes(n.nats), 'NATS cert covers the Service name workers dial');
+  const wenv = Object.fromEntries((containers(find(objs, 'Job', n.worker))[0].env as Obj[]).map((e) => [e.name, e.value]));
+  assert.equal(wenv[ENV.natsTlsCa], '/etc/dqlora/tls/ca.crt');
+  assert.equal(wenv[ENV.natsTlsCert], '/etc/dqlora/tls/tls.crt');
+  assert.equal(wenv[ENV.natsTlsKey], '/etc/dqlora/tls/tls.key');
+  assert.doesNotMatch(get(find(rendered.get('gpu')!, 'ConfigMap', n.natsConfig), 'data', 'nats.conf') as string, /tls \{/, 'plain overlays stay plaintext');
   // gpu's objects are otherwise unchanged.
-  assert.equal(objs.length, rendered.get('gpu')!.length + 5);
+  assert.equal(objs.length, rendered.get('gpu')!.length + 6);
+});
+
+test('run to completion: coordinator Job and Indexed worker Job, never restarted after success; signals and preemption resume', () => {
+  for (const ov of OVERLAYS) {
+    const objs = rendered.get(ov)!;
+    assert.ok(!objs.some((o) => o.kind === 'StatefulSet' || (o.kind === 'Deployment' && o.metadata.name !== n.nats)), `${ov}: no Deployment/StatefulSet restarts a finished coordinator or worker`);
+    const co = find(objs, 'Job', n.coordinator);
+    assert.equal(get(co, 'spec', 'completions'), 1);
+    assert.equal(get(co, 'spec', 'parallelism'), 1, 'never two coordinators writing one output_dir');
+    assert.equal(podSpec(co)!.restartPolicy, 'Never', 'podFailurePolicy needs restartPolicy Never');
+    const rules = get(co, 'spec', 'podFailurePolicy', 'rules') as Obj[];
+    assert.deepEqual(rules.map((r) => [r.action, get(r, 'onExitCodes', 'values') ?? get(r, 'onPodConditions')]), [
+      ['Ignore', [{ type: 'DisruptionTarget', status: 'True' }]], ['Ignore', [75]], ['FailJob', [1]],
+    ], 'preempted / stopped-after-checkpoint: replaced, not counted; exit 1: failed for good');
+    const env = Object.fromEntries((containers(co)[0].env as Obj[]).map((e) => [e.name, e.value]));
+    assert.ok(Number(env[ENV.stopGrace]) < (podSpec(co)!.terminationGracePeriodSeconds as number), 'the checkpoint deadline comes before the kubelet\'s SIGKILL');
+    assert.ok(Number(env[ENV.linger]) >= 30, 'the final metrics stay up for two 15 s scrapes');
+    const w = find(objs, 'Job', n.worker);
+    assert.equal(get(w, 'spec', 'completionMode'), 'Indexed');
+    assert.equal(podSpec(w)!.restartPolicy, 'Never');
+    assert.deepEqual((get(w, 'spec', 'podFailurePolicy', 'rules') as Obj[]).map((r) => r.action), ['Ignore', 'Ignore']);
+    assert.ok((get(w, 'spec', 'backoffLimit') as number) >= (get(w, 'spec', 'completions') as number), 'a few real failures per worker are retried');
+  }
+});
+
+test('network: default deny both ways, then only the job\'s flows; metrics only from the monitoring namespace; DNS out', () => {
+  for (const ov of OVERLAYS) {
+    const pols = rendered.get(ov)!.filter((o) => o.kind === 'NetworkPolicy');
+    const deny = pols.find((p) => Object.keys(get(p, 'spec', 'podSelector') as Obj).length === 0)!;
+    assert.ok(deny, `${ov}: a policy selects every pod`);
+    assert.deepEqual(get(deny, 'spec', 'policyTypes'), ['Ingress', 'Egress']);
+    assert.equal(get(deny, 'spec', 'ingress'), undefined, 'no ingress rule: deny');
+    assert.equal(get(deny, 'spec', 'egress'), undefined, 'no egress rule: deny');
+    const of = (component: string) => pols.find((p) => get(p, 'spec', 'podSelector', 'matchLabels', 'app.kubernetes.io/component') === component)!;
+    const ingressPorts = (p: K8sObject) => (get(p, 'spec', 'ingress') as Obj[]).map((r) => [(r.ports as Obj[])[0].port, JSON.stringify(r.from)]);
+    const workers = JSON.stringify([{ podSelector: { matchLabels: { 'app.kubernetes.io/name': 'dqlora', 'app.kubernetes.io/component': 'worker' } } }]);
+    const prom = JSON.stringify([{ namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': cfg.monitoringNamespace } } }]);
+    assert.deepEqual(ingressPorts(of('nats')), [[cfg.ports.nats, workers]], 'NATS: clients are workers; 8222 is not open to the cluster');
+    assert.deepEqual(ingressPorts(of('coordinator')), [[cfg.ports.control, workers], [cfg.ports.coordinatorMetrics, prom]]);
+    assert.deepEqual(ingressPorts(of('worker')), [[cfg.ports.pipeline, workers], [cfg.ports.workerMetrics, prom]]);
+    const egressPorts = (p: K8sObject) => (get(p, 'spec', 'egress') as Obj[]).flatMap((r) => (r.ports as Obj[]).map((x) => `${String(x.protocol)}/${String(x.port)}`));
+    assert.deepEqual(egressPorts(of('coordinator')), ['UDP/53', 'TCP/53'], 'the coordinator dials nobody but DNS');
+    assert.deepEqual(egressPorts(of('nats')), ['UDP/53', 'TCP/53']);
+    assert.deepEqual(egressPorts(of('worker')), ['UDP/53', 'TCP/53', `TCP/${cfg.ports.control}`, `TCP/${cfg.ports.pipeline}`, `TCP/${cfg.ports.nats}`]);
+    for (const p of pols) for (const r of (get(p, 'spec', 'ingress') as Obj[] | undefined) ?? []) assert.ok(Array.isArray(r.from) && (r.from as Obj[]).length > 0, `${p.metadata.name}: no ingress rule open to everyone`);
+  }
+});
+
+test('disruption budgets keep a drain from evicting a running job; images pinned; storage class and digests are parameters', () => {
+  const objs = rendered.get('gpu')!;
+  for (const component of ['coordinator', 'worker', 'nats']) {
+    const pdb = find(objs, 'PodDisruptionBudget', `${cfg.prefix}-${component}`);
+    assert.equal(get(pdb, 'spec', 'maxUnavailable'), 0);
+    assert.equal(get(pdb, 'spec', 'selector', 'matchLabels', 'app.kubernetes.io/component'), component);
+  }
+  const natsImage = containers(find(objs, 'Deployment', n.nats))[0].image as string;
+  assert.match(natsImage, /^nats:\d+\.\d+\.\d+-alpine$/, 'NATS is a fixed release, not a floating minor tag');
+
+  const digest = (c: string) => `sha256:${c.repeat(64)}`;
+  const pinned = buildK8s({ ...cfg, imageDigests: { coordinator: digest('a'), workerCuda: digest('b'), nats: digest('c') }, storage: { models: { size: '1Gi', storageClassName: 'cephfs' }, outputs: { size: '1Gi', storageClassName: 'cephfs-rwx' } } });
+  const po = pinned.rendered.get('gpu')!;
+  assert.equal(containers(find(po, 'Job', n.coordinator))[0].image, `${cfg.registry}/coordinator@${digest('a')}`);
+  assert.equal(containers(find(po, 'Job', n.worker))[0].image, `${cfg.registry}/worker@${digest('b')}`);
+  assert.equal(containers(find(po, 'Deployment', n.nats))[0].image, `nats@${digest('c')}`);
+  assert.match(pinned.files.get('overlays/gpu/kustomization.yaml')!, new RegExp(`digest: ${digest('b')}`));
+  assert.equal(get(find(po, 'PersistentVolumeClaim', n.models), 'spec', 'storageClassName'), 'cephfs');
+  assert.equal(get(find(po, 'PersistentVolumeClaim', n.outputs), 'spec', 'storageClassName'), 'cephfs-rwx');
+  assert.equal(get(find(objs, 'PersistentVolumeClaim', n.outputs), 'spec', 'storageClassName'), undefined, 'null: the cluster default');
+  assert.throws(() => buildK8s({ ...cfg, imageDigests: { coordinator: 'latest' } }), /imageDigests: latest is not sha256/);
 });
 
 test('strategic merge: maps merge, keyed lists merge by key (new items first), other lists are replaced, null deletes', () => {

@@ -78,14 +78,17 @@ test('cpu overlay: coordinator and workers started with the manifests\' argument
       return p;
     };
 
-    const co = containerOf(objs, 'Deployment', n.coordinator);
+    const co = containerOf(objs, 'Job', n.coordinator);
     assert.deepEqual(co.args.slice(0, 2), ['start', '-c']);
     const coordEnv = envOf(co, secrets, {});
     assert.equal(coordEnv[ENV.jobToken], secrets['job-token']);
+    // The final metrics linger for the last scrape (45 s in the manifests; a few seconds are enough here).
+    assert.ok(Number(coordEnv[ENV.linger]) > 0);
+    coordEnv[ENV.linger] = '4';
     const coordinator = start('coordinator.js', ['start', '-c', jobPath, ...co.args.slice(3)], coordEnv);
     const coordExit = new Promise<number | null>((res) => coordinator.once('exit', (code) => res(code)));
 
-    const wo = containerOf(objs, 'StatefulSet', n.worker);
+    const wo = containerOf(objs, 'Job', n.worker);
     const workerMetrics: number[] = [];
     for (let i = 0; i < S * R; i++) {
       const [pipe, metrics] = [await freePort(), await freePort()];
@@ -97,8 +100,9 @@ test('cpu overlay: coordinator and workers started with the manifests\' argument
         if (flag === '--metrics-port') return String(metrics);
         return a;
       });
-      start('worker.js', args, envOf(wo, secrets, { POD_NAME: `${n.worker}-${i}`, POD_NAMESPACE: cfg.namespace }));
+      start('worker.js', args, envOf(wo, secrets, { JOB_COMPLETION_INDEX: String(i), POD_NAMESPACE: cfg.namespace }));
     }
+    const workerExits = procs.slice(1).map((p) => new Promise<number | null>((res) => p.once('exit', (c) => res(c))));
 
     // The probes' endpoint answers on every worker while the job runs.
     for (const port of workerMetrics) {
@@ -109,8 +113,26 @@ test('cpu overlay: coordinator and workers started with the manifests\' argument
       }
       assert.equal(status, 200, `worker /healthz on ${port}`);
     }
+    // Readiness turns true once a worker holds its stage (it is false while registering).
+    for (const port of workerMetrics) {
+      let ready = 0;
+      for (let t = 0; t < 2000 && ready !== 200 && coordinator.exitCode === null; t++) {
+        ready = await fetch(`http://127.0.0.1:${port}/readyz`).then((r) => r.status, () => 0);
+        if (ready !== 200) await new Promise((r) => setTimeout(r, 25));
+      }
+      assert.equal(ready, 200, `worker /readyz on ${port} once its stage is loaded`);
+    }
+    // After the end the coordinator still serves its final state: the job succeeded, the last loss is there.
+    let final = '';
+    while (coordinator.exitCode === null && !/dqlora_job_state\{state="succeeded"[^}]*\} 1/.test(final)) {
+      final = await fetch(`http://127.0.0.1:${coordMetrics}/metrics`).then((r) => r.text(), () => '');
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.match(final, /dqlora_job_state\{state="succeeded",dqlora_job="dqlora-finetune"\} 1/, 'the final job state is scrapeable after the end');
+    assert.match(final, /^dqlora_train_loss\{dqlora_job="dqlora-finetune"\} \d/m);
     const code = await coordExit;
     assert.equal(code, 0, `coordinator exit code\n${logs.join('\n')}`);
+    assert.deepEqual(await Promise.all(workerExits), workerExits.map(() => 0), 'workers exit 0 when told the job is over (their Job indices complete)');
     const adapter = path.join(job.output_dir, 'adapter', 'adapter_model.safetensors');
     const found = fs.existsSync(adapter) || fs.readdirSync(job.output_dir, { recursive: true }).some((f) => String(f).endsWith('adapter_model.safetensors'));
     assert.ok(found, `an adapter was written under ${job.output_dir}\n${logs.join('\n')}`);

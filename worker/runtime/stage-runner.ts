@@ -17,6 +17,8 @@ import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { channelCredentials } from '../../common/tls.ts';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import type { BackendName } from '../../core/engine/index.ts';
+import { natsConnectOptions } from '../../common/nats-options.ts';
+import { connectionError } from '../../common/connection.ts';
 import { NatsAllReduce } from '../allreduce.ts';
 import { PipelineClient } from '../transport/pipeline.ts';
 import { Inbox, StepAbortedError } from './inbox.ts';
@@ -72,9 +74,10 @@ export class StageRunner {
     if (a.next) this.nextClient = new PipelineClient(a.next, popts);
     if (a.numReplicas > 1) {
       if (!a.natsUrl) throw new ConfigError(`stage ${a.stage} has ${a.numReplicas} replicas but no NATS URL was given`, { hint: 'start the coordinator with --nats URL (or nats-server on PATH in local mode), or the worker with --nats' });
-      // NATS credentials come from the environment (a Kubernetes Secret), never from the job or a URL.
-      const user = process.env.DQLORA_NATS_USER, pass = process.env.DQLORA_NATS_PASSWORD;
-      this.nc = await connect({ servers: a.natsUrl, name: `dqlora-${generationId(a)}-s${a.stage}-r${a.replica}`, timeout: 10_000, ...(user ? { user, pass } : {}) });
+      // NATS credentials and TLS come from the environment (a Kubernetes Secret, the mtls certificate), never from the
+      // job or a URL (common/nats-options.ts); a refused connection names the address.
+      this.nc = await connect({ servers: a.natsUrl, name: `dqlora-${generationId(a)}-s${a.stage}-r${a.replica}`, timeout: 10_000, ...natsConnectOptions() })
+        .catch((e: unknown) => { throw connectionError('NATS', a.natsUrl!, e); });
       this.allreduce = new NatsAllReduce(this.nc, { jobId: generationId(a), stage: a.stage, rank: a.replica, worldSize: a.numReplicas, timeoutMs: a.train.stepTimeoutMs });
     }
     this.inbox.begin(a.firstSeq);
