@@ -2,7 +2,10 @@
 // DQLORA_LOG_LEVEL sets the level (default info; tests default to warn so their output stays readable).
 import { pino, type Logger } from 'pino';
 
-const level = process.env.DQLORA_LOG_LEVEL ?? (process.env.NODE_TEST_CONTEXT ? 'warn' : 'info');
+const requested = process.env.DQLORA_LOG_LEVEL ?? (process.env.NODE_TEST_CONTEXT ? 'warn' : 'info');
+// An unknown level would make pino throw while this module is imported, before any command can report it; the
+// commands check DQLORA_LOG_LEVEL themselves (coordinator/cli-input.ts) and say what the valid levels are.
+const level = requested === 'silent' || requested in pino.levels.values ? requested : 'info';
 
 export const rootLogger: Logger = pino({
   level,
