@@ -52,7 +52,7 @@ export const EXIT = {
   usage: 2,
   /** An input file is wrong: a dataset record, a model / tokenizer / adapter / checkpoint file, shapes that do not fit. */
   data: 3,
-  /** Stopped by SIGINT (Ctrl-C) or SIGTERM. */
+  /** Stopped by Ctrl-C: the process ends by SIGINT, which shells report as 128 + 2 (SIGTERM: 143). */
   interrupted: 130,
 } as const;
 

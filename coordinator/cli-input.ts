@@ -33,15 +33,22 @@ export const collect = (v: string, prev: string[] = []): string[] => [...prev, v
  * prompt: long or multi-line prompts, and text a shell cannot pass — "Argument list too long"). With neither and a
  * piped stdin, stdin is the prompt. A trailing newline of a file or stdin is not part of the prompt.
  */
-export function readPrompts(args: string[], files: string[] = [], stdin: { isTTY?: boolean; fd: number } = { isTTY: process.stdin.isTTY, fd: 0 }): string[] {
-  const readStdin = (): string => {
+export async function readPrompts(args: string[], files: string[] = [], stdin: NodeJS.ReadableStream & { isTTY?: boolean } = process.stdin): Promise<string[]> {
+  let stdinText: string | undefined;
+  // Streamed, not readFileSync(0): a pipe whose writer is still busy gives EAGAIN to a synchronous read.
+  const readStdin = async (): Promise<string> => {
+    if (stdinText !== undefined) return stdinText;
+    const chunks: Buffer[] = [];
     try {
-      return fs.readFileSync(stdin.fd, 'utf8').replace(/\r?\n$/, '');
+      for await (const c of stdin) chunks.push(typeof c === 'string' ? Buffer.from(c) : c as Buffer);
     } catch (e) {
       throw new ConfigError(`cannot read the prompt from stdin: ${(e as Error).message}`, { hint: 'pass the prompt as an argument or with --prompt-file FILE' });
     }
+    stdinText = Buffer.concat(chunks).toString('utf8').replace(/\r?\n$/, '');
+    return stdinText;
   };
-  const prompts = args.map((a) => (a === '-' ? readStdin() : a));
+  const prompts: string[] = [];
+  for (const a of args) prompts.push(a === '-' ? await readStdin() : a);
   for (const f of files) {
     checkInputFile(f, '--prompt-file');
     const text = fs.readFileSync(f, 'utf8');
@@ -50,7 +57,7 @@ export function readPrompts(args: string[], files: string[] = [], stdin: { isTTY
   }
   if (prompts.length === 0) {
     if (stdin.isTTY) throw new ConfigError('generate: no prompt given', { hint: 'pass prompts as arguments, with --prompt-file FILE, or on stdin (echo "..." | coordinator generate --model DIR -)' });
-    prompts.push(readStdin());
+    prompts.push(await readStdin());
   }
   const empty = prompts.findIndex((p) => p.trim() === '');
   if (empty >= 0) throw new ConfigError(`generate: prompt ${empty + 1} is empty`, { hint: 'give a non-empty prompt' });

@@ -118,7 +118,7 @@ program.command('generate')
     // Everything the user gave is checked, and prompts are measured against the context, before the model loads.
     checkModelDir(o.model, '--model');
     if (o.adapter) checkAdapterDir(o.adapter, '--adapter');
-    const prompts = readPrompts(args, o.promptFile);
+    const prompts = await readPrompts(args, o.promptFile);
     const cfg = loadModelConfig(o.model);
     const tok = loadTokenizer(o.model);
     const gen = loadGenerationConfig(o.model);
@@ -211,10 +211,9 @@ program.command('config-doc')
   .description('print the job.yaml field reference (markdown)')
   .action(() => out(configReference()));
 
-// Ctrl-C / SIGTERM: a distinct exit code (checkpoints and adapters are written atomically, so nothing is torn).
-for (const sig of ['SIGINT', 'SIGTERM'] as const) {
-  process.once(sig, () => { process.stderr.write(`\ninterrupted (${sig})\n`); process.exit(EXIT.interrupted); });
-}
+// Ctrl-C is left to the default action on purpose: the process ends at once, even inside a long synchronous
+// computation (a JS handler would wait for the event loop), and the shell reports 128 + 2 = 130 (EXIT.interrupted;
+// SIGTERM: 143). Checkpoints and adapters are written atomically, so an interrupted run leaves nothing torn.
 
 // Exit codes (README "Exit codes"): 2 usage or config, 3 data, 1 runtime. A user's mistake is one line (and a
 // hint), never a stack trace; only an error this program does not know — a bug — prints its stack.
