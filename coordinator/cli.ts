@@ -91,7 +91,9 @@ program.command('start')
     const source = o.config ?? 'the example job';
     checkJobPaths(job, source, o.output ? { output_dir: '--output' } : {});
     checkComparePrompts(job, source);
-    const backend = await backendFor(job.backend, o.backend === 'cuda' ? '--backend cuda' : `${source}: backend`, o.backend === 'cuda' ? 'use --backend cpu' : `set backend: cpu in ${source} (or pass --backend cpu)`);
+    // In-process runs only: distributed workers pick their own device, and the coordinator must not take a GPU.
+    const backend = job.distributed.workers !== 0 ? undefined
+      : await backendFor(job.backend, o.backend === 'cuda' ? '--backend cuda' : `${source}: backend`, o.backend === 'cuda' ? 'use --backend cpu' : `set backend: cpu in ${source} (or pass --backend cpu)`);
     const res = await runJob(job, { progress: o.progress && process.stderr.isTTY, stopAfter: o.stopAfter, print: out, backend });
     if (res.answers.length) {
       const expected = isExample ? new Map(exampleComparePrompts(res.answers.length).map((p) => [p.prompt, p.expected])) : new Map<string, string>();
