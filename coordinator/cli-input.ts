@@ -1,5 +1,5 @@
 // What the `coordinator` commands read from the user besides paths: option values (checked when parsed, so a bad
-// value stops the command before anything is loaded), prompts (arguments, files, stdin), the backend, the log level.
+// value stops the command before anything is loaded), prompts (arguments, files, stdin), the backend.
 import fs from 'node:fs';
 import { InvalidArgumentError } from 'commander';
 import { createBackend, type BackendName } from '../core/engine/index.ts';
@@ -77,16 +77,5 @@ export async function backendFor(name: BackendName, where: string, cpuHint: stri
       throw new ConfigError(`${where}: ${((e.cause as Error | undefined)?.message ?? e.message).split('\n')[0]}`, { hint: `${cpuHint} (the cuda backend needs an NVIDIA GPU and nvcc when \`npm ci\` runs)`, cause: e });
     }
     throw e;
-  }
-}
-
-/** Pino's levels: DQLORA_LOG_LEVEL must be one of them. */
-export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
-
-/** DQLORA_LOG_LEVEL, checked: a typo ('verbose') is a usage error naming the variable, not a pino stack trace. */
-export function checkLogLevelEnv(env: NodeJS.ProcessEnv = process.env): void {
-  const v = env.DQLORA_LOG_LEVEL;
-  if (v !== undefined && !(LOG_LEVELS as readonly string[]).includes(v)) {
-    throw new ConfigError(`DQLORA_LOG_LEVEL=${v} is not a log level`, { hint: `use one of ${LOG_LEVELS.join(', ')} (or unset it: default info)` });
   }
 }

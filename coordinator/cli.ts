@@ -20,7 +20,8 @@ import { mergeAdapter } from './merge.ts';
 import { DataError, DqloraError, EXIT, exitCodeFor, isSystemError } from '../common/errors.ts';
 import { answerEncoded, encodePromptsToFit } from './answer.ts';
 import { checkAdapterDir, checkComparePrompts, checkInputFile, checkJobPaths, checkModelDir, checkOutputDir } from './preflight.ts';
-import { backendFor, checkLogLevelEnv, collect, intAtLeast, numberIn, readPrompts } from './cli-input.ts';
+import { backendFor, collect, intAtLeast, numberIn, readPrompts } from './cli-input.ts';
+import { checkLogLevelEnv } from '../common/log.ts';
 
 const out = (s: string): void => { process.stdout.write(s + '\n'); };
 const backendOption = (): Option => new Option('--backend <name>', 'tensor backend').choices(['cpu', 'cuda', 'auto']).default('auto');
