@@ -119,7 +119,7 @@ program.command('generate')
   .argument('[prompts...]', 'prompts, e.g. "拓数派#openpie#数据库"; "-" (or no prompt and a pipe) reads one from stdin')
   .action(async (args: string[], o: { model: string; adapter?: string; promptFile?: string[]; truncate?: 'left' | 'right'; maxNewTokens: number; temperature: number; topP: number; topK: number; seed: number; raw?: boolean; backend: BackendName }) => {
     // Everything the user gave is checked, and prompts are measured against the context, before the model loads.
-    checkModelDir(o.model, '--model');
+    checkModelDir(o.model, '--model', { tokenizer: true });
     if (o.adapter) checkAdapterDir(o.adapter, '--adapter');
     const prompts = await readPrompts(args, o.promptFile);
     const cfg = loadModelConfig(o.model);
@@ -155,7 +155,7 @@ program.command('eval')
   .addOption(new Option('--on-error <what>', 'malformed dataset lines: stop with file:line, or skip them').choices(['throw', 'skip']).default('throw'))
   .addOption(backendOption())
   .action(async (o: { model: string; data: string; adapter?: string; maxLength: number; batchSize: number; onError: 'throw' | 'skip'; backend: BackendName }) => {
-    checkModelDir(o.model, '--model');
+    checkModelDir(o.model, '--model', { tokenizer: true });
     checkInputFile(o.data, '--data');
     if (o.adapter) checkAdapterDir(o.adapter, '--adapter');
     const cfg = loadModelConfig(o.model);

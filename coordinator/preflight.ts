@@ -28,13 +28,23 @@ function canWrite(p: string): boolean {
   }
 }
 
-/** A Hugging Face model directory: exists, is a directory, has config.json. */
-export function checkModelDir(dir: string, where: string): void {
+/**
+ * A Hugging Face model directory: exists, is a directory, has config.json and weights (*.safetensors or pickled
+ * *.bin); with `tokenizer`, also tokenizer.json or tokenizer.model (what generate, eval and training read).
+ */
+export function checkModelDir(dir: string, where: string, opts: { tokenizer?: boolean } = {}): void {
   const st = statOf(dir);
   if (!st) throw new ConfigError(`${where}: ${dir} does not exist`, { hint: `point ${flagOrKey(where)} at a Hugging Face model directory (config.json, weights, tokenizer)` });
   if (!st.isDirectory()) throw new ConfigError(`${where}: ${dir} is a file, not a model directory`, { hint: `point ${flagOrKey(where)} at the directory that holds config.json` });
   if (!statOf(path.join(dir, 'config.json'))?.isFile()) {
     throw new ConfigError(`${where}: ${dir} has no config.json, so it is not a Hugging Face model directory`, { hint: `point ${flagOrKey(where)} at the directory that holds config.json and the weights` });
+  }
+  const files = fs.readdirSync(dir);
+  if (!files.some((f) => /\.(safetensors|bin)$/.test(f))) {
+    throw new ConfigError(`${where}: ${dir} has config.json but no weights (*.safetensors or pytorch_model*.bin)`, { hint: 'was the download interrupted? Hugging Face weights are often stored with git-lfs: run `git lfs pull` there' });
+  }
+  if (opts.tokenizer && !files.includes('tokenizer.json') && !files.includes('tokenizer.model')) {
+    throw new ConfigError(`${where}: ${dir} has no tokenizer (tokenizer.json or tokenizer.model)`, { hint: `copy the tokenizer files of the base model into ${dir}` });
   }
 }
 
@@ -101,7 +111,7 @@ function flagOrKey(where: string): string {
  */
 export function checkJobPaths(job: JobConfig, source: string, flags: Partial<Record<'model' | 'output_dir', string>> = {}): void {
   const at = (key: string): string => flags[key as keyof typeof flags] ?? `${source}: ${key}`;
-  checkModelDir(job.model, at('model'));
+  checkModelDir(job.model, at('model'), { tokenizer: true });
   checkInputFile(job.data.train, at('data.train'));
   if (job.data.validation) checkInputFile(job.data.validation, at('data.validation'));
   checkOutputDir(job.output_dir, at('output_dir'));

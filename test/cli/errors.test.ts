@@ -4,7 +4,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { tinyExampleSetup } from '../helpers/tiny.ts';
@@ -67,6 +67,11 @@ test('generate: model, adapter and prompt files are checked, over-long prompts r
   fails(['generate', '--model', missing, 'x'], EXIT.usage, /--model: .*missing does not exist/);
   fails(['generate', '--model', file, 'x'], EXIT.usage, /--model: .*a-file is a file, not a model directory/);
   fails(['generate', '--model', work, 'x'], EXIT.usage, /--model: .* has no config\.json/);
+  const noWeights = join(work, 'no-weights'), noTokenizer = join(work, 'no-tokenizer');
+  for (const d of [noWeights, noTokenizer]) { mkdirSync(d); copyFileSync(join(model, 'config.json'), join(d, 'config.json')); }
+  copyFileSync(join(model, 'model.safetensors'), join(noTokenizer, 'model.safetensors'));
+  fails(['generate', '--model', noWeights, 'x'], EXIT.usage, /--model: .*no-weights has config\.json but no weights/);
+  fails(['generate', '--model', noTokenizer, 'x'], EXIT.usage, /--model: .*no-tokenizer has no tokenizer \(tokenizer\.json or tokenizer\.model\)/);
   fails(['generate', '--model', model, '--adapter', model, 'x'], EXIT.usage, /--adapter: .* has no adapter_config\.json/);
   fails(['generate', '--model', model, '--prompt-file', missing], EXIT.usage, /--prompt-file: .*missing does not exist/);
   fails(['generate', '--model', model, '--prompt-file', work], EXIT.usage, /--prompt-file: .* is a directory/);
