@@ -39,3 +39,40 @@ export class BackendError extends DqloraError {}
 export function check(cond: unknown, message: string | (() => string), hint?: string): asserts cond {
   if (!cond) throw new ShapeError(typeof message === 'function' ? message() : message, { hint });
 }
+
+/**
+ * Process exit codes of the `coordinator` and `worker` commands (documented in README "Exit codes"), so a script
+ * or a Kubernetes Job can tell a mistake to fix from a failure to retry.
+ */
+export const EXIT = {
+  ok: 0,
+  /** Something failed while running (a backend, a worker lost beyond recovery, disk full, a bug). Retrying may help. */
+  runtime: 1,
+  /** A command-line flag, a job.yaml field, a path or an environment variable is wrong: fix the command. */
+  usage: 2,
+  /** An input file is wrong: a dataset record, a model / tokenizer / adapter / checkpoint file, shapes that do not fit. */
+  data: 3,
+  /**
+   * Stopped by SIGTERM/SIGINT after writing a checkpoint at a step boundary: run the same command again to resume
+   * (EX_TEMPFAIL; Kubernetes restarts the pod without counting a failure, see deploy/).
+   */
+  stopped: 75,
+  /** Stopped by a signal before a checkpoint could be written (the grace period ran out; Ctrl-C twice). */
+  interrupted: 130,
+} as const;
+
+/** The exit code for an error that ended a command (see EXIT). */
+export function exitCodeFor(e: unknown): number {
+  if (e instanceof ConfigError) return EXIT.usage;
+  if (e instanceof DataError || e instanceof FormatError || e instanceof ShapeError || e instanceof CheckpointError || e instanceof UnsupportedError) return EXIT.data;
+  return EXIT.runtime;
+}
+
+/**
+ * An operating-system error a user can act on (a path that is missing, not writable, a file where a directory is
+ * expected, a full disk): worth one line, not a stack trace.
+ */
+export function isSystemError(e: unknown): e is NodeJS.ErrnoException {
+  const code = (e as NodeJS.ErrnoException | null)?.code;
+  return e instanceof Error && typeof code === 'string' && /^E[A-Z]+$/.test(code) && typeof (e as NodeJS.ErrnoException).syscall === 'string';
+}

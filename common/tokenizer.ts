@@ -290,3 +290,29 @@ export function loadTokenizer(dir: string): TextTokenizer | SentencePieceTokeniz
   if (!fs.existsSync(path.join(dir, 'tokenizer.json')) && fs.existsSync(path.join(dir, 'tokenizer.model'))) return SentencePieceTokenizer.load(dir);
   return TextTokenizer.load(dir);
 }
+
+/**
+ * decode(ids) for text shown to people or written to JSON: generation stops wherever max_new_tokens says, often in
+ * the middle of a character whose UTF-8 bytes span several byte-level tokens; decoding such a tail gives U+FFFD.
+ * Trailing ids that decode only to U+FFFD are dropped (at most 3: a UTF-8 character has at most 4 bytes, and the
+ * first byte of a sequence that is completed later is never decoded alone), as transformers' TextStreamer waits
+ * for the rest of a character. A U+FFFD anywhere else, or one the ids really spell, is kept.
+ */
+export function decodeComplete(tok: Pick<LoadedTokenizer, 'decode'>, ids: number[], opts: { skipSpecialTokens?: boolean } = {}): string {
+  const full = tok.decode(ids, opts);
+  if (!full.endsWith('\uFFFD')) return full;
+  for (let k = 1; k <= Math.min(3, ids.length); k++) {
+    const head = tok.decode(ids.slice(0, ids.length - k), opts);
+    if (!full.startsWith(head) || !/^\uFFFD*$/.test(full.slice(head.length).trimStart())) return full;
+    if (!head.endsWith('\uFFFD')) return head;
+  }
+  return full;
+}
+
+/**
+ * Text for a terminal or a JSON file: control characters (C0 except tab and newline, DEL, C1) removed — a partial
+ * byte token or an untrained model can produce any of them, and they garble terminals and confuse JSON readers.
+ */
+export function printableText(s: string): string {
+  return s.replace(/[\u0000-\u0008\u000B-\u001F\u007F-\u009F]/g, '');
+}

@@ -16,7 +16,8 @@ import { DqloraError } from '../common/errors.ts';
 import { sleep } from '../common/connection.ts';
 import { logger, type Logger } from '../common/log.ts';
 
-export const EXIT = { succeeded: 0, failed: 1, stopped: 75, interrupted: 130 } as const;
+export { EXIT } from '../common/errors.ts';
+import { EXIT } from '../common/errors.ts';
 
 const log = logger('lifecycle');
 

@@ -15,7 +15,8 @@ import { loraScale } from '../core/engine/lora.ts';
 import { quantizeNf4, dequantizeNf4 } from '../core/engine/nf4.ts';
 import { isPrequantized, nf4FromRecords } from '../core/model/bnb.ts';
 import { loadModelConfig } from '../core/model/config.ts';
-import { ConfigError, ShapeError } from '../common/errors.ts';
+import { ConfigError, FormatError, ShapeError } from '../common/errors.ts';
+import { JsonNumber, parseJsonText, stringifyJsonText, type JsonText } from '../common/json-text.ts';
 
 export interface MergeOptions {
   readonly dtype: 'bfloat16' | 'float16' | 'float32';
@@ -31,6 +32,7 @@ const TOKENIZER_FILES = ['tokenizer.json', 'tokenizer_config.json', 'special_tok
 export function mergeAdapter(modelDir: string, adapterDir: string, outDir: string, o: MergeOptions): { merged: number; tensors: number } {
   if (existsSync(join(outDir, 'config.json'))) throw new ConfigError(`${outDir} already holds a model`, { hint: 'choose an empty --out directory' });
   const cfg = loadModelConfig(modelDir);
+  const configText = mergedConfigText(readFileSync(join(modelDir, 'config.json'), 'utf8'), o.dtype, join(modelDir, 'config.json')); // fails before the slow part
   const adapter = loadAdapter(adapterDir);
   const byPath = new Map(adapter.modules.map((m) => [m.path, m]));
   const w = ModelWeights.open(modelDir);
@@ -54,7 +56,7 @@ export function mergeAdapter(modelDir: string, adapterDir: string, outDir: strin
       const lora = byPath.get(path);
       if (lora) {
         if (shape.length !== 2 || shape[0] !== lora.outFeatures || shape[1] !== lora.inFeatures) throw new ShapeError(`adapter module ${path} is [${lora.outFeatures}, ${lora.inFeatures}] but the weight is [${shape}]`);
-        if (!pre && o.base === 'dequantized') x = dequantizeNf4(quantizeNf4(x, [shape[0], shape[1]], { blocksize: o.blocksize ?? 64, doubleQuant: o.doubleQuant ?? true }));
+        if (!pre && o.base === 'dequantized') x = dequantizeNf4(quantizeNf4(x, [shape[0], shape[1]], { blocksize: o.blocksize ?? 64, doubleQuant: o.doubleQuant ?? true, name }));
         const delta = loraDelta(lora, loraScale({ ...hyperFor(path, adapter.config), r: lora.r }));
         for (let k = 0; k < x.length; k++) x[k] += delta[k];
         merged++;
@@ -69,11 +71,30 @@ export function mergeAdapter(modelDir: string, adapterDir: string, outDir: strin
   if (merged !== adapter.modules.length) throw new ShapeError(`only ${merged} of the adapter's ${adapter.modules.length} modules were found in ${modelDir}`, { hint: 'was the adapter trained on another model?' });
   mkdirSync(outDir, { recursive: true });
   writeShardedSafetensors(outDir, records, { maxShardBytes: o.maxShardBytes ?? 4_000_000_000, metadata: { format: 'pt' } });
-  const raw = JSON.parse(readFileSync(join(modelDir, 'config.json'), 'utf8')) as Record<string, unknown>;
-  delete raw.quantization_config;
-  raw.torch_dtype = o.dtype;
-  writeFileSync(join(outDir, 'config.json'), JSON.stringify(raw, null, 2) + '\n');
+  writeFileSync(join(outDir, 'config.json'), configText);
   for (const f of TOKENIZER_FILES) if (existsSync(join(modelDir, f))) copyFileSync(join(modelDir, f), join(outDir, f));
   void cfg;
   return { merged, tensors: records.length };
+}
+
+/**
+ * The merged model's config.json: the source's, without quantization_config, with the merged dtype under BOTH
+ * keys transformers reads — `dtype` (transformers ≥ 4.56 / 5 write and prefer it) and `torch_dtype` (what 4.x
+ * reads) — so every version loads the weights in the dtype they are stored in, and no stale key (a source
+ * `"dtype": "float32"` beside a new `"torch_dtype": "bfloat16"`) contradicts the other. Every other byte of
+ * meaning is kept: numbers keep their source text, so `1000000.0` stays a float (rewriting it as 1000000 makes
+ * rope_theta an int to transformers, and llama3's rope_scaling.factor 8.0 an int).
+ */
+export function mergedConfigText(sourceText: string, dtype: MergeOptions['dtype'], source = 'config.json'): string {
+  let cfg: JsonText;
+  try {
+    cfg = parseJsonText(sourceText);
+  } catch (e) {
+    throw new FormatError(`${source}: not valid JSON (${(e as Error).message})`, { cause: e });
+  }
+  if (cfg === null || typeof cfg !== 'object' || Array.isArray(cfg) || cfg instanceof JsonNumber) throw new FormatError(`${source} must hold a JSON object`);
+  delete cfg.quantization_config;
+  cfg.dtype = dtype;
+  cfg.torch_dtype = dtype;
+  return stringifyJsonText(cfg, 2) + '\n';
 }

@@ -5,7 +5,7 @@
 // The split is drawn over UNIQUE records, so even without dedup every copy of a record lands on the same side and
 // validation never measures memorised training data. The draw is `shuffledIndices(nUnique, seed, SPLIT_STREAM)`:
 // the same seed gives the same split on every machine. Both sides keep file order.
-import { ConfigError } from '../../common/errors.ts';
+import { ConfigError, DataError } from '../../common/errors.ts';
 import { logger } from '../../common/log.ts';
 import { shuffledIndices } from '../../common/rng.ts';
 import { readRecords, recordKey, type Record } from './records.ts';
@@ -52,7 +52,7 @@ export interface Dataset { train: Example[]; validation: Example[]; stats: Datas
 
 export function buildDataset(opts: DatasetOptions, tok: TokenizerLike): Dataset {
   if (opts.validationPath !== undefined && opts.validationSplit !== undefined) {
-    throw new ConfigError('both a validation file and a validation split are given', { hint: 'use one of data.validation_path / data.validation_split' });
+    throw new ConfigError('both a validation file and a validation split are given', { hint: 'use one of data.validation / data.validation_split in the job file' });
   }
   const onError = opts.onError ?? 'throw';
   const trainRead = readRecords(opts.trainPath, { onError });
@@ -110,8 +110,10 @@ export function buildDataset(opts: DatasetOptions, tok: TokenizerLike): Dataset 
     for (let t = 1; t < e.labels.length; t++) if (e.labels[t] !== -100) trainLabelTokens++;
   }
   if (trainTok.examples.length === 0) {
-    throw new ConfigError(`no training example left from ${opts.trainPath} (${records} records, ${trainTok.droppedNoLabels} dropped with no trainable token)`,
-      { hint: 'check the file, and that data.max_length leaves room for the answers' });
+    // Counts of the training file only (`records` also counts the validation file's).
+    const read = trainRead.records.length, bad = trainRead.skipped.length;
+    throw new DataError(`no training example left from ${opts.trainPath} (${read} records read${bad ? `, ${bad} malformed lines skipped` : ''}, ${trainTok.droppedNoLabels} dropped with no trainable token)`,
+      { hint: read === 0 ? 'the training file holds no records: check data.train in the job file' : 'check the file, and that data.max_length leaves room for the answers' });
   }
   return {
     train: trainTok.examples,

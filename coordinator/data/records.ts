@@ -50,8 +50,13 @@ class RecordProblem extends Error {
   constructor(message: string, readonly hint: string) { super(message); }
 }
 
-export function readRecords(path: string, opts: { onError?: 'throw' | 'skip' } = {}): ReadResult {
+/**
+ * `skipHint`: how the user turns skipping on where they came from, quoted in the error of a malformed line
+ * (default: the job file's key; `coordinator eval` passes its flag).
+ */
+export function readRecords(path: string, opts: { onError?: 'throw' | 'skip'; skipHint?: string } = {}): ReadResult {
   const onError = opts.onError ?? 'throw';
+  const skipHint = opts.skipHint ?? 'data.on_error: skip in the job file';
   let fd: number;
   try {
     fd = fs.openSync(path, 'r');
@@ -61,7 +66,7 @@ export function readRecords(path: string, opts: { onError?: 'throw' | 'skip' } =
   }
   try {
     const format = detectFormat(fd, path);
-    return format === 'json' ? readJsonArray(fd, path, onError) : readJsonl(fd, path, onError);
+    return format === 'json' ? readJsonArray(fd, path, onError, skipHint) : readJsonl(fd, path, onError, skipHint);
   } finally {
     fs.closeSync(fd);
   }
@@ -88,7 +93,7 @@ function detectFormat(fd: number, path: string): 'json' | 'jsonl' {
   }
 }
 
-function readJsonl(fd: number, path: string, onError: 'throw' | 'skip'): ReadResult {
+function readJsonl(fd: number, path: string, onError: 'throw' | 'skip', skipHint: string): ReadResult {
   const records: Record[] = [];
   const skipped: { line: number; reason: string }[] = [];
   // Line 1 may start with a BOM (the decoder drops it); elsewhere a BOM is an error like any stray character.
@@ -125,7 +130,7 @@ function readJsonl(fd: number, path: string, onError: 'throw' | 'skip'): ReadRes
   };
   const fail = (line: number, p: RecordProblem): void => {
     if (onError === 'skip') { skipped.push({ line, reason: p.message }); return; }
-    throw new DataError(`${path}:${line}: ${p.message}`, { hint: p.hint + "; or set onError 'skip' to leave bad lines out" });
+    throw new DataError(`${path}:${line}: ${p.message}`, { hint: `${p.hint}; or set ${skipHint} to leave bad lines out` });
   };
 
   for (;;) {
@@ -152,7 +157,7 @@ function readJsonl(fd: number, path: string, onError: 'throw' | 'skip'): ReadRes
   return { records, skipped, source: path, format: 'jsonl' };
 }
 
-function readJsonArray(fd: number, path: string, onError: 'throw' | 'skip'): ReadResult {
+function readJsonArray(fd: number, path: string, onError: 'throw' | 'skip', skipHint: string): ReadResult {
   const size = fs.fstatSync(fd).size;
   const buf = new Uint8Array(size);
   let off = 0;
@@ -189,7 +194,7 @@ function readJsonArray(fd: number, path: string, onError: 'throw' | 'skip'): Rea
     } catch (e) {
       if (!(e instanceof RecordProblem)) throw e;
       if (onError === 'skip') { skipped.push({ line: i, reason: e.message }); continue; }
-      throw new DataError(`${path}[${i}]: ${e.message}`, { hint: e.hint + "; or set onError 'skip' to leave bad records out" });
+      throw new DataError(`${path}[${i}]: ${e.message}`, { hint: `${e.hint}; or set ${skipHint} to leave bad records out` });
     }
   }
   return { records, skipped, source: path, format: 'json' };

@@ -102,6 +102,14 @@ export interface QuantizeNf4Options {
   doubleQuant?: boolean;
   /** dtype the weight had in the checkpoint (recorded for serialization only); default 'float32'. */
   sourceDtype?: SourceDtype;
+  /** The tensor's name, for errors (e.g. model.layers.3.self_attn.q_proj.weight). */
+  name?: string;
+  /**
+   * NaN / ±Infinity in the weight: 'refuse' (default) throws naming the tensor and the first bad index; 'kernel'
+   * quantizes them as the bitsandbytes kernel does (NaN → code 0, which dequantizes to −absmax: silently wrong
+   * weights), for the bit-exact emulation tests only.
+   */
+  nonFinite?: 'refuse' | 'kernel';
 }
 
 export interface Backend {

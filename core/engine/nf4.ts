@@ -81,6 +81,25 @@ export const DYNAMIC_SIGNED_MAP: Float32Array = fromBits([
 /** Blocksize of the nested (double) quantization; hard-coded in bitsandbytes. */
 export const NESTED_BLOCKSIZE = 256;
 
+/**
+ * Throws a FormatError naming the tensor, the first NaN / ±Infinity element (flat index, row, column) and how many
+ * there are. A NaN weight would quantize to code 0 and dequantize to −absmax, silently; an infinite one makes the
+ * block's other elements 0 — both are a corrupt or overflowed checkpoint, never something to train on.
+ */
+export function checkFiniteWeight(w: Float32Array, shape: readonly number[], name = 'the weight'): void {
+  let first = -1, count = 0;
+  for (let i = 0; i < w.length; i++) {
+    const x = w[i];
+    if (x - x !== 0) { if (first < 0) first = i; count++; } // NaN and ±Inf: x − x is NaN
+  }
+  if (first < 0) return;
+  const cols = shape.length === 2 ? shape[1] : 0;
+  const at = cols ? ` (row ${Math.floor(first / cols)}, column ${first % cols})` : '';
+  throw new FormatError(`${name} [${shape.join(', ')}]: element ${first}${at} is ${w[first]}${count > 1 ? ` (${count} non-finite elements in all)` : ''}, so it cannot be quantized to NF4`, {
+    hint: 'the checkpoint holds NaN or infinite weights (corrupted, or overflowed when it was converted to float16): re-export or re-download the model',
+  });
+}
+
 // Thresholds padded to 16 with +Infinity so the 4-step branchy binary search below needs no bounds checks.
 const T16 = new Float32Array(16);
 T16.set(NF4_THRESHOLDS);
@@ -125,6 +144,7 @@ function checkShape(shape: readonly number[], length: number, what: string): num
 export function quantizeNf4(w: Float32Array, shape: readonly [number, number], opts: QuantizeNf4Options = {}): Nf4Weight {
   const bs = checkBlocksize(opts.blocksize ?? 64);
   const n = checkShape(shape, w.length, 'quantizeNf4');
+  if (opts.nonFinite !== 'kernel') checkFiniteWeight(w, shape, opts.name);
   const sourceDtype = opts.sourceDtype ?? 'float32';
   if (sourceDtype !== 'bfloat16' && sourceDtype !== 'float16' && sourceDtype !== 'float32') {
     throw new ConfigError(`quantizeNf4: sourceDtype '${String(sourceDtype)}' is not one of bfloat16, float16, float32`);

@@ -120,7 +120,7 @@ export function loadStageWeights(be: Backend, cfg: ModelConfig, w: ModelWeights,
         // in % blocksize == 0 no block crosses a row, so the 4-bit codes equal the packed weight's (the double-quant
         // offset is per part).
         const wdata = src.rows || src.perm ? sliceRows(full, inF, src.rows?.start ?? 0, src.rows?.end ?? out, src.perm) : full;
-        const o = { ...qo, sourceDtype: sourceDtype(info.dtype) };
+        const o = { ...qo, sourceDtype: sourceDtype(info.dtype), name: src.rows || src.perm ? `${name} (the ${m} part)` : name };
         const nf4 = be.quantizeNf4(wdata, [out, inF], o);
         q = be.uploadNf4(nf4);
       }

@@ -39,6 +39,8 @@ export interface QuantizeCheckpointOptions {
   doubleQuant?: boolean;
   /** bnb_4bit_compute_dtype recorded in quantization_config (default 'bfloat16', QLoRA's choice). */
   computeDtype?: 'bfloat16' | 'float16' | 'float32';
+  /** Replace an earlier quantize output in outDir (default false: refused). */
+  force?: boolean;
   /** Shard size limit of the written safetensors (default 5 GB, like save_pretrained). */
   maxShardBytes?: number;
   /** Called after each tensor: tensors done, tensors in total, the tensor just handled. */
@@ -87,12 +89,16 @@ function withQuantizationConfig(text: string, json: Record<string, unknown>, qc:
 }
 
 /**
- * Checks that outDir may be written: absent, empty, or a previous quantize output (only files quantize writes,
- * and a config.json with a bitsandbytes quantization_config). Anything else is refused, never overwritten.
+ * Checks that outDir may be written: absent, empty, or — with `force` — a previous quantize output (only files
+ * quantize writes, and a config.json with a bitsandbytes quantization_config). Anything else is refused, never
+ * overwritten.
  */
-function checkOutDir(modelDir: string, outDir: string): void {
+function checkOutDir(modelDir: string, outDir: string, force: boolean): void {
   if (fs.existsSync(outDir) && fs.realpathSync(outDir) === fs.realpathSync(modelDir)) {
     throw new ConfigError(`quantize: the output directory ${outDir} is the model directory itself`, { hint: 'choose a new, empty output directory' });
+  }
+  if (fs.existsSync(outDir) && !fs.statSync(outDir).isDirectory()) {
+    throw new ConfigError(`quantize: the output ${outDir} is a file, not a directory`, { hint: 'choose a new output directory, or move the file away' });
   }
   let entries: string[];
   try {
@@ -110,6 +116,11 @@ function checkOutDir(modelDir: string, outDir: string): void {
     } catch {
       previous = false;
     }
+  }
+  if (previous && !force) {
+    throw new ConfigError(`quantize: ${outDir} already holds a quantized model (an earlier quantize output)`, {
+      hint: 'pass --force to replace it, or choose a new output directory',
+    });
   }
   if (!previous) {
     throw new ConfigError(`quantize: the output directory ${outDir} is not empty and is not an earlier quantize output (it holds ${entries.slice(0, 5).join(', ')}${entries.length > 5 ? ', ...' : ''})`, {
@@ -155,7 +166,7 @@ export async function quantizeCheckpoint(modelDir: string, outDir: string, opts:
         hint: 'quantize supports Llama, Mistral and Qwen2 style checkpoints',
       });
     }
-    checkOutDir(modelDir, outDir);
+    checkOutDir(modelDir, outDir, opts.force ?? false);
 
     const records: TensorRecord[] = [];
     const summary: QuantizeSummary = { quantized: 0, kept: 0, bytesIn: 0, bytesOut: 0 };
@@ -168,7 +179,7 @@ export async function quantizeCheckpoint(modelDir: string, outDir: string, opts:
         if (!src || info.shape.length !== 2) {
           throw new UnsupportedError(`quantize: Linear weight '${name}' is ${info.dtype} [${info.shape.join(', ')}] in ${info.file}; expected a 2-D F32/F16/BF16 tensor`);
         }
-        const q = quantizeNf4(weights.readF32(name), [info.shape[0], info.shape[1]], { blocksize, doubleQuant, sourceDtype: src });
+        const q = quantizeNf4(weights.readF32(name), [info.shape[0], info.shape[1]], { blocksize, doubleQuant, sourceDtype: src, name: `${name} (${info.file})` });
         for (const r of nf4ToRecords(m[1], q)) records.push(r);
         summary.quantized++;
       } else {

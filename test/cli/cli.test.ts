@@ -108,16 +108,16 @@ test('bad job configs fail with an error naming the field; missing files name th
   const bad = join(work, 'bad.yaml');
   writeFileSync(bad, 'model: model\noutput_dir: run\ndata: { train: x.jsonl }\nlora: { r: 0, alpah: 3 }\n');
   const r = cli(['start', '-c', bad]);
-  assert.equal(r.code, 1);
+  assert.equal(r.code, 2, 'a config error exits 2');
   assert.match(r.err, /lora\.r: Too small/);
   assert.match(r.err, /lora: Unrecognized key: "alpah"/);
   const y = join(work, 'broken.yaml');
   writeFileSync(y, 'model: [unclosed\n');
   const r2 = cli(['start', '-c', y]);
-  assert.equal(r2.code, 1);
+  assert.equal(r2.code, 2);
   assert.match(r2.err, /broken\.yaml:\d+:\d+: not valid YAML/);
   const r3 = cli(['generate', '--model', join(work, 'nope'), 'x']);
-  assert.equal(r3.code, 1);
+  assert.equal(r3.code, 2);
   assert.match(r3.err, /nope/);
 });
 

@@ -95,7 +95,7 @@ test('a value exactly at a threshold gets the lower code, one ulp above gets the
 });
 
 test('NaN gets code 0 and is ignored by absmax; ±0 get code 7', () => {
-  const q = quantizeNf4(new Float32Array([NaN, 0.5, -0, 0, -0.25, NaN]), [2, 3], { doubleQuant: false });
+  const q = quantizeNf4(new Float32Array([NaN, 0.5, -0, 0, -0.25, NaN]), [2, 3], { doubleQuant: false, nonFinite: 'kernel' });
   assert.equal(q.absmax[0], 0.5);
   assert.deepEqual(Array.from({ length: 6 }, (_, k) => codeAt(q.packed, k)), [0, 15, 7, 7, 2, 0]);
 });
@@ -238,11 +238,26 @@ test('invalid inputs give named errors', () => {
   for (const bs of [16, 48, 8192, NaN, Infinity, 64.5]) assert.throws(() => quantizeNf4(w, [8, 8], { blocksize: bs }), ConfigError);
   const inf = new Float32Array(64); inf[3] = Infinity;
   assert.throws(() => quantizeNf4(inf, [8, 8]), FormatError);
-  const q = quantizeNf4(inf, [8, 8], { doubleQuant: false }); // CUDA semantics: inv = 0, finite → 7, Inf·0 = NaN → 0
+  const q = quantizeNf4(inf, [8, 8], { doubleQuant: false, nonFinite: 'kernel' }); // CUDA semantics: inv = 0, finite → 7, Inf·0 = NaN → 0
   assert.equal(codeAt(q.packed, 3), 0);
   assert.equal(codeAt(q.packed, 4), 7);
   const good = quantizeNf4(normalWeights(64, 1), [8, 8]);
   assert.throws(() => dequantizeNf4({ ...good, packed: good.packed.subarray(1) }), ShapeError);
   assert.throws(() => dequantizeNf4({ ...good, nested: undefined }), ShapeError);
   assert.throws(() => quantizeBlockwise8(new Float32Array(4), DYNAMIC_SIGNED_MAP.subarray(1), 256), ShapeError);
+});
+
+test('a NaN weight is refused like ±Infinity, naming the tensor and the first bad index (with or without double quant)', () => {
+  for (const [bad, shown] of [[NaN, 'NaN'], [Infinity, 'Infinity'], [-Infinity, '-Infinity']] as const) {
+    for (const doubleQuant of [true, false]) {
+      const w = normalWeights(8 * 16, 2);
+      w[37] = bad; w[100] = bad;
+      assert.throws(() => quantizeNf4(w, [8, 16], { doubleQuant, name: 'model.layers.3.self_attn.q_proj.weight' }), (e: Error) => {
+        assert.ok(e instanceof FormatError);
+        assert.match(e.message, /^model\.layers\.3\.self_attn\.q_proj\.weight \[8, 16\]: element 37 \(row 2, column 5\) is /);
+        assert.ok(e.message.includes(` is ${shown} (2 non-finite elements in all)`), e.message);
+        return true;
+      });
+    }
+  }
 });

@@ -133,8 +133,10 @@ test('quantize a tiny Llama: NF4 linears equal quantizeNf4 of the originals bit 
     }
     assert.equal(fs.existsSync(path.join(out, 'tokenizer.model')), false);
 
-    // Re-running into the previous output is allowed; sharding and plain absmax (no double quant) work.
-    const again = await quantizeCheckpoint(src, out, { doubleQuant: false, blocksize: 128, maxShardBytes: 20_000 });
+    // Re-running into the previous output is refused without force (the issue: it was silently overwritten), and
+    // allowed with it; sharding and plain absmax (no double quant) work.
+    await assert.rejects(quantizeCheckpoint(src, out, { doubleQuant: false }), (e: Error) => e instanceof ConfigError && /already holds a quantized model/.test(e.message) && /--force/.test(e.message));
+    const again = await quantizeCheckpoint(src, out, { doubleQuant: false, blocksize: 128, maxShardBytes: 20_000, force: true });
     assert.equal(again.quantized, L * 7);
     const files = fs.readdirSync(out).sort();
     assert.ok(files.includes('model.safetensors.index.json') && !files.includes('model.safetensors'), files.join(', '));

@@ -14,7 +14,7 @@
 
 import type { AdamWHyper, AttentionSaved, Backend, DType, DropoutKey, Nf4Weight, QuantizedTensor, Tensor } from '../backend.ts';
 import { BackendError, ShapeError, check } from '../../../common/errors.ts';
-import { DYNAMIC_SIGNED_MAP, NESTED_BLOCKSIZE, NF4_TABLE, type QuantizeNf4Options } from '../nf4.ts';
+import { DYNAMIC_SIGNED_MAP, NESTED_BLOCKSIZE, NF4_TABLE, checkFiniteWeight, type QuantizeNf4Options } from '../nf4.ts';
 import { DTYPE_BYTES, DTYPE_CODE, NULL_PTR, loadNative, offsetPtr, type DeviceInfo, type DevicePtr, type NativeAddon, type PoolStats } from './native.ts';
 
 /** One device allocation; aliases and views share it. */
@@ -246,6 +246,7 @@ export class CudaBackend implements Backend {
     check(Number.isInteger(bs) && bs >= 32 && bs <= 4096 && (bs & (bs - 1)) === 0, () => `quantizeNf4: blocksize ${bs} must be a power of two in 32..4096`);
     const n = shape[0] * shape[1];
     check(n === w.length && n > 0, () => `quantizeNf4: shape [${shape.join(', ')}] does not match ${w.length} elements`);
+    if (opts.nonFinite !== 'kernel') checkFiniteWeight(w, shape, opts.name); // as the cpu path: NaN is refused
     const nb = Math.ceil(n / bs);
     const x = this.upload(w, [n], 'f32') as CudaTensor;
     const packedD = this.alloc([Math.ceil(n / 2)], 'u8');
