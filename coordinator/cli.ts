@@ -25,6 +25,8 @@ import { backendFor, collect, intAtLeast, numberIn, readPrompts } from './cli-in
 import { checkLogLevelEnv } from '../common/log.ts';
 
 const out = (s: string): void => { process.stdout.write(s + '\n'); };
+/** Set once `start` begins running a job (its failures are logged as a structured fatal event too). */
+let jobStarted = false;
 const backendOption = (): Option => new Option('--backend <name>', 'tensor backend').choices(['cpu', 'cuda', 'auto']).default('auto');
 
 function progressBar(label: string): { update: (done: number, total: number) => void; stop: () => void } {
@@ -114,6 +116,7 @@ without a checkpoint (a second signal, or none written within DQLORA_STOP_GRACE_
     const backend = job.distributed.workers !== 0 ? undefined
       : await backendFor(job.backend, o.backend === 'cuda' ? '--backend cuda' : `${source}: backend`, o.backend === 'cuda' ? 'use --backend cpu' : `set backend: cpu in ${source} (or pass --backend cpu)`);
     const stop = installStopSignals();
+    jobStarted = true;
     const res = await runJob(job, { progress: o.progress && process.stderr.isTTY, stopAfter: o.stopAfter, print: out, backend, stop }).finally(() => stop.dispose());
     if (res.stopped) {
       out(stoppedMessage({ ...res.stopped, checkpointDir: res.stopped.checkpointDir || '(none yet: the resume starts from step 0)' }));
@@ -248,8 +251,9 @@ try {
   await program.parseAsync(process.argv);
 } catch (e) {
   if (e instanceof CommanderError) process.exit(e.exitCode === 0 ? EXIT.ok : EXIT.usage); // commander printed it
-  // One structured `event: "fatal"` line for log collectors, and the message for the person at the terminal.
-  logFatal(e);
+  // A job that fails: one structured `event: "fatal"` line for log collectors (before the message for the person);
+  // a command's usage error is the message alone.
+  if (jobStarted) logFatal(e);
   if (e instanceof DqloraError) {
     process.stderr.write(`error: ${e.message}\n`);
     process.exit(exitCodeFor(e));
