@@ -18,7 +18,7 @@ test('DQLORA_CACHE_DIR moves the example cache and its run; unset, both stay bes
   assert.equal(exampleOutputDir({}), path.join(PACKAGE_ROOT, 'runs', 'example'));
 });
 
-test('`coordinator start` with an unwritable cache path: exit 1, the path, the variable, no stack trace', () => {
+test('`coordinator start` with an unwritable cache path: exit 2 (a usage error: README 'Exit codes'), the path, the variable, no stack trace', () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dqlora-cache-'));
   try {
     const file = path.join(dir, 'a-file');
@@ -26,7 +26,7 @@ test('`coordinator start` with an unwritable cache path: exit 1, the path, the v
     const r = spawnSync(process.execPath, [path.join(root, 'bin', 'coordinator.js'), 'start', '--no-progress'], {
       cwd: dir, env: { PATH: process.env.PATH ?? '', DQLORA_CACHE_DIR: path.join(file, 'cache'), DQLORA_LOG_LEVEL: 'warn' }, encoding: 'utf8', timeout: 60_000,
     });
-    assert.equal(r.status, 1, r.stderr);
+    assert.equal(r.status, 2, r.stderr);
     assert.match(r.stderr, new RegExp(`error: cannot write the example model and data under ${path.join(file, 'cache').replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}: ENOTDIR`));
     assert.match(r.stderr, /hint: set DQLORA_CACHE_DIR to a writable directory/);
     assert.doesNotMatch(r.stderr, /\n\s+at /, 'no stack trace');
