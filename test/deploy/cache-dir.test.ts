@@ -18,7 +18,7 @@ test('DQLORA_CACHE_DIR moves the example cache and its run; unset, both stay bes
   assert.equal(exampleOutputDir({}), path.join(PACKAGE_ROOT, 'runs', 'example'));
 });
 
-test('`coordinator start` with an unwritable cache path: exit 2 (a usage error: README 'Exit codes'), the path, the variable, no stack trace', () => {
+test('`coordinator start` with an unwritable cache path: exit 2 (a usage error, README "Exit codes"), the path, the variable, no stack trace', () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dqlora-cache-'));
   try {
     const file = path.join(dir, 'a-file');
