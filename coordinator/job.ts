@@ -24,10 +24,12 @@ export const JobSchema = z.object({
     max_length: positiveInt.default(512).describe('Maximum tokens per example (prompt + answer); longer examples are truncated.'),
     on_error: z.enum(['throw', 'skip']).default('throw').describe('Malformed dataset lines: stop with file:line (throw) or skip them and report the count (skip).'),
   }).strict(),
-  quantization: z.object({
+  // `quantization: none` is shorthand for {mode: none}; the parsed value is always the object.
+  quantization: z.preprocess((v) => (typeof v === 'string' ? { mode: v } : v), z.object({
+    mode: z.enum(['nf4', 'none']).default('nf4').describe("nf4: QLoRA, the decoder linears are NF4 (bitsandbytes layout). none: LoRA on the full-precision base (fp32 on cpu, bf16 on cuda), as PEFT without bitsandbytes; `quantization: none` is short for this. A pre-quantized checkpoint cannot be loaded with none."),
     blocksize: z.union([z.literal(32), z.literal(64), z.literal(128), z.literal(256), z.literal(512), z.literal(1024), z.literal(2048), z.literal(4096)]).default(64).describe('NF4 block size (elements per absmax).'),
     double_quant: z.boolean().default(true).describe('Quantize the per-block absmax again (8-bit, blocks of 256): 4.127 instead of 4.5 bits per parameter.'),
-  }).strict().prefault({}),
+  }).strict()).prefault({}),
   lora: z.object({
     r: positiveInt.default(8).describe('LoRA rank.'),
     alpha: z.number().positive().default(16).describe('LoRA alpha; scale = alpha / r (alpha / sqrt(r) with use_rslora).'),
@@ -118,6 +120,7 @@ export function configReference(): string {
     for (;;) {
       if (s instanceof z.ZodDefault || s instanceof z.ZodPrefault) { dflt = (s.def as { defaultValue: unknown }).defaultValue; s = s.unwrap() as z.ZodType; continue; }
       if (s instanceof z.ZodOptional) { s = s.unwrap() as z.ZodType; continue; }
+      if (s instanceof z.ZodPipe) { s = s.def.out as unknown as z.ZodType; continue; }
       break;
     }
     if (s instanceof z.ZodObject) {

@@ -260,6 +260,27 @@ export class CpuBackend implements Backend {
     return dx;
   }
 
+  denseLinear(x: Tensor, w: Tensor, bias?: Tensor): Tensor {
+    const X = f32(x, 'denseLinear x'), W = f32(w, 'denseLinear w');
+    check(W.shape.length === 2, () => `denseLinear: weight must be [out, in], got [${W.shape.join(', ')}]`);
+    const [outDim, inDim] = W.shape;
+    const [N, C] = as2d(X);
+    check(C === inDim, () => `denseLinear: x [${X.shape.join(', ')}] has ${C} features, weight is [${outDim}, ${inDim}]`);
+    const y = this.matmul(X, W, { transB: true });
+    if (bias) {
+      const bd = f32(bias, 'denseLinear bias').data as Float32Array, yd = (y as CpuTensor).data as Float32Array;
+      check(bd.length === outDim, () => `denseLinear: bias has ${bd.length} elements, expected ${outDim}`);
+      for (let n = 0; n < N; n++) for (let o = 0, r = n * outDim; o < outDim; o++) yd[r + o] += bd[o];
+    }
+    return y;
+  }
+
+  denseLinearBackward(dy: Tensor, w: Tensor): Tensor {
+    const G = f32(dy, 'denseLinearBackward dy'), W = f32(w, 'denseLinearBackward w');
+    check(W.shape.length === 2 && as2d(G)[1] === W.shape[0], () => `denseLinearBackward: dy [${G.shape.join(', ')}] does not match weight [${W.shape.join(', ')}]`);
+    return this.matmul(G, W);
+  }
+
   // ---- elementwise / reductions ----------------------------------------------------------------------
 
   axpy(a: Tensor, b: Tensor, alpha = 1): Tensor {

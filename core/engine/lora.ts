@@ -126,7 +126,18 @@ export interface LoraLinearSaved {
 }
 
 /**
- * A frozen NF4 linear (with optional bias) and its optional LoRA branch. Packed checkpoint modules (ChatGLM's
+ * The frozen base weight of a linear: NF4 (QLoRA) or, with `quantization: none`, a full-precision 'act' tensor
+ * [out, in] (LoRA on a bf16/fp32 base, as PEFT without bitsandbytes).
+ */
+export type BaseWeight = QuantizedTensor | Tensor;
+
+/** Whether a base weight is a dense tensor (Tensors carry a dtype; quantized weights do not). */
+export function isDenseWeight(w: BaseWeight): w is Tensor {
+  return 'dtype' in w;
+}
+
+/**
+ * A frozen NF4 (or dense) linear (with optional bias) and its optional LoRA branch. Packed checkpoint modules (ChatGLM's
  * query_key_value, dense_h_to_4h) become several QLoraLinears that share one LoraParams: each uses the rows
  * `loraRows` of B — exactly the packed module's LoRA, with its single A and one dropout mask (same stream).
  */
@@ -134,7 +145,7 @@ export class QLoraLinear {
   constructor(
     private readonly be: Backend,
     readonly name: string,
-    readonly weight: QuantizedTensor,
+    readonly weight: BaseWeight,
     readonly bias: Tensor | undefined,
     public lora: LoraParams | undefined,
     /** The checkpoint module this linear's LoRA belongs to (differs from `name` for parts of a packed module). */
@@ -148,13 +159,23 @@ export class QLoraLinear {
   private loraB(l: LoraParams): Tensor { return this.loraRows ? this.be.rows(l.B, this.loraRows.start, this.loraRows.end) : l.B; }
   private loraDB(l: LoraParams): Tensor { return this.loraRows ? this.be.rows(l.dB, this.loraRows.start, this.loraRows.end) : l.dB; }
 
+  /** y = x·Wᵀ (+ b) of the frozen base. */
+  baseForward(x: Tensor): Tensor {
+    return isDenseWeight(this.weight) ? this.be.denseLinear(x, this.weight, this.bias) : this.be.nf4Linear(x, this.weight, this.bias);
+  }
+
+  /** dx = dy·W of the frozen base. */
+  baseBackward(dy: Tensor): Tensor {
+    return isDenseWeight(this.weight) ? this.be.denseLinearBackward(dy, this.weight) : this.be.nf4LinearBackward(dy, this.weight);
+  }
+
   get inFeatures(): number { return this.weight.shape[1]; }
   get outFeatures(): number { return this.weight.shape[0]; }
 
   /** y = x·deq(W)ᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ.   x [N, in] → y [N, out]. */
   forward(x: Tensor, dropout: DropoutKey | undefined, save: boolean): { y: Tensor; saved?: LoraLinearSaved } {
     const be = this.be;
-    const y = be.nf4Linear(x, this.weight, this.bias);
+    const y = this.baseForward(x);
     const lora = this.lora;
     if (!lora) return { y };
     const useDropout = dropout !== undefined && lora.hyper.dropout > 0;
@@ -173,7 +194,7 @@ export class QLoraLinear {
    */
   backward(dy: Tensor, saved: LoraLinearSaved | undefined, dropout: DropoutKey | undefined): Tensor {
     const be = this.be;
-    const dx = be.nf4LinearBackward(dy, this.weight);
+    const dx = this.baseBackward(dy);
     const lora = this.lora;
     if (!lora || !saved) return dx;
     be.matmul(dy, saved.u, { transA: true, alpha: lora.scale, out: this.loraDB(lora), accumulate: true });

@@ -353,6 +353,24 @@ export class CudaBackend implements Backend {
     return this.withDequant(cw, dt, (wd) => this.matmul(cdy, wd));
   }
 
+  denseLinear(x: Tensor, w: Tensor, bias?: Tensor): Tensor {
+    const cx = this.t(x), cw = this.t(w);
+    check(cw.shape.length === 2 && cx.shape[cx.shape.length - 1] === cw.shape[1], () => `denseLinear: x [${cx.shape.join(', ')}] does not match W [${cw.shape.join(', ')}]`);
+    const y = this.matmul(cx, cw, { transB: true }) as CudaTensor;
+    if (bias) {
+      const cb = this.t(bias);
+      check(cb.size === cw.shape[0], () => `denseLinear: bias has ${cb.size} entries, W has ${cw.shape[0]} outputs`);
+      this.nat.addBias(y.ptr, DTYPE_CODE[y.dtype], cb.ptr, DTYPE_CODE[cb.dtype], y.size / cw.shape[0], cw.shape[0]);
+    }
+    return y;
+  }
+
+  denseLinearBackward(dy: Tensor, w: Tensor): Tensor {
+    const cdy = this.t(dy), cw = this.t(w);
+    check(cw.shape.length === 2 && cdy.shape[cdy.shape.length - 1] === cw.shape[0], () => `denseLinearBackward: dy [${cdy.shape.join(', ')}] does not match W [${cw.shape.join(', ')}]`);
+    return this.matmul(cdy, cw);
+  }
+
   // ---- elementwise / reductions ------------------------------------------------------------------
   axpy(a: Tensor, b: Tensor, alpha = 1): Tensor {
     const ca = this.t(a), cb = this.t(b);
