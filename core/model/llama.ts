@@ -91,6 +91,13 @@ export interface StageBatch {
   readonly targets?: Int32Array;
   /** Global sample id of each sequence [B] (keys the dropout masks). */
   readonly sampleIds: Int32Array;
+  /**
+   * Sample packing (core/train/batch.ts): per token, the example's segment within its row (1, 2, … ; 0 on padding).
+   * Attention is then block-diagonal: a token sees only earlier tokens of its own example. Absent = one example per row.
+   */
+  readonly segments?: Int32Array;
+  /** Sample packing: per token, the global sample id of its example (keys dropout masks as if unpacked). */
+  readonly tokenSampleIds?: Int32Array;
 }
 
 export interface ForwardOptions {
@@ -207,7 +214,7 @@ export class LlamaStage {
       if (hidden.shape[0] !== N || hidden.shape[1] !== H) throw new ShapeError(`hidden states of shape [${hidden.shape}] do not match the micro-batch [${N}, ${H}]`);
       x = hidden;
     }
-    const keyMask = be.upload(batch.keyMask, [B, T], 'i32');
+    const keyMask = be.upload(attentionMask(batch), [B, T], 'i32');
     const positions = be.upload(batch.positions, [N], 'i32');
     const st: MicroBatchState = { batch, keyMask, positions, dropout: opts.train ? opts.dropout : undefined, inputs: [] };
     if (!this.opts.gradientCheckpointing && opts.train) st.tapes = [];
@@ -243,7 +250,7 @@ export class LlamaStage {
     if (this.spec.hasEmbedding) {
       const ids = be.upload(batch.ids!, [N], 'i32'); x = be.embedding(ids, this.weights.embed!); be.free(ids);
     } else x = hidden!;
-    const keyMask = be.upload(batch.keyMask, [B, T], 'i32');
+    const keyMask = be.upload(attentionMask(batch), [B, T], 'i32');
     const positions = be.upload(batch.positions, [N], 'i32');
     const st: MicroBatchState = { batch, keyMask, positions, inputs: [] };
     for (let i = 0; i < this.weights.layers.length; i++) {
@@ -508,11 +515,23 @@ export interface KvCache {
   readonly v: Tensor[];
 }
 
-/** Per-row (token) dropout counter words: the sequence's global sample id and the token position. */
+/**
+ * Per-row (token) dropout counter words: the sequence's global sample id and the token position. A packed token uses
+ * its own example's id and its position inside that example, so it draws the mask it would draw unpacked.
+ */
 function rowKeys(b: StageBatch): { sample: Int32Array; pos: Int32Array } {
-  const N = b.B * b.T, sample = new Int32Array(N), pos = new Int32Array(N);
+  const N = b.B * b.T;
+  if (b.tokenSampleIds) return { sample: b.tokenSampleIds, pos: b.positions };
+  const sample = new Int32Array(N), pos = new Int32Array(N);
   for (let s = 0; s < b.B; s++) for (let t = 0; t < b.T; t++) { sample[s * b.T + t] = b.sampleIds[s]; pos[s * b.T + t] = t; }
   return { sample, pos };
+}
+
+/** What the attention kernels get as keyMask: segment labels for a packed batch (block-diagonal), else 0/1. */
+function attentionMask(b: StageBatch): Int32Array {
+  if (!b.segments) return b.keyMask;
+  if (b.segments.length !== b.B * b.T) throw new ShapeError(`packed batch: segments has ${b.segments.length} entries, expected B·T = ${b.B * b.T}`);
+  return b.segments;
 }
 
 export type { QuantizedTensor };

@@ -21,20 +21,33 @@ export interface MicroBatch {
   targets: Int32Array;    // [B, T] SHIFTED: targets[b, t] = labels[b, t+1]; −100 at t = T−1, on padding, on prompt
   keyMask: Int32Array;    // [B, T] 1 on real tokens, 0 on padding
   positions: Int32Array;  // [B, T] 0..len−1, 0 on padding
-  sampleIds: Int32Array;  // [B] global sample index (index into the training set; keys dropout masks)
+  sampleIds: Int32Array;  // [B] global sample index (index into the training set; keys dropout masks); packed: the row's first
   labelCount: number;     // number of targets ≠ −100 (the loss normaliser's share of this micro-batch)
+  // Sample packing only (makeMicroBatch with `packing`); absent = one example per row:
+  segments?: Int32Array;        // [B, T] 1, 2, … = which example of its row a token belongs to; 0 on padding
+  tokenSampleIds?: Int32Array;  // [B, T] global sample index of each token's example (−1 on padding)
+  placement?: ExamplePlacement[]; // where each input example went, in input order
 }
+
+/** Where a packed example sits: tokens [offset, offset + length) of row `row`. */
+export interface ExamplePlacement { readonly row: number; readonly offset: number; readonly length: number }
+
+/** Sample packing settings: rows hold whole examples up to `maxLength` tokens. */
+export interface PackingOptions { readonly maxLength: number }
 
 /**
  * Pads `examples` (right) to the longest, rounded up to `padToMultiple` (e.g. 8 for tensor cores).
  * `sampleIds[b]` defaults to examples[b].sourceIndex; pass the plan's indices to key by training-set position.
+ * With `packing`, the same examples are packed several to a row instead (see packMicroBatch): the step's examples,
+ * label tokens and loss normaliser do not change, only the padding does.
  */
-export function makeMicroBatch(examples: Example[], opts: { padId: number; padToMultiple?: number; sampleIds?: ArrayLike<number> }): MicroBatch {
+export function makeMicroBatch(examples: Example[], opts: { padId: number; padToMultiple?: number; sampleIds?: ArrayLike<number>; packing?: PackingOptions }): MicroBatch {
   const B = examples.length;
   if (B === 0) throw new ConfigError('cannot make an empty micro-batch');
   if (opts.sampleIds && opts.sampleIds.length !== B) throw new ConfigError(`sampleIds has ${opts.sampleIds.length} entries for ${B} examples`);
   const mult = opts.padToMultiple ?? 1;
   if (!Number.isInteger(mult) || mult < 1) throw new ConfigError(`padToMultiple must be a positive integer, got ${mult}`);
+  if (opts.packing) return packMicroBatch(examples, { ...opts, padToMultiple: mult, packing: opts.packing });
   let longest = 0;
   for (const e of examples) longest = Math.max(longest, e.inputIds.length);
   const T = Math.ceil(Math.max(longest, 1) / mult) * mult;
@@ -104,4 +117,57 @@ export function planSteps(nTrain: number, opts: { microBatchSize: number; gradAc
 /** Number of optimizer steps in one epoch (HF: ceil(len(dataloader) / GA), here with the global batch). */
 export function stepsPerEpoch(nTrain: number, opts: { microBatchSize: number; gradAccum: number; replicas: number }): number {
   return Math.ceil(nTrain / (opts.microBatchSize * opts.gradAccum * opts.replicas));
+}
+
+/**
+ * Sample packing: the examples go, whole and in order, into the first row with room left (first fit; a row holds at
+ * most `packing.maxLength` tokens, an example longer than that gets a row of its own), rows are right-padded to the
+ * longest. Inside a row each example keeps its own positions (restarting at 0), its own targets (its last token
+ * predicts nothing: no target crosses into the next example), its own dropout keys (tokenSampleIds) and a segment
+ * label that makes attention block-diagonal, so every example's loss and gradients are those it has unpacked. The
+ * label-token count (loss normaliser) is the same as unpacked.
+ */
+export function packMicroBatch(examples: Example[], opts: { padId: number; padToMultiple: number; sampleIds?: ArrayLike<number>; packing: PackingOptions }): MicroBatch {
+  const cap = opts.packing.maxLength;
+  if (!Number.isInteger(cap) || cap < 1) throw new ConfigError(`packing.maxLength must be a positive integer, got ${cap}`);
+  const used: number[] = [];                    // tokens used per row
+  const rowsOf: number[][] = [];                // example indices per row
+  const placement: ExamplePlacement[] = [];
+  for (let i = 0; i < examples.length; i++) {
+    const len = examples[i].inputIds.length;
+    let r = used.findIndex((u) => u + len <= cap);
+    if (r < 0) { r = used.length; used.push(0); rowsOf.push([]); }
+    placement.push({ row: r, offset: used[r], length: len });
+    used[r] += len;
+    rowsOf[r].push(i);
+  }
+  const B = used.length;
+  const T = Math.ceil(Math.max(1, ...used) / opts.padToMultiple) * opts.padToMultiple;
+  const ids = new Int32Array(B * T).fill(opts.padId);
+  const targets = new Int32Array(B * T).fill(IGNORE_INDEX);
+  const keyMask = new Int32Array(B * T);
+  const positions = new Int32Array(B * T);
+  const segments = new Int32Array(B * T);
+  const tokenSampleIds = new Int32Array(B * T).fill(-1);
+  const sampleIds = new Int32Array(B);
+  let labelCount = 0;
+  for (let i = 0; i < examples.length; i++) {
+    const e = examples[i], { row, offset, length: len } = placement[i], base = row * T + offset;
+    const sid = opts.sampleIds ? opts.sampleIds[i] : e.sourceIndex;
+    const seg = rowsOf[row].indexOf(i) + 1;
+    if (seg === 1) sampleIds[row] = sid;
+    ids.set(e.inputIds, base);
+    for (let t = 0; t < len; t++) {
+      keyMask[base + t] = 1;
+      positions[base + t] = t;
+      segments[base + t] = seg;
+      tokenSampleIds[base + t] = sid;
+      if (t + 1 < len) {
+        const y = e.labels[t + 1];
+        targets[base + t] = y;
+        if (y !== IGNORE_INDEX) labelCount++;
+      }
+    }
+  }
+  return { B, T, ids, targets, keyMask, positions, sampleIds, labelCount, segments, tokenSampleIds, placement };
 }

@@ -67,25 +67,31 @@ struct AttnDims { int B, T, Hq, Hk, D; };
 constexpr int kAttnRows = 64;
 
 // ---- masked row max ----------------------------------------------------------------------------------------------------
-// row[s] = −inf where mask[s] = 0 (so exp gives exactly 0), and the max of the row over [0, n). Max is exact, so the
-// vector and scalar versions return the same value. The scalar loop's maxss chain was ≈30% of the attention forward.
+// row[s] = −inf where key s is not visible (so exp gives exactly 0), and the max of the row over [0, n). Max is exact,
+// so the vector and scalar versions return the same value. The scalar loop's maxss chain was ≈30% of the attention
+// forward. Mask values: 0 = padding, else the segment (packed example) of the token; a query with segment `seg` sees
+// keys of the same segment only (block-diagonal causal mask of sample packing); a padding query (seg 0) sees every
+// real key. Unpacked batches mark every real token 1.
 
-static float maskRowMaxScalar(float* row, const int32_t* mask, int n) {
+static float maskRowMaxScalar(float* row, const int32_t* mask, int n, int32_t seg) {
   float m = -std::numeric_limits<float>::infinity();
   for (int s = 0; s < n; s++) {
-    if (!mask[s]) row[s] = -std::numeric_limits<float>::infinity();
+    if (!mask[s] || (seg != 0 && mask[s] != seg)) row[s] = -std::numeric_limits<float>::infinity();
     else if (row[s] > m) m = row[s];
   }
   return m;
 }
 
 #ifdef DQ_X86
-__attribute__((target("avx512f"))) static float maskRowMaxAvx512(float* row, const int32_t* mask, int n) {
+__attribute__((target("avx512f"))) static float maskRowMaxAvx512(float* row, const int32_t* mask, int n, int32_t seg) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512i vseg = _mm512_set1_epi32(seg);
   __m512 vm = ninf;
   for (int i = 0; i < n; i += 16) {
     __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-    __mmask16 valid = _mm512_mask_cmpneq_epi32_mask(k, _mm512_maskz_loadu_epi32(k, mask + i), _mm512_setzero_si512());
+    __m512i mv = _mm512_maskz_loadu_epi32(k, mask + i);
+    __mmask16 valid = _mm512_mask_cmpneq_epi32_mask(k, mv, _mm512_setzero_si512());
+    if (seg != 0) valid = _mm512_mask_cmpeq_epi32_mask(valid, mv, vseg);
     __m512 v = _mm512_mask_blend_ps(valid, ninf, _mm512_maskz_loadu_ps(k, row + i));
     _mm512_mask_storeu_ps(row + i, k, v);
     vm = _mm512_max_ps(vm, v);
@@ -94,16 +100,16 @@ __attribute__((target("avx512f"))) static float maskRowMaxAvx512(float* row, con
 }
 #endif
 
-inline float maskRowMax(float* row, const int32_t* mask, int n) {
+inline float maskRowMax(float* row, const int32_t* mask, int n, int32_t seg) {
 #ifdef DQ_X86
-  if (std::strcmp(kern().name, "avx512") == 0) return maskRowMaxAvx512(row, mask, n);
+  if (std::strcmp(kern().name, "avx512") == 0) return maskRowMaxAvx512(row, mask, n, seg);
 #endif
-  return maskRowMaxScalar(row, mask, n);
+  return maskRowMaxScalar(row, mask, n, seg);
 }
 
-/** Masked softmax of one score row in place; returns lse (−inf and a zero row when no key is valid). */
+/** Masked softmax of query row t in place; returns lse (−inf and a zero row when no key is valid). */
 inline float softmaxRow(float* row, const int32_t* mask, int t, int T, float* tmp) {
-  float m = maskRowMax(row, mask, t + 1);
+  float m = maskRowMax(row, mask, t + 1, mask[t]);
   if (m == -std::numeric_limits<float>::infinity()) {
     for (int s = 0; s < T; s++) row[s] = 0.0f;
     return m;
@@ -173,7 +179,7 @@ inline void attentionBackward(const float* dout, const float* q, const float* k,
         for (long t = t0; t < t1; t++) {
           float* row = P + (t - t0) * t1;
           if (L[t] == -std::numeric_limits<float>::infinity()) { for (long s = 0; s < t1; s++) row[s] = 0.0f; Di[t - t0] = 0.0f; continue; }
-          maskRowMax(row, mb, (int)t + 1);  // only for the masking (exp of −inf is exactly 0)
+          maskRowMax(row, mb, (int)t + 1, mb[t]);  // only for the masking (exp of −inf is exactly 0)
           expRow(row, L[t], row, (int)t + 1);
           for (long s = t + 1; s < t1; s++) row[s] = 0.0f;
           double di = 0;
