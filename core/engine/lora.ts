@@ -26,6 +26,11 @@ export class LoraParams {
   readonly dB: Tensor;
   readonly mA: Tensor; readonly vA: Tensor;
   readonly mB: Tensor; readonly vB: Tensor;
+  /**
+   * LoRA+ (lora.loraplus_lr_ratio): the optimizer gives B (and, as PEFT's create_loraplus_optimizer does, every 1-D
+   * trainable tensor of the module, i.e. a DoRA magnitude) the learning rate lr × lrScaleB; A keeps lr. 1 = plain LoRA.
+   */
+  lrScaleB = 1;
 
   constructor(
     private readonly be: Backend,

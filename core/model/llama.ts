@@ -10,6 +10,7 @@ import type { Backend, DropoutKey, QuantizedTensor, Tensor } from '../engine/bac
 import { LoraParams, type QLoraLinear, type LoraHyper, type LoraLinearSaved } from '../engine/lora.ts';
 import type { ModelConfig } from './config.ts';
 import { ropeInvFreq } from './config.ts';
+import { neftuneNoise, neftuneMagnitude } from './neftune.ts';
 import { ShapeError, ConfigError, UnsupportedError } from '../../common/errors.ts';
 
 export const ATTN_MODULES = ['q_proj', 'k_proj', 'v_proj', 'o_proj'] as const;
@@ -139,6 +140,15 @@ interface MicroBatchState {
   dOut?: Tensor;
 }
 
+/** How a stage runs (set at load time, the same on every worker). */
+export interface StageOptions {
+  readonly gradientCheckpointing: boolean;
+  /** Rows of logits per head chunk (default: sized per backend). */
+  readonly headChunkRows?: number;
+  /** NEFTune noise on the embedding output in training (training.neftune_noise_alpha; see neftune.ts). 0/absent = off. */
+  readonly neftuneAlpha?: number;
+}
+
 export class LlamaStage {
   private readonly states = new Map<number, MicroBatchState>();
   private readonly invFreq: Tensor;
@@ -150,7 +160,7 @@ export class LlamaStage {
     readonly cfg: ModelConfig,
     readonly spec: StageSpec,
     readonly weights: StageWeights,
-    readonly opts: { gradientCheckpointing: boolean; headChunkRows?: number } = { gradientCheckpointing: true },
+    readonly opts: StageOptions = { gradientCheckpointing: true },
   ) {
     this.headDim = cfg.headDim;
     const rope = ropeInvFreq(cfg);
@@ -209,6 +219,7 @@ export class LlamaStage {
       const ids = be.upload(batch.ids, [N], 'i32');
       x = be.embedding(ids, this.weights.embed!);
       be.free(ids);
+      if (opts.train && this.opts.neftuneAlpha) this.addNeftuneNoise(x, batch, opts);
     } else {
       if (!hidden) throw new ShapeError('this stage needs hidden states from the previous stage');
       if (hidden.shape[0] !== N || hidden.shape[1] !== H) throw new ShapeError(`hidden states of shape [${hidden.shape}] do not match the micro-batch [${N}, ${H}]`);
@@ -237,6 +248,16 @@ export class LlamaStage {
     if (opts.train) { st.inputs.push(x); st.dOut = dOut; this.states.set(id, st); }
     else { be.free(x); this.freeState(st); }
     return { lossSum, count };
+  }
+
+  /** x [N, H] += NEFTune noise of this micro-batch (training only; keyed like the dropout masks). */
+  private addNeftuneNoise(x: Tensor, batch: StageBatch, opts: ForwardOptions): void {
+    if (!opts.dropout) throw new ShapeError('NEFTune needs the step\'s RNG key: pass ForwardOptions.dropout in training');
+    const H = this.cfg.hiddenSize, rows = rowKeys(batch);
+    const noise = neftuneNoise(rows.sample, rows.pos, H, neftuneMagnitude(this.opts.neftuneAlpha!, batch.T, H), opts.dropout);
+    const t = this.be.upload(noise, [batch.B * batch.T, H], 'act');
+    this.be.axpy(x, t);
+    this.be.free(t);
   }
 
   /**

@@ -28,6 +28,10 @@ export interface LoadOptions {
    */
   readonly quantization?: 'nf4' | 'none';
   readonly gradientCheckpointing?: boolean;
+  /** NEFTune noise alpha for training (0/absent = off); see core/model/neftune.ts. */
+  readonly neftuneAlpha?: number;
+  /** LoRA+ (Hayou et al. 2024): B's learning rate = lr × this ratio; set on every LoraParams as `lrScaleB`. */
+  readonly loraplusLrRatio?: number;
   /** Progress callback: tensors done / total. */
   readonly onProgress?: (done: number, total: number, name: string) => void;
 }
@@ -60,7 +64,7 @@ export function loadStage(be: Backend, modelDir: string, spec: StageSpec, opts: 
   const w = ModelWeights.open(modelDir);
   try {
     const weights = loadStageWeights(be, cfg, w, spec, opts);
-    return new LlamaStage(be, cfg, spec, weights, { gradientCheckpointing: opts.gradientCheckpointing ?? true });
+    return new LlamaStage(be, cfg, spec, weights, { gradientCheckpointing: opts.gradientCheckpointing ?? true, neftuneAlpha: opts.neftuneAlpha });
   } finally {
     w.close();
   }
@@ -152,6 +156,7 @@ export function loadStageWeights(be: Backend, cfg: ModelConfig, w: ModelWeights,
       let lora = loraOf.get(path);
       if (!lora && opts.lora && isTargeted(path, opts.lora.targetModules)) {
         lora = LoraParams.init(be, path, inF, total, hyperFor(path, opts.lora), opts.seed ?? 0, src.loraRowPerm);
+        if (opts.loraplusLrRatio !== undefined) lora.lrScaleB = opts.loraplusLrRatio;
         loraOf.set(path, lora);
       }
       linears[m] = new QLoraLinear(be, src.rows ? `${path}[${src.rows.start}:${src.rows.end}]` : path, q, bias, lora, path, src.rows, src.loraRowPerm);
