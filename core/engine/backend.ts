@@ -180,6 +180,10 @@ export interface Backend {
   sumSquares(t: Tensor): number;
   /** Sum over rows: x [N, C] → [C] (bias gradients). */
   sumRows(x: Tensor): Tensor;
+  /** y = x · diag(v): x [N, C], v f32 [C] → y [N, C] (new tensor, x's dtype). DoRA's per-output magnitude scale. */
+  scaleColumns(x: Tensor, v: Tensor): Tensor;
+  /** out[c] = Σ_n a[n, c] · b[n, c]: a, b [N, C] → f32 [C]. DoRA's magnitude gradient. */
+  columnDot(a: Tensor, b: Tensor): Tensor;
 
   // ---- layers ---------------------------------------------------------------------------------------
   /** table [V, H], ids i32 [N] → [N, H]. Ids outside [0, V) are an error. */

@@ -325,6 +325,28 @@ export class CpuBackend implements Backend {
     return out;
   }
 
+  scaleColumns(x: Tensor, v: Tensor): Tensor {
+    const X = f32(x, 'scaleColumns x'), Vt = f32(v, 'scaleColumns v');
+    const [N, C] = as2d(X);
+    check(Vt.size === C, () => `scaleColumns: v has ${Vt.size} entries, x has ${C} columns`);
+    const y = this.output(X.shape);
+    const xd = X.data as Float32Array, vd = Vt.data as Float32Array, yd = y.data as Float32Array;
+    for (let n = 0; n < N; n++) for (let c = 0, r = n * C; c < C; c++) yd[r + c] = xd[r + c] * vd[c];
+    return y;
+  }
+
+  columnDot(a: Tensor, b: Tensor): Tensor {
+    const A = f32(a, 'columnDot a'), Bt = f32(b, 'columnDot b');
+    const [N, C] = as2d(A);
+    check(Bt.size === A.size && as2d(Bt)[1] === C, () => `columnDot: a [${A.shape.join(', ')}] and b [${Bt.shape.join(', ')}] differ`);
+    const out = this.alloc([C], 'f32');
+    const ad = A.data as Float32Array, bd = Bt.data as Float32Array, od = out.data as Float32Array;
+    const acc = new Float64Array(C);   // float64 sums, rounded once (like sumRows)
+    for (let n = 0; n < N; n++) for (let c = 0, r = n * C; c < C; c++) acc[c] += ad[r + c] * bd[r + c];
+    for (let c = 0; c < C; c++) od[c] = acc[c];
+    return out;
+  }
+
   // ---- layers ---------------------------------------------------------------------------------------
 
   /** table [V, H], ids [N] → [N, H]. */

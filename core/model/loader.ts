@@ -3,7 +3,8 @@
 // bitsandbytes checkpoint, or (quantization: none) kept in full precision; norms, embeddings and the LM head are
 // kept in full precision (spec §4.2).
 import type { Backend, Tensor } from '../engine/backend.ts';
-import { LoraParams, QLoraLinear, type BaseWeight } from '../engine/lora.ts';
+import { LoraParams, QLoraLinear, isDenseWeight, type BaseWeight } from '../engine/lora.ts';
+import { DoraMagnitude, rowNormsSq } from '../engine/dora.ts';
 import { ModelWeights } from '../../common/model-weights.ts';
 import { isPrequantized, nf4FromRecords } from './bnb.ts';
 import { loadModelConfig, type ModelConfig } from './config.ts';
@@ -30,6 +31,8 @@ export interface LoadOptions {
   readonly gradientCheckpointing?: boolean;
   /** NEFTune noise alpha for training (0/absent = off); see core/model/neftune.ts. */
   readonly neftuneAlpha?: number;
+  /** DoRA (lora.use_dora): every LoRA module also gets PEFT's magnitude vector, initialised to ‖W‖_row. */
+  readonly useDora?: boolean;
   /** LoRA+ (Hayou et al. 2024): B's learning rate = lr × this ratio; set on every LoraParams as `lrScaleB`. */
   readonly loraplusLrRatio?: number;
   /** Progress callback: tensors done / total. */
@@ -157,6 +160,10 @@ export function loadStageWeights(be: Backend, cfg: ModelConfig, w: ModelWeights,
       if (!lora && opts.lora && isTargeted(path, opts.lora.targetModules)) {
         lora = LoraParams.init(be, path, inF, total, hyperFor(path, opts.lora), opts.seed ?? 0, src.loraRowPerm);
         if (opts.loraplusLrRatio !== undefined) lora.lrScaleB = opts.loraplusLrRatio;
+        if (opts.useDora) {
+          if (src.rows || src.loraRowPerm) throw new UnsupportedError(`DoRA (lora.use_dora) on '${path}': packed / row-permuted ${cfg.modelType} modules are not supported`, { hint: 'use plain LoRA for this model, or target only unpacked modules' });
+          lora.magnitude = DoraMagnitude.init(be, baseWeightRowNormsSq(be, q));
+        }
         loraOf.set(path, lora);
       }
       linears[m] = new QLoraLinear(be, src.rows ? `${path}[${src.rows.start}:${src.rows.end}]` : path, q, bias, lora, path, src.rows, src.loraRowPerm);
@@ -173,6 +180,14 @@ export function loadStageWeights(be: Backend, cfg: ModelConfig, w: ModelWeights,
   }
   log.debug({ spec, layers: nLayers, memory: be.memoryInUse() }, 'stage loaded');
   return { embed: spec.hasEmbedding ? embed : undefined, layers, finalNorm, lmHead };
+}
+
+/** ‖W_o‖² per output row of a base weight as the forward sees it (NF4: the dequantized values, as PEFT on bnb). */
+export function baseWeightRowNormsSq(be: Backend, q: BaseWeight): Float64Array {
+  const [out, inF] = q.shape;
+  if (isDenseWeight(q)) return rowNormsSq(be.download(q) as Float32Array, out, inF);
+  const t = be.dequantize(q);
+  try { return rowNormsSq(be.download(t) as Float32Array, out, inF); } finally { be.free(t); }
 }
 
 function modelDir(w: ModelWeights): string {

@@ -398,6 +398,24 @@ export class CudaBackend implements Backend {
     return out;
   }
 
+  scaleColumns(x: Tensor, v: Tensor): Tensor {
+    const cx = this.t(x), cv = this.t(v);
+    const C = cx.shape[cx.shape.length - 1], N = cx.size / Math.max(1, C);
+    check(cv.dtype === 'f32' && cv.size === C, () => `scaleColumns: v must be f32 [${C}], got ${cv.dtype} [${cv.shape.join(', ')}]`);
+    const y = this.alloc(cx.shape, cx.dtype);
+    this.nat.scaleColumns(cx.ptr, y.ptr, this.fdt(cx), cv.ptr, N, C);
+    return y;
+  }
+
+  columnDot(a: Tensor, b: Tensor): Tensor {
+    const ca = this.t(a), cb = this.t(b);
+    const C = ca.shape[ca.shape.length - 1], N = ca.size / Math.max(1, C);
+    check(cb.size === ca.size && cb.shape[cb.shape.length - 1] === C, () => `columnDot: [${ca.shape.join(', ')}] and [${cb.shape.join(', ')}] differ`);
+    const out = this.alloc([C], 'f32');
+    this.nat.columnDot(ca.ptr, this.fdt(ca), cb.ptr, this.fdt(cb), N, C, out.ptr);
+    return out;
+  }
+
   // ---- layers -------------------------------------------------------------------------------------
   embedding(ids: Tensor, table: Tensor): Tensor {
     const ci = this.t(ids), ct = this.t(table);
