@@ -39,6 +39,7 @@ export const JobSchema = z.object({
     use_rslora: z.boolean().default(false).describe('Rank-stabilised LoRA scaling alpha / sqrt(r).'),
     rank_pattern: z.record(z.string(), positiveInt).default({}).describe('Per-module rank overrides, e.g. {"layers.0.self_attn.q_proj": 16}.'),
     alpha_pattern: z.record(z.string(), z.number().positive()).default({}).describe('Per-module alpha overrides.'),
+    use_dora: z.boolean().default(false).describe('DoRA (Liu et al. 2024, PEFT use_dora): each adapted linear also learns a per-output magnitude (saved as lora_magnitude_vector, PEFT\'s key) and uses m · (W + s·B·A) / ‖W + s·B·A‖_row with the norm detached, as PEFT 0.21. Works on an NF4 base (norm of the dequantized weight) and with quantization: none. Not for ChatGLM2\'s packed modules. One process only (not with distributed workers yet).'),
     loraplus_lr_ratio: z.number().positive().optional().describe('LoRA+ (Hayou et al. 2024, PEFT create_loraplus_optimizer): lora_B (and 1-D tensors such as DoRA magnitudes) train with lr × this ratio, lora_A with lr. The paper suggests 16. Unset = plain LoRA. One process only (not with distributed workers yet).'),
   }).strict().prefault({}),
   training: z.object({
@@ -125,6 +126,7 @@ function checkFeatureCombinations(job: JobConfig, source: string): void {
   if (job.data.packing) used.push('data.packing: true');
   if (job.training.neftune_noise_alpha > 0) used.push(`training.neftune_noise_alpha: ${job.training.neftune_noise_alpha}`);
   if (job.lora.loraplus_lr_ratio !== undefined) used.push(`lora.loraplus_lr_ratio: ${job.lora.loraplus_lr_ratio}`);
+  if (job.lora.use_dora) used.push('lora.use_dora: true');
   if (used.length && job.distributed.workers !== 0) {
     throw new ConfigError(`${source}: ${used.join(', ')} ${used.length > 1 ? 'are' : 'is'} not supported with distributed.workers: ${JSON.stringify(job.distributed.workers)} yet (the workers' stage assignment does not carry ${used.length > 1 ? 'these settings' : 'this setting'})`, {
       hint: 'train in one process (distributed.workers: 0), or drop the setting for the distributed run',

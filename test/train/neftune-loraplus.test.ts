@@ -122,6 +122,6 @@ describe('job.yaml: the issue-13 fields', () => {
 
   it('config-doc documents every new field', () => {
     const doc = configReference();
-    for (const f of ['quantization.mode', 'data.packing', 'training.neftune_noise_alpha', 'lora.loraplus_lr_ratio']) assert.match(doc, new RegExp(`\`${f.replace('.', '\\.')}\``));
+    for (const f of ['quantization.mode', 'data.packing', 'training.neftune_noise_alpha', 'lora.loraplus_lr_ratio', 'lora.use_dora']) assert.match(doc, new RegExp(`\`${f.replace('.', '\\.')}\``));
   });
 });
