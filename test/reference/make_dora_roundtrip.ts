@@ -3,7 +3,7 @@
 // golden batch's sequence 0. check_dora_adapter.py (device machine) loads that adapter with PEFT 0.21 and writes
 // peft-check.json with the largest logit difference; test/model/dora-golden.test.ts asserts it.
 //
-// Usage:  node --import tsx test/reference/make_dora_roundtrip.ts
+// Usage:  node --import tsx test/reference/make_dora_roundtrip.ts [FIXTURE_DIR]
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createCpuBackend } from '../../core/engine/cpu.ts';
@@ -14,9 +14,9 @@ import { applyAdapter, loadAdapter, saveAdapter, stageLoraTensors } from '../../
 import { writeSafetensors } from '../../common/safetensors.ts';
 import { goldenBatch } from '../helpers/golden.ts';
 
-const ROOT = join(import.meta.dirname, '..', 'fixtures');
+const ROOT = join(process.env.DQLORA_ROOT ?? join(import.meta.dirname, '..', '..'), 'test', 'fixtures');
 const MODEL = join(ROOT, 'golden', 'llama-gqa', 'model');
-const DIR = join(ROOT, 'golden-dora', 'llama-gqa');
+const DIR = process.argv[2] ?? join(ROOT, 'golden-dora', 'llama-gqa');
 const expected = JSON.parse(readFileSync(join(DIR, 'expected.json'), 'utf8'));
 const be = createCpuBackend();
 const stage = loadStage(be, MODEL, fullModelSpec(loadModelConfig(MODEL)), { quantization: 'none' });
