@@ -163,7 +163,7 @@ export function loraConfigOf(job: JobConfig, cfg: ModelConfig): LoraConfig {
   return {
     r: job.lora.r, alpha: job.lora.alpha, dropout: job.lora.dropout, useRslora: job.lora.use_rslora,
     targetModules: job.lora.target_modules ?? defaultTargetModules(cfg.modelType),
-    rankPattern: job.lora.rank_pattern, alphaPattern: job.lora.alpha_pattern,
+    rankPattern: job.lora.rank_pattern, alphaPattern: job.lora.alpha_pattern, useDora: job.lora.use_dora,
   };
 }
 

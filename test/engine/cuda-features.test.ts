@@ -18,7 +18,7 @@ import { loadTokenizer } from '../../common/tokenizer.ts';
 import { readRecords } from '../../coordinator/data/records.ts';
 import { tokenizeRecords } from '../../coordinator/data/tokenize.ts';
 import { makeMicroBatch, type MicroBatch } from '../../core/train/batch.ts';
-import { evaluateLoss } from '../../coordinator/train.ts';
+import { evaluateLoss } from '../../core/train/local.ts';
 import { applyAdapter, loadAdapter } from '../../core/model/adapter.ts';
 import { rand, relErr } from './helpers.ts';
 
