@@ -20,7 +20,9 @@ import { SafetensorsFile } from '../../common/safetensors.ts';
 const ROOT = join(import.meta.dirname, '..', 'fixtures');
 const MODEL = join(ROOT, 'golden', 'llama-gqa', 'model');
 const DIR = join(ROOT, 'golden-dora', 'llama-gqa');
-const expected = JSON.parse(readFileSync(join(DIR, 'expected.json'), 'utf8')) as {
+const HAVE = existsSync(join(DIR, 'expected.json'));
+const skip = HAVE ? false : `${DIR} not generated yet (bench/gpu/features.sh on the device machine)`;
+const expected = (HAVE ? JSON.parse(readFileSync(join(DIR, 'expected.json'), 'utf8')) : {}) as {
   loss: number; num_targets: number; batch: Parameters<typeof goldenBatch>[0]; grad_keys: string[]; adapter_keys: string[];
 };
 
@@ -31,7 +33,7 @@ function loadDora(): { be: ReturnType<typeof createCpuBackend>; stage: ReturnTyp
   return { be, stage, n };
 }
 
-test('DoRA golden: PEFT\'s DoRA adapter loads with its magnitudes; loss and every gradient match PEFT 0.21 (fp32)', () => {
+test('DoRA golden: PEFT\'s DoRA adapter loads with its magnitudes; loss and every gradient match PEFT 0.21 (fp32)', { skip }, () => {
   const { be, stage, n } = loadDora();
   assert.equal(n, 14);
   assert.ok(stage.loraParams().every((p) => p.magnitude !== undefined));
@@ -58,7 +60,7 @@ test('DoRA golden: PEFT\'s DoRA adapter loads with its magnitudes; loss and ever
   } finally { grads.close(); }
 });
 
-test('DoRA golden: logits of sequence 0 match PEFT', () => {
+test('DoRA golden: logits of sequence 0 match PEFT', { skip }, () => {
   const { stage } = loadDora();
   const batch = goldenBatch(expected.batch);
   const logits = stage.logitsAt(batch, undefined, Array.from({ length: batch.T }, (_, t) => t));
@@ -70,7 +72,7 @@ test('DoRA golden: logits of sequence 0 match PEFT', () => {
   assert.ok(maxErr < 1e-4, `logits max error ${maxErr}`);
 });
 
-test('DoRA golden: the adapter we save has PEFT\'s keys, use_dora: true, and loads back to the same magnitudes', () => {
+test('DoRA golden: the adapter we save has PEFT\'s keys, use_dora: true, and loads back to the same magnitudes', { skip }, () => {
   const { be, stage } = loadDora();
   const out = join(mkdtempSync(join(tmpdir(), 'dqlora-dora-')), 'adapter');
   const cfg = loadAdapter(join(DIR, 'adapter')).config;
