@@ -120,9 +120,9 @@ export function stepsPerEpoch(nTrain: number, opts: { microBatchSize: number; gr
 }
 
 /**
- * Sample packing: the examples go, whole and in order, into the first row with room left (first fit; a row holds at
- * most `packing.maxLength` tokens, an example longer than that gets a row of its own), rows are right-padded to the
- * longest. Inside a row each example keeps its own positions (restarting at 0), its own targets (its last token
+ * Sample packing: the examples go, whole, into ⌈tokens / maxLength⌉ balanced rows (longest first into the least-filled
+ * row with room; a row holds at most `packing.maxLength` tokens, an example longer than that gets a row of its own),
+ * in input order inside a row; rows are right-padded to the longest. Inside a row each example keeps its own positions (restarting at 0), its own targets (its last token
  * predicts nothing: no target crosses into the next example), its own dropout keys (tokenSampleIds) and a segment
  * label that makes attention block-diagonal, so every example's loss and gradients are those it has unpacked. The
  * label-token count (loss normaliser) is the same as unpacked.
@@ -130,16 +130,37 @@ export function stepsPerEpoch(nTrain: number, opts: { microBatchSize: number; gr
 export function packMicroBatch(examples: Example[], opts: { padId: number; padToMultiple: number; sampleIds?: ArrayLike<number>; packing: PackingOptions }): MicroBatch {
   const cap = opts.packing.maxLength;
   if (!Number.isInteger(cap) || cap < 1) throw new ConfigError(`packing.maxLength must be a positive integer, got ${cap}`);
-  const used: number[] = [];                    // tokens used per row
-  const rowsOf: number[][] = [];                // example indices per row
+  // Balanced rows: as few rows as the tokens need (⌈total / cap⌉), examples longest first into the least-filled row
+  // that has room (a new row when none has), so the rows come out about equally long and B·T is close to the token
+  // count. Plain first fit would leave one long row and one short one (padded to the long one).
+  const total = examples.reduce((a, e) => a + e.inputIds.length, 0);
+  const used: number[] = Array.from({ length: Math.max(1, Math.ceil(total / cap)) }, () => 0);
+  const rowOf = new Int32Array(examples.length);
+  const order = examples.map((e, i) => i).sort((a, b) => examples[b].inputIds.length - examples[a].inputIds.length || a - b);
+  for (const i of order) {
+    const len = examples[i].inputIds.length;
+    let r = -1;
+    for (let k = 0; k < used.length; k++) if (used[k] + len <= cap && (r < 0 || used[k] < used[r])) r = k;
+    if (r < 0) { r = used.length; used.push(0); }
+    used[r] += len;
+    rowOf[i] = r;
+  }
+  // Inside a row, examples keep their input order.
+  const rowsOf: number[][] = used.map(() => []);
+  const fill = used.map(() => 0);
   const placement: ExamplePlacement[] = [];
   for (let i = 0; i < examples.length; i++) {
-    const len = examples[i].inputIds.length;
-    let r = used.findIndex((u) => u + len <= cap);
-    if (r < 0) { r = used.length; used.push(0); rowsOf.push([]); }
-    placement.push({ row: r, offset: used[r], length: len });
-    used[r] += len;
+    const r = rowOf[i], len = examples[i].inputIds.length;
+    placement.push({ row: r, offset: fill[r], length: len });
+    fill[r] += len;
     rowsOf[r].push(i);
+  }
+  // Rows that got nothing (only possible when an oversized example opened its own row) are dropped.
+  const keep = used.map((u) => u > 0);
+  if (keep.some((k) => !k)) {
+    const newIdx = keep.map((k, i) => keep.slice(0, i).filter(Boolean).length);
+    for (let i = 0; i < placement.length; i++) placement[i] = { ...placement[i], row: newIdx[placement[i].row] };
+    for (let r = used.length - 1; r >= 0; r--) if (!keep[r]) { used.splice(r, 1); rowsOf.splice(r, 1); }
   }
   const B = used.length;
   const T = Math.ceil(Math.max(1, ...used) / opts.padToMultiple) * opts.padToMultiple;

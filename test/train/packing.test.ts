@@ -33,31 +33,33 @@ describe('packMicroBatch: the layout of a packed micro-batch', () => {
   const mb = makeMicroBatch(exs, { padId: 0, sampleIds: [100, 101, 102, 103], packing: { maxLength: 8 } });
   const row = (a: Int32Array, r: number): number[] => Array.from(a.subarray(r * mb.T, (r + 1) * mb.T));
 
-  it('first fit in order: [5 + 3] tokens, [4 + 2]; rows padded to the longest', () => {
-    assert.equal(mb.B, 2); assert.equal(mb.T, 8);
-    assert.deepEqual(mb.placement, [{ row: 0, offset: 0, length: 5 }, { row: 0, offset: 5, length: 3 }, { row: 1, offset: 0, length: 4 }, { row: 1, offset: 4, length: 2 }]);
-    assert.deepEqual(row(mb.ids, 0), [1, 2, 3, 4, 5, 6, 7, 8]);
-    assert.deepEqual(row(mb.ids, 1), [9, 10, 11, 12, 13, 14, 0, 0]);
+  it('balanced rows: ⌈14 / 8⌉ = 2 rows, longest first into the least-filled row; input order inside a row', () => {
+    assert.equal(mb.B, 2); assert.equal(mb.T, 7);
+    assert.deepEqual(mb.placement, [{ row: 0, offset: 0, length: 5 }, { row: 1, offset: 0, length: 3 }, { row: 1, offset: 3, length: 4 }, { row: 0, offset: 5, length: 2 }]);
+    assert.deepEqual(row(mb.ids, 0), [1, 2, 3, 4, 5, 13, 14]);
+    assert.deepEqual(row(mb.ids, 1), [6, 7, 8, 9, 10, 11, 12]);
   });
 
-  it('positions restart per example; segments label the examples; padding is segment 0', () => {
-    assert.deepEqual(row(mb.positions, 0), [0, 1, 2, 3, 4, 0, 1, 2]);
-    assert.deepEqual(row(mb.segments!, 0), [1, 1, 1, 1, 1, 2, 2, 2]);
-    assert.deepEqual(row(mb.segments!, 1), [1, 1, 1, 1, 2, 2, 0, 0]);
-    assert.deepEqual(row(mb.keyMask, 1), [1, 1, 1, 1, 1, 1, 0, 0]);
-    assert.deepEqual(row(mb.tokenSampleIds!, 1), [102, 102, 102, 102, 103, 103, -1, -1]);
-    assert.deepEqual(Array.from(mb.sampleIds), [100, 102]);
+  it('positions restart per example; segments label the examples; per-token sample ids', () => {
+    assert.deepEqual(row(mb.positions, 0), [0, 1, 2, 3, 4, 0, 1]);
+    assert.deepEqual(row(mb.positions, 1), [0, 1, 2, 0, 1, 2, 3]);
+    assert.deepEqual(row(mb.segments!, 0), [1, 1, 1, 1, 1, 2, 2]);
+    assert.deepEqual(row(mb.segments!, 1), [1, 1, 1, 2, 2, 2, 2]);
+    assert.deepEqual(row(mb.tokenSampleIds!, 1), [101, 101, 101, 102, 102, 102, 102]);
+    assert.deepEqual(Array.from(mb.sampleIds), [100, 101]);
   });
 
   it('targets stay inside their example (the last token of each predicts nothing); label count as unpacked', () => {
-    assert.deepEqual(row(mb.targets, 0), [-100, 3, 4, 5, -100, 7, 8, -100]);
-    assert.deepEqual(row(mb.targets, 1), [10, 11, 12, -100, 14, -100, -100, -100]);
+    assert.deepEqual(row(mb.targets, 0), [-100, 3, 4, 5, -100, 14, -100]);
+    assert.deepEqual(row(mb.targets, 1), [7, 8, -100, 10, 11, 12, -100]);
     assert.equal(mb.labelCount, makeMicroBatch(exs, { padId: 0 }).labelCount);
   });
 
   it('an example longer than max_length gets a row of its own', () => {
     const m = makeMicroBatch([ex([1, 2], 0, 0), ex([1, 2, 3, 4, 5, 6], 0, 1)], { padId: 0, packing: { maxLength: 4 } });
     assert.equal(m.B, 2); assert.equal(m.T, 6);
+    assert.deepEqual(Array.from(m.segments!.subarray(0, 6)), [1, 1, 0, 0, 0, 0], 'padding is segment 0');
+    assert.deepEqual(Array.from(m.keyMask.subarray(0, 6)), [1, 1, 0, 0, 0, 0]);
   });
 });
 
