@@ -37,7 +37,7 @@ function seedLike(n: number): { kind: 'alpaca'; instruction: string; output: str
 
 async function main(): Promise<void> {
   const be = await createBackend(backend);
-  const assets = ensureExampleAssets();
+  const assets = ensureExampleAssets(process.env.DQLORA_ROOT ? join(process.env.DQLORA_ROOT, 'examples-cache') : undefined);
   const tok = loadTokenizer(assets.modelDir);
   const cfg = loadModelConfig(assets.modelDir);
   const datasets: [string, Example[]][] = [

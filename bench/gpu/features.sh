@@ -31,4 +31,6 @@ export DQLORA_CUDA_ADDON=$PWD/core/engine/cuda/build/dqlora_cuda.node
 stamp "cuda feature tests"
 DQLORA_ROOT=$PWD timeout 120 node --test --test-reporter=spec .device/cuda-features.test.mjs 2>&1 | tail -60 | tee -a "$LOG"
 DQLORA_ATTN=v1 DQLORA_ROOT=$PWD timeout 60 node --test --test-reporter=spec --test-name-pattern="packed attention" .device/cuda-features.test.mjs 2>&1 | tail -15 | sed 's/^/[attention v1] /' | tee -a "$LOG"
+stamp "packing benchmark (cuda)"
+DQLORA_ROOT=$PWD timeout 60 node .device/packing-bench.mjs --backend cuda --steps 10 --mbs 8,32 2>/dev/null | tee -a "$LOG" | tee "$OUT/packing-cuda.md"
 stamp done

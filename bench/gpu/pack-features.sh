@@ -26,4 +26,5 @@ bundle() {
 }
 bundle test/engine/cuda-features.test.ts .device/cuda-features.test.mjs
 bundle test/reference/make_dora_roundtrip.ts .device/dora-roundtrip.mjs
+bundle bench/packing.ts .device/packing-bench.mjs
 du -sh .device
