@@ -9,7 +9,7 @@ import { loadStage } from '../core/model/loader.ts';
 import { fullModelSpec } from '../core/model/llama.ts';
 import { loadModelConfig } from '../core/model/config.ts';
 import { loadTokenizer } from '../common/tokenizer.ts';
-import { Trainer } from '../coordinator/train.ts';
+import { Trainer } from '../core/train/trainer.ts';
 import { ensureExampleAssets } from '../coordinator/example/assets.ts';
 import { readRecords } from '../coordinator/data/records.ts';
 import { tokenizeRecords } from '../coordinator/data/tokenize.ts';
