@@ -192,3 +192,47 @@ export function packMicroBatch(examples: Example[], opts: { padId: number; padTo
   }
   return { B, T, ids, targets, keyMask, positions, sampleIds, labelCount, segments, tokenSampleIds, placement };
 }
+
+/**
+ * Splits a micro-batch into `parts` micro-batches of consecutive rows (as equal as possible). The step's loss scale
+ * (1 / label tokens of the whole step) is applied per token, so running the parts one after the other accumulates
+ * exactly the gradient of the whole (up to float summation order): what an out-of-memory retry needs.
+ */
+export function splitMicroBatch(mb: MicroBatch, parts: number): MicroBatch[] {
+  if (!Number.isInteger(parts) || parts < 1) throw new ConfigError(`parts must be a positive integer, got ${parts}`);
+  const n = Math.min(parts, mb.B), out: MicroBatch[] = [];
+  for (let k = 0, r0 = 0; k < n; k++) {
+    const rows = Math.floor(mb.B / n) + (k < mb.B % n ? 1 : 0), r1 = r0 + rows, T = mb.T;
+    const sl = (a: Int32Array): Int32Array => a.slice(r0 * T, r1 * T);
+    const targets = sl(mb.targets);
+    let labelCount = 0;
+    for (const y of targets) if (y !== IGNORE_INDEX) labelCount++;
+    out.push({
+      B: rows, T, ids: sl(mb.ids), targets, keyMask: sl(mb.keyMask), positions: sl(mb.positions), sampleIds: mb.sampleIds.slice(r0, r1), labelCount,
+      ...(mb.segments ? { segments: sl(mb.segments) } : {}),
+      ...(mb.tokenSampleIds ? { tokenSampleIds: sl(mb.tokenSampleIds) } : {}),
+      ...(mb.placement ? { placement: mb.placement.filter((p) => p.row >= r0 && p.row < r1).map((p) => ({ ...p, row: p.row - r0 })) } : {}),
+    });
+    r0 = r1;
+  }
+  return out;
+}
+
+/**
+ * Forward + backward of one micro-batch that survives running out of device memory: `run` is tried on the whole
+ * micro-batch; when it throws an out-of-memory error (`isOom`), `reset` drops the half-done state and the
+ * micro-batch is split in two, recursively (a single row that does not fit is rethrown). Returns the summed loss
+ * and how many pieces ran, so the caller can say so (and keep the split for later steps).
+ */
+export function runSplittingOnOom(mb: MicroBatch, run: (part: MicroBatch) => number, o: { isOom: (e: unknown) => boolean; reset: () => void; onSplit?: (rows: number, into: number) => void }): { lossSum: number; pieces: number } {
+  try {
+    return { lossSum: run(mb), pieces: 1 };
+  } catch (e) {
+    if (!o.isOom(e) || mb.B < 2) throw e;
+    o.reset();
+    o.onSplit?.(mb.B, 2);
+    let lossSum = 0, pieces = 0;
+    for (const part of splitMicroBatch(mb, 2)) { const r = runSplittingOnOom(part, run, o); lossSum += r.lossSum; pieces += r.pieces; }
+    return { lossSum, pieces };
+  }
+}
