@@ -25,6 +25,5 @@ bundle() {
     --banner:js="import { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);"
 }
 bundle test/engine/cuda-features.test.ts .device/cuda-features.test.mjs
-bundle test/reference/make_dora_roundtrip.ts .device/dora-roundtrip.mjs
 bundle bench/packing.ts .device/packing-bench.mjs
 du -sh .device

@@ -1,9 +1,10 @@
-// DoRA against PEFT 0.21 itself (fixtures written on the device machine by test/reference/make_noquant_golden.py,
+// DoRA against PEFT 0.21 itself (fixtures written on the device machine by test/reference/make_dora_golden.py and
+// make_dora_trained.py,
 // CPU float32, eager attention): PEFT's DoRA adapter (use_dora, r=4, alpha=8, all-linear, magnitudes perturbed from
 // their ‖W‖ init) on the unquantized llama-gqa golden model loads here; the loss is PEFT's within 1e-5, every
 // lora_A / lora_B / lora_magnitude_vector gradient within 1e-4 of the tensor's largest value, the logits of sequence 0
-// within 1e-4. The adapter we save has exactly PEFT's keys and config, and (test/reference/check_dora_adapter.py,
-// recorded in peft-check.json) PEFT loads an adapter trained here and gives our logits.
+// within 1e-4. The adapter we save has exactly PEFT's keys and config, and three AdamW steps here from PEFT's adapter
+// give what three torch AdamW steps give in PEFT (peft-trained/: losses, A, B, magnitudes, logits).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
@@ -85,7 +86,39 @@ test('DoRA golden: the adapter we save has PEFT\'s keys, use_dora: true, and loa
   for (let i = 0; i < orig.modules.length; i++) assert.deepEqual(back.modules[i].magnitude, orig.modules[i].magnitude);
 });
 
-test('DoRA: PEFT loads an adapter trained here and gives our logits (recorded by check_dora_adapter.py)', { skip: existsSync(join(DIR, 'peft-check.json')) ? false : 'peft-check.json not recorded yet (needs a device run)' }, () => {
-  const chk = JSON.parse(readFileSync(join(DIR, 'peft-check.json'), 'utf8')) as { max_abs_diff: number; max_abs_logit: number };
-  assert.ok(chk.max_abs_diff <= 1e-4 * Math.max(1, chk.max_abs_logit), `PEFT vs dqlora logits: ${chk.max_abs_diff}`);
+test('DoRA training: 3 AdamW steps here from PEFT\'s adapter = 3 torch AdamW steps in PEFT (losses, A, B, magnitudes, logits)', { skip }, () => {
+  const dir = join(DIR, 'peft-trained');
+  const want = JSON.parse(readFileSync(join(dir, 'trained.json'), 'utf8')) as { losses: number[] };
+  const { be, stage } = loadDora();
+  const batch = goldenBatch(expected.batch);
+  for (let step = 1; step <= 3; step++) {
+    const r = stage.forward(0, batch, undefined, { train: true, gradScale: 1 / expected.num_targets });
+    stage.backward(0);
+    const loss = r.lossSum! / r.count!;
+    assert.ok(Math.abs(loss - want.losses[step - 1]) <= 1e-5 * want.losses[step - 1], `step ${step}: loss ${loss} vs PEFT ${want.losses[step - 1]}`);
+    for (const p of stage.loraParams()) {
+      for (const t of p.trainable()) be.adamw(t.param, t.grad, t.m, t.v, { lr: 1e-2 * t.lrScale, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, step });
+      p.zeroGrad();
+    }
+  }
+  const peft = loadAdapter(join(dir, 'adapter'));
+  const ours = new Map(stageLoraTensors(be, stage).map((m) => [m.path, m]));
+  let worst = 0;
+  for (const m of peft.modules) {
+    const o = ours.get(m.path)!;
+    for (const [a, b] of [[o.A, m.A], [o.B, m.B], [o.magnitude!, m.magnitude!]] as const) {
+      let e = 0, s = 0;
+      for (let i = 0; i < b.length; i++) { e = Math.max(e, Math.abs(a[i] - b[i])); s = Math.max(s, Math.abs(b[i])); }
+      worst = Math.max(worst, e / s);
+    }
+  }
+  // AdamW's first steps move every weight by ≈ lr·sign(g): the tolerance is relative to the tensor's largest value.
+  assert.ok(worst < 1e-4, `adapter after 3 steps differs from PEFT's by ${worst.toExponential(3)} (relative to max)`);
+  const logits = stage.logitsAt(batch, undefined, Array.from({ length: batch.T }, (_, t) => t));
+  const g = SafetensorsFile.open(join(dir, 'logits0.safetensors'));
+  const wl = g.readF32('logits0'); g.close();
+  const V = wl.length / batch.T;
+  let maxErr = 0;
+  for (let t = 0; t < batch.T; t++) for (let v = 0; v < V; v++) maxErr = Math.max(maxErr, Math.abs(logits[t][v] - wl[t * V + v]));
+  assert.ok(maxErr < 1e-4, `logits after training: max error ${maxErr}`);
 });
