@@ -19,6 +19,8 @@ export interface OptimizerMoments {
   readonly path: string;
   readonly mA: Float32Array; readonly vA: Float32Array;
   readonly mB: Float32Array; readonly vB: Float32Array;
+  /** DoRA magnitude moments (modules with a lora_magnitude_vector). */
+  readonly mMag?: Float32Array; readonly vMag?: Float32Array;
 }
 
 export interface TrainerState {
@@ -79,6 +81,10 @@ export function saveCheckpoint(outputDir: string, ck: Omit<Checkpoint, 'dir'>, b
     recs.push({ name: `${m.path}.lora_A.exp_avg_sq`, dtype: 'F32', shape: [mod.r, mod.inFeatures], data: m.vA });
     recs.push({ name: `${m.path}.lora_B.exp_avg`, dtype: 'F32', shape: [mod.outFeatures, mod.r], data: m.mB });
     recs.push({ name: `${m.path}.lora_B.exp_avg_sq`, dtype: 'F32', shape: [mod.outFeatures, mod.r], data: m.vB });
+    if (m.mMag && m.vMag) {
+      recs.push({ name: `${m.path}.lora_magnitude_vector.exp_avg`, dtype: 'F32', shape: [mod.outFeatures], data: m.mMag });
+      recs.push({ name: `${m.path}.lora_magnitude_vector.exp_avg_sq`, dtype: 'F32', shape: [mod.outFeatures], data: m.vMag });
+    }
   }
   writeSafetensors(join(tmp, 'optimizer.safetensors'), recs, { format: 'dqlora-adamw' });
   writeFileSync(join(tmp, 'trainer_state.json'), JSON.stringify(ck.state, null, 1) + '\n');
@@ -138,7 +144,8 @@ export function loadCheckpoint(dir: string): Checkpoint {
         if (!f.has(name)) throw new CheckpointError(`checkpoint ${dir}: optimizer state '${name}' is missing`);
         return f.readF32(name);
       };
-      return { path: m.path, mA: get('lora_A.exp_avg'), vA: get('lora_A.exp_avg_sq'), mB: get('lora_B.exp_avg'), vB: get('lora_B.exp_avg_sq') };
+      const mag = m.magnitude ? { mMag: get('lora_magnitude_vector.exp_avg'), vMag: get('lora_magnitude_vector.exp_avg_sq') } : {};
+      return { path: m.path, mA: get('lora_A.exp_avg'), vA: get('lora_A.exp_avg_sq'), mB: get('lora_B.exp_avg'), vB: get('lora_B.exp_avg_sq'), ...mag };
     });
     return { dir, state, modules: adapter.modules, moments, loraConfig: adapter.config };
   } finally {

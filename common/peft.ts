@@ -17,6 +17,8 @@ export interface LoraConfig {
   readonly targetModules: readonly string[] | 'all-linear';
   readonly rankPattern?: Readonly<Record<string, number>>;
   readonly alphaPattern?: Readonly<Record<string, number>>;
+  /** DoRA (PEFT use_dora): modules carry a magnitude vector `lora_magnitude_vector` [out]. */
+  readonly useDora?: boolean;
 }
 
 export const PEFT_VERSION = '0.21.0';
@@ -31,6 +33,8 @@ export interface LoraTensors {
   readonly r: number;
   readonly inFeatures: number;
   readonly outFeatures: number;
+  /** DoRA magnitude [out] (saved as `<path>.lora_magnitude_vector`), present iff the adapter uses DoRA. */
+  readonly magnitude?: Float32Array;
 }
 
 export interface Adapter {
@@ -52,7 +56,7 @@ export function adapterConfigJson(cfg: LoraConfig, baseModel: string | null, pre
     lora_bias: false, lora_dropout: cfg.dropout, lora_ga_config: null, megatron_config: null, megatron_core: 'megatron.core',
     modules_to_save: null, monteclora_config: null, peft_type: 'LORA', peft_version: PEFT_VERSION, qalora_group_size: 16,
     r: cfg.r, rank_pattern: cfg.rankPattern ?? {}, revision: null, target_modules: targets, target_parameters: null,
-    task_type: 'CAUSAL_LM', trainable_token_indices: null, use_bdlora: null, use_dora: false, use_qalora: false,
+    task_type: 'CAUSAL_LM', trainable_token_indices: null, use_bdlora: null, use_dora: cfg.useDora === true, use_qalora: false,
     use_rslora: cfg.useRslora, velora_config: null,
   };
   const sorted: Record<string, unknown> = {};
@@ -72,6 +76,7 @@ export function saveAdapter(dir: string, modules: LoraTensors[], cfg: LoraConfig
   for (const m of [...modules].sort((a, b) => a.path.localeCompare(b.path))) {
     records.push({ name: `${KEY_PREFIX}${m.path}.lora_A.weight`, dtype: 'F32', shape: [m.r, m.inFeatures], data: m.A });
     records.push({ name: `${KEY_PREFIX}${m.path}.lora_B.weight`, dtype: 'F32', shape: [m.outFeatures, m.r], data: m.B });
+    if (m.magnitude) records.push({ name: `${KEY_PREFIX}${m.path}.lora_magnitude_vector`, dtype: 'F32', shape: [m.outFeatures], data: m.magnitude });
   }
   writeSafetensors(join(tmp, 'adapter_model.safetensors'), records, { format: 'pt' });
   writeDurable(join(tmp, 'adapter_config.json'), adapterConfigJson(cfg, baseModel, modules.map((m) => m.path)) + '\n');
@@ -99,7 +104,6 @@ export function loadAdapter(dir: string): Adapter {
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new FormatError(`${cfgPath}: expected a JSON object`);
   const peftType = raw.peft_type ?? 'LORA';
   if (peftType !== 'LORA') throw new UnsupportedError(`${cfgPath}: peft_type '${String(peftType)}' is not supported (only LORA)`);
-  if (raw.use_dora === true) throw new UnsupportedError(`${cfgPath}: DoRA adapters (use_dora) are not supported yet`);
   if (raw.bias !== undefined && raw.bias !== 'none') throw new UnsupportedError(`${cfgPath}: bias='${String(raw.bias)}' is not supported (only 'none')`);
   if (raw.modules_to_save) throw new UnsupportedError(`${cfgPath}: modules_to_save is not supported`);
   const num = (k: string, d: number): number => {
@@ -124,7 +128,7 @@ export function loadAdapter(dir: string): Adapter {
   if (!(dropout >= 0 && dropout < 1)) throw new FormatError(`${cfgPath}: 'lora_dropout' must be in [0, 1), got ${dropout}`);
   const config: LoraConfig = {
     r, alpha, dropout, useRslora: raw.use_rslora === true,
-    targetModules, rankPattern: numMap('rank_pattern'), alphaPattern: numMap('alpha_pattern'),
+    targetModules, rankPattern: numMap('rank_pattern'), alphaPattern: numMap('alpha_pattern'), useDora: raw.use_dora === true,
   };
   const stPath = join(dir, 'adapter_model.safetensors');
   if (!existsSync(stPath)) {
@@ -133,13 +137,20 @@ export function loadAdapter(dir: string): Adapter {
   }
   const f = SafetensorsFile.open(stPath);
   try {
-    const byPath = new Map<string, { A?: Float32Array; B?: Float32Array; ashape?: number[]; bshape?: number[] }>();
+    const byPath = new Map<string, { A?: Float32Array; B?: Float32Array; ashape?: number[]; bshape?: number[]; magnitude?: Float32Array }>();
     for (const name of f.names()) {
-      const m = /^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$/.exec(name);
-      if (!m) {
-        if (name.includes('lora_magnitude_vector')) throw new UnsupportedError(`${stPath}: '${name}' is a DoRA magnitude; DoRA is not supported yet`);
-        throw new UnsupportedError(`${stPath}: unexpected tensor '${name}' (only lora_A / lora_B weights are supported)`);
+      const dm = /^(?:base_model\.model\.)?(.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$/.exec(name);
+      if (dm) {
+        if (!config.useDora) throw new FormatError(`${stPath}: '${name}' is a DoRA magnitude but adapter_config.json does not say use_dora: true`);
+        const info = f.info(name);
+        if (info.shape.length !== 1) throw new FormatError(`${stPath}: '${name}' must be 1-D, has shape [${info.shape}]`);
+        const e = byPath.get(dm[1]) ?? {};
+        e.magnitude = f.readF32(name);
+        byPath.set(dm[1], e);
+        continue;
       }
+      const m = /^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$/.exec(name);
+      if (!m) throw new UnsupportedError(`${stPath}: unexpected tensor '${name}' (only lora_A / lora_B weights and DoRA magnitudes are supported)`);
       const [, path, which] = m;
       const info = f.info(name);
       if (info.shape.length !== 2) throw new FormatError(`${stPath}: '${name}' must be 2-D, has shape [${info.shape}]`);
@@ -152,7 +163,9 @@ export function loadAdapter(dir: string): Adapter {
       if (!e.A || !e.B) throw new FormatError(`${stPath}: module '${path}' has lora_${e.A ? 'A' : 'B'} but not lora_${e.A ? 'B' : 'A'}`);
       const [r, inF] = e.ashape!, [outF, r2] = e.bshape!;
       if (r !== r2) throw new ShapeError(`${stPath}: '${path}' lora_A has rank ${r} but lora_B has rank ${r2}`);
-      modules.push({ path, A: e.A, B: e.B, r, inFeatures: inF, outFeatures: outF });
+      if (config.useDora && !e.magnitude) throw new FormatError(`${stPath}: DoRA adapter without lora_magnitude_vector for '${path}'`);
+      if (e.magnitude && e.magnitude.length !== outF) throw new ShapeError(`${stPath}: '${path}' lora_magnitude_vector has ${e.magnitude.length} values, lora_B has ${outF} rows`);
+      modules.push({ path, A: e.A, B: e.B, r, inFeatures: inF, outFeatures: outF, ...(e.magnitude ? { magnitude: e.magnitude } : {}) });
     }
     modules.sort((a, b) => a.path.localeCompare(b.path));
     return { config, baseModel: typeof raw.base_model_name_or_path === 'string' ? raw.base_model_name_or_path : null, modules };

@@ -125,7 +125,7 @@ export async function compareAnswers(job: JobConfig, adapterDir: string): Promis
   const { loadTokenizer } = await import('../common/tokenizer.ts');
   const be = await createBackend(job.backend);
   const tok = loadTokenizer(job.model);
-  const stage = loadStage(be, job.model, fullModelSpec(loadModelConfig(job.model)), { blocksize: job.quantization.blocksize, doubleQuant: job.quantization.double_quant });
+  const stage = loadStage(be, job.model, fullModelSpec(loadModelConfig(job.model)), { blocksize: job.quantization.blocksize, doubleQuant: job.quantization.double_quant, quantization: job.quantization.mode });
   const prompts = job.compare.prompts, o = { maxNewTokens: job.compare.max_new_tokens };
   const base = answerPrompts([stage], tok, prompts, { ...o, lora: false });
   applyAdapter(be, stage, loadAdapter(adapterDir), adapterDir);

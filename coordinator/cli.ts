@@ -141,9 +141,10 @@ program.command('generate')
   .option('--top-k <k>', 'top-k sampling (0 = off)', intAtLeast('--top-k', 0), 0)
   .option('--seed <n>', 'sampling seed', intAtLeast('--seed', 0), 0)
   .option('--raw', 'do not apply the chat template / prompt format (prompts are used as they are)')
+  .option('--no-quantize', 'keep the base model in full precision (an adapter trained with quantization: none); default: NF4 as in training')
   .addOption(backendOption())
   .argument('[prompts...]', 'prompts, e.g. "拓数派#openpie#数据库"; "-" (or no prompt and a pipe) reads one from stdin')
-  .action(async (args: string[], o: { model: string; adapter?: string; promptFile?: string[]; truncate?: 'left' | 'right'; maxNewTokens: number; temperature: number; topP: number; topK: number; seed: number; raw?: boolean; backend: BackendName }) => {
+  .action(async (args: string[], o: { model: string; adapter?: string; promptFile?: string[]; truncate?: 'left' | 'right'; maxNewTokens: number; temperature: number; topP: number; topK: number; seed: number; raw?: boolean; quantize: boolean; backend: BackendName }) => {
     // Everything the user gave is checked, and prompts are measured against the context, before the model loads.
     checkModelDir(o.model, '--model', { tokenizer: true });
     if (o.adapter) checkAdapterDir(o.adapter, '--adapter');
@@ -158,7 +159,7 @@ program.command('generate')
     const adapter = o.adapter ? loadAdapter(o.adapter) : undefined;
     const be = await backendFor(o.backend, '--backend cuda', 'use --backend cpu');
     const bar = progressBar('loading');
-    const stage = loadStage(be, o.model, fullModelSpec(cfg), { onProgress: bar.update });
+    const stage = loadStage(be, o.model, fullModelSpec(cfg), { onProgress: bar.update, quantization: o.quantize ? 'nf4' : 'none' });
     bar.stop();
     const so = { maxNewTokens: o.maxNewTokens, temperature: o.temperature, topP: o.topP, topK: o.topK, seed: o.seed, eosIds: gen.eosTokenIds };
     const base = answerEncoded([stage], tok, encoded, { ...so, lora: false });
@@ -179,8 +180,10 @@ program.command('eval')
   .option('--max-length <n>', 'truncate examples to n tokens (≥ 2)', intAtLeast('--max-length', 2), 512)
   .option('--batch-size <n>', 'sequences per batch (≥ 1)', intAtLeast('--batch-size', 1), 8)
   .addOption(new Option('--on-error <what>', 'malformed dataset lines: stop with file:line, or skip them').choices(['throw', 'skip']).default('throw'))
+  .option('--no-quantize', 'evaluate the full-precision base (quantization: none); default: NF4 as in QLoRA training')
+  .option('--json', 'print one JSON object (full-precision numbers) instead of text')
   .addOption(backendOption())
-  .action(async (o: { model: string; data: string; adapter?: string; maxLength: number; batchSize: number; onError: 'throw' | 'skip'; backend: BackendName }) => {
+  .action(async (o: { model: string; data: string; adapter?: string; maxLength: number; batchSize: number; onError: 'throw' | 'skip'; quantize: boolean; json?: boolean; backend: BackendName }) => {
     checkModelDir(o.model, '--model', { tokenizer: true });
     checkInputFile(o.data, '--data');
     if (o.adapter) checkAdapterDir(o.adapter, '--adapter');
@@ -191,15 +194,21 @@ program.command('eval')
     const { examples } = tokenizeRecords(records, tok, { maxLength: o.maxLength });
     if (examples.length === 0) throw new DataError(`--data: no example with an answer token left in ${o.data} (${records.length} records)`, { hint: 'check the file, and that --max-length leaves room for the answers' });
     const be = await backendFor(o.backend, '--backend cuda', 'use --backend cpu');
-    const stage = loadStage(be, o.model, fullModelSpec(cfg));
+    const quantization = o.quantize ? 'nf4' : 'none';
+    const stage = loadStage(be, o.model, fullModelSpec(cfg), { quantization });
     const padId = tok.padId ?? tok.eosId ?? 0;
     const base = evaluateLoss([stage], examples, o.batchSize, padId);
-    out(`base model : loss ${base.loss.toFixed(4)}  perplexity ${base.perplexity.toFixed(3)}  (${base.tokens} label tokens, ${examples.length} examples)`);
+    let ft: typeof base | undefined;
     if (o.adapter) {
       applyAdapter(be, stage, loadAdapter(o.adapter), o.adapter);
-      const ft = evaluateLoss([stage], examples, o.batchSize, padId);
-      out(`fine-tuned : loss ${ft.loss.toFixed(4)}  perplexity ${ft.perplexity.toFixed(3)}`);
+      ft = evaluateLoss([stage], examples, o.batchSize, padId);
     }
+    if (o.json) {
+      out(JSON.stringify({ quantization, examples: examples.length, base, ...(ft ? { adapted: ft } : {}) }));
+      return;
+    }
+    out(`base model : loss ${base.loss.toFixed(4)}  perplexity ${base.perplexity.toFixed(3)}  (${base.tokens} label tokens, ${examples.length} examples${o.quantize ? '' : ', unquantized base'})`);
+    if (ft) out(`fine-tuned : loss ${ft.loss.toFixed(4)}  perplexity ${ft.perplexity.toFixed(3)}`);
   });
 
 program.command('quantize')

@@ -21,6 +21,7 @@ import { jobMetricsObserver } from './metrics-observer.ts';
 import { checkRunLength, lingerForScrape, logRecover, type StopSignals } from './lifecycle.ts';
 import { Backoff, isConnectionError, sleep } from '../common/connection.ts';
 import { compareAnswers } from './answer.ts';
+import { packingOptions } from './features.ts';
 import { buildDataset } from './data/dataset.ts';
 import { createBackend } from '../core/engine/index.ts';
 import type { Backend } from '../core/engine/backend.ts';
@@ -115,7 +116,7 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
   const padId = tok.padId ?? tok.eosId ?? 0;
   const planner = new StepPlanner(ds.train, {
     epochs: t.epochs, maxSteps: t.max_steps, microBatchSize: t.micro_batch_size, gradAccum: t.grad_accum, replicas: R,
-    lr: t.lr, schedule: t.schedule, warmupSteps: t.warmup_steps, seed: t.seed, padId,
+    lr: t.lr, schedule: t.schedule, warmupSteps: t.warmup_steps, seed: t.seed, padId, packing: packingOptions(job),
   });
   const totalSteps = planner.totalSteps;
   // R = 1 runs share their fingerprint with a one-process run (either resumes the other's checkpoints); the replica

@@ -115,6 +115,8 @@ export function formatRecord(rec: Record, tok: TokenizerLike): Piece[] {
       if (tok.chatTemplate) return formatChatTemplated(rec.messages, tok);
       if (tok.formatQuery) return formatWithQuery(rec, tok as Parameters<typeof formatWithQuery>[1]);
       return formatChatDefault(rec.messages, tok);
+    case 'tokens':
+      throw new DataError('a pre-tokenized record ({input_ids}) has no text to format', { hint: 'it is used as it is by tokenization; prompts for generation need text' });
   }
 }
 

@@ -4,6 +4,8 @@
 //   alpaca  {instruction: string, input?: string|null, output: string (non-empty), system?: string|null}
 //   chat    {messages: [{role: 'system'|'user'|'assistant', content: string}, ...]} with ≥ 1 non-empty assistant turn
 //   text    {text: string (non-empty)}
+//   tokens  {input_ids: int[] (non-empty), labels?: int[] (same length; −100 = not trained)} — pre-tokenized, used as
+//           they are (no template, no BOS/EOS added); without labels every token is trained
 // Files: `.jsonl` (one object per line, blank lines allowed) is read line by line in fixed-size chunks so a
 // multi-gigabyte file never sits in memory as one string. `.json` is either a top-level array of records or,
 // when its first non-blank character is `{`, JSONL in disguise (common in the wild). A UTF-8 BOM is skipped.
@@ -17,7 +19,8 @@ export interface ChatMessage { role: ChatRole; content: string }
 export type Record =
   | { kind: 'alpaca'; instruction: string; input?: string; output: string; system?: string }
   | { kind: 'chat'; messages: ChatMessage[] }
-  | { kind: 'text'; text: string };
+  | { kind: 'text'; text: string }
+  | { kind: 'tokens'; inputIds: number[]; labels?: number[] };
 /** Alias of `Record` for modules where the name would shadow TypeScript's `Record<K, V>`. */
 export type DataRecord = Record;
 
@@ -37,6 +40,7 @@ export function recordKey(r: Record): string {
     case 'alpaca': return JSON.stringify(['a', r.instruction, r.input ?? '', r.output, r.system ?? '']);
     case 'chat': return JSON.stringify(['c', ...r.messages.map((m) => [m.role, m.content])]);
     case 'text': return JSON.stringify(['t', r.text]);
+    case 'tokens': return JSON.stringify(['k', r.inputIds, r.labels ?? null]);
   }
 }
 
@@ -212,7 +216,7 @@ function lineOf(text: string, pos: number): number {
   return line;
 }
 
-const SHAPES_HINT = 'expected {"instruction", "output"} (alpaca), {"messages": [{"role", "content"}]} (chat) or {"text"}';
+const SHAPES_HINT = 'expected {"instruction", "output"} (alpaca), {"messages": [{"role", "content"}]} (chat), {"text"} or {"input_ids", "labels"?} (pre-tokenized)';
 
 /** Checks one parsed JSON value and returns it as a typed record; throws RecordProblem. */
 function validateRecord(v: unknown): Record {
@@ -221,7 +225,7 @@ function validateRecord(v: unknown): Record {
   }
   const o = v as { [k: string]: unknown };
   const has = (k: string): boolean => Object.prototype.hasOwnProperty.call(o, k) && o[k] !== undefined;
-  const shapes = [has('messages') && 'messages', (has('instruction') || has('output')) && 'instruction/output', has('text') && 'text']
+  const shapes = [has('messages') && 'messages', (has('instruction') || has('output')) && 'instruction/output', has('text') && 'text', has('input_ids') && 'input_ids']
     .filter((s): s is string => typeof s === 'string');
   if (shapes.length === 0) {
     const keys = Object.keys(o).slice(0, 8).map((k) => JSON.stringify(k)).join(', ');
@@ -232,6 +236,7 @@ function validateRecord(v: unknown): Record {
     throw new RecordProblem(`record mixes formats (${shapes.join(' and ')})`, SHAPES_HINT + ': use one shape per record');
   }
   if (has('messages')) return validateChat(o.messages);
+  if (has('input_ids')) return validateTokens(o.input_ids, o.labels);
   if (has('text')) {
     if (typeof o.text !== 'string') throw new RecordProblem(`"text" is ${typeOf(o.text)}, not a string`, 'text must be a string');
     if (o.text.trim() === '') throw new RecordProblem('"text" is empty', 'remove the record or give it text');
@@ -280,6 +285,25 @@ function validateChat(m: unknown): Record {
   }
   if (!trainable) throw new RecordProblem('chat has no non-empty assistant turn', 'only assistant turns are trained: add one or remove the record');
   return { kind: 'chat', messages };
+}
+
+function validateTokens(ids: unknown, labels: unknown): Record {
+  const ints = (v: unknown, what: string, min: number): number[] => {
+    if (!Array.isArray(v)) throw new RecordProblem(`"${what}" is ${typeOf(v)}, not an array`, `${what} must be an array of token ids`);
+    for (let i = 0; i < v.length; i++) {
+      const x = v[i] as unknown;
+      if (typeof x !== 'number' || !Number.isInteger(x) || (x < min && !(what === 'labels' && x === -100))) {
+        throw new RecordProblem(`${what}[${i}] is ${JSON.stringify(x)}, not a token id`, what === 'labels' ? 'labels are token ids ≥ 0 or -100 (not trained)' : 'token ids are integers ≥ 0');
+      }
+    }
+    return v as number[];
+  };
+  const inputIds = ints(ids, 'input_ids', 0);
+  if (inputIds.length === 0) throw new RecordProblem('"input_ids" is empty', 'remove the record or give it tokens');
+  if (labels === undefined || labels === null) return { kind: 'tokens', inputIds };
+  const l = ints(labels, 'labels', 0);
+  if (l.length !== inputIds.length) throw new RecordProblem(`"labels" has ${l.length} entries, "input_ids" ${inputIds.length}`, 'labels align with input_ids (unshifted), one per token');
+  return { kind: 'tokens', inputIds, labels: l };
 }
 
 function typeOf(x: unknown): string {

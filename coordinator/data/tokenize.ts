@@ -98,6 +98,7 @@ export function startTokens(tok: TokenizerLike, ids: readonly number[]): number[
 
 /** Full (untruncated) ids and labels of one record. */
 export function encodeRecord(rec: Record, tok: TokenizerLike, addBos: 'auto' | boolean = 'auto', cache?: Map<string, number[]>): { ids: number[]; labels: number[] } {
+  if (rec.kind === 'tokens') return { ids: rec.inputIds.slice(), labels: (rec.labels ?? rec.inputIds).slice() };   // pre-tokenized: as given
   const ids: number[] = [], labels: number[] = [];
   for (const piece of formatRecord(rec, tok)) {
     let enc = cache?.get(piece.text);

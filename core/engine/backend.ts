@@ -163,6 +163,13 @@ export interface Backend {
   nf4Linear(x: Tensor, w: QuantizedTensor, bias?: Tensor): Tensor;
   /** dx = dy · deq(W).   dy [N, out] → dx [N, in]. (No weight gradient: the base is frozen.) */
   nf4LinearBackward(dy: Tensor, w: QuantizedTensor): Tensor;
+  /**
+   * y = x · Wᵀ (+ bias) for a frozen full-precision base weight (`quantization: none`: LoRA without bitsandbytes).
+   * x [N, in], W [out, in] (an 'act' tensor: f32 on cpu, bf16 on cuda), bias [out] → y [N, out].
+   */
+  denseLinear(x: Tensor, w: Tensor, bias?: Tensor): Tensor;
+  /** dx = dy · W.   dy [N, out] → dx [N, in] (the base is frozen: no weight gradient). */
+  denseLinearBackward(dy: Tensor, w: Tensor): Tensor;
 
   // ---- elementwise / reductions ----------------------------------------------------------------------
   /** a += alpha · b (same shape), in place; returns a. */
@@ -173,6 +180,10 @@ export interface Backend {
   sumSquares(t: Tensor): number;
   /** Sum over rows: x [N, C] → [C] (bias gradients). */
   sumRows(x: Tensor): Tensor;
+  /** y = x · diag(v): x [N, C], v f32 [C] → y [N, C] (new tensor, x's dtype). DoRA's per-output magnitude scale. */
+  scaleColumns(x: Tensor, v: Tensor): Tensor;
+  /** out[c] = Σ_n a[n, c] · b[n, c]: a, b [N, C] → f32 [C]. DoRA's magnitude gradient. */
+  columnDot(a: Tensor, b: Tensor): Tensor;
 
   // ---- layers ---------------------------------------------------------------------------------------
   /** table [V, H], ids i32 [N] → [N, H]. Ids outside [0, V) are an error. */

@@ -260,6 +260,27 @@ export class CpuBackend implements Backend {
     return dx;
   }
 
+  denseLinear(x: Tensor, w: Tensor, bias?: Tensor): Tensor {
+    const X = f32(x, 'denseLinear x'), W = f32(w, 'denseLinear w');
+    check(W.shape.length === 2, () => `denseLinear: weight must be [out, in], got [${W.shape.join(', ')}]`);
+    const [outDim, inDim] = W.shape;
+    const [N, C] = as2d(X);
+    check(C === inDim, () => `denseLinear: x [${X.shape.join(', ')}] has ${C} features, weight is [${outDim}, ${inDim}]`);
+    const y = this.matmul(X, W, { transB: true });
+    if (bias) {
+      const bd = f32(bias, 'denseLinear bias').data as Float32Array, yd = (y as CpuTensor).data as Float32Array;
+      check(bd.length === outDim, () => `denseLinear: bias has ${bd.length} elements, expected ${outDim}`);
+      for (let n = 0; n < N; n++) for (let o = 0, r = n * outDim; o < outDim; o++) yd[r + o] += bd[o];
+    }
+    return y;
+  }
+
+  denseLinearBackward(dy: Tensor, w: Tensor): Tensor {
+    const G = f32(dy, 'denseLinearBackward dy'), W = f32(w, 'denseLinearBackward w');
+    check(W.shape.length === 2 && as2d(G)[1] === W.shape[0], () => `denseLinearBackward: dy [${G.shape.join(', ')}] does not match weight [${W.shape.join(', ')}]`);
+    return this.matmul(G, W);
+  }
+
   // ---- elementwise / reductions ----------------------------------------------------------------------
 
   axpy(a: Tensor, b: Tensor, alpha = 1): Tensor {
@@ -301,6 +322,28 @@ export class CpuBackend implements Backend {
     for (let n = 0; n < N; n++) for (let j = 0, r = n * C; j < C; j++) acc[j] += xd[r + j];
     const out = this.alloc([C], 'f32');
     (out.data as Float32Array).set(acc);
+    return out;
+  }
+
+  scaleColumns(x: Tensor, v: Tensor): Tensor {
+    const X = f32(x, 'scaleColumns x'), Vt = f32(v, 'scaleColumns v');
+    const [N, C] = as2d(X);
+    check(Vt.size === C, () => `scaleColumns: v has ${Vt.size} entries, x has ${C} columns`);
+    const y = this.output(X.shape);
+    const xd = X.data as Float32Array, vd = Vt.data as Float32Array, yd = y.data as Float32Array;
+    for (let n = 0; n < N; n++) for (let c = 0, r = n * C; c < C; c++) yd[r + c] = xd[r + c] * vd[c];
+    return y;
+  }
+
+  columnDot(a: Tensor, b: Tensor): Tensor {
+    const A = f32(a, 'columnDot a'), Bt = f32(b, 'columnDot b');
+    const [N, C] = as2d(A);
+    check(Bt.size === A.size && as2d(Bt)[1] === C, () => `columnDot: a [${A.shape.join(', ')}] and b [${Bt.shape.join(', ')}] differ`);
+    const out = this.alloc([C], 'f32');
+    const ad = A.data as Float32Array, bd = Bt.data as Float32Array, od = out.data as Float32Array;
+    const acc = new Float64Array(C);   // float64 sums, rounded once (like sumRows)
+    for (let n = 0; n < N; n++) for (let c = 0, r = n * C; c < C; c++) acc[c] += ad[r + c] * bd[r + c];
+    for (let c = 0; c < C; c++) od[c] = acc[c];
     return out;
   }
 

@@ -4,6 +4,8 @@ import { ShapeError, UnsupportedError } from '../../common/errors.ts';
 import type { Backend } from '../engine/backend.ts';
 import { LoraParams, type QLoraLinear } from '../engine/lora.ts';
 import type { LlamaStage } from './llama.ts';
+import { DoraMagnitude } from '../engine/dora.ts';
+import { baseWeightRowNormsSq } from './loader.ts';
 import { LINEAR_MODULES, hyperFor } from './llama.ts';
 import type { Adapter, LoraTensors } from '../../common/peft.ts';
 
@@ -14,7 +16,7 @@ export function stageLoraTensors(be: Backend, stage: LlamaStage): LoraTensors[] 
   void be;
   return stage.loraParams().map((p) => {
     const h = p.hostState(false);
-    return { path: p.name, r: p.hyper.r, inFeatures: p.inFeatures, outFeatures: p.outFeatures, A: h.A, B: h.B };
+    return { path: p.name, r: p.hyper.r, inFeatures: p.inFeatures, outFeatures: p.outFeatures, A: h.A, B: h.B, ...(h.magnitude ? { magnitude: h.magnitude } : {}) };
   });
 }
 
@@ -48,7 +50,11 @@ export function applyAdapter(be: Backend, stage: LlamaStage, adapter: Adapter, s
     const hyper = { ...hyperFor(t.path, adapter.config), r: t.r };
     parts[0].lora?.free();
     const p = new LoraParams(be, t.path, inF, outF, hyper, be.zeros([t.r, inF], 'f32'), be.zeros([outF, t.r], 'f32'), parts[0].loraRowPerm);
-    p.setHostState({ A: t.A, B: t.B });
+    if (t.magnitude) {
+      if (parts.length > 1 || parts[0].loraRowPerm) throw new UnsupportedError(`${source}: DoRA on the packed module '${t.path}' is not supported`);
+      p.magnitude = DoraMagnitude.init(be, baseWeightRowNormsSq(be, parts[0].weight));
+    }
+    p.setHostState({ A: t.A, B: t.B, magnitude: t.magnitude });
     for (const lin of parts) lin.lora = p;
     applied++;
   }

@@ -10,6 +10,7 @@ import type { Backend, DropoutKey, QuantizedTensor, Tensor } from '../engine/bac
 import { LoraParams, type QLoraLinear, type LoraHyper, type LoraLinearSaved } from '../engine/lora.ts';
 import type { ModelConfig } from './config.ts';
 import { ropeInvFreq } from './config.ts';
+import { neftuneNoise, neftuneMagnitude } from './neftune.ts';
 import { ShapeError, ConfigError, UnsupportedError } from '../../common/errors.ts';
 
 export const ATTN_MODULES = ['q_proj', 'k_proj', 'v_proj', 'o_proj'] as const;
@@ -91,6 +92,13 @@ export interface StageBatch {
   readonly targets?: Int32Array;
   /** Global sample id of each sequence [B] (keys the dropout masks). */
   readonly sampleIds: Int32Array;
+  /**
+   * Sample packing (core/train/batch.ts): per token, the example's segment within its row (1, 2, … ; 0 on padding).
+   * Attention is then block-diagonal: a token sees only earlier tokens of its own example. Absent = one example per row.
+   */
+  readonly segments?: Int32Array;
+  /** Sample packing: per token, the global sample id of its example (keys dropout masks as if unpacked). */
+  readonly tokenSampleIds?: Int32Array;
 }
 
 export interface ForwardOptions {
@@ -132,6 +140,15 @@ interface MicroBatchState {
   dOut?: Tensor;
 }
 
+/** How a stage runs (set at load time, the same on every worker). */
+export interface StageOptions {
+  readonly gradientCheckpointing: boolean;
+  /** Rows of logits per head chunk (default: sized per backend). */
+  readonly headChunkRows?: number;
+  /** NEFTune noise on the embedding output in training (training.neftune_noise_alpha; see neftune.ts). 0/absent = off. */
+  readonly neftuneAlpha?: number;
+}
+
 export class LlamaStage {
   private readonly states = new Map<number, MicroBatchState>();
   private readonly invFreq: Tensor;
@@ -143,7 +160,7 @@ export class LlamaStage {
     readonly cfg: ModelConfig,
     readonly spec: StageSpec,
     readonly weights: StageWeights,
-    readonly opts: { gradientCheckpointing: boolean; headChunkRows?: number } = { gradientCheckpointing: true },
+    readonly opts: StageOptions = { gradientCheckpointing: true },
   ) {
     this.headDim = cfg.headDim;
     const rope = ropeInvFreq(cfg);
@@ -202,12 +219,13 @@ export class LlamaStage {
       const ids = be.upload(batch.ids, [N], 'i32');
       x = be.embedding(ids, this.weights.embed!);
       be.free(ids);
+      if (opts.train && this.opts.neftuneAlpha) this.addNeftuneNoise(x, batch, opts);
     } else {
       if (!hidden) throw new ShapeError('this stage needs hidden states from the previous stage');
       if (hidden.shape[0] !== N || hidden.shape[1] !== H) throw new ShapeError(`hidden states of shape [${hidden.shape}] do not match the micro-batch [${N}, ${H}]`);
       x = hidden;
     }
-    const keyMask = be.upload(batch.keyMask, [B, T], 'i32');
+    const keyMask = be.upload(attentionMask(batch), [B, T], 'i32');
     const positions = be.upload(batch.positions, [N], 'i32');
     const st: MicroBatchState = { batch, keyMask, positions, dropout: opts.train ? opts.dropout : undefined, inputs: [] };
     if (!this.opts.gradientCheckpointing && opts.train) st.tapes = [];
@@ -232,6 +250,16 @@ export class LlamaStage {
     return { lossSum, count };
   }
 
+  /** x [N, H] += NEFTune noise of this micro-batch (training only; keyed like the dropout masks). */
+  private addNeftuneNoise(x: Tensor, batch: StageBatch, opts: ForwardOptions): void {
+    if (!opts.dropout) throw new ShapeError('NEFTune needs the step\'s RNG key: pass ForwardOptions.dropout in training');
+    const H = this.cfg.hiddenSize, rows = rowKeys(batch);
+    const noise = neftuneNoise(rows.sample, rows.pos, H, neftuneMagnitude(this.opts.neftuneAlpha!, batch.T, H), opts.dropout);
+    const t = this.be.upload(noise, [batch.B * batch.T, H], 'act');
+    this.be.axpy(x, t);
+    this.be.free(t);
+  }
+
   /**
    * Logits for selected rows (generation): runs the stage without saving and returns [rows.length, V] on the host.
    * `hidden` as in forward. Only for a stage that holds the head.
@@ -243,7 +271,7 @@ export class LlamaStage {
     if (this.spec.hasEmbedding) {
       const ids = be.upload(batch.ids!, [N], 'i32'); x = be.embedding(ids, this.weights.embed!); be.free(ids);
     } else x = hidden!;
-    const keyMask = be.upload(batch.keyMask, [B, T], 'i32');
+    const keyMask = be.upload(attentionMask(batch), [B, T], 'i32');
     const positions = be.upload(batch.positions, [N], 'i32');
     const st: MicroBatchState = { batch, keyMask, positions, inputs: [] };
     for (let i = 0; i < this.weights.layers.length; i++) {
@@ -508,11 +536,23 @@ export interface KvCache {
   readonly v: Tensor[];
 }
 
-/** Per-row (token) dropout counter words: the sequence's global sample id and the token position. */
+/**
+ * Per-row (token) dropout counter words: the sequence's global sample id and the token position. A packed token uses
+ * its own example's id and its position inside that example, so it draws the mask it would draw unpacked.
+ */
 function rowKeys(b: StageBatch): { sample: Int32Array; pos: Int32Array } {
-  const N = b.B * b.T, sample = new Int32Array(N), pos = new Int32Array(N);
+  const N = b.B * b.T;
+  if (b.tokenSampleIds) return { sample: b.tokenSampleIds, pos: b.positions };
+  const sample = new Int32Array(N), pos = new Int32Array(N);
   for (let s = 0; s < b.B; s++) for (let t = 0; t < b.T; t++) { sample[s * b.T + t] = b.sampleIds[s]; pos[s * b.T + t] = t; }
   return { sample, pos };
+}
+
+/** What the attention kernels get as keyMask: segment labels for a packed batch (block-diagonal), else 0/1. */
+function attentionMask(b: StageBatch): Int32Array {
+  if (!b.segments) return b.keyMask;
+  if (b.segments.length !== b.B * b.T) throw new ShapeError(`packed batch: segments has ${b.segments.length} entries, expected B·T = ${b.B * b.T}`);
+  return b.segments;
 }
 
 export type { QuantizedTensor };

@@ -1,8 +1,10 @@
 // Loads the tensors one stage needs from a Hugging Face model directory, tensor by tensor: decoder linears are
 // quantized to NF4 (+ double quantization) on the way in, or taken as they are from a pre-quantized
-// bitsandbytes checkpoint; norms, embeddings and the LM head are kept in full precision (spec §4.2).
+// bitsandbytes checkpoint, or (quantization: none) kept in full precision; norms, embeddings and the LM head are
+// kept in full precision (spec §4.2).
 import type { Backend, Tensor } from '../engine/backend.ts';
-import { LoraParams, QLoraLinear } from '../engine/lora.ts';
+import { LoraParams, QLoraLinear, isDenseWeight, type BaseWeight } from '../engine/lora.ts';
+import { DoraMagnitude, rowNormsSq } from '../engine/dora.ts';
 import { ModelWeights } from '../../common/model-weights.ts';
 import { isPrequantized, nf4FromRecords } from './bnb.ts';
 import { loadModelConfig, type ModelConfig } from './config.ts';
@@ -20,7 +22,19 @@ export interface LoadOptions {
   readonly seed?: number;
   readonly blocksize?: number;
   readonly doubleQuant?: boolean;
+  /**
+   * 'nf4' (default): decoder linears are NF4 (QLoRA). 'none': they stay full precision ('act' tensors: f32 on cpu,
+   * bf16 on cuda) — LoRA on an unquantized base, as PEFT without bitsandbytes. A pre-quantized checkpoint has no
+   * full-precision weights to keep, so 'none' refuses it.
+   */
+  readonly quantization?: 'nf4' | 'none';
   readonly gradientCheckpointing?: boolean;
+  /** NEFTune noise alpha for training (0/absent = off); see core/model/neftune.ts. */
+  readonly neftuneAlpha?: number;
+  /** DoRA (lora.use_dora): every LoRA module also gets PEFT's magnitude vector, initialised to ‖W‖_row. */
+  readonly useDora?: boolean;
+  /** LoRA+ (Hayou et al. 2024): B's learning rate = lr × this ratio; set on every LoraParams as `lrScaleB`. */
+  readonly loraplusLrRatio?: number;
   /** Progress callback: tensors done / total. */
   readonly onProgress?: (done: number, total: number, name: string) => void;
 }
@@ -53,7 +67,7 @@ export function loadStage(be: Backend, modelDir: string, spec: StageSpec, opts: 
   const w = ModelWeights.open(modelDir);
   try {
     const weights = loadStageWeights(be, cfg, w, spec, opts);
-    return new LlamaStage(be, cfg, spec, weights, { gradientCheckpointing: opts.gradientCheckpointing ?? true });
+    return new LlamaStage(be, cfg, spec, weights, { gradientCheckpointing: opts.gradientCheckpointing ?? true, neftuneAlpha: opts.neftuneAlpha });
   } finally {
     w.close();
   }
@@ -100,8 +114,14 @@ export function loadStageWeights(be: Backend, cfg: ModelConfig, w: ModelWeights,
       const [out, inF] = linearShape(cfg, m);
       const total = src.rows?.total ?? out;
       const name = `${path}.weight`;
-      let q;
-      if (isPrequantized(name, (n) => w.has(n))) {
+      let q: BaseWeight;
+      const prequantized = isPrequantized(name, (n) => w.has(n));
+      if (prequantized && opts.quantization === 'none') {
+        throw new UnsupportedError(`'${name}' is stored pre-quantized (bitsandbytes NF4), so the model cannot be loaded unquantized (quantization: none)`, {
+          hint: 'use the original full-precision checkpoint for quantization: none, or drop that setting (NF4 is the default)',
+        });
+      }
+      if (prequantized) {
         if (src.rows || src.perm) throw new UnsupportedError(`pre-quantized '${name}' is a packed module (${cfg.modelType}); only unquantized ${cfg.modelType} checkpoints are supported`, { hint: 'load the original fp16/bf16 weights; they are quantized on the fly' });
         const nf4 = nf4FromRecords(name, (n) => {
           if (!w.has(n)) return undefined;
@@ -120,9 +140,13 @@ export function loadStageWeights(be: Backend, cfg: ModelConfig, w: ModelWeights,
         // in % blocksize == 0 no block crosses a row, so the 4-bit codes equal the packed weight's (the double-quant
         // offset is per part).
         const wdata = src.rows || src.perm ? sliceRows(full, inF, src.rows?.start ?? 0, src.rows?.end ?? out, src.perm) : full;
-        const o = { ...qo, sourceDtype: sourceDtype(info.dtype), name: src.rows || src.perm ? `${name} (the ${m} part)` : name };
-        const nf4 = be.quantizeNf4(wdata, [out, inF], o);
-        q = be.uploadNf4(nf4);
+        if (opts.quantization === 'none') {
+          q = be.upload(wdata, [out, inF], 'act');
+        } else {
+          const o = { ...qo, sourceDtype: sourceDtype(info.dtype), name: src.rows || src.perm ? `${name} (the ${m} part)` : name };
+          const nf4 = be.quantizeNf4(wdata, [out, inF], o);
+          q = be.uploadNf4(nf4);
+        }
       }
       let bias: Tensor | undefined;
       if (hasBias(cfg, m)) {
@@ -135,6 +159,11 @@ export function loadStageWeights(be: Backend, cfg: ModelConfig, w: ModelWeights,
       let lora = loraOf.get(path);
       if (!lora && opts.lora && isTargeted(path, opts.lora.targetModules)) {
         lora = LoraParams.init(be, path, inF, total, hyperFor(path, opts.lora), opts.seed ?? 0, src.loraRowPerm);
+        if (opts.loraplusLrRatio !== undefined) lora.lrScaleB = opts.loraplusLrRatio;
+        if (opts.useDora) {
+          if (src.rows || src.loraRowPerm) throw new UnsupportedError(`DoRA (lora.use_dora) on '${path}': packed / row-permuted ${cfg.modelType} modules are not supported`, { hint: 'use plain LoRA for this model, or target only unpacked modules' });
+          lora.magnitude = DoraMagnitude.init(be, baseWeightRowNormsSq(be, q));
+        }
         loraOf.set(path, lora);
       }
       linears[m] = new QLoraLinear(be, src.rows ? `${path}[${src.rows.start}:${src.rows.end}]` : path, q, bias, lora, path, src.rows, src.loraRowPerm);
@@ -151,6 +180,14 @@ export function loadStageWeights(be: Backend, cfg: ModelConfig, w: ModelWeights,
   }
   log.debug({ spec, layers: nLayers, memory: be.memoryInUse() }, 'stage loaded');
   return { embed: spec.hasEmbedding ? embed : undefined, layers, finalNorm, lmHead };
+}
+
+/** ‖W_o‖² per output row of a base weight as the forward sees it (NF4: the dequantized values, as PEFT on bnb). */
+export function baseWeightRowNormsSq(be: Backend, q: BaseWeight): Float64Array {
+  const [out, inF] = q.shape;
+  if (isDenseWeight(q)) return rowNormsSq(be.download(q) as Float32Array, out, inF);
+  const t = be.dequantize(q);
+  try { return rowNormsSq(be.download(t) as Float32Array, out, inF); } finally { be.free(t); }
 }
 
 function modelDir(w: ModelWeights): string {

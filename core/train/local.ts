@@ -59,7 +59,7 @@ export class LocalPipeline {
     const modules = this.stages.flatMap((s) => stageLoraTensors(this.be, s));
     const moments = this.params.map((p) => {
       const h = p.hostState(true);
-      return { path: p.name, mA: h.mA!, vA: h.vA!, mB: h.mB!, vB: h.vB! };
+      return { path: p.name, mA: h.mA!, vA: h.vA!, mB: h.mB!, vB: h.vB!, ...(h.magnitude ? { mMag: h.mMag!, vMag: h.vMag! } : {}) };
     });
     return { modules, moments };
   }

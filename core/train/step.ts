@@ -39,7 +39,7 @@ export function clipCoefficient(gradNorm: number, maxNorm: number): number {
 /** Σ of the squared LoRA gradients of `params` (one stage's share of ‖g‖²). */
 export function gradNormSq(be: Backend, params: readonly LoraParams[]): number {
   let sq = 0;
-  for (const p of params) sq += be.sumSquares(p.dA) + be.sumSquares(p.dB);
+  for (const p of params) for (const t of p.trainable()) sq += be.sumSquares(t.grad);   // A, B (+ DoRA magnitude)
   return sq;
 }
 
@@ -56,12 +56,11 @@ export interface OptimizerSettings {
  * (B's lr × `p.lrScaleB` when LoRA+ sets it) as update number `step + 1`, then clear the gradients.
  */
 export function applyUpdate(be: Backend, params: readonly LoraParams[], u: { step: number; lr: number; clipCoef: number }, opt: OptimizerSettings): void {
-  if (u.clipCoef < 1) for (const p of params) { be.scale(p.dA, u.clipCoef); be.scale(p.dB, u.clipCoef); }
+  if (u.clipCoef < 1) for (const p of params) for (const t of p.trainable()) be.scale(t.grad, u.clipCoef);
   const h: AdamWHyper = { lr: u.lr, beta1: opt.beta1, beta2: opt.beta2, eps: opt.eps, weightDecay: opt.weightDecay, step: u.step + 1 };
   for (const p of params) {
-    be.adamw(p.A, p.dA, p.mA, p.vA, h);
-    const scaleB = (p as { lrScaleB?: number }).lrScaleB ?? 1;
-    be.adamw(p.B, p.dB, p.mB, p.vB, scaleB === 1 ? h : { ...h, lr: u.lr * scaleB });
+    // A at lr; B (and a DoRA magnitude) at lr × lrScaleB (LoRA+; 1 without it)
+    for (const t of p.trainable()) be.adamw(t.param, t.grad, t.m, t.v, t.lrScale === 1 ? h : { ...h, lr: u.lr * t.lrScale });
     p.zeroGrad();
   }
 }
@@ -77,7 +76,7 @@ export function restoreLoraParams(params: readonly LoraParams[], ck: { dir: stri
     const m = byPath.get(p.name), mo = momentsByPath.get(p.name);
     if (!m || !mo) throw new CheckpointError(`checkpoint ${ck.dir} has no state for '${p.name}'`, { hint: 'was it written by a job with other LoRA target modules?' });
     if (m.r !== p.hyper.r) throw new CheckpointError(`checkpoint ${ck.dir}: '${p.name}' has rank ${m.r}, the job says ${p.hyper.r}`);
-    p.setHostState({ A: m.A, B: m.B, mA: mo.mA, vA: mo.vA, mB: mo.mB, vB: mo.vB });
+    p.setHostState({ A: m.A, B: m.B, mA: mo.mA, vA: mo.vA, mB: mo.mB, vB: mo.vB, magnitude: m.magnitude, mMag: mo.mMag, vMag: mo.vMag });
   }
 }
 

@@ -1,7 +1,7 @@
 // Which samples form optimizer step s, and what the step's scalars are: the plan the job loop hands to a step
 // executor (in-process or remote workers), and what it records afterwards. Both executors get the same inputs
 // for the same step, whatever the layout, so their results agree.
-import { makeMicroBatch, planSteps, stepsPerEpoch, type Example, type MicroBatch } from './batch.ts';
+import { makeMicroBatch, planSteps, stepsPerEpoch, type Example, type MicroBatch, type PackingOptions } from './batch.ts';
 import { lrMultiplier, warmupSteps, type ScheduleName } from './schedule.ts';
 import { lossScale } from './step.ts';
 import { ConfigError } from '../../common/errors.ts';
@@ -18,6 +18,8 @@ export interface StepSettings {
   readonly warmupSteps: number;
   readonly seed: number;
   readonly padId: number;
+  /** Sample packing (data.packing): the same examples per micro-batch, several to a row. */
+  readonly packing?: PackingOptions;
 }
 
 /** Everything an executor needs to run optimizer step `step` (0-based). */
@@ -77,7 +79,7 @@ export class StepPlanner {
     const S = this.settings;
     const epoch = Math.floor(s / this.stepsPerEpoch);
     const plan = this.planFor(epoch)[s % this.stepsPerEpoch];
-    const micro = plan.map((rep) => rep.map((ix) => makeMicroBatch(ix.map((i) => this.train[i]), { padId: S.padId, sampleIds: ix })));
+    const micro = plan.map((rep) => rep.map((ix) => makeMicroBatch(ix.map((i) => this.train[i]), { padId: S.padId, sampleIds: ix, packing: S.packing })));
     let labelTokens = 0, tokens = 0;
     for (const mb of micro.flat()) {
       labelTokens += mb.labelCount;

@@ -1,7 +1,15 @@
 // Causal GQA attention with key padding, pure TypeScript (the fallback and the reference for the native path).
 // q [B, T, Hq, D], k/v [B, T, Hk, D], keyMask [B, T]; query head h reads kv head h / (Hq / Hk).
-// Query t attends keys s ≤ t with keyMask[b, s] = 1; a row with no such key outputs zeros and lse = −inf.
+// keyMask values: 0 = padding, otherwise the segment (packed example) a token belongs to. Query t attends keys s ≤ t
+// whose mask is non-zero and equal to its own (block-diagonal causal: sample packing); a padding query (mask 0)
+// attends every real key s ≤ t, as before segments existed. Unpacked batches use 1 for every real token. A row with
+// no such key outputs zeros and lse = −inf.
 // Dot products and softmax sums run in float64 and are rounded once into the float32 outputs.
+
+/** May a query whose mask value is `querySeg` see a key whose mask value is `keySeg` (given key ≤ query)? */
+export function visible(keySeg: number, querySeg: number): boolean {
+  return keySeg !== 0 && (querySeg === 0 || keySeg === querySeg);
+}
 
 export interface AttnDims { B: number; T: number; Hq: number; Hk: number; D: number }
 
@@ -16,10 +24,10 @@ export function attentionForwardTs(
     for (let h = 0; h < Hq; h++) {
       const kh = Math.floor(h / group);
       for (let t = 0; t < T; t++) {
-        const qo = ((b * T + t) * Hq + h) * D, oo = qo;
+        const qo = ((b * T + t) * Hq + h) * D, oo = qo, seg = mask[b * T + t];
         let m = -Infinity;
         for (let s = 0; s <= t; s++) {
-          if (mask[b * T + s] === 0) continue;
+          if (!visible(mask[b * T + s], seg)) continue;
           const ko = ((b * T + s) * Hk + kh) * D;
           let dot = 0;
           for (let d = 0; d < D; d++) dot += q[qo + d] * k[ko + d];
@@ -35,7 +43,7 @@ export function attentionForwardTs(
         acc.fill(0, 0, D);
         let sum = 0;
         for (let s = 0; s <= t; s++) {
-          if (mask[b * T + s] === 0) continue;
+          if (!visible(mask[b * T + s], seg)) continue;
           const p = Math.exp(row[s] - m);
           sum += p;
           const vo = ((b * T + s) * Hk + kh) * D;
@@ -61,14 +69,14 @@ export function attentionBackwardTs(
     for (let h = 0; h < Hq; h++) {
       const kh = Math.floor(h / group);
       for (let t = 0; t < T; t++) {
-        const qo = ((b * T + t) * Hq + h) * D;
+        const qo = ((b * T + t) * Hq + h) * D, seg = mask[b * T + t];
         const L = lse[(b * Hq + h) * T + t];
         acc.fill(0, 0, D);
         if (L !== -Infinity) {
           let di = 0;
           for (let d = 0; d < D; d++) di += dout[qo + d] * out[qo + d];
           for (let s = 0; s <= t; s++) {
-            if (mask[b * T + s] === 0) continue;
+            if (!visible(mask[b * T + s], seg)) continue;
             const ko = ((b * T + s) * Hk + kh) * D;
             let dot = 0, dp = 0;
             for (let d = 0; d < D; d++) { dot += q[qo + d] * k[ko + d]; dp += dout[qo + d] * v[ko + d]; }

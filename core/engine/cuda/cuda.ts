@@ -353,6 +353,24 @@ export class CudaBackend implements Backend {
     return this.withDequant(cw, dt, (wd) => this.matmul(cdy, wd));
   }
 
+  denseLinear(x: Tensor, w: Tensor, bias?: Tensor): Tensor {
+    const cx = this.t(x), cw = this.t(w);
+    check(cw.shape.length === 2 && cx.shape[cx.shape.length - 1] === cw.shape[1], () => `denseLinear: x [${cx.shape.join(', ')}] does not match W [${cw.shape.join(', ')}]`);
+    const y = this.matmul(cx, cw, { transB: true }) as CudaTensor;
+    if (bias) {
+      const cb = this.t(bias);
+      check(cb.size === cw.shape[0], () => `denseLinear: bias has ${cb.size} entries, W has ${cw.shape[0]} outputs`);
+      this.nat.addBias(y.ptr, DTYPE_CODE[y.dtype], cb.ptr, DTYPE_CODE[cb.dtype], y.size / cw.shape[0], cw.shape[0]);
+    }
+    return y;
+  }
+
+  denseLinearBackward(dy: Tensor, w: Tensor): Tensor {
+    const cdy = this.t(dy), cw = this.t(w);
+    check(cw.shape.length === 2 && cdy.shape[cdy.shape.length - 1] === cw.shape[0], () => `denseLinearBackward: dy [${cdy.shape.join(', ')}] does not match W [${cw.shape.join(', ')}]`);
+    return this.matmul(cdy, cw);
+  }
+
   // ---- elementwise / reductions ------------------------------------------------------------------
   axpy(a: Tensor, b: Tensor, alpha = 1): Tensor {
     const ca = this.t(a), cb = this.t(b);
@@ -377,6 +395,24 @@ export class CudaBackend implements Backend {
     const C = cx.shape[cx.shape.length - 1], N = cx.size / Math.max(1, C);
     const out = this.alloc([C], 'f32');
     this.nat.sumRows(cx.ptr, this.fdt(cx), N, C, out.ptr);
+    return out;
+  }
+
+  scaleColumns(x: Tensor, v: Tensor): Tensor {
+    const cx = this.t(x), cv = this.t(v);
+    const C = cx.shape[cx.shape.length - 1], N = cx.size / Math.max(1, C);
+    check(cv.dtype === 'f32' && cv.size === C, () => `scaleColumns: v must be f32 [${C}], got ${cv.dtype} [${cv.shape.join(', ')}]`);
+    const y = this.alloc(cx.shape, cx.dtype);
+    this.nat.scaleColumns(cx.ptr, y.ptr, this.fdt(cx), cv.ptr, N, C);
+    return y;
+  }
+
+  columnDot(a: Tensor, b: Tensor): Tensor {
+    const ca = this.t(a), cb = this.t(b);
+    const C = ca.shape[ca.shape.length - 1], N = ca.size / Math.max(1, C);
+    check(cb.size === ca.size && cb.shape[cb.shape.length - 1] === C, () => `columnDot: [${ca.shape.join(', ')}] and [${cb.shape.join(', ')}] differ`);
+    const out = this.alloc([C], 'f32');
+    this.nat.columnDot(ca.ptr, this.fdt(ca), cb.ptr, this.fdt(cb), N, C, out.ptr);
     return out;
   }
 

@@ -80,6 +80,10 @@ export interface NativeAddon {
   /** x [N, C] → out f32 [C]. */
   sumRows(x: Ptr, dt: Dt, N: number, C: number, out: Ptr): void;
   addBias(y: Ptr, yDt: Dt, bias: Ptr, bDt: Dt, N: number, C: number): void;
+  /** DoRA: y[n, c] = x[n, c] · v[c] (v f32). */
+  scaleColumns(x: Ptr, y: Ptr, dt: Dt, v: Ptr, N: number, C: number): void;
+  /** DoRA: out[c] = Σ_n a[n, c] · b[n, c] (f32 out, fixed summation order). */
+  columnDot(a: Ptr, aDt: Dt, b: Ptr, bDt: Dt, N: number, C: number, out: Ptr): void;
   swiglu(gate: Ptr, up: Ptr, h: Ptr, dt: Dt, n: number): void;
   swigluBackward(dh: Ptr, gate: Ptr, up: Ptr, dgate: Ptr, dup: Ptr, dt: Dt, n: number): void;
   dropout(x: Ptr, y: Ptr, dt: Dt, N: number, C: number, threshold24: number, scale: number, k0: number, k1: number, stream: number, rowSample: Int32Array, rowPos: Int32Array): void;

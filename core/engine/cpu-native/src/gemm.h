@@ -40,7 +40,7 @@ struct Buf {
 };
 
 /** Per-thread scratch: a/b/d for GEMM packing (d: NF4 rows before transposing), s/t/u for callers (attention). */
-struct Scratch { Buf a, b, d, s, t, u; };
+struct Scratch { Buf a, b, d, s, t, u, w; };
 inline Scratch* scratch() { static Scratch* s = new Scratch[kMaxThreads]; return s; }
 
 // ---- operand sources ------------------------------------------------------------------------------------------

@@ -67,25 +67,31 @@ struct AttnDims { int B, T, Hq, Hk, D; };
 constexpr int kAttnRows = 64;
 
 // ---- masked row max ----------------------------------------------------------------------------------------------------
-// row[s] = −inf where mask[s] = 0 (so exp gives exactly 0), and the max of the row over [0, n). Max is exact, so the
-// vector and scalar versions return the same value. The scalar loop's maxss chain was ≈30% of the attention forward.
+// row[s] = −inf where key s is not visible (so exp gives exactly 0), and the max of the row over [0, n). Max is exact,
+// so the vector and scalar versions return the same value. The scalar loop's maxss chain was ≈30% of the attention
+// forward. Mask values: 0 = padding, else the segment (packed example) of the token; a query with segment `seg` sees
+// keys of the same segment only (block-diagonal causal mask of sample packing); a padding query (seg 0) sees every
+// real key. Unpacked batches mark every real token 1.
 
-static float maskRowMaxScalar(float* row, const int32_t* mask, int n) {
+static float maskRowMaxScalar(float* row, const int32_t* mask, int n, int32_t seg) {
   float m = -std::numeric_limits<float>::infinity();
   for (int s = 0; s < n; s++) {
-    if (!mask[s]) row[s] = -std::numeric_limits<float>::infinity();
+    if (!mask[s] || (seg != 0 && mask[s] != seg)) row[s] = -std::numeric_limits<float>::infinity();
     else if (row[s] > m) m = row[s];
   }
   return m;
 }
 
 #ifdef DQ_X86
-__attribute__((target("avx512f"))) static float maskRowMaxAvx512(float* row, const int32_t* mask, int n) {
+__attribute__((target("avx512f"))) static float maskRowMaxAvx512(float* row, const int32_t* mask, int n, int32_t seg) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512i vseg = _mm512_set1_epi32(seg);
   __m512 vm = ninf;
   for (int i = 0; i < n; i += 16) {
     __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-    __mmask16 valid = _mm512_mask_cmpneq_epi32_mask(k, _mm512_maskz_loadu_epi32(k, mask + i), _mm512_setzero_si512());
+    __m512i mv = _mm512_maskz_loadu_epi32(k, mask + i);
+    __mmask16 valid = _mm512_mask_cmpneq_epi32_mask(k, mv, _mm512_setzero_si512());
+    if (seg != 0) valid = _mm512_mask_cmpeq_epi32_mask(valid, mv, vseg);
     __m512 v = _mm512_mask_blend_ps(valid, ninf, _mm512_maskz_loadu_ps(k, row + i));
     _mm512_mask_storeu_ps(row + i, k, v);
     vm = _mm512_max_ps(vm, v);
@@ -94,16 +100,16 @@ __attribute__((target("avx512f"))) static float maskRowMaxAvx512(float* row, con
 }
 #endif
 
-inline float maskRowMax(float* row, const int32_t* mask, int n) {
+inline float maskRowMax(float* row, const int32_t* mask, int n, int32_t seg) {
 #ifdef DQ_X86
-  if (std::strcmp(kern().name, "avx512") == 0) return maskRowMaxAvx512(row, mask, n);
+  if (std::strcmp(kern().name, "avx512") == 0) return maskRowMaxAvx512(row, mask, n, seg);
 #endif
-  return maskRowMaxScalar(row, mask, n);
+  return maskRowMaxScalar(row, mask, n, seg);
 }
 
-/** Masked softmax of one score row in place; returns lse (−inf and a zero row when no key is valid). */
+/** Masked softmax of query row t in place; returns lse (−inf and a zero row when no key is valid). */
 inline float softmaxRow(float* row, const int32_t* mask, int t, int T, float* tmp) {
-  float m = maskRowMax(row, mask, t + 1);
+  float m = maskRowMax(row, mask, t + 1, mask[t]);
   if (m == -std::numeric_limits<float>::infinity()) {
     for (int s = 0; s < T; s++) row[s] = 0.0f;
     return m;
@@ -113,6 +119,28 @@ inline float softmaxRow(float* row, const int32_t* mask, int t, int T, float* tm
   for (int s = 0; s <= t; s++) row[s] = tmp[s] * inv;
   for (int s = t + 1; s < T; s++) row[s] = 0.0f;
   return m + (float)std::log(sum);
+}
+
+/**
+ * First key index a query block [t0, t1) can see: keys before it are invisible to every query of the block (each
+ * real query sees only keys of its own segment, whose first index is first[t]; a padding query sees every real key,
+ * so it pins 0). Packed rows thus skip the keys of earlier examples; unpacked rows skip leading padding only.
+ * `first` holds, per position, the first index of its mask value (computed once per row by firstOfLabel).
+ */
+inline int blockKeyStart(const int32_t* mb, const int* first, int t0, int t1) {
+  int lo = t0;
+  for (int t = t0; t < t1 && lo > 0; t++) lo = mb[t] == 0 ? 0 : std::min(lo, first[t]);
+  return lo;
+}
+
+/** first[t] = the first s with mb[s] == mb[t] (labels are small: a map would be overkill, scan back per new label). */
+inline void firstOfLabel(const int32_t* mb, int T, int* first) {
+  for (int t = 0; t < T; t++) {
+    if (t > 0 && mb[t] == mb[t - 1]) { first[t] = first[t - 1]; continue; }
+    int f = t;
+    for (int s = 0; s < t; s++) if (mb[s] == mb[t]) { f = s; break; }
+    first[t] = f;
+  }
 }
 
 inline void attentionForward(const float* q, const float* k, const float* v, const int32_t* mask, AttnDims d, float scale,
@@ -130,12 +158,19 @@ inline void attentionForward(const float* q, const float* k, const float* v, con
     BSrc kt; kt.b = kb; kt.rs = 1; kt.cs = ks;  // B'(dim, s) = K[s, dim]
     BSrc vv; vv.b = vb; vv.rs = ks; vv.cs = 1;
     const int32_t* mb = mask + (long)b * d.T;
-    // Causal: query rows [t0, t1) only need keys [0, t1), so scores and P·V run on row blocks (≈40% less work at T=256).
+    int* first = (int*)sc.u.get((size_t)d.T);
+    firstOfLabel(mb, d.T, first);
+    // Causal: query rows [t0, t1) only need keys [k0, t1), so scores and P·V run on row blocks (≈40% less work at
+    // T=256); k0 > 0 skips keys no query of the block sees (earlier examples of a packed row). Scores left of k0 are
+    // stale scratch: softmaxRow masks them (they are invisible) before reading.
     for (int t0 = 0; t0 < d.T; t0 += kAttnRows) {
       int t1 = std::min(d.T, t0 + kAttnRows);
-      gemmSerial(t1 - t0, t1, d.D, scale, ASrc{qb + t0 * qs, qs, 1}, kt, 0.0f, S + (long)t0 * d.T, d.T, sc);
+      int k0 = blockKeyStart(mb, first, t0, t1);
+      BSrc ktk = kt; ktk.b = kb + (long)k0 * ks;
+      BSrc vvk = vv; vvk.b = vb + (long)k0 * ks;
+      gemmSerial(t1 - t0, t1 - k0, d.D, scale, ASrc{qb + t0 * qs, qs, 1}, ktk, 0.0f, S + (long)t0 * d.T + k0, d.T, sc);
       for (int t = t0; t < t1; t++) lse[((long)b * d.Hq + h) * d.T + t] = softmaxRow(S + (long)t * d.T, mb, t, t1, tmp);
-      gemmSerial(t1 - t0, d.D, t1, 1.0f, ASrc{S + (long)t0 * d.T, d.T, 1}, vv, 0.0f, out + ((long)b * d.T * d.Hq + h) * d.D + t0 * qs, qs, sc);
+      gemmSerial(t1 - t0, d.D, t1 - k0, 1.0f, ASrc{S + (long)t0 * d.T + k0, d.T, 1}, vvk, 0.0f, out + ((long)b * d.T * d.Hq + h) * d.D + t0 * qs, qs, sc);
     }
   });
 }
@@ -156,6 +191,8 @@ inline void attentionBackward(const float* dout, const float* q, const float* k,
     float* dkb = dk + ((long)b * T * d.Hk + kh) * d.D;
     float* dvb = dv + ((long)b * T * d.Hk + kh) * d.D;
     const int32_t* mb = mask + (long)b * T;
+    int* first = (int*)sc.w.get((size_t)T);
+    firstOfLabel(mb, (int)T, first);
     for (long t = 0; t < T; t++)
       for (int e = 0; e < d.D; e++) { dkb[t * ks + e] = 0.0f; dvb[t * ks + e] = 0.0f; }
     BSrc kt; kt.b = kb; kt.rs = 1; kt.cs = ks;  // B'(dim, s) = K[s, dim]
@@ -169,11 +206,16 @@ inline void attentionBackward(const float* dout, const float* q, const float* k,
       // in a fixed order inside this one job.
       for (long t0 = 0; t0 < T; t0 += kAttnRows) {
         const long t1 = std::min(T, t0 + (long)kAttnRows), rb = t1 - t0;
-        gemmSerial(rb, t1, d.D, scale, ASrc{qb + t0 * qs, qs, 1}, kt, 0.0f, P, t1, sc);  // scores [rb, t1]
+        // Keys [k0, t1) only (see attentionForward); columns left of k0 are masked before use and skipped after.
+        const long k0 = blockKeyStart(mb, first, (int)t0, (int)t1), nk = t1 - k0;
+        BSrc ktk = kt; ktk.b = kb + k0 * ks;
+        BSrc vtk = vt; vtk.b = vb + k0 * ks;
+        BSrc kkk = kk; kkk.b = kb + k0 * ks;
+        gemmSerial(rb, nk, d.D, scale, ASrc{qb + t0 * qs, qs, 1}, ktk, 0.0f, P + k0, t1, sc);  // scores [rb, k0:t1]
         for (long t = t0; t < t1; t++) {
           float* row = P + (t - t0) * t1;
           if (L[t] == -std::numeric_limits<float>::infinity()) { for (long s = 0; s < t1; s++) row[s] = 0.0f; Di[t - t0] = 0.0f; continue; }
-          maskRowMax(row, mb, (int)t + 1);  // only for the masking (exp of −inf is exactly 0)
+          maskRowMax(row, mb, (int)t + 1, mb[t]);  // only for the masking (exp of −inf is exactly 0)
           expRow(row, L[t], row, (int)t + 1);
           for (long s = t + 1; s < t1; s++) row[s] = 0.0f;
           double di = 0;
@@ -181,13 +223,13 @@ inline void attentionBackward(const float* dout, const float* q, const float* k,
           Di[t - t0] = (float)di;
         }
         BSrc go; go.b = gb + t0 * qs; go.rs = qs; go.cs = 1;  // B'(t, dim) = dO[t0 + t, dim]
-        gemmSerial(t1, d.D, rb, 1.0f, ASrc{P, 1, t1}, go, 1.0f, dvb, ks, sc);  // dV[0:t1] += Pᵀ dO
-        gemmSerial(rb, t1, d.D, 1.0f, ASrc{gb + t0 * qs, qs, 1}, vt, 0.0f, dP, t1, sc);  // dP = dO Vᵀ
+        gemmSerial(nk, d.D, rb, 1.0f, ASrc{P + k0, 1, t1}, go, 1.0f, dvb + k0 * ks, ks, sc);  // dV[k0:t1] += Pᵀ dO
+        gemmSerial(rb, nk, d.D, 1.0f, ASrc{gb + t0 * qs, qs, 1}, vtk, 0.0f, dP + k0, t1, sc);  // dP = dO Vᵀ
         for (long t = 0; t < rb; t++)
-          for (long s = 0; s < t1; s++) dP[t * t1 + s] = P[t * t1 + s] * (dP[t * t1 + s] - Di[t]);  // dS
-        gemmSerial(rb, d.D, t1, scale, ASrc{dP, t1, 1}, kk, 0.0f, dq + qo + t0 * qs, qs, sc);  // dQ = scale dS K
+          for (long s = k0; s < t1; s++) dP[t * t1 + s] = P[t * t1 + s] * (dP[t * t1 + s] - Di[t]);  // dS
+        gemmSerial(rb, d.D, nk, scale, ASrc{dP + k0, t1, 1}, kkk, 0.0f, dq + qo + t0 * qs, qs, sc);  // dQ = scale dS K
         BSrc qq; qq.b = qb + t0 * qs; qq.rs = qs; qq.cs = 1;
-        gemmSerial(t1, d.D, rb, scale, ASrc{dP, 1, t1}, qq, 1.0f, dkb, ks, sc);  // dK[0:t1] += scale dSᵀ Q
+        gemmSerial(nk, d.D, rb, scale, ASrc{dP + k0, 1, t1}, qq, 1.0f, dkb + k0 * ks, ks, sc);  // dK[k0:t1] += scale dSᵀ Q
       }
     }
   });

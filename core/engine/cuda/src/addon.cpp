@@ -207,6 +207,18 @@ FN(addBiasJs)
   return info.Env().Undefined();
 END_FN
 
+FN(scaleColumnsJs)
+  requireReady();
+  scaleColumns(ptrArg(info, 0), ptrArg(info, 1), dtArg(info, 2), (const float*)ptrArg(info, 3), intArg(info, 4), intArg(info, 5));
+  return info.Env().Undefined();
+END_FN
+
+FN(columnDotJs)
+  requireReady();
+  columnDot(ptrArg(info, 0), dtArg(info, 1), ptrArg(info, 2), dtArg(info, 3), intArg(info, 4), intArg(info, 5), (float*)ptrArg(info, 6));
+  return info.Env().Undefined();
+END_FN
+
 FN(swigluJs)
   requireReady();
   swiglu(ptrArg(info, 0), ptrArg(info, 1), ptrArg(info, 2), dtArg(info, 3), (size_t)intArg(info, 4));
@@ -365,6 +377,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   EXPORT("sumSquares", sumSquaresJs);
   EXPORT("sumRows", sumRowsJs);
   EXPORT("addBias", addBiasJs);
+  EXPORT("scaleColumns", scaleColumnsJs);
+  EXPORT("columnDot", columnDotJs);
   EXPORT("swiglu", swigluJs);
   EXPORT("swigluBackward", swigluBackwardJs);
   EXPORT("dropout", dropoutJs);

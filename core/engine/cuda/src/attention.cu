@@ -8,8 +8,11 @@
 // in shared memory (no atomics: the block owns its keys) and adds dQ into an f32 buffer with atomics.
 //
 // Layouts: q [B, T, Hq, D], k/v [B, T, Hk, D] bf16; mask i32 [B, T] (1 = real key); lse f32 [B, Hq, T].
-// A query attends to keys j ≤ i with mask[j] = 1; a row with none gets O = 0 and lse = +inf (so its P is 0).
+// A query attends to keys j ≤ i with mask[j] ≠ 0 and, for a real query, mask[j] = mask[i] (attnVisible: sample
+// packing labels each packed example's tokens 1, 2, …; unpacked batches are all 1); a row with none gets O = 0 and
+// lse = +inf (so its P is 0).
 #include "ops.h"
+#include "attn_mask.h"
 
 #include <mma.h>
 
@@ -126,10 +129,11 @@ __global__ void __launch_bounds__(THREADS) attnFwdK(const bf16* __restrict__ q, 
       // Two lanes per row, interleaved columns (c = lane&1, +2, ...): adjacent banks for the pair.
       const int r = warp * 16 + (lane >> 1), c0 = lane & 1;
       const int qi = q0 + r;
+      const int qs = qi < T ? keyMask[(size_t)b * T + qi] : 0;
       float mx = -INFINITY;
       for (int c = c0; c < BK; c += 2) {
         int kj = k0 + c;
-        if (kj <= qi && sMask[c]) mx = fmaxf(mx, sS[r * L::LDS + c] * scale);
+        if (kj <= qi && attnVisible(sMask[c], qs)) mx = fmaxf(mx, sS[r * L::LDS + c] * scale);
       }
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       const float mOld = sM[r];
@@ -138,7 +142,7 @@ __global__ void __launch_bounds__(THREADS) attnFwdK(const bf16* __restrict__ q, 
       for (int c = c0; c < BK; c += 2) {
         int kj = k0 + c;
         float p = 0.f;
-        if (mNew != -INFINITY && kj <= qi && sMask[c]) p = __expf(sS[r * L::LDS + c] * scale - mNew);
+        if (mNew != -INFINITY && kj <= qi && attnVisible(sMask[c], qs)) p = __expf(sS[r * L::LDS + c] * scale - mNew);
         sum += p;
         sP[r * L::LDP + c] = __float2bfloat16_rn(p);
       }
@@ -307,7 +311,7 @@ __global__ void __launch_bounds__(THREADS) attnBwdK(const bf16* __restrict__ dou
         int r = warp * 16 + i / BK, c = i % BK;
         int qi = q0 + r, kj = k0 + c;
         float p = 0.f;
-        if (kj <= qi && qi < T && sMask[c]) p = __expf(sS[r * L::LDS + c] * scale - sLse[r]);
+        if (kj <= qi && qi < T && attnVisible(sMask[c], keyMask[(size_t)b * T + qi])) p = __expf(sS[r * L::LDS + c] * scale - sLse[r]);
         float ds = p * (sdP[r * L::LDS + c] - sDelta[r]) * scale;
         sP[r * L::LDP + c] = __float2bfloat16_rn(p);
         sdS[r * L::LDP + c] = __float2bfloat16_rn(ds);

@@ -18,6 +18,7 @@
 // the query tiles at or after the key tile. Sᵀ, dPᵀ, Pᵀ, dSᵀ (keys × queries) stay in registers; dV += Pᵀ·dO and
 // dK += dSᵀ·Q accumulate in registers; dSᵀ goes through shared memory once for dQ = dS·K (f32 atomics).
 #include "ops.h"
+#include "attn_mask.h"
 
 #include <cuda_bf16.h>
 
@@ -140,6 +141,8 @@ __global__ void __launch_bounds__(NTHREADS) attnFwd2K(const bf16* __restrict__ q
   for (int n = 0; n < ND; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float mRow[2] = {-INFINITY, -INFINITY}, lRow[2] = {0.f, 0.f};
   const int qi0 = q0 + warp * 16 + g, qi1 = qi0 + 8;
+  // Segment labels of this lane's two query rows (sample packing: 0 = padding, else the example; see attnVisible).
+  const int qs0 = qi0 < T ? keyMask[(size_t)b * T + qi0] : 0, qs1 = qi1 < T ? keyMask[(size_t)b * T + qi1] : 0;
 
   for (int it = 0; it < nkt; it++) {
     const int buf = it & 1, k0 = it * TILE;
@@ -176,7 +179,7 @@ __global__ void __launch_bounds__(NTHREADS) attnFwd2K(const bf16* __restrict__ q
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         const int c = n * 8 + 2 * t + (e & 1), kj = k0 + c, qi = (e >> 1) ? qi1 : qi0;
-        const float x = (kj <= qi && cM[c]) ? s[n][e] * sl2 : -INFINITY;
+        const float x = (kj <= qi && attnVisible(cM[c], (e >> 1) ? qs1 : qs0)) ? s[n][e] * sl2 : -INFINITY;
         s[n][e] = x;
         mx[e >> 1] = fmaxf(mx[e >> 1], x);
       }
@@ -250,8 +253,9 @@ struct Bwd2Smem {
   static constexpr size_t ds = dO + 2 * TILE * LD * 2;      // dSᵀ [64 keys][LDS] bf16
   static constexpr size_t lse = ds + TILE * LDS * 2;        // [2][64] f32 (already × log2 e)
   static constexpr size_t delta = lse + 2 * TILE * 4;       // [2][64] f32
-  static constexpr size_t mask = delta + 2 * TILE * 4;      // [64] i32
-  static constexpr size_t total = mask + TILE * 4;
+  static constexpr size_t mask = delta + 2 * TILE * 4;      // [64] i32 (the keys' segment labels)
+  static constexpr size_t qmask = mask + TILE * 4;          // [2][64] i32 (the queries' segment labels)
+  static constexpr size_t total = qmask + 2 * TILE * 4;
 };
 
 __device__ __forceinline__ void atomicAdd2(float* p, float a, float b) {
@@ -281,6 +285,7 @@ __global__ void __launch_bounds__(NTHREADS) attnBwd2K(const bf16* __restrict__ d
   float* sLse = (float*)(smem + L::lse);
   float* sDelta = (float*)(smem + L::delta);
   int* sMask = (int*)(smem + L::mask);
+  int* sQMask = (int*)(smem + L::qmask);
 
   const int kt = blockIdx.x, bhk = blockIdx.y, b = bhk / Hk, hk = bhk % Hk, G = Hq / Hk;
   const int k0 = kt * TILE;
@@ -306,6 +311,7 @@ __global__ void __launch_bounds__(NTHREADS) attnBwd2K(const bf16* __restrict__ d
       const size_t idx = ((size_t)b * Hq + h) * T + qi;
       sLse[buf * TILE + i] = qi < T ? lse[idx] * LOG2E : INFINITY;
       sDelta[buf * TILE + i] = qi < T ? delta[idx] : 0.f;
+      sQMask[buf * TILE + i] = qi < T ? keyMask[(size_t)b * T + qi] : 0;
     }
   };
   prefetch(0);
@@ -329,7 +335,8 @@ __global__ void __launch_bounds__(NTHREADS) attnBwd2K(const bf16* __restrict__ d
     const bf16* cdO = sdO + buf * TILE * LD;
     const float* cLse = sLse + buf * TILE;
     const float* cDelta = sDelta + buf * TILE;
-    const bool m0 = sMask[kw + g] != 0, m1 = sMask[kw + g + 8] != 0;
+    const int* cQM = sQMask + buf * TILE;
+    const int m0 = sMask[kw + g], m1 = sMask[kw + g + 8];
 
     // Sᵀ [16 keys × 64 queries] = K_w · Qᵀ ; dPᵀ = V_w · dOᵀ
     float st[8][4], dpt[8][4];
@@ -360,7 +367,7 @@ __global__ void __launch_bounds__(NTHREADS) attnBwd2K(const bf16* __restrict__ d
       for (int e = 0; e < 4; e++) {
         const int c = n * 8 + 2 * t + (e & 1), qi = q0 + c;
         const int kj = (e >> 1) ? kj1 : kj0;
-        const bool ok = ((e >> 1) ? m1 : m0) && kj <= qi && qi < T;
+        const bool ok = attnVisible((e >> 1) ? m1 : m0, cQM[c]) && kj <= qi && qi < T;
         const float p = ok ? exp2f(st[n][e] * sl2 - cLse[c]) : 0.f;
         st[n][e] = p;
         dpt[n][e] = p * (dpt[n][e] - cDelta[c]) * scale;

@@ -18,6 +18,9 @@ void scale(void* a, int dt, size_t n, float s);
 double sumSquares(const void* a, int dt, size_t n);                              // synchronises
 void sumRows(const void* x, int dt, int64_t N, int64_t C, float* out);          // [N, C] -> [C] f32
 void addBias(void* y, int yDt, const void* bias, int bDt, int64_t N, int64_t C); // y[n, c] += bias[c]
+// dora.cu
+void scaleColumns(const void* x, void* y, int dt, const float* v, int64_t N, int64_t C);       // y[n, c] = x[n, c]·v[c]
+void columnDot(const void* a, int aDt, const void* b, int bDt, int64_t N, int64_t C, float* out); // Σ_n a·b -> [C] f32
 void swiglu(const void* g, const void* u, void* h, int dt, size_t n);
 void swigluBackward(const void* dh, const void* g, const void* u, void* dg, void* du, int dt, size_t n);
 void dropout(const void* x, void* y, int dt, int64_t N, int64_t C, uint32_t threshold24, float scale, uint32_t k0,
