@@ -123,6 +123,12 @@ export interface Backend {
   zeros(shape: readonly number[], dtype?: DType | 'act'): Tensor;
   /** Copies a device tensor to the host as float32 (float tensors) or int32 / uint8. */
   download(t: Tensor): Float32Array | Int32Array | Uint8Array;
+  /**
+   * The same values as `download(t)` at the point of the call, without blocking the JS thread on the device:
+   * later ops may be queued (and may overwrite or free t) while the copy is in flight. cuda: a copy stream
+   * with pinned staging, ordered after the work already queued; cpu: an already-resolved download.
+   */
+  downloadAsync(t: Tensor): Promise<Float32Array | Int32Array | Uint8Array>;
   /** Releases device memory. Using t afterwards is an error. */
   free(t: Tensor): void;
   /** Same data, new shape (no copy): an alias. Size must match. Free exactly one of the aliases of a storage. */

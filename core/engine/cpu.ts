@@ -124,6 +124,15 @@ export class CpuBackend implements Backend {
     return asCpu(t, 'download').data.slice();
   }
 
+  /** The data is already on the host: a resolved download (errors reject, as on cuda). */
+  downloadAsync(t: Tensor): Promise<Float32Array | Int32Array | Uint8Array> {
+    try {
+      return Promise.resolve(this.download(t));
+    } catch (e) {
+      return Promise.reject(e);
+    }
+  }
+
   free(t: Tensor): void {
     const c = asCpu(t, 'free');
     if (c.isView || c.storage.freed) return;

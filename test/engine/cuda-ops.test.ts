@@ -58,6 +58,53 @@ describe('cuda backend vs cpu backend', { skip }, () => {
     assert.deepEqual(dl(g(), v), x.subarray(300, 500));
   });
 
+  it('downloadAsync: the values of download for every dtype, and [0]', async () => {
+    const b = g();
+    const x = rand(3000, 31, -3, 3);
+    for (const t of [b.upload(x, [30, 100]), b.upload(x, [3000], 'act'), b.upload(randInt(77, 32, -5, 1000), [77]),
+      b.upload(new Uint8Array([0, 1, 255, 7, 128]), [5]), b.rows(b.upload(x, [30, 100]), 3, 5), b.zeros([0])]) {
+      const got = await b.downloadAsync(t);
+      assert.deepEqual(got, b.download(t));
+    }
+  });
+
+  it('downloadAsync: ordered after the work queued before it, a snapshot against later writes, and the JS thread keeps queueing kernels while it copies', async () => {
+    const b = g();
+    const n = 4096, K = 12;
+    const a = b.upload(rand(n * n, 41), [n, n]), w = b.upload(rand(n * n, 42), [n, n]);
+    const y = b.matmul(a, w, { alpha: 1 / 64 });
+    const want = b.download(y); // synchronous: the reference bits
+    const busy = (alpha = 1 / 64): void => { for (let k = 0; k < K; k++) b.matmul(a, w, { alpha, out: y }); };
+    // How long K matmuls keep the GPU busy (queue + wait).
+    b.synchronize();
+    let t0 = performance.now();
+    busy();
+    b.synchronize();
+    const gpuMs = performance.now() - t0;
+    b.scale(y, 0);
+    b.synchronize();
+
+    busy();                                   // y is rewritten K times; the last write gives `want` again
+    t0 = performance.now();
+    const p = b.downloadAsync(y);             // must see the last of those writes...
+    let settled = false;
+    void p.then(() => { settled = true; });
+    b.scale(y, 0);                            // ...and none of these later ones
+    busy(1 / 32);
+    const queueMs = performance.now() - t0;
+    await new Promise((r) => setImmediate(r));
+    const pendingWhileBusy = !settled;
+    const got = await p;
+    assert.deepEqual(got, want, 'downloadAsync did not return y as of the call');
+    b.synchronize();
+    assert.ok(pendingWhileBusy, 'the promise resolved before the queued work could have finished');
+    // Queueing the copy and K more matmuls took a fraction of the GPU time: the JS thread never waited.
+    assert.ok(queueMs < gpuMs / 2, `queueing took ${queueMs.toFixed(1)} ms, the GPU work ${gpuMs.toFixed(1)} ms`);
+    const after = b.download(y) as Float32Array;
+    close('y after the later matmuls', after, (want as Float32Array).map((v) => 2 * v), 1e-6);
+    for (const t of [a, w, y]) b.free(t);
+  });
+
   it('matmul: every transpose combination, bf16 and f32, alpha, accumulate, mixed dtypes', () => {
     const M = 67, N = 45, K = 130;
     for (const [tA, tB] of [[false, false], [true, false], [false, true], [true, true]] as const) {

@@ -139,6 +139,25 @@ export class CudaBackend implements Backend {
     return o;
   }
 
+  /**
+   * download without blocking the JS thread: the copy is queued behind the work already on the stream and runs
+   * on a copy stream through pinned staging (src/download_async.cpp) while later kernels are queued.
+   */
+  async downloadAsync(t: Tensor): Promise<Float32Array | Int32Array | Uint8Array> {
+    const ct = this.t(t);
+    if (ct.dtype === 'i32') { const o = new Int32Array(ct.size); await this.nat.downloadAsync(ct.ptr, o); return o; }
+    if (ct.dtype === 'u8') { const o = new Uint8Array(ct.size); await this.nat.downloadAsync(ct.ptr, o); return o; }
+    const o = new Float32Array(ct.size);
+    if (ct.dtype === 'f32') { await this.nat.downloadAsync(ct.ptr, o); return o; }
+    const tmp = this.alloc(ct.shape, 'f32');
+    this.nat.convert(ct.ptr, DTYPE_CODE[ct.dtype], tmp.ptr, DTYPE_CODE.f32, ct.size);
+    // The addon snapshots tmp on the stream before returning, so tmp may go back to the pool at once.
+    const done = this.nat.downloadAsync(tmp.ptr, o);
+    this.free(tmp);
+    await done;
+    return o;
+  }
+
   free(t: Tensor): void {
     const ct = this.t(t, false);
     if (ct.isView) return;

@@ -63,6 +63,12 @@ export interface NativeAddon {
   upload(dst: Ptr, src: Float32Array | Int32Array | Uint8Array | Uint16Array): void;
   /** Synchronous device → host copy into the array. */
   download(src: Ptr, dst: Float32Array | Int32Array | Uint8Array | Uint16Array): void;
+  /**
+   * Asynchronous device → host copy into the array: returns at once (the JS thread may keep queueing kernels);
+   * the promise resolves once dst holds src's bytes as of this call's place in the stream (a device-side
+   * snapshot, so later kernels may overwrite or free src). Do not touch dst before it resolves.
+   */
+  downloadAsync(src: Ptr, dst: Float32Array | Int32Array | Uint8Array | Uint16Array): Promise<void>;
   memsetZero(p: Ptr, bytes: number): void;
   copy(dst: Ptr, src: Ptr, bytes: number): void;
   synchronize(): void;

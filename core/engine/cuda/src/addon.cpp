@@ -13,6 +13,11 @@
 
 using namespace dq;
 
+namespace dq {
+Napi::Value downloadAsyncJs(const Napi::CallbackInfo& info);  // download_async.cpp
+void pinnedTrim();
+}  // namespace dq
+
 namespace {
 
 bool g_ready = false;
@@ -156,6 +161,7 @@ END_FN
 FN(poolTrimJs)
   requireReady();
   poolTrim();
+  pinnedTrim();
   return info.Env().Undefined();
 END_FN
 
@@ -364,6 +370,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   EXPORT("free", freeJs);
   EXPORT("upload", upload);
   EXPORT("download", download);
+  EXPORT("downloadAsync", dq::downloadAsyncJs);
   EXPORT("memsetZero", memsetZero);
   EXPORT("copy", copy);
   EXPORT("synchronize", synchronize);
