@@ -152,6 +152,16 @@ function fromBytes(dtype: WireDtype, shape: number[], numel: number, bytes: Uint
   }
 }
 
+/** Typed view over a fresh, exclusively owned byte array that starts at offset 0 (so it is aligned). */
+function viewBytes(dtype: WireDtype, shape: number[], numel: number, bytes: Uint8Array): HostTensor {
+  switch (dtype) {
+    case 'f32': return { dtype, shape, data: new Float32Array(bytes.buffer, 0, numel) };
+    case 'bf16': return { dtype, shape, data: new Uint16Array(bytes.buffer, 0, numel) };
+    case 'i32': return { dtype, shape, data: new Int32Array(bytes.buffer, 0, numel) };
+    case 'u8': return { dtype, shape, data: bytes };
+  }
+}
+
 /** A decoded tensor as float32: f32 as is, bf16 widened exactly; other dtypes are an error. */
 export function hostToF32(t: HostTensor, what = 'tensor'): Float32Array {
   if (t.dtype === 'f32') return t.data;
@@ -352,7 +362,7 @@ export class ChunkAssembler {
     if (crc !== f.crc) {
       throw new ChunkError('corrupt', `${at}: checksum mismatch (crc32 ${hex(crc)} received, ${hex(f.crc)} sent): data corrupted in transit`);
     }
-    this.result = fromBytes(f.dtype, f.shape, f.numel, this.buf!);
+    this.result = viewBytes(f.dtype, f.shape, f.numel, this.buf!); // buf is ours and aligned: no second copy
     this.buf = undefined;
     return this.result;
   }

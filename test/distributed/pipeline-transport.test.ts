@@ -3,7 +3,10 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import * as grpc from '@grpc/grpc-js';
 import { startPipelineServer, PipelineClient, PipelineSendError, type PipelineServerHandle } from '../../worker/transport/pipeline.ts';
-import { chunkTensor, f32ToTensor, type HostTensor } from '../../wire/tensor.ts';
+import { chunkTensor, decodeChunk, f32ToBf16Tensor, f32ToTensor, type HostTensor, type TensorChunk } from '../../wire/tensor.ts';
+import { decodeChunkFast, encodeChunkFast } from '../../worker/transport/chunk-codec.ts';
+import { ActivationChunk } from '../../proto/gen/dqlora/v1/pipeline.ts';
+import { WireError } from '../../common/errors.ts';
 import { createWorkerMetrics } from '../../common/metrics.ts';
 import { Philox } from '../helpers/prng.ts';
 
@@ -142,4 +145,111 @@ test('nobody listening: UNAVAILABLE, retryable, with a hint', async () => {
   } finally {
     c.close();
   }
+});
+
+// ---- tensors in flight -------------------------------------------------------------------------------
+
+/** A receiver whose stage holds every tensor until the test releases it (the ack waits for the handler). */
+async function holdingServer(maxInFlight?: number) {
+  const got: { dir: string; mb: number }[] = [];
+  const held: (() => void)[] = [];
+  const srv = await startPipelineServer({
+    jobId: 'job-1', jobToken: 'secret-token', maxInFlight,
+    onForward: (_s, mb) => { got.push({ dir: 'forward', mb }); return new Promise<void>((r) => held.push(r)); },
+    onBackward: (_s, mb) => { got.push({ dir: 'backward', mb }); },
+  });
+  return { srv, got, held };
+}
+async function until(cond: () => boolean, what: string): Promise<void> {
+  const t0 = Date.now();
+  while (!cond()) {
+    if (Date.now() - t0 > 10_000) assert.fail(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+test('a sender keeps at most maxInFlight tensors per direction on the wire; later sends queue in call order, without awaiting acks', async () => {
+  const { srv, got, held } = await holdingServer();
+  const c = new PipelineClient(srv.address, { jobId: 'job-1', jobToken: 'secret-token', maxInFlight: 2, chunkBytes: 4096 });
+  try {
+    const x = new Philox(5).floats(3000); // 3 chunks each
+    const acks = [0, 1, 2, 3, 4].map((mb) => c.sendForward(0, mb, x, [3000]));
+    await until(() => got.length === 2, 'two tensors at the receiver');
+    await new Promise((r) => setTimeout(r, 50));
+    assert.deepEqual(got.map((g) => g.mb), [0, 1], 'a third tensor went out while two were unacknowledged');
+    assert.equal(c.inFlight('forward'), 2);
+    assert.equal(srv.stats.inFlight.forward, 2);
+    // The other direction has its own slots.
+    await c.sendBackward(0, 9, x, [3000]);
+    assert.deepEqual(got.at(-1), { dir: 'backward', mb: 9 });
+    // Each ack frees a slot for the next send, in call order.
+    for (let k = 0; k < 5; k++) {
+      await until(() => held.length > k, `tensor ${k} held`);
+      held[k]();
+      const ack = await acks[k];
+      assert.equal(ack.microBatch, k);
+    }
+    await c.drain();
+    assert.deepEqual(got.filter((g) => g.dir === 'forward').map((g) => g.mb), [0, 1, 2, 3, 4]);
+    assert.equal(c.inFlight('forward'), 0);
+    assert.equal(c.stats.maxInFlightSeen.forward, 2);
+    assert.equal(srv.stats.maxInFlightSeen.forward, 2);
+    assert.equal(srv.stats.inFlight.forward, 0);
+  } finally {
+    c.close();
+    await srv.close();
+  }
+});
+
+test('a receiver refuses more concurrent tensors than its maxInFlight with RESOURCE_EXHAUSTED, and takes the next once one is done', async () => {
+  const { srv, got, held } = await holdingServer(1);
+  const c = new PipelineClient(srv.address, { jobId: 'job-1', jobToken: 'secret-token', maxInFlight: 3 });
+  try {
+    const first = c.sendForward(1, 0, new Float32Array(16), [16]);
+    await until(() => held.length === 1, 'the first tensor held');
+    const e = await rejected(c.sendForward(1, 1, new Float32Array(16), [16]), grpc.status.RESOURCE_EXHAUSTED, /more than 1 tensors in flight to this stage/);
+    assert.equal(e.retryable, false);
+    held[0]();
+    await first;
+    const third = c.sendForward(1, 2, new Float32Array(16), [16]);
+    await until(() => held.length === 2, 'the next tensor held');
+    held[1]();
+    await third;
+    assert.deepEqual(got.map((g) => g.mb), [0, 2]);
+    assert.equal(srv.stats.inFlight.forward, 0);
+  } finally {
+    c.close();
+    await srv.close();
+  }
+});
+
+test('invalid in-flight and window settings are refused before anything starts', async () => {
+  await assert.rejects(startPipelineServer({ jobId: 'j', jobToken: 't', maxInFlight: 0, onForward: () => {}, onBackward: () => {} }), /maxInFlight 0 must be a positive integer/);
+  await assert.rejects(startPipelineServer({ jobId: 'j', jobToken: 't', flowControlWindow: 1000, onForward: () => {}, onBackward: () => {} }), /flowControlWindow 1000 must be an integer in 65535/);
+  assert.throws(() => new PipelineClient('127.0.0.1:1', { jobId: 'j', jobToken: 't', maxInFlight: 1.5 }), /maxInFlight 1.5 must be a positive integer/);
+});
+
+test('chunk codec: the generated encoder\'s bytes; decoding returns views of the message; anything unusual goes to the generated decoder', () => {
+  const x = new Philox(8).floats(1000);
+  const cases: TensorChunk[] = [
+    ...chunkTensor({ jobId: 'job-1', step: 0, microBatch: 0 }, f32ToTensor(x, [10, 100]), 1500),
+    ...chunkTensor({ jobId: 'jöb-ü', step: 2 ** 40 + 3, microBatch: 70_000 }, f32ToBf16Tensor(x, [1000]), 1 << 20),
+    { jobId: '', step: 0, microBatch: 0, chunkIndex: 0, numChunks: 1, tensor: { dtype: 0, shape: [], data: Buffer.alloc(0) }, crc32: 0 },
+    { jobId: 'j', step: 1, microBatch: 2, chunkIndex: 3, numChunks: 4, tensor: undefined, crc32: 0xffffffff },
+  ];
+  for (const c of cases) {
+    const fast = encodeChunkFast(c);
+    assert.ok(fast.equals(Buffer.from(ActivationChunk.encode(c).finish())), `encoding differs for chunk ${c.chunkIndex} of step ${c.step}`);
+    const d = decodeChunkFast(fast);
+    assert.deepEqual(d, decodeChunk(fast));
+    if (d.tensor && d.tensor.data.length) assert.equal(d.tensor.data.buffer, fast.buffer, 'data was copied');
+  }
+  // Fields in another order (valid protobuf): decoded by the generated decoder, same result.
+  const c = cases[0];
+  const reordered = Buffer.concat([ActivationChunk.encode({ ...c, tensor: undefined }).finish(), ActivationChunk.encode({ jobId: '', step: 0, microBatch: 0, chunkIndex: 0, numChunks: 0, crc32: 0, tensor: c.tensor }).finish()]);
+  assert.deepEqual(decodeChunkFast(reordered), decodeChunk(reordered));
+  // Truncated: the same WireError as the generated decoder gives.
+  const cut = encodeChunkFast(c).subarray(0, 40);
+  assert.throws(() => decodeChunk(cut), WireError);
+  assert.throws(() => decodeChunkFast(cut), (e: unknown) => e instanceof WireError && /malformed chunk message \(40 bytes\)/.test(e.message));
 });

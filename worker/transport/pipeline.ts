@@ -12,16 +12,33 @@
 //                        its size bound                                             no — fix the limits
 //   UNAVAILABLE          receiver not (yet) listening / restarting                   yes, with back-off
 //   DEADLINE_EXCEEDED    receiver too slow or stalled                                yes, then report it
+//   RESOURCE_EXHAUSTED   also: more tensors in flight than the receiver accepts    no — lower maxInFlight
 // PIPELINE_RETRYABLE below is that list in code, for the one retry loop (in the coordinator/worker).
+//
+// Throughput (bench/transport.ts; bench/RESULTS.md has the numbers). Loopback HTTP/2 in grpc-js is CPU-bound,
+// not wire-bound, so what matters is the work per byte on both event loops:
+// - Flow control: HTTP/2 starts every stream and the connection at a 64 KiB window, and each refill needs a
+//   WINDOW_UPDATE from the receiver's event loop. Both ends here open the stream and connection windows to
+//   PIPELINE_FLOW_CONTROL_WINDOW (measured: ~10 % less CPU per byte than 64 KiB on loopback). grpc-js sets the
+//   client's from `grpc-node.flow_control_window`, but has no server-side option: see tuneServerHttp2 below.
+//   (A larger HTTP/2 max frame size was tried and changes nothing: Node's http2 sends 16 KiB DATA frames.)
+// - `grpc-node.max_session_memory` (MB of buffered HTTP/2 data before nghttp2 refuses new streams): grpc-js
+//   leaves it unbounded unless given; here it is bounded by what the windows allow in flight, plus headroom.
+// - Copies: chunks are encoded and decoded by chunk-codec.ts (one copy into the message on send; the data
+//   field is a view of the received message), and reassembled straight into the tensor's final array.
+// - In flight: a sender may have up to `maxInFlight` tensors per direction on the wire at once (each its
+//   own stream, so a send does not wait for the previous one's ack); further sends queue in call order. The
+//   receiver accepts up to its own `maxInFlight` concurrent streams per direction and refuses more.
 import crypto from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
 import { DqloraError, WireError } from '../../common/errors.ts';
 import { logger } from '../../common/log.ts';
 import {
-  ChunkAssembler, ChunkError, DEFAULT_CHUNK_BYTES, DEFAULT_MAX_NUMEL, chunkTensor, decodeChunk, f32ToBf16Tensor, f32ToTensor,
+  ChunkAssembler, ChunkError, DEFAULT_CHUNK_BYTES, DEFAULT_MAX_NUMEL, chunkTensor, f32ToBf16Tensor, f32ToTensor,
   type ChunkErrorReason, type HostTensor, type TensorChunk,
 } from '../../wire/tensor.ts';
 import { PipelineService, PipelineClient as GrpcPipelineClient, type ChunkAck } from '../../proto/gen/dqlora/v1/pipeline.ts';
+import { decodeChunkFast, encodeChunkFast } from './chunk-codec.ts';
 import type { Tensor } from '../../proto/gen/dqlora/v1/tensor.ts';
 
 const log = logger('pipeline');
@@ -37,6 +54,20 @@ export const PIPELINE_RETRYABLE: ReadonlySet<grpc.status> = new Set([
 ]);
 
 export type Direction = 'forward' | 'backward';
+
+/** Default chunk (gRPC message) size of pipeline transfers; the receiver's default message limit is the same. */
+export const PIPELINE_DEFAULT_CHUNK_BYTES = DEFAULT_CHUNK_BYTES;
+/** HTTP/2 stream and connection receive window of both ends (bytes). */
+export const PIPELINE_FLOW_CONTROL_WINDOW = 16 << 20;
+/** Default tensors in flight per direction: a sender's, and (larger, room for retries) a receiver's. */
+export const PIPELINE_SEND_IN_FLIGHT = 2;
+export const PIPELINE_RECEIVE_IN_FLIGHT = 8;
+
+/** grpc-node.max_session_memory (MB) for `inFlight` streams of `window` bytes each, plus headroom. */
+function sessionMemoryMb(window: number, inFlight: number): number {
+  return Math.ceil((window * (inFlight + 1)) / (1 << 20)) + 32;
+}
+
 
 /** Byte counters to feed (e.g. WorkerMetrics.sentBytes / receivedBytes with transport="grpc"). */
 interface ByteCounter { inc(labels: { transport: 'grpc' }, value: number): void }
@@ -58,6 +89,10 @@ export interface PipelineServerOptions {
   maxNumel?: number;
   credentials?: grpc.ServerCredentials;
   receivedBytes?: ByteCounter;
+  /** Concurrent tensors (streams) accepted per direction; one more is RESOURCE_EXHAUSTED. Default PIPELINE_RECEIVE_IN_FLIGHT. */
+  maxInFlight?: number;
+  /** HTTP/2 receive window, bytes. Default PIPELINE_FLOW_CONTROL_WINDOW. */
+  flowControlWindow?: number;
 }
 
 export interface PipelineServerHandle {
@@ -66,7 +101,7 @@ export interface PipelineServerHandle {
   address: string;
   /** Steps below `step` are stale from now on (call when the stage starts a step). */
   setMinStep(step: number): void;
-  readonly stats: { tensorsReceived: number; bytesReceived: number; rejected: number };
+  readonly stats: { tensorsReceived: number; bytesReceived: number; rejected: number; inFlight: Record<Direction, number>; maxInFlightSeen: Record<Direction, number> };
   close(): Promise<void>;
 }
 
@@ -92,14 +127,23 @@ export async function startPipelineServer(opts: PipelineServerOptions): Promise<
   let minStep = 0;
   /** `${direction}:${step}:${microBatch}` of tensors delivered at steps ≥ minStep. */
   const delivered = new Set<string>();
-  const stats = { tensorsReceived: 0, bytesReceived: 0, rejected: 0 };
+  const maxInFlight = opts.maxInFlight ?? PIPELINE_RECEIVE_IN_FLIGHT;
+  const window = opts.flowControlWindow ?? PIPELINE_FLOW_CONTROL_WINDOW;
+  if (!Number.isInteger(maxInFlight) || maxInFlight < 1) throw new DqloraError(`pipeline server: maxInFlight ${maxInFlight} must be a positive integer`);
+  if (!Number.isInteger(window) || window < 65535 || window > 2 ** 31 - 1) throw new DqloraError(`pipeline server: flowControlWindow ${window} must be an integer in 65535..2^31-1 (HTTP/2)`);
+  const stats = { tensorsReceived: 0, bytesReceived: 0, rejected: 0, inFlight: { forward: 0, backward: 0 }, maxInFlightSeen: { forward: 0, backward: 0 } };
 
   function handle(direction: Direction) {
     return (call: grpc.ServerReadableStream<TensorChunk, ChunkAck>, callback: grpc.sendUnaryData<ChunkAck>): void => {
       let finished = false;
+      let counted = false;
+      const release = (): void => {
+        if (counted) { counted = false; stats.inFlight[direction]--; }
+      };
       const fail = (code: grpc.status, message: string): void => {
         if (finished) return;
         finished = true;
+        release();
         stats.rejected++;
         log.warn({ direction, code: grpc.status[code], peer: call.getPeer() }, message);
         callback({ code, details: message });
@@ -108,6 +152,14 @@ export async function startPipelineServer(opts: PipelineServerOptions): Promise<
         fail(grpc.status.UNAUTHENTICATED, `pipeline ${direction}: missing or wrong job token for job "${opts.jobId}" (metadata "${JOB_TOKEN_METADATA}")`);
         return;
       }
+      if (stats.inFlight[direction] >= maxInFlight) {
+        fail(grpc.status.RESOURCE_EXHAUSTED, `pipeline ${direction}: more than ${maxInFlight} tensors in flight to this stage`);
+        return;
+      }
+      counted = true;
+      stats.inFlight[direction]++;
+      stats.maxInFlightSeen[direction] = Math.max(stats.maxInFlightSeen[direction], stats.inFlight[direction]);
+      call.on('cancelled', () => { finished = true; release(); });
       const asm = new ChunkAssembler({ jobId: opts.jobId, what: `pipeline ${direction}`, minStep, maxNumel });
       let tensor: HostTensor | undefined;
       call.on('data', (c: TensorChunk) => {
@@ -120,7 +172,7 @@ export async function startPipelineServer(opts: PipelineServerOptions): Promise<
           else fail(grpc.status.INTERNAL, `pipeline ${direction}: ${(e as Error).message}`);
         }
       });
-      call.on('error', (e) => { finished = true; log.debug({ err: e }, 'pipeline stream error'); });
+      call.on('error', (e) => { finished = true; release(); log.debug({ err: e }, 'pipeline stream error'); });
       call.on('end', () => {
         if (finished) return;
         let t: HostTensor;
@@ -143,6 +195,7 @@ export async function startPipelineServer(opts: PipelineServerOptions): Promise<
           .then(() => handler(step, microBatch, t))
           .then(() => {
             finished = true;
+            release();
             callback(null, { jobId: opts.jobId, step, microBatch, bytesReceived: t.data.byteLength });
           }, (e: unknown) => {
             delivered.delete(key); // not accepted: a resend may succeed once the stage is ready
@@ -155,18 +208,21 @@ export async function startPipelineServer(opts: PipelineServerOptions): Promise<
 
   // Decoding failures of a chunk message become WireErrors with a readable text (grpc-js answers INTERNAL).
   const service = {
-    forward: { ...PipelineService.forward, requestDeserialize: (b: Buffer) => decodeChunk(b) },
-    backward: { ...PipelineService.backward, requestDeserialize: (b: Buffer) => decodeChunk(b) },
+    forward: { ...PipelineService.forward, requestDeserialize: (b: Buffer) => decodeChunkFast(b) },
+    backward: { ...PipelineService.backward, requestDeserialize: (b: Buffer) => decodeChunkFast(b) },
   };
   const server = new grpc.Server({
     'grpc.max_receive_message_length': maxMessageBytes,
     'grpc.max_send_message_length': 64 * 1024,
+    'grpc-node.max_session_memory': sessionMemoryMb(window, 2 * maxInFlight),
   });
+  const onSession = tuneServerHttp2(server, window);
   server.addService(service as unknown as grpc.ServiceDefinition, { forward: handle('forward'), backward: handle('backward') });
   const host = opts.host ?? '127.0.0.1';
   const port = await new Promise<number>((resolve, reject) => {
     server.bindAsync(`${host}:${opts.port ?? 0}`, opts.credentials ?? grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(new DqloraError(`pipeline server: cannot listen on ${host}:${opts.port ?? 0}: ${err.message}`, { cause: err })) : resolve(p)));
   });
+  onSession();
   return {
     port,
     address: `${host}:${port}`,
@@ -180,6 +236,30 @@ export async function startPipelineServer(opts: PipelineServerOptions): Promise<
       const t = setTimeout(() => { server.forceShutdown(); resolve(); }, 2000);
       server.tryShutdown(() => { clearTimeout(t); resolve(); });
     }),
+  };
+}
+
+/**
+ * grpc-js (1.14, pinned) offers no server option for the HTTP/2 receive windows, so they are set
+ * on its private `commonServerOptions` (read when it binds) and, for the connection window, on each new session.
+ * If a grpc-js update moves those internals, the server still works, at the default 64 KiB windows, and says so.
+ * Returns the step to run after bindAsync.
+ */
+function tuneServerHttp2(server: grpc.Server, window: number): () => void {
+  const internals = server as unknown as {
+    commonServerOptions?: { settings?: Record<string, number> };
+    http2Servers?: Map<{ on(ev: 'session', f: (s: { setLocalWindowSize(n: number): void }) => void): void }, unknown>;
+  };
+  const warn = (): void => log.warn('pipeline server: grpc-js internals changed, HTTP/2 windows stay at 64 KiB (transfers will be slower)');
+  if (!internals.commonServerOptions) { warn(); return () => {}; }
+  internals.commonServerOptions.settings = { ...internals.commonServerOptions.settings, initialWindowSize: window };
+  return () => {
+    if (!(internals.http2Servers instanceof Map)) { warn(); return; }
+    for (const h of internals.http2Servers.keys()) {
+      h.on('session', (session) => {
+        try { session.setLocalWindowSize(window); } catch (e) { log.debug({ err: e }, 'pipeline server: setLocalWindowSize failed'); }
+      });
+    }
   };
 }
 
@@ -203,6 +283,10 @@ export interface PipelineClientOptions {
   deadlineMs?: number;
   credentials?: grpc.ChannelCredentials;
   sentBytes?: ByteCounter;
+  /** Tensors on the wire at once per direction; further sends wait their turn (in call order). Must not exceed the receiver's. Default PIPELINE_SEND_IN_FLIGHT. */
+  maxInFlight?: number;
+  /** HTTP/2 receive window (bytes; acks are tiny, this mainly sizes the session). Default PIPELINE_FLOW_CONTROL_WINDOW. */
+  flowControlWindow?: number;
 }
 
 export interface SendOptions {
@@ -214,16 +298,56 @@ export interface SendOptions {
 /** Sends tensors to one peer stage's Pipeline server (one HTTP/2 connection, one stream per tensor). */
 export class PipelineClient {
   readonly address: string;
-  readonly stats = { tensorsSent: 0, bytesSent: 0 };
+  readonly stats = { tensorsSent: 0, bytesSent: 0, maxInFlightSeen: { forward: 0, backward: 0 } as Record<Direction, number> };
   private readonly opts: PipelineClientOptions;
   private readonly client: GrpcPipelineClient;
+  private readonly maxInFlight: number;
+  private readonly active: Record<Direction, number> = { forward: 0, backward: 0 };
+  private readonly queued: Record<Direction, (() => void)[]> = { forward: [], backward: [] };
+  private readonly pending = new Set<Promise<unknown>>();
 
   constructor(address: string, opts: PipelineClientOptions) {
     this.address = address;
     this.opts = opts;
-    this.client = new GrpcPipelineClient(address, opts.credentials ?? grpc.credentials.createInsecure(), {
+    this.maxInFlight = opts.maxInFlight ?? PIPELINE_SEND_IN_FLIGHT;
+    const window = opts.flowControlWindow ?? PIPELINE_FLOW_CONTROL_WINDOW;
+    if (!Number.isInteger(this.maxInFlight) || this.maxInFlight < 1) throw new DqloraError(`pipeline client: maxInFlight ${this.maxInFlight} must be a positive integer`);
+    const service = {
+      forward: { ...PipelineService.forward, requestSerialize: encodeChunkFast },
+      backward: { ...PipelineService.backward, requestSerialize: encodeChunkFast },
+    };
+    const Ctor = grpc.makeGenericClientConstructor(service as unknown as grpc.ServiceDefinition, 'dqlora.v1.Pipeline') as unknown as typeof GrpcPipelineClient;
+    this.client = new Ctor(address, opts.credentials ?? grpc.credentials.createInsecure(), {
       'grpc.max_send_message_length': opts.chunkBytes ?? DEFAULT_CHUNK_BYTES,
+      'grpc-node.flow_control_window': window,
+      'grpc-node.max_session_memory': sessionMemoryMb(window, this.maxInFlight),
     });
+  }
+
+  /** Tensors of `direction` now on the wire (sent or being sent, not yet acknowledged). */
+  inFlight(direction: Direction): number {
+    return this.active[direction];
+  }
+
+  /** Resolves once every send started so far has been acknowledged or has failed (never rejects). */
+  async drain(): Promise<void> {
+    while (this.pending.size > 0) await Promise.allSettled([...this.pending]);
+  }
+
+  private async acquire(direction: Direction): Promise<void> {
+    if (this.active[direction] < this.maxInFlight && this.queued[direction].length === 0) {
+      this.active[direction]++;
+    } else {
+      // The releasing send hands its slot over directly, so the count never drops below the queue's needs.
+      await new Promise<void>((resolve) => this.queued[direction].push(resolve));
+    }
+    this.stats.maxInFlightSeen[direction] = Math.max(this.stats.maxInFlightSeen[direction], this.active[direction]);
+  }
+
+  private release(direction: Direction): void {
+    const next = this.queued[direction].shift();
+    if (next) next();
+    else this.active[direction]--;
   }
 
   /** Activations [shape] of `microBatch` at `step` to the next stage. */
@@ -241,8 +365,28 @@ export class PipelineClient {
     return this.sendChunks(direction, chunks, o);
   }
 
-  /** Sends prepared chunks as one stream, as is — the building block of sendTensor, and of fault-injection tests. */
-  async sendChunks(direction: Direction, chunks: TensorChunk[], o: SendOptions = {}): Promise<ChunkAck> {
+  /**
+   * Sends prepared chunks as one stream, as is — the building block of sendTensor, and of fault-injection tests.
+   * Starts at once when fewer than maxInFlight tensors of this direction are on the wire, else after the ones
+   * before it; the caller may go on (e.g. compute) without awaiting the ack. The chunks' data must not change
+   * until the promise settles.
+   */
+  sendChunks(direction: Direction, chunks: TensorChunk[], o: SendOptions = {}): Promise<ChunkAck> {
+    const p = (async () => {
+      await this.acquire(direction);
+      try {
+        return await this.sendStream(direction, chunks, o);
+      } finally {
+        this.release(direction);
+      }
+    })();
+    this.pending.add(p);
+    const forget = (): void => { this.pending.delete(p); };
+    p.then(forget, forget);
+    return p;
+  }
+
+  private async sendStream(direction: Direction, chunks: TensorChunk[], o: SendOptions): Promise<ChunkAck> {
     const first = chunks[0];
     const what = `pipeline ${direction} step ${first?.step} micro-batch ${first?.microBatch} to ${this.address}`;
     const md = new grpc.Metadata();

@@ -1,0 +1,145 @@
+// Stage-to-stage tensor transfer: worker/transport/pipeline.ts (gRPC over loopback HTTP/2) vs a raw TCP socket,
+// measured in the same run, alternating, on the same machine state.
+//   node --import tsx bench/transport.ts [--sizes 16,64] [--reps 7] [--chunk BYTES] [--inflight 1,4]
+// The sender runs in a child process and the receiver here, as two stages are two processes. One transfer =
+// from the sender starting to send one float32 tensor to the sender holding the receiver's ack, the receiver
+// having the whole tensor in one contiguous array (gRPC: validated, checksummed, reassembled; raw TCP: a
+// 4-byte length, the bytes, a 1-byte ack — no framing, no checks: the upper bound of what loopback carries).
+// With --inflight k > 1, k tensors of the same size are sent back to back without awaiting acks (the
+// sender's maxInFlight), and the time is to the last ack. The CPU columns (process.cpuUsage of each side,
+// per transfer) show the work per byte, which is what limits loopback and what a loaded machine does not blur.
+import net from 'node:net';
+import os from 'node:os';
+import { fork, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { startPipelineServer, PipelineClient, PIPELINE_DEFAULT_CHUNK_BYTES } from '../worker/transport/pipeline.ts';
+
+const MB = 1 << 20;
+const now = (): number => performance.timeOrigin + performance.now();
+
+type Job = { grpc: string; tcpPort: number; chunk: number };
+type Cmd = { kind: 'grpc' | 'tcp'; round: number; bytes: number; inflight: number } | { stop: true };
+type Reply = { round: number; start: number; end: number; cpuMs: number };
+
+async function childMain(job: Job): Promise<void> {
+  const client = new PipelineClient(job.grpc, { jobId: 'bench', jobToken: 'bench-token', chunkBytes: job.chunk, deadlineMs: 120_000 });
+  const sock = net.connect(job.tcpPort, '127.0.0.1');
+  sock.setNoDelay(true);
+  await new Promise<void>((r) => sock.once('connect', () => r()));
+  const payloads = new Map<number, Float32Array>();
+  const payload = (bytes: number): Float32Array => {
+    let p = payloads.get(bytes);
+    if (!p) { p = new Float32Array(bytes / 4); for (let i = 0; i < p.length; i++) p[i] = (i % 1000) * 0.5; payloads.set(bytes, p); }
+    return p;
+  };
+  let step = 0;
+  process.on('message', async (m: Cmd) => {
+    if ('stop' in m) { client.close(); sock.destroy(); process.disconnect(); return; }
+    const data = payload(m.bytes);
+    const u0 = process.cpuUsage();
+    const start = now();
+    if (m.kind === 'grpc') {
+      const s = step++;
+      await Promise.all(Array.from({ length: m.inflight }, (_, i) => client.sendForward(s, i, data, [data.length])));
+    } else {
+      const acks = new Promise<void>((res) => {
+        let got = 0;
+        const f = (b: Buffer): void => { got += b.length; if (got >= m.inflight) { sock.off('data', f); res(); } };
+        sock.on('data', f);
+      });
+      for (let i = 0; i < m.inflight; i++) {
+        const len = Buffer.alloc(4);
+        len.writeUInt32LE(m.bytes);
+        sock.write(len);
+        sock.write(new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
+      }
+      await acks;
+    }
+    const end = now();
+    const u = process.cpuUsage(u0);
+    process.send!({ round: m.round, start, end, cpuMs: (u.user + u.system) / 1000 } satisfies Reply);
+  });
+  process.send!({ started: true });
+}
+
+/** Raw TCP receiver: [u32 length][bytes] per tensor into one preallocated array, 1 byte back when complete. */
+function startTcpSink(): Promise<{ port: number; close(): void }> {
+  const server = net.createServer((s) => {
+    s.setNoDelay(true);
+    let need = -1, got = 0, header = Buffer.alloc(0);
+    let dst = new Uint8Array(0);
+    s.on('data', (b: Buffer) => {
+      let off = 0;
+      while (off < b.length) {
+        if (need < 0) {
+          header = Buffer.concat([header, b.subarray(off, off + 4 - header.length)]);
+          off += Math.min(4, b.length - off);
+          if (header.length < 4) continue;
+          need = header.readUInt32LE(0);
+          header = Buffer.alloc(0);
+          if (dst.length !== need) dst = new Uint8Array(need);
+          got = 0;
+        }
+        const take = Math.min(need - got, b.length - off);
+        dst.set(b.subarray(off, off + take), got);
+        got += take; off += take;
+        if (got === need) { need = -1; s.write(Buffer.from([1])); }
+      }
+    });
+  });
+  return new Promise((res) => server.listen(0, '127.0.0.1', () => res({ port: (server.address() as net.AddressInfo).port, close: () => server.close() })));
+}
+
+function arg(name: string, def: string): string { const i = process.argv.indexOf(`--${name}`); return i >= 0 && process.argv[i + 1] ? process.argv[i + 1] : def; }
+function median(xs: number[]): number { const s = [...xs].sort((a, b) => a - b); return s[Math.floor(s.length / 2)]; }
+
+async function main(): Promise<void> {
+  const sizes = arg('sizes', '16,64').split(',').map(Number);
+  const reps = Number(arg('reps', '7'));
+  const chunk = Number(arg('chunk', String(PIPELINE_DEFAULT_CHUNK_BYTES)));
+  const inflights = arg('inflight', '1').split(',').map(Number);
+  const server = await startPipelineServer({ jobId: 'bench', jobToken: 'bench-token', maxMessageBytes: Math.max(chunk, PIPELINE_DEFAULT_CHUNK_BYTES), onForward: () => {}, onBackward: () => {} });
+  const tcp = await startTcpSink();
+  const execArgv = import.meta.url.endsWith('.ts') ? ['--import', 'tsx'] : [];
+  const child = fork(fileURLToPath(import.meta.url), [], { execArgv, env: { ...process.env, DQLORA_BENCH_CHILD: JSON.stringify({ grpc: server.address, tcpPort: tcp.port, chunk } satisfies Job) } }) as ChildProcess;
+  await new Promise<void>((r) => child.once('message', () => r()));
+  let round = 0;
+  /** One transfer: wall ms, sender CPU ms, receiver (this process) CPU ms. */
+  const once = (kind: 'grpc' | 'tcp', bytes: number, inflight: number): Promise<[number, number, number]> => new Promise((res) => {
+    const r = round++;
+    const u0 = process.cpuUsage();
+    const f = (m: Reply): void => {
+      if (m.round !== r) return;
+      child.off('message', f);
+      const u = process.cpuUsage(u0);
+      res([m.end - m.start, m.cpuMs, (u.user + u.system) / 1000]);
+    };
+    child.on('message', f);
+    child.send({ kind, round: r, bytes, inflight } satisfies Cmd);
+  });
+  console.log(`# pipeline transport vs raw TCP — ${new Date().toISOString()} — ${os.cpus()[0]?.model ?? 'cpu'} × ${os.cpus().length}, load ${os.loadavg()[0].toFixed(1)}, node ${process.version}, chunk ${chunk} B, median of ${reps}`);
+  console.log('| tensor | in flight | raw TCP MB/s | gRPC MB/s | gRPC / raw | CPU ms send / receive, raw | CPU ms send / receive, gRPC |');
+  console.log('|---:|---:|---:|---:|---:|---:|---:|');
+  for (const inflight of inflights) {
+    for (const mb of sizes) {
+      const bytes = mb * MB;
+      const g: [number, number, number][] = [], t: [number, number, number][] = [];
+      for (let i = 0; i < reps + 2; i++) {
+        const tm = await once('tcp', bytes, inflight);
+        const gm = await once('grpc', bytes, inflight);
+        if (i >= 2) { t.push(tm); g.push(gm); } // rounds 0–1 warm up (JIT, connection, windows)
+      }
+      const col = (xs: [number, number, number][], k: number): number => median(xs.map((x) => x[k]));
+      const rawMBs = (mb * inflight) / (col(t, 0) / 1000), grpcMBs = (mb * inflight) / (col(g, 0) / 1000);
+      console.log(`| ${mb} MiB | ${inflight} | ${rawMBs.toFixed(0)} | ${grpcMBs.toFixed(0)} | ${(grpcMBs / rawMBs).toFixed(2)} | ${col(t, 1).toFixed(0)} / ${col(t, 2).toFixed(0)} | ${col(g, 1).toFixed(0)} / ${col(g, 2).toFixed(0)} |`);
+    }
+  }
+  child.send({ stop: true });
+  tcp.close();
+  await server.close();
+  if (server.stats.rejected) throw new Error(`${server.stats.rejected} transfers were rejected`);
+}
+
+const childJob = process.env.DQLORA_BENCH_CHILD;
+if (!childJob) main().catch((e) => { console.error(e); process.exit(1); });
+else childMain(JSON.parse(childJob) as Job).catch((e) => { console.error(e); process.exit(1); });
