@@ -9,7 +9,7 @@ import os from 'node:os';
 import { fork, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
-import { NatsAllReduce } from '../worker/allreduce.ts';
+import { NatsAllReduce, deriveAllReduceKey } from '../worker/allreduce.ts';
 import { startNatsServer, natsServerMissing } from '../test/helpers/nats.ts';
 
 const MB = 1 << 20;
@@ -30,7 +30,7 @@ async function childMain(job: Job): Promise<void> {
     close: (): void => { process.disconnect(); },
   };
   if (job.kind === 'rank') {
-    const ar = new NatsAllReduce(nc, { jobId: job.jobId, stage: 0, rank: job.rank, worldSize: job.worldSize, timeoutMs: 120_000 });
+    const ar = new NatsAllReduce(nc, { jobId: job.jobId, stage: 0, rank: job.rank, worldSize: job.worldSize, timeoutMs: 120_000, key: deriveAllReduceKey('bench-token', job.jobId) });
     const buf = new Float32Array(job.floats);
     port.on('message', async (m: Cmd) => {
       if ('stop' in m) { ar.close(); await nc.close(); port.close(); return; }

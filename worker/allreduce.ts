@@ -1,30 +1,35 @@
-// Sum-all-reduce of a float32 buffer (the LoRA gradients of one pipeline stage) among the R data-parallel
-// replicas of that stage, over core NATS (no JetStream).
+// Sum-all-reduce of float32 buffers (the LoRA gradients of one pipeline stage) among the R data-parallel replicas
+// of that stage, over core NATS (no JetStream).
 //
 // Bandwidth-optimal two-phase scheme (every rank sends 2(R−1)/R of the buffer in total):
-//   1. reduce-scatter: the buffer is cut into R contiguous slices; rank o owns slice o. Every rank publishes
-//      its copy of slice o to   dqlora.<job>.ar.<stage>.<step>.rs.<o>   (skipping its own slice). The owner
-//      sums the R copies in FIXED rank order 0..R−1 — never arrival order — in float32, so the result has
-//      the same bits whatever the timing.
+//   1. reduce-scatter: the buffer is cut into R contiguous slices; rank o owns slice o. Every rank publishes its
+//      copy of slice o to   dqlora.<job>.ar.<stage>.rs.<o>   (skipping its own slice). The owner sums the R copies
+//      in FIXED rank order 0..R−1 — never arrival order — in float32, so the result has the same bits whatever
+//      the timing.
 //   2. all-gather: the owner writes each reduced chunk into its buffer and publishes it once on
-//      dqlora.<job>.ar.<stage>.<step>.ag.<o>; the server fans it out to the R−1 other ranks, which copy it
-//      into place. Every rank ends with the owner's bits for every slice: identical buffers everywhere.
-//   The phases overlap per chunk: a chunk of the owner's slice is reduced and all-gathered as soon as its
-//   R−1 contributions are in, while later chunks are still arriving. That needs chunk c to cover the
-//   same elements on every rank, so all ranks must use the same maxPayload (checked; the default, the
-//   server's max_payload, is the same for every client of one server).
+//      dqlora.<job>.ar.<stage>.ag.<o>; the server fans it out to the R−1 other ranks, which copy it into place.
+//   The phases overlap per chunk: a chunk of the owner's slice is reduced and all-gathered as soon as its R−1
+//   contributions are in. That needs chunk c to cover the same elements on every rank, so all ranks must use
+//   the same maxPayload (checked; the default, the server's max_payload, is the same for every client).
 //
-// Messages are chunked under the server's max_payload (headers included). Each carries NATS headers
-//   rank (sender), step, chunk (index), count (chunks in this slice), off (element offset in the slice), n
-//   (total buffer elements, so a replica with a different LoRA layout is reported, not mis-summed).
+// Buckets: one optimizer step (`seq`) may all-reduce its gradients in several buckets (e.g. groups of layers in
+// reverse order, each started as soon as its gradients are final, as DDP does). Every (seq, bucket) is an
+// independent all-reduce with the scheme above; any number of them may be in flight at once, on every rank in any
+// order, and each result is the same fixed-order sum, bit for bit. Messages of a bucket that has not started here
+// yet are kept (bounded) until it does.
 //
-// Subscriptions are wildcards over the step token, made once at construction, so a message of step s+1
-// from a faster peer is already buffered when this rank gets there. The first call runs a join barrier
-// (a rank publishes "ready" until it has heard from every peer; any message from a peer also counts) so
-// nothing is published to a peer that has not subscribed yet. Messages of steps already completed are
-// dropped as stale. A step that does not complete within `timeoutMs` fails with AllReduceTimeoutError,
-// which names the ranks whose data is missing.
-import type { Msg, MsgHdrs, NatsConnection, Subscription } from '@nats-io/transport-node';
+// Authentication: every message carries, in one NATS header `dq`, a binary header (below) and an HMAC-SHA256 keyed
+// by the job's secret over the job id, that header (kind, rank, stage, seq, bucket, chunk index, chunk count,
+// offset, buffer length) and the payload. A message whose MAC does not check, or that repeats a (seq, bucket,
+// phase, rank, chunk) already received, or belongs to a seq this rank has finished, is counted in
+// `stats.rejected`, logged (rate-limited) and never summed — whoever else can publish on the NATS server cannot
+// change the result. (The key never travels: deriveAllReduceKey makes it from the job token both sides hold.)
+//
+// The first call runs a join barrier (a rank publishes "ready" until it has heard from every peer; any message
+// from a peer also counts) so nothing is published to a peer that has not subscribed yet. A call that does not
+// complete within `timeoutMs` fails with AllReduceTimeoutError, which names the ranks whose data is missing.
+import crypto from 'node:crypto';
+import type { Msg, NatsConnection, Subscription } from '@nats-io/transport-node';
 import { headers as natsHeaders } from '@nats-io/transport-node';
 import { ConfigError, DqloraError, WireError } from '../common/errors.ts';
 import { logger } from '../common/log.ts';
@@ -33,10 +38,29 @@ const log = logger('allreduce');
 
 /** Bytes kept free in every message for the NATS headers (they count towards max_payload). */
 const HEADER_RESERVE = 256;
-/** Future steps buffered at most (a peer can be at most one step ahead; the rest is slack for reordering). */
-const MAX_PENDING_STEPS = 4;
+/** (seq, bucket) states buffered at most: a peer runs at most one seq ahead; buckets per seq are few. */
+const MAX_PENDING_BUCKETS = 512;
 /** Interval of the join barrier's "ready" announcements. */
 const READY_INTERVAL_MS = 50;
+/** At most one warning per this interval about rejected messages (with the count since the last one). */
+const REJECT_LOG_INTERVAL_MS = 2000;
+
+// ---- message header ------------------------------------------------------------------------------------
+// 40 bytes, little-endian, then the 32-byte MAC; base64 in the NATS header `dq`.
+//   0 u8 version (1) | 1 u8 kind (1 rs, 2 ag, 3 ready, 4 ready-reply) | 2 u16 rank | 4 u32 stage | 8 f64 seq |
+//  16 u32 bucket | 20 u32 chunk | 24 u32 count | 28 u32 off (elements, in the slice) | 32 f64 n (buffer elements)
+const HDR = 40;
+const MAC = 32;
+const VERSION = 1;
+const KIND = { rs: 1, ag: 2, ready: 3, readyReply: 4 } as const;
+type Kind = (typeof KIND)[keyof typeof KIND];
+
+interface Header { kind: Kind; rank: number; stage: number; seq: number; bucket: number; chunk: number; count: number; off: number; n: number }
+
+/** The per-job all-reduce key, derived from the job token (which the coordinator and every worker hold). */
+export function deriveAllReduceKey(jobToken: string, jobId: string): Uint8Array {
+  return crypto.createHmac('sha256', jobToken).update(`dqlora all-reduce v1\0${jobId}`).digest();
+}
 
 /** A step did not complete in time; `missingRanks` are the ranks whose data never (fully) arrived. */
 export class AllReduceTimeoutError extends DqloraError {
@@ -53,11 +77,13 @@ export interface NatsAllReduceOptions {
   /** This replica's rank, 0..worldSize−1. */
   rank: number;
   worldSize: number;
-  /** Per step (and for the join barrier): how long to wait for peers before failing. */
+  /** Per call (and for the join barrier): how long to wait for peers before failing. */
   timeoutMs: number;
+  /** The job's secret (≥ 16 bytes; deriveAllReduceKey): every message is authenticated with it. Required when worldSize > 1. */
+  key?: Uint8Array;
   /** Max bytes per message; default and upper bound: the server's max_payload (nc.info.max_payload). */
   maxPayload?: number;
-  /** Largest accepted buffer, in elements (bounds what a peer's `n` header can make us allocate). */
+  /** Largest accepted buffer, in elements (bounds what a peer's `n` can make us allocate). */
   maxElements?: number;
 }
 
@@ -66,28 +92,31 @@ export interface AllReduceStats {
   bytesReceived: number;
   messagesSent: number;
   messagesReceived: number;
-  /** Messages of already-completed steps (late duplicates, retries of a failed peer). */
+  /** Messages refused: bad or missing MAC, a repeat of a chunk already received, or of a seq already finished. */
+  rejected: number;
+  /** Of `rejected`: messages of seqs this rank had finished (late or replayed). */
   staleDropped: number;
 }
 
 /** One incoming slice (from one sender), assembled from its chunks. */
 interface Incoming {
-  /** [sliceLen] — staging, or (all-gather while the call is active) a view into the caller's buffer. */
-  data: Float32Array;
+  /** [sliceLen] staging; all-gather while the call is active: a view into the caller's buffer. Allocated lazily. */
+  data?: Float32Array;
   seen: Uint8Array; // [count] 1 when chunk i arrived
   count: number;
   chunksGot: number;
   complete: boolean;
 }
 
-interface StepState {
-  step: number;
+interface BucketState {
+  seq: number;
+  bucket: number;
   n: number;
   /** Contributions to this rank's slice, by sender rank. */
   rs: Map<number, Incoming>;
   /** Reduced slices, by owner rank. */
   ag: Map<number, Incoming>;
-  /** The caller's buffer once allReduceSum(step) runs. */
+  /** The caller's buffer once the call for this bucket runs. */
   buf?: Float32Array;
   /** Per chunk of this rank's slice: how many peers have delivered it, and whether it is reduced and sent. */
   rsChunkPeers: Uint16Array;
@@ -98,41 +127,53 @@ interface StepState {
 }
 
 export class NatsAllReduce {
-  readonly stats: AllReduceStats = { bytesSent: 0, bytesReceived: 0, messagesSent: 0, messagesReceived: 0, staleDropped: 0 };
+  readonly stats: AllReduceStats = { bytesSent: 0, bytesReceived: 0, messagesSent: 0, messagesReceived: 0, rejected: 0, staleDropped: 0 };
   private readonly nc: NatsConnection;
   private readonly opts: Required<NatsAllReduceOptions>;
   private readonly prefix: string;
+  private readonly jobBytes: Buffer;
   private readonly subs: Subscription[] = [];
-  private readonly steps = new Map<number, StepState>();
+  private readonly buckets = new Map<string, BucketState>();
+  /** Keys of (seq, bucket) calls that completed, for seqs ≥ finishedBelow (replays of them are refused). */
+  private readonly done = new Set<string>();
+  /** Keys of (seq, bucket) calls running now. */
+  private readonly active = new Map<string, number>();
+  /** The newest seq a call has started on this rank. */
+  private currentSeq = -1;
   /** Ranks known to have subscribed (heard from directly). */
   private readonly joined = new Set<number>();
   private joinWake?: () => void;
   private joinPromise?: Promise<void>;
-  private lastCompleted = -Infinity;
-  private busy = false;
   private closed = false;
   private lastReadyReply = 0;
+  private scratch = new Float32Array(0);
+  private rejectLog = { last: 0, since: 0, reason: '' };
 
   constructor(nc: NatsConnection, opts: NatsAllReduceOptions) {
     const serverMax = nc.info?.max_payload ?? 1024 * 1024;
     this.nc = nc;
-    this.opts = { maxPayload: serverMax, maxElements: 1 << 28, ...opts };
+    this.opts = { maxPayload: serverMax, maxElements: 1 << 28, key: new Uint8Array(0), ...opts };
     const { jobId, stage, rank, worldSize, timeoutMs, maxPayload } = this.opts;
+    const key = opts.key;
     if (!/^[A-Za-z0-9_-]{1,128}$/.test(jobId)) throw new ConfigError(`all-reduce: job id "${jobId}" cannot be a NATS subject token`, { hint: 'use letters, digits, "_" and "-" only' });
-    if (!Number.isInteger(worldSize) || worldSize < 1) throw new ConfigError(`all-reduce: worldSize ${worldSize} must be a positive integer`);
+    if (!Number.isInteger(worldSize) || worldSize < 1 || worldSize > 65535) throw new ConfigError(`all-reduce: worldSize ${worldSize} must be an integer in 1..65535`);
     if (!Number.isInteger(rank) || rank < 0 || rank >= worldSize) throw new ConfigError(`all-reduce: rank ${rank} outside 0..${worldSize - 1}`);
-    if (!Number.isInteger(stage) || stage < 0) throw new ConfigError(`all-reduce: stage ${stage} must be a non-negative integer`);
+    if (!Number.isInteger(stage) || stage < 0 || stage > 0xffffffff) throw new ConfigError(`all-reduce: stage ${stage} must be a non-negative integer`);
     if (!(timeoutMs > 0)) throw new ConfigError(`all-reduce: timeoutMs ${timeoutMs} must be positive`);
     if (maxPayload > serverMax) throw new ConfigError(`all-reduce: maxPayload ${maxPayload} exceeds the server's max_payload ${serverMax}`);
     if (maxPayload < 4 * HEADER_RESERVE) throw new ConfigError(`all-reduce: maxPayload ${maxPayload} is too small (need ≥ ${4 * HEADER_RESERVE} bytes)`);
-    this.prefix = `dqlora.${jobId}.ar.${stage}`;
-    if (worldSize === 1) return;
-    // Wildcard over the step token: messages of any step land here, before or during that step's call.
-    this.subs.push(nc.subscribe(`${this.prefix}.*.rs.${rank}`, { callback: (err, m) => this.onMessage(err, m, 'rs') }));
-    for (let o = 0; o < worldSize; o++) {
-      if (o !== rank) this.subs.push(nc.subscribe(`${this.prefix}.*.ag.${o}`, { callback: (err, m) => this.onMessage(err, m, 'ag') }));
+    if (worldSize > 1 && !(key instanceof Uint8Array && key.length >= 16)) {
+      throw new ConfigError(`all-reduce job ${jobId} stage ${stage}: a key of at least 16 bytes is required with ${worldSize} replicas (got ${key instanceof Uint8Array ? `${key.length} bytes` : 'none'})`,
+        { hint: 'pass key: deriveAllReduceKey(jobToken, jobId) — every replica of the job derives the same one' });
     }
-    this.subs.push(nc.subscribe(`${this.prefix}.ready`, { callback: (err, m) => this.onReady(err, m) }));
+    this.prefix = `dqlora.${jobId}.ar.${stage}`;
+    this.jobBytes = Buffer.from(jobId);
+    if (worldSize === 1) return;
+    this.subs.push(nc.subscribe(`${this.prefix}.rs.${rank}`, { callback: (err, m) => this.onMessage(err, m) }));
+    for (let o = 0; o < worldSize; o++) {
+      if (o !== rank) this.subs.push(nc.subscribe(`${this.prefix}.ag.${o}`, { callback: (err, m) => this.onMessage(err, m) }));
+    }
+    this.subs.push(nc.subscribe(`${this.prefix}.ready`, { callback: (err, m) => this.onMessage(err, m) }));
   }
 
   /** Elements per message payload. */
@@ -148,56 +189,67 @@ export class NatsAllReduce {
   }
 
   /**
-   * Replaces `buf` (every replica's [n] float32 gradients) by the element-wise sum over all ranks, summed in
-   * rank order 0..R−1. All ranks must call it with the same step and length. Calls are sequential.
+   * Replaces `buf` (every replica's [n] float32 gradients) by the element-wise sum over all ranks, summed in rank
+   * order 0..R−1. All ranks must call it with the same step and length. The single-bucket form of allReduceBucket.
    */
-  async allReduceSum(step: number, buf: Float32Array): Promise<void> {
+  allReduceSum(step: number, buf: Float32Array): Promise<void> {
+    return this.allReduceBucket(step, 0, buf);
+  }
+
+  /**
+   * All-reduces bucket `bucket` of step `seq` (see the header): `buf` becomes the fixed-order sum over the ranks.
+   * Buckets of one seq may run concurrently and start in any order; a seq older than the newest one started here
+   * is refused, as is a (seq, bucket) that already ran. Do not touch `buf` until the promise settles.
+   */
+  async allReduceBucket(seq: number, bucket: number, buf: Float32Array): Promise<void> {
     const { worldSize, rank, timeoutMs } = this.opts;
     if (this.closed) throw new DqloraError('all-reduce: used after close()');
-    if (!Number.isSafeInteger(step) || step < 0) throw new ConfigError(`all-reduce: step ${step} must be a non-negative integer`);
+    if (!Number.isSafeInteger(seq) || seq < 0) throw new ConfigError(`all-reduce: step ${seq} must be a non-negative integer`);
+    if (!Number.isInteger(bucket) || bucket < 0 || bucket > 0xffffffff) throw new ConfigError(`all-reduce: bucket ${bucket} must be a non-negative 32-bit integer`);
     if (worldSize === 1) return;
-    if (this.busy) throw new DqloraError(`all-reduce: step ${step} started while another step is still running on this rank`);
-    if (step <= this.lastCompleted) throw new DqloraError(`all-reduce: step ${step} is not after the last completed step ${this.lastCompleted}`);
+    const key = `${seq}:${bucket}`;
+    if (seq < this.currentSeq) throw new DqloraError(`all-reduce: step ${seq} bucket ${bucket} started after step ${this.currentSeq} (steps must not go back)`);
+    if (this.done.has(key)) throw new DqloraError(`all-reduce: step ${seq} bucket ${bucket} is not after the last completed step ${seq} (this bucket already ran)`);
+    if (this.active.has(key)) throw new DqloraError(`all-reduce: step ${seq} bucket ${bucket} started while the same bucket is still running on this rank`);
     if (buf.length > this.opts.maxElements) throw new ConfigError(`all-reduce: buffer of ${buf.length} elements exceeds maxElements ${this.opts.maxElements}`);
-    this.busy = true;
+    this.active.set(key, seq);
+    if (seq > this.currentSeq) this.advance(seq);
     const deadline = Date.now() + timeoutMs;
     try {
       await this.join(deadline);
-      // Earlier steps that never completed (a failed step) can no longer complete: drop their buffers.
-      for (const s of this.steps.keys()) if (s < step) this.steps.delete(s);
-      const st = this.state(step, buf.length);
+      const st = this.state(seq, bucket, buf.length);
       const sameLength = st.n === buf.length;
       if (sameLength) {
         st.buf = buf;
-        // All-gather slices that arrived before this call were staged: move them into place and keep
-        // assembling the rest directly in `buf`.
+        // All-gather slices that arrived before this call were staged: move them into place and assemble the rest
+        // directly in `buf`.
         for (const [o, inc] of st.ag) {
           const [lo, hi] = NatsAllReduce.slice(buf.length, worldSize, o);
           const view = buf.subarray(lo, hi);
-          view.set(inc.data);
+          if (inc.data) view.set(inc.data);
           inc.data = view;
         }
       }
-      // 1. reduce-scatter: send my copy of every other owner's slice. (Also on a length mismatch, so that
-      // every peer sees it and fails with the same clear error instead of timing out.)
+      // 1. reduce-scatter: my copy of every other owner's slice. (Also on a length mismatch, so that every peer
+      // sees it and fails with the same clear error instead of timing out.)
       for (let o = 0; o < worldSize; o++) {
         if (o === rank) continue;
         const [lo, hi] = NatsAllReduce.slice(buf.length, worldSize, o);
-        this.publishSlice(`${this.prefix}.${step}.rs.${o}`, step, buf.length, buf.subarray(lo, hi));
+        this.publishSlice(`${this.prefix}.rs.${o}`, KIND.rs, seq, bucket, buf.length, buf.subarray(lo, hi));
       }
       if (!sameLength) {
-        this.steps.delete(step);
-        throw new WireError(`all-reduce step ${step}: a peer sent a buffer of ${st.n} elements, this rank has ${buf.length}`, { hint: 'replicas of one stage must hold the same LoRA layout' });
+        this.buckets.delete(key);
+        throw new WireError(`all-reduce step ${seq} bucket ${bucket}: a peer sent a buffer of ${st.n} elements, this rank has ${buf.length}`, { hint: 'replicas of one stage must hold the same LoRA layout' });
       }
-      // 2. Chunks of my slice whose contributions are all in are reduced and all-gathered right away; the
-      // rest as their last contribution arrives (onMessage), so both phases overlap on the wire.
+      // 2. Chunks of my slice whose contributions are all in are reduced and all-gathered right away; the rest as
+      // their last contribution arrives (onMessage), so both phases overlap on the wire.
       this.reduceReadyChunks(st);
       await this.waitFor(st, deadline, 'reduce-scatter', () => (st.reducedCount === st.reduced.length ? [] : this.missing(st.rs)));
       await this.waitFor(st, deadline, 'all-gather', () => this.missing(st.ag));
-      this.lastCompleted = step;
-      this.steps.delete(step);
+      this.done.add(key);
     } finally {
-      this.busy = false;
+      this.buckets.delete(key);
+      this.active.delete(key);
     }
   }
 
@@ -206,38 +258,54 @@ export class NatsAllReduce {
     this.closed = true;
     for (const s of this.subs) s.unsubscribe();
     this.subs.length = 0;
-    for (const st of this.steps.values()) st.wake?.();
+    for (const st of this.buckets.values()) st.wake?.();
     this.joinWake?.();
+  }
+
+  /** Seqs below this are finished here: their messages are refused, their buffered state dropped. */
+  private get finishedBelow(): number {
+    let m = this.currentSeq;
+    for (const s of this.active.values()) m = Math.min(m, s);
+    return m;
+  }
+
+  private advance(seq: number): void {
+    this.currentSeq = seq;
+    const below = this.finishedBelow;
+    for (const [k, st] of this.buckets) if (st.seq < below && !this.active.has(k)) this.buckets.delete(k);
+    for (const k of this.done) if (Number(k.split(':')[0]) < below) this.done.delete(k);
   }
 
   // ----- reducing -----
 
   /**
-   * Reduces chunk c of this rank's slice — acc = x_0 + x_1 + … + x_{R−1} in rank order, every addition
-   * rounded to float32 — writes it into the caller's buffer and publishes it on the all-gather subject.
+   * Reduces chunk c of this rank's slice — acc = x_0 + x_1 + … + x_{R−1} in rank order, every addition rounded to
+   * float32 — writes it into the caller's buffer and publishes it on the all-gather subject. `direct` is the
+   * contribution that just arrived (read from the message, not staged).
    */
-  private reduceChunk(st: StepState, c: number): void {
+  private reduceChunk(st: BucketState, c: number, direct?: { from: number; data: Float32Array }): void {
     const { worldSize, rank } = this.opts;
     const buf = st.buf!;
     const [lo, hi] = NatsAllReduce.slice(st.n, worldSize, rank);
     const per = this.chunkElems;
     const a = c * per, b = Math.min(hi - lo, (c + 1) * per);
     const mine = buf.subarray(lo + a, lo + b);
-    const parts: Float32Array[] = [];
-    for (let q = 0; q < worldSize; q++) parts.push(q === rank ? mine : st.rs.get(q)!.data.subarray(a, b));
-    const acc = parts[0].slice();
+    const part = (q: number): Float32Array => (q === rank ? mine : direct && direct.from === q ? direct.data : st.rs.get(q)!.data!.subarray(a, b));
+    if (this.scratch.length < mine.length) this.scratch = new Float32Array(per);
+    const acc = this.scratch.subarray(0, mine.length);
+    acc.set(part(0));
     for (let q = 1; q < worldSize; q++) {
-      const p = parts[q];
+      const p = part(q);
       for (let i = 0; i < acc.length; i++) acc[i] += p[i];
     }
     mine.set(acc);
     st.reduced[c] = 1;
     st.reducedCount++;
-    this.publishChunk(`${this.prefix}.${st.step}.ag.${rank}`, st.step, st.n, c, st.reduced.length, a, mine);
+    this.publishChunk(`${this.prefix}.ag.${rank}`, KIND.ag, st.seq, st.bucket, st.n, c, st.reduced.length, a, mine);
   }
 
   /** Reduces every chunk whose R−1 contributions have arrived (only once the caller's buffer is known). */
-  private reduceReadyChunks(st: StepState): void {
+  private reduceReadyChunks(st: BucketState): void {
     if (!st.buf) return;
     const need = this.opts.worldSize - 1;
     for (let c = 0; c < st.reduced.length; c++) if (!st.reduced[c] && st.rsChunkPeers[c] === need) this.reduceChunk(st, c);
@@ -245,26 +313,76 @@ export class NatsAllReduce {
 
   // ----- sending -----
 
-  private publishSlice(subject: string, step: number, n: number, slice: Float32Array): void {
+  private publishSlice(subject: string, kind: Kind, seq: number, bucket: number, n: number, slice: Float32Array): void {
     const per = this.chunkElems;
     const count = Math.max(1, Math.ceil(slice.length / per));
-    for (let c = 0; c < count; c++) this.publishChunk(subject, step, n, c, count, c * per, slice.subarray(c * per, Math.min(slice.length, (c + 1) * per)));
+    for (let c = 0; c < count; c++) this.publishChunk(subject, kind, seq, bucket, n, c, count, c * per, slice.subarray(c * per, Math.min(slice.length, (c + 1) * per)));
   }
 
-  private publishChunk(subject: string, step: number, n: number, chunk: number, count: number, off: number, data: Float32Array): void {
-    const h = natsHeaders();
-    h.set('rank', String(this.opts.rank));
-    h.set('step', String(step));
-    h.set('chunk', String(chunk));
-    h.set('count', String(count));
-    h.set('off', String(off));
-    h.set('n', String(n));
-    // nats.js keeps a reference and writes it out on the next microtask, before any peer can have
-    // answered, so the caller's buffer cannot change under it.
+  private publishChunk(subject: string, kind: Kind, seq: number, bucket: number, n: number, chunk: number, count: number, off: number, data: Float32Array): void {
     const payload = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    const h = natsHeaders();
+    h.set('dq', this.seal({ kind, rank: this.opts.rank, stage: this.opts.stage, seq, bucket, chunk, count, off, n }, payload));
+    // nats.js keeps a reference and writes it out on the next microtask, before any peer can have answered, so
+    // the caller's buffer cannot change under it.
     this.nc.publish(subject, payload, { headers: h });
     this.stats.bytesSent += payload.length;
     this.stats.messagesSent++;
+  }
+
+  /** The `dq` header value: header fields + HMAC over job, fields and payload, base64. */
+  private seal(hd: Header, payload: Uint8Array): string {
+    const b = Buffer.alloc(HDR + MAC);
+    b[0] = VERSION;
+    b[1] = hd.kind;
+    b.writeUInt16LE(hd.rank, 2);
+    b.writeUInt32LE(hd.stage, 4);
+    b.writeDoubleLE(hd.seq, 8);
+    b.writeUInt32LE(hd.bucket, 16);
+    b.writeUInt32LE(hd.chunk, 20);
+    b.writeUInt32LE(hd.count, 24);
+    b.writeUInt32LE(hd.off, 28);
+    b.writeDoubleLE(hd.n, 32);
+    this.mac(b.subarray(0, HDR), payload).copy(b, HDR);
+    return b.toString('base64');
+  }
+
+  private mac(header: Uint8Array, payload: Uint8Array): Buffer {
+    return crypto.createHmac('sha256', this.opts.key).update(this.jobBytes).update(header).update(payload).digest();
+  }
+
+  /** Parses and authenticates a message's `dq` header; undefined (and counted) when it does not check. */
+  private open(m: Msg): Header | undefined {
+    const v = m.headers?.get('dq');
+    const b = v ? Buffer.from(v, 'base64') : undefined;
+    if (!b || b.length !== HDR + MAC || b[0] !== VERSION) return this.reject('missing or malformed header', m);
+    if (!crypto.timingSafeEqual(this.mac(b.subarray(0, HDR), m.data), b.subarray(HDR))) return this.reject('bad MAC (forged, corrupted, or another job\'s key)', m);
+    const hd: Header = {
+      kind: b[1] as Kind, rank: b.readUInt16LE(2), stage: b.readUInt32LE(4), seq: b.readDoubleLE(8), bucket: b.readUInt32LE(16),
+      chunk: b.readUInt32LE(20), count: b.readUInt32LE(24), off: b.readUInt32LE(28), n: b.readDoubleLE(32),
+    };
+    const { worldSize, rank, stage } = this.opts;
+    // Our own announcements come back on the ready subject (NATS echoes to the publisher's subscriptions).
+    if (hd.rank === rank && (hd.kind === KIND.ready || hd.kind === KIND.readyReply) && hd.stage === stage) return undefined;
+    // Authentic but inconsistent (a peer's bug, or a key shared with another stage): refuse as well.
+    if (hd.stage !== stage || hd.rank >= worldSize || hd.rank === rank || !Number.isSafeInteger(hd.seq) || hd.seq < 0 || !Number.isSafeInteger(hd.n) || hd.n < 0 || hd.kind < 1 || hd.kind > 4) {
+      return this.reject(`inconsistent header (stage ${hd.stage}, rank ${hd.rank}, seq ${hd.seq})`, m);
+    }
+    return hd;
+  }
+
+  private reject(reason: string, m: Msg, stale = false): undefined {
+    this.stats.rejected++;
+    if (stale) this.stats.staleDropped++;
+    const now = Date.now();
+    this.rejectLog.since++;
+    this.rejectLog.reason = reason;
+    if (now - this.rejectLog.last >= REJECT_LOG_INTERVAL_MS) {
+      log.warn({ subject: m.subject, count: this.rejectLog.since, rejectedTotal: this.stats.rejected }, `all-reduce: refused ${this.rejectLog.since} message(s), latest: ${reason}`);
+      this.rejectLog.last = now;
+      this.rejectLog.since = 0;
+    }
+    return undefined;
   }
 
   // ----- join barrier -----
@@ -297,24 +415,9 @@ export class NatsAllReduce {
   /** `reply`: an answer to a peer's announcement (never answered itself, so there is no ping-pong). */
   private announce(reply = false): void {
     const h = natsHeaders();
-    h.set('rank', String(this.opts.rank));
-    if (reply) h.set('reply', '1');
-    this.nc.publish(`${this.prefix}.ready`, undefined, { headers: h });
-  }
-
-  private onReady(err: Error | null, m: Msg): void {
-    if (err || this.closed) return;
-    const q = parseIntHeader(m.headers, 'rank');
-    if (q === undefined || q === this.opts.rank || q >= this.opts.worldSize) return;
-    this.heardFrom(q);
-    // A peer announcing itself may not have heard from us yet (we may not be in a call, or we finished our
-    // own barrier before it subscribed): answer. Receiving this proves our subscriptions, made in one
-    // ordered batch before this one, are active on the server. Rate-limited against a flood of joiners.
-    const now = Date.now();
-    if (m.headers?.get('reply') !== '1' && now - this.lastReadyReply >= READY_INTERVAL_MS / 5) {
-      this.lastReadyReply = now;
-      this.announce(true);
-    }
+    const empty = new Uint8Array(0);
+    h.set('dq', this.seal({ kind: reply ? KIND.readyReply : KIND.ready, rank: this.opts.rank, stage: this.opts.stage, seq: 0, bucket: 0, chunk: 0, count: 0, off: 0, n: 0 }, empty));
+    this.nc.publish(`${this.prefix}.ready`, empty, { headers: h });
   }
 
   private heardFrom(q: number): void {
@@ -326,41 +429,41 @@ export class NatsAllReduce {
 
   // ----- receiving -----
 
-  private onMessage(err: Error | null, m: Msg, kind: 'rs' | 'ag'): void {
+  private onMessage(err: Error | null, m: Msg): void {
     if (err || this.closed) return;
-    const { worldSize, rank } = this.opts;
-    const h = m.headers;
-    const from = parseIntHeader(h, 'rank'), step = parseIntHeader(h, 'step'), chunk = parseIntHeader(h, 'chunk');
-    const count = parseIntHeader(h, 'count'), off = parseIntHeader(h, 'off'), n = parseIntHeader(h, 'n');
-    if (from === undefined || step === undefined || chunk === undefined || count === undefined || off === undefined || n === undefined) {
-      log.warn({ subject: m.subject }, 'all-reduce: dropping a message without valid rank/step/chunk/count/off/n headers');
-      return;
-    }
     this.stats.messagesReceived++;
     this.stats.bytesReceived += m.data.length;
-    if (from >= worldSize || from === rank) {
-      log.warn({ subject: m.subject, from }, 'all-reduce: dropping a message from an unknown rank');
-      return;
-    }
+    const hd = this.open(m);
+    if (!hd) return;
+    const { worldSize, rank } = this.opts;
+    const from = hd.rank;
     this.heardFrom(from);
-    if (step <= this.lastCompleted) {
-      this.stats.staleDropped++;
-      return;
-    }
-    if (n > this.opts.maxElements) {
-      log.warn({ subject: m.subject, n }, 'all-reduce: dropping a message announcing a buffer above maxElements');
-      return;
-    }
-    let st = this.steps.get(step);
-    if (!st) {
-      if (this.steps.size >= MAX_PENDING_STEPS) {
-        log.warn({ step, pending: [...this.steps.keys()] }, 'all-reduce: too many pending steps, dropping a message');
-        return;
+    if (hd.kind === KIND.ready || hd.kind === KIND.readyReply) {
+      // A peer announcing itself may not have heard from us yet (we may not be in a call, or we finished our own
+      // barrier before it subscribed): answer. Receiving this proves our subscriptions, made in one ordered batch
+      // before this one, are active on the server. Rate-limited against a flood of joiners.
+      const now = Date.now();
+      if (hd.kind === KIND.ready && now - this.lastReadyReply >= READY_INTERVAL_MS / 5) {
+        this.lastReadyReply = now;
+        this.announce(true);
       }
-      st = this.state(step, n);
+      return;
+    }
+    const kind = hd.kind === KIND.rs ? 'rs' : 'ag';
+    // The subject must match the header (the MAC covers the header, not the subject).
+    if (m.subject !== `${this.prefix}.${kind}.${kind === 'rs' ? rank : from}`) return this.reject(`${kind} message on subject ${m.subject}`, m);
+    const { seq, bucket, chunk, count, off, n } = hd;
+    const key = `${seq}:${bucket}`;
+    if (seq < this.finishedBelow) return this.reject(`a message of step ${seq}, which this rank has finished`, m, true);
+    if (this.done.has(key)) return this.reject(`a message of step ${seq} bucket ${bucket}, which this rank has finished`, m, true);
+    if (n > this.opts.maxElements) return this.reject(`a buffer of ${n} elements, above maxElements`, m);
+    let st = this.buckets.get(key);
+    if (!st) {
+      if (this.buckets.size >= MAX_PENDING_BUCKETS) return this.reject(`too many pending buckets (${this.buckets.size})`, m);
+      st = this.state(seq, bucket, n);
     }
     try {
-      if (n !== st.n) throw new WireError(`all-reduce step ${step}: rank ${from} sent a buffer of ${n} elements, expected ${st.n}`, { hint: 'replicas of one stage must hold the same LoRA layout' });
+      if (n !== st.n) throw new WireError(`all-reduce step ${seq} bucket ${bucket}: rank ${from} sent a buffer of ${n} elements, expected ${st.n}`, { hint: 'replicas of one stage must hold the same LoRA layout' });
       // rs: from → my slice; ag: the owner `from` → its slice.
       const owner = kind === 'rs' ? rank : from;
       const [lo, hi] = NatsAllReduce.slice(st.n, worldSize, owner);
@@ -368,29 +471,35 @@ export class NatsAllReduce {
       const map = kind === 'rs' ? st.rs : st.ag;
       let inc = map.get(from);
       if (!inc) {
-        if (count < 1 || count > Math.max(1, len)) throw new WireError(`all-reduce step ${step}: rank ${from} announced ${count} chunks for a slice of ${len} elements`);
-        const data = kind === 'ag' && st.buf ? st.buf.subarray(lo, hi) : new Float32Array(len);
-        inc = { data, seen: new Uint8Array(count), count, chunksGot: 0, complete: false };
+        if (count < 1 || count > Math.max(1, len)) throw new WireError(`all-reduce step ${seq} bucket ${bucket}: rank ${from} announced ${count} chunks for a slice of ${len} elements`);
+        inc = { data: kind === 'ag' && st.buf ? st.buf.subarray(lo, hi) : undefined, seen: new Uint8Array(count), count, chunksGot: 0, complete: false };
         map.set(from, inc);
       }
-      if (count !== inc.count || chunk >= count) throw new WireError(`all-reduce step ${step}: rank ${from} sent chunk ${chunk} of ${count}, expected one of ${inc.count}`);
-      if (inc.seen[chunk]) return; // a duplicate delivery: the first copy counts
+      if (count !== inc.count || chunk >= count) throw new WireError(`all-reduce step ${seq} bucket ${bucket}: rank ${from} sent chunk ${chunk} of ${count}, expected one of ${inc.count}`);
+      if (inc.seen[chunk]) { this.reject(`a repeat of step ${seq} bucket ${bucket} ${kind} chunk ${chunk} from rank ${from}`, m); return; }
       if (kind === 'rs' && (count !== st.reduced.length || off !== chunk * this.chunkElems)) {
         // Chunk c must mean the same elements on every rank, so that it can be reduced as soon as it is in.
-        throw new WireError(`all-reduce step ${step}: rank ${from} chunks its slice differently (chunk ${chunk} at element ${off} of ${count}; here ${st.reduced.length} chunks of ${this.chunkElems})`,
+        throw new WireError(`all-reduce step ${seq} bucket ${bucket}: rank ${from} chunks its slice differently (chunk ${chunk} at element ${off} of ${count}; here ${st.reduced.length} chunks of ${this.chunkElems})`,
           { hint: 'all replicas must use the same maxPayload (default: the server\'s max_payload)' });
       }
       if (m.data.length % 4 !== 0 || off + m.data.length / 4 > len) {
-        throw new WireError(`all-reduce step ${step}: rank ${from} chunk ${chunk} (${m.data.length} bytes at element ${off}) does not fit its ${len}-element slice`);
+        throw new WireError(`all-reduce step ${seq} bucket ${bucket}: rank ${from} chunk ${chunk} (${m.data.length} bytes at element ${off}) does not fit its ${len}-element slice`);
       }
-      // Copy: the message bytes live in the socket's read buffer and may sit at an odd offset.
-      new Uint8Array(inc.data.buffer, inc.data.byteOffset + off * 4, m.data.length).set(m.data);
       inc.seen[chunk] = 1;
       inc.chunksGot++;
       if (inc.chunksGot === inc.count) inc.complete = true;
       if (kind === 'rs') {
         st.rsChunkPeers[chunk]++;
-        if (st.rsChunkPeers[chunk] === worldSize - 1 && st.buf) this.reduceChunk(st, chunk);
+        if (st.rsChunkPeers[chunk] === worldSize - 1 && st.buf) {
+          // The last contribution of this chunk: sum it straight from the message (aligned) — no staging copy.
+          this.reduceChunk(st, chunk, { from, data: floatsOf(m.data) });
+        } else {
+          inc.data ??= new Float32Array(len);
+          copyInto(inc.data, off, m.data);
+        }
+      } else {
+        inc.data ??= new Float32Array(len);
+        copyInto(inc.data, off, m.data);
       }
     } catch (e) {
       st.error ??= e as Error;
@@ -398,13 +507,14 @@ export class NatsAllReduce {
     st.wake?.();
   }
 
-  private state(step: number, n: number): StepState {
-    let st = this.steps.get(step);
+  private state(seq: number, bucket: number, n: number): BucketState {
+    const key = `${seq}:${bucket}`;
+    let st = this.buckets.get(key);
     if (!st) {
       const [lo, hi] = NatsAllReduce.slice(n, this.opts.worldSize, this.opts.rank);
       const count = Math.max(1, Math.ceil((hi - lo) / this.chunkElems));
-      st = { step, n, rs: new Map(), ag: new Map(), rsChunkPeers: new Uint16Array(count), reduced: new Uint8Array(count), reducedCount: 0 };
-      this.steps.set(step, st);
+      st = { seq, bucket, n, rs: new Map(), ag: new Map(), rsChunkPeers: new Uint16Array(count), reduced: new Uint8Array(count), reducedCount: 0 };
+      this.buckets.set(key, st);
     }
     return st;
   }
@@ -414,10 +524,10 @@ export class NatsAllReduce {
     return range(this.opts.worldSize).filter((q) => q !== this.opts.rank && !map.get(q)?.complete);
   }
 
-  private async waitFor(st: StepState, deadline: number, phase: 'reduce-scatter' | 'all-gather', missing: () => number[]): Promise<void> {
+  private async waitFor(st: BucketState, deadline: number, phase: 'reduce-scatter' | 'all-gather', missing: () => number[]): Promise<void> {
     for (;;) {
       if (st.error) throw st.error;
-      if (this.closed) throw new DqloraError(`all-reduce step ${st.step}: closed during ${phase}`);
+      if (this.closed) throw new DqloraError(`all-reduce step ${st.seq} bucket ${st.bucket}: closed during ${phase}`);
       const miss = missing();
       if (miss.length === 0) return;
       const left = deadline - Date.now();
@@ -427,9 +537,8 @@ export class NatsAllReduce {
           const inc = map.get(q);
           return inc ? `rank ${q} (${inc.chunksGot} of ${inc.count} chunks)` : `rank ${q} (nothing)`;
         }).join(', ');
-        this.steps.delete(st.step);
         throw new AllReduceTimeoutError(
-          `all-reduce job ${this.opts.jobId} stage ${this.opts.stage} step ${st.step}: rank ${this.opts.rank} timed out after ${this.opts.timeoutMs} ms in ${phase}, data missing from ${detail}`,
+          `all-reduce job ${this.opts.jobId} stage ${this.opts.stage} step ${st.seq}${st.bucket ? ` bucket ${st.bucket}` : ''}: rank ${this.opts.rank} timed out after ${this.opts.timeoutMs} ms in ${phase}, data missing from ${detail}`,
           miss, phase);
       }
       await new Promise<void>((res) => {
@@ -441,10 +550,17 @@ export class NatsAllReduce {
   }
 }
 
-function parseIntHeader(h: MsgHdrs | undefined, key: string): number | undefined {
-  const v = h?.get(key);
-  if (!v || !/^\d{1,15}$/.test(v)) return undefined;
-  return Number(v);
+/** A float32 view of message bytes; a copy only when they sit at an unaligned offset of the read buffer. */
+function floatsOf(b: Uint8Array): Float32Array {
+  if (b.byteOffset % 4 === 0) return new Float32Array(b.buffer, b.byteOffset, b.byteLength / 4);
+  const f = new Float32Array(b.byteLength / 4);
+  new Uint8Array(f.buffer).set(b);
+  return f;
+}
+
+/** Copies message bytes into dst at element offset `off` (the bytes may sit at an odd offset). */
+function copyInto(dst: Float32Array, off: number, b: Uint8Array): void {
+  new Uint8Array(dst.buffer, dst.byteOffset + off * 4, b.byteLength).set(b);
 }
 
 function range(n: number): number[] {

@@ -19,7 +19,7 @@ import { connect, type NatsConnection } from '@nats-io/transport-node';
 import type { BackendName } from '../../core/engine/index.ts';
 import { natsConnectOptions } from '../../common/nats-options.ts';
 import { connectionError } from '../../common/connection.ts';
-import { NatsAllReduce } from '../allreduce.ts';
+import { NatsAllReduce, deriveAllReduceKey } from '../allreduce.ts';
 import { PipelineClient } from '../transport/pipeline.ts';
 import { Inbox, StepAbortedError } from './inbox.ts';
 import { ComputeThread } from './stage-compute.ts';
@@ -78,7 +78,7 @@ export class StageRunner {
       // job or a URL (common/nats-options.ts); a refused connection names the address.
       this.nc = await connect({ servers: a.natsUrl, name: `dqlora-${generationId(a)}-s${a.stage}-r${a.replica}`, timeout: 10_000, ...natsConnectOptions() })
         .catch((e: unknown) => { throw connectionError('NATS', a.natsUrl!, e); });
-      this.allreduce = new NatsAllReduce(this.nc, { jobId: generationId(a), stage: a.stage, rank: a.replica, worldSize: a.numReplicas, timeoutMs: a.train.stepTimeoutMs });
+      this.allreduce = new NatsAllReduce(this.nc, { jobId: generationId(a), stage: a.stage, rank: a.replica, worldSize: a.numReplicas, timeoutMs: a.train.stepTimeoutMs, key: deriveAllReduceKey(this.jobToken, generationId(a)) });
     }
     this.inbox.begin(a.firstSeq);
     this.a = a;
