@@ -1,10 +1,13 @@
 // All-reduce throughput over NATS vs raw NATS pub/sub throughput, measured in the same run against a
 // nats-server started here (127.0.0.1, OS-assigned port, default 1 MiB max_payload).
-//   node --import tsx bench/allreduce.ts [--sizes 1,4,16,64] [--ranks 2,4] [--reps 5]
+//   node --import tsx bench/allreduce.ts [--sizes 1,4,16,64] [--ranks 2,4] [--reps 5] [--payload BYTES]
+// (--payload: the all-reduce's message size, default the server's max_payload, 1 MiB)
 // Every rank runs in its own child process with its own connection, as separate workers would; the raw
 // baseline is one publisher process → one subscriber process, the same message size, the same bytes. Columns:
 //   algbw = buffer bytes / all-reduce time;  busbw = algbw × 2(R−1)/R (bytes each rank sends — and
-//   receives — per byte of buffer, NCCL's convention), which is what to compare with the raw stream.
+//   receives — per byte of buffer, NCCL's convention), which is what to compare with the raw stream. CPU ms per
+//   rank (process.cpuUsage inside the call, mean over ranks) shows the work per byte, which a loaded machine
+//   does not blur the way it blurs the times.
 import os from 'node:os';
 import { fork, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
@@ -17,7 +20,7 @@ const MB = 1 << 20;
 const now = (): number => performance.timeOrigin + performance.now();
 
 type Job =
-  | { kind: 'rank'; url: string; jobId: string; rank: number; worldSize: number; floats: number }
+  | { kind: 'rank'; url: string; jobId: string; rank: number; worldSize: number; floats: number; maxPayload?: number }
   | { kind: 'raw-pub' | 'raw-sub'; url: string; subject: string; bytes: number; msgBytes: number };
 type Cmd = { go: number } | { stop: true };
 
@@ -30,14 +33,16 @@ async function childMain(job: Job): Promise<void> {
     close: (): void => { process.disconnect(); },
   };
   if (job.kind === 'rank') {
-    const ar = new NatsAllReduce(nc, { jobId: job.jobId, stage: 0, rank: job.rank, worldSize: job.worldSize, timeoutMs: 120_000, key: deriveAllReduceKey('bench-token', job.jobId) });
+    const ar = new NatsAllReduce(nc, { jobId: job.jobId, stage: 0, rank: job.rank, worldSize: job.worldSize, timeoutMs: 120_000, key: deriveAllReduceKey('bench-token', job.jobId), maxPayload: job.maxPayload });
     const buf = new Float32Array(job.floats);
     port.on('message', async (m: Cmd) => {
       if ('stop' in m) { ar.close(); await nc.close(); port.close(); return; }
       buf.fill(job.rank + 1);
+      const u0 = process.cpuUsage();
       const start = now();
       await ar.allReduceSum(m.go, buf);
-      port.postMessage({ done: m.go, start, end: now(), check: buf[0] + buf[buf.length - 1] });
+      const end = now(), u = process.cpuUsage(u0);
+      port.postMessage({ done: m.go, start, end, cpuMs: (u.user + u.system) / 1000, check: buf[0] + buf[buf.length - 1] });
     });
   } else if (job.kind === 'raw-sub') {
     let got = 0, target = 0, round = -1;
@@ -84,14 +89,15 @@ async function main(): Promise<void> {
   const sizesMB = arg('sizes', '1,4,16,64').split(',').map(Number);
   const ranksList = arg('ranks', '2,4').split(',').map(Number);
   const reps = Number(arg('reps', '7'));
+  const payloadArg = arg('payload', '');
   // Slow-consumer headroom: one thread may fall behind by a whole 64 MB buffer while others publish.
   const server = await startNatsServer({ extraConfig: ['max_pending: 1073741824'] });
   const probe = await connect({ servers: server.url });
   const maxPayload = probe.info!.max_payload;
   await probe.close();
   console.log(`# NATS all-reduce vs raw pub/sub — ${new Date().toISOString()} — ${os.cpus()[0]?.model ?? 'cpu'} × ${os.cpus().length} threads, node ${process.version}, nats-server max_payload ${maxPayload}, median of ${reps}`);
-  console.log('| buffer | R | raw pub→sub MB/s | all-reduce ms | algbw MB/s | busbw MB/s | busbw / raw |');
-  console.log('|---:|---:|---:|---:|---:|---:|---:|');
+  console.log('| buffer | R | raw pub→sub MB/s | all-reduce ms | algbw MB/s | busbw MB/s | busbw / raw | CPU ms per rank |');
+  console.log('|---:|---:|---:|---:|---:|---:|---:|---:|');
   let seq = 0;
   for (const R of ranksList) {
     for (const mb of sizesMB) {
@@ -99,9 +105,9 @@ async function main(): Promise<void> {
       const subject = `bench.raw.${seq}`;
       const sub = await spawn({ kind: 'raw-sub', url: server.url, subject, bytes, msgBytes: maxPayload - 256 });
       const pub = await spawn({ kind: 'raw-pub', url: server.url, subject, bytes, msgBytes: maxPayload - 256 });
-      const ranks = await Promise.all(Array.from({ length: R }, (_, rank) => spawn({ kind: 'rank', url: server.url, jobId: `bench${seq}`, rank, worldSize: R, floats: bytes / 4 })));
+      const ranks = await Promise.all(Array.from({ length: R }, (_, rank) => spawn({ kind: 'rank', url: server.url, jobId: `bench${seq}`, rank, worldSize: R, floats: bytes / 4, maxPayload: payloadArg ? Number(payloadArg) : undefined })));
       seq++;
-      const raw: number[] = [], ar: number[] = [];
+      const raw: number[] = [], ar: number[] = [], cpu: number[] = [];
       for (let i = 0; i < reps + 3; i++) {
         // Baseline and all-reduce alternate so both see the same machine state; rounds 0–2 warm up (JIT).
         const ready = next<{ ready?: number }>(sub, (m) => m.ready === i);
@@ -114,19 +120,19 @@ async function main(): Promise<void> {
         const rawMs = (await rawDone).end - (await pubDone).start;
         // All-reduce: from the moment the last rank entered the call to the last rank leaving it (a rank
         // that enters early just waits; the commands reach the processes a little apart).
-        const dones = ranks.map((w) => next<{ done?: number; start: number; end: number; check: number }>(w, (m) => m.done === i));
+        const dones = ranks.map((w) => next<{ done?: number; start: number; end: number; cpuMs: number; check: number }>(w, (m) => m.done === i));
         for (const w of ranks) w.postMessage({ go: i });
         const res = await Promise.all(dones);
         const arMs = Math.max(...res.map((r) => r.end)) - Math.max(...res.map((r) => r.start));
         const expect = 2 * (R * (R + 1)) / 2;
         for (const r of res) if (r.check !== expect) throw new Error(`wrong all-reduce result ${r.check}, expected ${expect}`);
-        if (i >= 3) { raw.push(rawMs); ar.push(arMs); }
+        if (i >= 3) { raw.push(rawMs); ar.push(arMs); cpu.push(res.reduce((s, r) => s + r.cpuMs, 0) / R); }
       }
       for (const w of [sub, pub, ...ranks]) w.postMessage({ stop: true });
       const rawMBs = mb / (median(raw) / 1000);
       const t = median(ar) / 1000;
       const alg = mb / t, bus = alg * 2 * (R - 1) / R;
-      console.log(`| ${mb} MB | ${R} | ${rawMBs.toFixed(0)} | ${(t * 1000).toFixed(1)} | ${alg.toFixed(0)} | ${bus.toFixed(0)} | ${(bus / rawMBs).toFixed(2)} |`);
+      console.log(`| ${mb} MB | ${R} | ${rawMBs.toFixed(0)} | ${(t * 1000).toFixed(1)} | ${alg.toFixed(0)} | ${bus.toFixed(0)} | ${(bus / rawMBs).toFixed(2)} | ${median(cpu).toFixed(0)} |`);
     }
   }
   await server.stop();

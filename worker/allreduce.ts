@@ -152,7 +152,7 @@ export class NatsAllReduce {
   constructor(nc: NatsConnection, opts: NatsAllReduceOptions) {
     const serverMax = nc.info?.max_payload ?? 1024 * 1024;
     this.nc = nc;
-    this.opts = { maxPayload: serverMax, maxElements: 1 << 28, key: new Uint8Array(0), ...opts };
+    this.opts = { ...opts, maxPayload: opts.maxPayload ?? serverMax, maxElements: opts.maxElements ?? 1 << 28, key: opts.key ?? new Uint8Array(0) };
     const { jobId, stage, rank, worldSize, timeoutMs, maxPayload } = this.opts;
     const key = opts.key;
     if (!/^[A-Za-z0-9_-]{1,128}$/.test(jobId)) throw new ConfigError(`all-reduce: job id "${jobId}" cannot be a NATS subject token`, { hint: 'use letters, digits, "_" and "-" only' });
@@ -160,6 +160,7 @@ export class NatsAllReduce {
     if (!Number.isInteger(rank) || rank < 0 || rank >= worldSize) throw new ConfigError(`all-reduce: rank ${rank} outside 0..${worldSize - 1}`);
     if (!Number.isInteger(stage) || stage < 0 || stage > 0xffffffff) throw new ConfigError(`all-reduce: stage ${stage} must be a non-negative integer`);
     if (!(timeoutMs > 0)) throw new ConfigError(`all-reduce: timeoutMs ${timeoutMs} must be positive`);
+    if (!Number.isInteger(maxPayload)) throw new ConfigError(`all-reduce: maxPayload ${maxPayload} must be an integer`);
     if (maxPayload > serverMax) throw new ConfigError(`all-reduce: maxPayload ${maxPayload} exceeds the server's max_payload ${serverMax}`);
     if (maxPayload < 4 * HEADER_RESERVE) throw new ConfigError(`all-reduce: maxPayload ${maxPayload} is too small (need ≥ ${4 * HEADER_RESERVE} bytes)`);
     if (worldSize > 1 && !(key instanceof Uint8Array && key.length >= 16)) {
