@@ -267,6 +267,18 @@ describe('cpu backend memory bookkeeping', () => {
     }
   });
 
+  it('downloadAsync resolves to download\'s values (a copy, as of the call); a dead tensor rejects instead of throwing', async () => {
+    const be = createCpuBackend({ native: false });
+    const t = be.upload(Float32Array.from([1, 2, 3]), [3]);
+    const p = be.downloadAsync(t);
+    be.scale(t, 2);
+    assert.deepEqual(await p, Float32Array.from([1, 2, 3]));
+    assert.deepEqual(await be.downloadAsync(be.upload(Int32Array.from([7, -1]), [2])), Int32Array.from([7, -1]));
+    be.free(t);
+    const dead = be.downloadAsync(t);
+    await assert.rejects(dead, BackendError);
+  });
+
   it('memoryInUse counts live tensors and NF4 weights; free releases; views share storage', () => {
     const be = createCpuBackend({ native: false });
     assert.equal(be.memoryInUse(), 0);
