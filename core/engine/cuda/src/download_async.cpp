@@ -162,7 +162,8 @@ Napi::Value downloadAsyncJs(const Napi::CallbackInfo& info) {
     try {
       pinned = pinnedAcquire(bytes);
       CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
-      CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+      // Blocking sync: the pool thread sleeps until the copy is done instead of spinning a core meanwhile.
+      CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming | cudaEventBlockingSync));
       if (bytes) CUDA_CHECK(cudaMemcpyAsync(scratch, src, bytes, cudaMemcpyDeviceToDevice, compute));
       CUDA_CHECK(cudaEventRecord(ready, compute));
       CUDA_CHECK(cudaStreamWaitEvent(copy, ready, 0));
