@@ -70,7 +70,7 @@ describe('cuda backend vs cpu backend', { skip }, () => {
 
   it('downloadAsync: ordered after the work queued before it, a snapshot against later writes, and the JS thread keeps queueing kernels while it copies', async (t) => {
     const b = g();
-    const n = 4096, K = 12;
+    const n = 4096, K = 24;
     const a = b.upload(rand(n * n, 41), [n, n]), w = b.upload(rand(n * n, 42), [n, n]);
     const y = b.matmul(a, w, { alpha: 1 / 64 });
     const want = b.download(y); // synchronous: the reference bits
