@@ -147,6 +147,7 @@ export class NatsAllReduce {
   private closed = false;
   private lastReadyReply = 0;
   private scratch = new Float32Array(0);
+  private unaligned = new Float32Array(0);
   private rejectLog = { last: 0, since: 0, reason: '' };
 
   constructor(nc: NatsConnection, opts: NatsAllReduceOptions) {
@@ -310,6 +311,18 @@ export class NatsAllReduce {
     if (!st.buf) return;
     const need = this.opts.worldSize - 1;
     for (let c = 0; c < st.reduced.length; c++) if (!st.reduced[c] && st.rsChunkPeers[c] === need) this.reduceChunk(st, c);
+  }
+
+  /**
+   * A float32 view of message bytes, valid until the next call: a copy (into a reused buffer) only when they sit
+   * at an unaligned offset of the connection's read buffer.
+   */
+  private floatsOf(b: Uint8Array): Float32Array {
+    if (b.byteOffset % 4 === 0) return new Float32Array(b.buffer, b.byteOffset, b.byteLength / 4);
+    if (this.unaligned.byteLength < b.byteLength) this.unaligned = new Float32Array(Math.max(b.byteLength / 4, this.chunkElems));
+    const f = this.unaligned.subarray(0, b.byteLength / 4);
+    new Uint8Array(f.buffer, 0, b.byteLength).set(b);
+    return f;
   }
 
   // ----- sending -----
@@ -493,7 +506,7 @@ export class NatsAllReduce {
         st.rsChunkPeers[chunk]++;
         if (st.rsChunkPeers[chunk] === worldSize - 1 && st.buf) {
           // The last contribution of this chunk: sum it straight from the message (aligned) — no staging copy.
-          this.reduceChunk(st, chunk, { from, data: floatsOf(m.data) });
+          this.reduceChunk(st, chunk, { from, data: this.floatsOf(m.data) });
         } else {
           inc.data ??= new Float32Array(len);
           copyInto(inc.data, off, m.data);
@@ -551,13 +564,6 @@ export class NatsAllReduce {
   }
 }
 
-/** A float32 view of message bytes; a copy only when they sit at an unaligned offset of the read buffer. */
-function floatsOf(b: Uint8Array): Float32Array {
-  if (b.byteOffset % 4 === 0) return new Float32Array(b.buffer, b.byteOffset, b.byteLength / 4);
-  const f = new Float32Array(b.byteLength / 4);
-  new Uint8Array(f.buffer).set(b);
-  return f;
-}
 
 /** Copies message bytes into dst at element offset `off` (the bytes may sit at an odd offset). */
 function copyInto(dst: Float32Array, off: number, b: Uint8Array): void {
