@@ -249,6 +249,8 @@ program.command('config-doc')
   .description('print the job.yaml field reference (markdown)')
   .action(() => out(configReference()));
 
+(await import('./status/cli.ts')).registerStatusCli(program);
+
 // Ctrl-C is left to the default action on purpose: the process ends at once, even inside a long synchronous
 // computation (a JS handler would wait for the event loop), and the shell reports 128 + 2 = 130 (EXIT.interrupted;
 // SIGTERM: 143). Checkpoints and adapters are written atomically, so an interrupted run leaves nothing torn.
