@@ -24,6 +24,8 @@ const STATIC: Record<string, [string, string]> = {
   '/': [join(here, 'page', 'index.html'), 'text/html; charset=utf-8'],
   '/app.js': [join(here, 'page', 'app.js'), 'text/javascript; charset=utf-8'],
   '/app.css': [join(here, 'page', 'app.css'), 'text/css; charset=utf-8'],
+  '/favicon.svg': [join(here, 'page', 'favicon.svg'), 'image/svg+xml'],
+  '/favicon.ico': [join(here, 'page', 'favicon.svg'), 'image/svg+xml'],
   '/vendor/uPlot.iife.min.js': [join(uplotDist, 'uPlot.iife.min.js'), 'text/javascript; charset=utf-8'],
   '/vendor/uPlot.min.css': [join(uplotDist, 'uPlot.min.css'), 'text/css; charset=utf-8'],
 };

@@ -29,7 +29,7 @@
     const opts = {
       width: Math.max(300, box.clientWidth - 4), height: 200,
       scales: { x: { time: false }, y: log ? { distr: 3 } : {} },
-      axes: [{ label: 'step' }, { size: 70 }],
+      axes: [{ label: 'step', incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000] }, { size: 70 }],
       series: [{ label: 'step' }, ...series],
       legend: { show: true },
       hooks: { draw: [() => { document.body.dataset.drawn = String(lastDrawn); }] },
@@ -42,7 +42,7 @@
     charts = {
       loss: makeChart('chart-loss', [
         { label: 'train loss', stroke: '#3b82f6', width: 1.5 },
-        { label: 'eval loss', stroke: '#ef4444', width: 2, spanGaps: true, points: { show: true, size: 6 } },
+        { label: 'eval loss', stroke: '#ef4444', width: 2, spanGaps: true, points: { show: true, size: 8, fill: '#ef4444' } },
       ]),
       lr: makeChart('chart-lr', [{ label: 'lr', stroke: '#8b5cf6', width: 1.5 }]),
       grad: makeChart('chart-grad', [{ label: 'grad norm', stroke: '#f59e0b', width: 1.5 }]),

@@ -1,0 +1,138 @@
+// The live status page in a real browser: a tiny job really trains (runJob), its events are replayed into the
+// StatusObserver + Prometheus observer behind the real HTTP server, and headless Chromium loads the page while the
+// "run" is half done and again at the end. The numbers the page shows must equal /status and the Prometheus
+// scrape exactly, the charts must have drawn (pixels of the series colours on the canvas), the page must load
+// nothing but this server (CSP 'self': a violation is a console error) and a screenshot is kept in test-artifacts/.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { recordRealRun, replay, type RecordedRun } from '../helpers/recorded-run.ts';
+import { Browser, chromiumPath } from '../helpers/chromium.ts';
+import { StatusObserver, type StatusSnapshot } from '../../coordinator/status/state.ts';
+import { MetricsObserver } from '../../coordinator/status/metrics.ts';
+import { startStatusServer, type StatusServer } from '../../coordinator/status/server.ts';
+import { createCoordinatorMetrics } from '../../common/metrics.ts';
+import type { StepEvent } from '../../coordinator/events.ts';
+
+const ARTIFACTS = join(import.meta.dirname, '..', '..', 'test-artifacts');
+const exe = chromiumPath();
+const skip = exe ? false : 'chromium not installed (apt-get install chromium; .ci/run does)';
+
+let rec: RecordedRun, browser: Browser;
+before(async () => {
+  if (skip) return;
+  rec = await recordRealRun(mkdtempSync(join(tmpdir(), 'dqlora-page-')));
+  browser = await Browser.launch(exe!);
+});
+after(async () => { await browser?.close(); });
+
+/** `name{job="tiny"} value` from a Prometheus text scrape. */
+function scrape(text: string, name: string): number {
+  const m = new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, 'm').exec(text);
+  assert.ok(m, `${name} in the scrape`);
+  return Number(m[1]);
+}
+
+const CARDS = ['loss', 'evalLoss', 'lr', 'gradNorm', 'tokensPerSecond'] as const;
+const SHOWN: Record<(typeof CARDS)[number], (v: number) => string> = {
+  loss: (v) => v.toFixed(4), evalLoss: (v) => v.toFixed(4), lr: (v) => v.toExponential(3), gradNorm: (v) => v.toFixed(4), tokensPerSecond: (v) => v.toFixed(0),
+};
+const METRIC: Record<(typeof CARDS)[number], string> = {
+  loss: 'dqlora_train_loss', evalLoss: 'dqlora_eval_loss', lr: 'dqlora_learning_rate', gradNorm: 'dqlora_grad_norm', tokensPerSecond: 'dqlora_tokens_per_second',
+};
+
+/** Count of canvas pixels near an RGB colour in the chart under `sel`. */
+const pixels = (sel: string, rgb: [number, number, number]): string => `(() => {
+  const c = document.querySelector('${sel} canvas'); if (!c) return 0;
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+  for (let i = 0; i < d.length; i += 4) if (d[i + 3] > 200 && Math.abs(d[i] - ${rgb[0]}) < 40 && Math.abs(d[i + 1] - ${rgb[1]}) < 40 && Math.abs(d[i + 2] - ${rgb[2]}) < 40) n++;
+  return n; })()`;
+
+async function checkPageAgainstServer(server: StatusServer, step: number): Promise<StatusSnapshot> {
+  await browser.waitFor(`document.body.dataset.drawn === '${step}' && document.querySelector('#progress-text').dataset.step === '${step}'`, 15_000, `the page to draw step ${step}`);
+  const status = await (await fetch(`${server.url}/status`)).json() as StatusSnapshot;
+  const prom = await (await fetch(`${server.url}/metrics`)).text();
+  const shown = await browser.eval<Record<string, { value: string | null; text: string }>>(`Object.fromEntries([...document.querySelectorAll('.value[data-k]')].map((n) => [n.dataset.k, { value: n.dataset.value ?? null, text: n.textContent }]))`);
+  for (const k of CARDS) {
+    const v = status[k];
+    assert.ok(v !== null, `/status has ${k} at step ${step}`);
+    assert.equal(Number(shown[k].value), v, `page ${k} = /status ${k}`);
+    assert.equal(shown[k].text, SHOWN[k](v), `page shows ${k} as ${SHOWN[k](v)}`);
+    assert.equal(scrape(prom, METRIC[k]), v, `${METRIC[k]} = /status ${k}`);
+  }
+  assert.equal(scrape(prom, 'dqlora_optimizer_steps_total'), step);
+  // The numbers are the run's own: the last recorded step's loss, lr and grad norm.
+  const h = rec.state.history[step - 1];
+  assert.deepEqual([status.loss, status.lr, status.gradNorm], [h.loss, h.lr, h.gradNorm]);
+  assert.ok(await browser.eval<number>(pixels('#chart-loss', [59, 130, 246])) > 50, 'the train loss line is drawn');
+  { const n = await browser.eval<number>(pixels('#chart-loss', [239, 68, 68])); if (!(n > 20)) writeFileSync('/tmp/i12-shot.png', await browser.screenshot()); assert.ok(n > 20, `the eval loss points are drawn (${n})`); }
+  assert.ok(await browser.eval<number>(pixels('#chart-lr', [139, 92, 246])) > 50, 'the lr line is drawn');
+  assert.ok(await browser.eval<number>(pixels('#chart-grad', [245, 158, 11])) > 50, 'the grad norm line is drawn');
+  return status;
+}
+
+test('the status page follows a real run live and ends with the before/after answers; its numbers equal /status and /metrics', { skip, timeout: 120_000 }, async () => {
+  const status = new StatusObserver();
+  const metrics = createCoordinatorMetrics({ defaultLabels: { job: 'tiny' } });
+  const server = await startStatusServer({ status, registry: metrics.registry, port: 0, host: '127.0.0.1' });
+  try {
+    const observers = [status, new MetricsObserver(metrics)];
+    const cut = rec.events.findIndex((r) => r.kind === 'step' && r.e.step === 6);
+    replay(rec.events.slice(0, cut), observers);            // steps 1..5, the eval and checkpoint at step 4
+    await browser.navigate(server.url);
+    const mid = await checkPageAgainstServer(server, 5);
+    assert.equal(mid.state, 'training');
+    assert.ok(mid.etaSeconds !== null && mid.etaSeconds > 0, 'an ETA while training');
+    assert.equal(await browser.eval<string>(`document.querySelector('#run-state').textContent`), 'training');
+    assert.equal(await browser.eval<boolean>(`document.querySelector('#answers-section').hidden`), true);
+
+    replay(rec.events.slice(cut), observers);               // the rest: steps 6..8, final eval, end with answers
+    const end = await checkPageAgainstServer(server, 8);
+    await browser.waitFor(`document.querySelector('#run-state').textContent === 'succeeded'`, 10_000);
+    assert.equal(end.state, 'succeeded');
+    assert.equal(end.evalLoss, rec.outcome.evalLoss);
+    const answers = await browser.eval<string[][]>(`[...document.querySelectorAll('#answers tbody tr')].map((tr) => [...tr.children].map((td) => td.textContent))`);
+    assert.deepEqual(answers, rec.outcome.answers.map((a) => [a.prompt, a.base || '(empty)', a.tuned || '(empty)']));
+    assert.match(await browser.eval<string>(`document.querySelector('#checkpoint').textContent`), /^step 8: .*step-000008/);
+    assert.deepEqual(browser.consoleErrors, [], 'no script errors and nothing blocked by the page\'s CSP (everything served locally)');
+    mkdirSync(ARTIFACTS, { recursive: true });
+    writeFileSync(join(ARTIFACTS, 'status-page.png'), await browser.screenshot());
+  } finally { await server.close(); }
+});
+
+test('the last step\'s pipeline timeline: one bar per recorded span, placed and sized by its times', { skip, timeout: 60_000 }, async () => {
+  const status = new StatusObserver();
+  const metrics = createCoordinatorMetrics();
+  const server = await startStatusServer({ status, registry: metrics.registry, port: 0, host: '127.0.0.1' });
+  try {
+    // A 2-stage 1F1B step with 2 micro-batches, as a workers executor would report it (seconds from step start).
+    const stageTimings: StepEvent['stageTimings'] = [
+      { stage: 0, replica: 0, forwardSeconds: 0.2, backwardSeconds: 0.4, idleSeconds: 0.3, allreduceSeconds: 0.05, pipelineSeconds: 0.9, spans: [
+        { kind: 'forward', micro: 0, start: 0, end: 0.1 }, { kind: 'forward', micro: 1, start: 0.1, end: 0.2 }, { kind: 'wait', micro: -1, start: 0.2, end: 0.5 },
+        { kind: 'backward', micro: 0, start: 0.5, end: 0.7 }, { kind: 'backward', micro: 1, start: 0.7, end: 0.9 }, { kind: 'allreduce', micro: -1, start: 0.9, end: 0.95 }] },
+      { stage: 1, replica: 0, forwardSeconds: 0.2, backwardSeconds: 0.4, idleSeconds: 0.1, allreduceSeconds: 0.05, pipelineSeconds: 0.8, spans: [
+        { kind: 'wait', micro: -1, start: 0, end: 0.1 }, { kind: 'forward', micro: 0, start: 0.1, end: 0.2 }, { kind: 'backward', micro: 0, start: 0.2, end: 0.4 },
+        { kind: 'forward', micro: 1, start: 0.4, end: 0.5 }, { kind: 'backward', micro: 1, start: 0.5, end: 0.7 }, { kind: 'allreduce', micro: -1, start: 0.7, end: 0.75 }, { kind: 'optimizer', micro: -1, start: 0.75, end: 0.8 }] },
+    ];
+    status.onStart({ name: 'timeline', outputDir: '/tmp/x', totalSteps: 10, startStep: 0, stepsPerEpoch: 10, stages: 2, replicas: 1, executor: 'workers', backend: 'cpu', trainExamples: 80, validationExamples: 8 });
+    status.onWorkers([{ id: 'w0', stage: 0, replica: 0, state: 'training' }, { id: 'w1', stage: 1, replica: 0, state: 'training' }]);
+    status.onStep({ step: 1, totalSteps: 10, loss: 3, lr: 1e-3, gradNorm: 1, tokens: 640, labelTokens: 320, epoch: 0.1, seconds: 0.95, tokensPerSecond: 673, bubble: 0.25, stageTimings });
+    await browser.navigate(server.url);
+    await browser.waitFor(`document.querySelectorAll('#timeline rect.bar').length === 13`, 15_000, 'the 13 timeline bars');
+    const bars = await browser.eval<{ kind: string; stage: number; start: number; end: number; x: number; w: number }[]>(`[...document.querySelectorAll('#timeline rect.bar')].map((r) => ({ kind: r.dataset.kind, stage: +r.dataset.stage, start: +r.dataset.start, end: +r.dataset.end, x: +r.getAttribute('x'), w: +r.getAttribute('width') }))`);
+    const want = stageTimings.flatMap((t) => t.spans!.map((s) => ({ kind: s.kind, stage: t.stage, start: s.start, end: s.end })));
+    assert.deepEqual(bars.map(({ kind, stage, start, end }) => ({ kind, stage, start, end })), want);
+    const pxPerSecond = bars[0].w / (bars[0].end - bars[0].start), x0 = bars[0].x;
+    for (const b of bars) {
+      assert.ok(Math.abs(b.w - (b.end - b.start) * pxPerSecond) < 0.01, `${b.kind} width ∝ duration`);
+      assert.ok(Math.abs(b.x - (x0 + b.start * pxPerSecond)) < 0.01, `${b.kind} starts at its time`);
+    }
+    const rows = await browser.eval<string[][]>(`[...document.querySelectorAll('#workers tbody tr')].map((tr) => [...tr.children].map((td) => td.textContent))`);
+    assert.deepEqual(rows, [['w0', '0', '0', 'training', '0.200', '0.400', '0.300', '0.050'], ['w1', '1', '0', 'training', '0.200', '0.400', '0.100', '0.050']]);
+    assert.equal(await browser.eval<string>(`document.querySelector('.value[data-k="bubble"]').textContent`), '25.0 %');
+    mkdirSync(ARTIFACTS, { recursive: true });
+    writeFileSync(join(ARTIFACTS, 'status-page-timeline.png'), await browser.screenshot());
+  } finally { await server.close(); }
+});
