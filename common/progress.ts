@@ -19,20 +19,25 @@ export function barLine(label: string, done: number, total: number, detail = '')
   return `${label} |${'█'.repeat(full)}${'░'.repeat(BAR_WIDTH - full)}| ${done}/${total}${detail ? ' ' + detail : ''}`;
 }
 
-export function progress(label: string, log: Logger, opts: { tty?: boolean; terminal?: Terminal; now?: () => number } = {}): Progress {
+export function progress(label: string, log: Logger, opts: { tty?: boolean; terminal?: Terminal; now?: () => number; minIntervalMs?: number } = {}): Progress {
   const term = opts.terminal ?? stderrTerminal;
   const tty = opts.tty ?? term.isTTY;
   if (tty) {
     const now = opts.now ?? (() => performance.now());
-    let last = -Infinity;
+    const minInterval = opts.minIntervalMs ?? REDRAW_MS;
+    let last = -Infinity, stopped = false;
+    let trailing: NodeJS.Timeout | undefined, pending: string | null = null;
+    const draw = (line: string): void => { last = now(); pending = null; term.setStatus(line); };
     return {
       update: (d, t, detail = '') => {
-        const at = now();
-        if (d < t && at - last < REDRAW_MS) return;
-        last = at;
-        term.setStatus(barLine(label, d, t, detail));
+        if (stopped) return;
+        const line = barLine(label, d, t, detail);
+        if (d >= t || now() - last >= minInterval) { clearTimeout(trailing); trailing = undefined; draw(line); return; }
+        // too soon: draw it when the interval is up, unless a newer update comes first
+        pending = line;
+        trailing ??= setTimeout(() => { trailing = undefined; if (pending !== null && !stopped) draw(pending); }, minInterval).unref();
       },
-      stop: () => term.setStatus(null),
+      stop: () => { stopped = true; clearTimeout(trailing); term.setStatus(null); },
     };
   }
   let lastDecile = -1;

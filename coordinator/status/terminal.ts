@@ -27,7 +27,7 @@ export class TerminalObserver implements JobObserver {
     this.log.info({ steps: e.totalSteps, from: e.startStep, stepsPerEpoch: e.stepsPerEpoch, stages: e.stages, replicas: e.replicas, backend: e.backend, train: e.trainExamples, validation: e.validationExamples }, 'training');
     const tty = this.o.tty ?? this.o.terminal?.isTTY ?? process.stderr.isTTY === true;
     if (tty) {
-      this.bar = progress('train', this.log, { tty: true, terminal: this.o.terminal });
+      this.bar = progress('train', this.log, { tty: true, terminal: this.o.terminal, minIntervalMs: 0 }); // one redraw per step
       this.bar.update(e.startStep, e.totalSteps, 'starting');
     }
   }
