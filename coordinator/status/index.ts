@@ -8,11 +8,12 @@ import { writeFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import type { JobConfig } from '../job.ts';
 import type { JobObserver } from '../events.ts';
-import { createCoordinatorMetrics, type CoordinatorMetrics } from '../../common/metrics.ts';
+import { createCoordinatorMetrics, WORKER_STATES, type CoordinatorMetrics, type WorkerStateLabel } from '../../common/metrics.ts';
+import { jobLayout } from '../job.ts';
+import { metricsObserver } from '../observers.ts';
 import { ConfigError } from '../../common/errors.ts';
 import { logger } from '../../common/log.ts';
 import { StatusObserver } from './state.ts';
-import { MetricsObserver } from './metrics.ts';
 import { TrainLogObserver } from './train-log.ts';
 import { LossPlotObserver } from './loss-plot.ts';
 import { TensorBoardObserver } from './tensorboard.ts';
@@ -20,7 +21,6 @@ import { TerminalObserver } from './terminal.ts';
 import { startStatusServer, type StatusServer } from './server.ts';
 
 export { StatusObserver, type StatusSnapshot, type StepHistory } from './state.ts';
-export { MetricsObserver } from './metrics.ts';
 export { TrainLogObserver, readTrainLog, TRAIN_LOG } from './train-log.ts';
 export { LossPlotObserver, renderLossSvg, LOSS_PLOT } from './loss-plot.ts';
 export { TensorBoardObserver, readEventFile } from './tensorboard.ts';
@@ -47,9 +47,24 @@ export interface ReportingOptions {
   readonly httpPort?: number;
   /** Show the training bar (default: stderr is a terminal); false = log lines. */
   readonly progress?: boolean;
-  /** Add the terminal observer (default true). */
-  readonly terminal?: boolean;
+  /** The terminal observer: 'full' (bar or step lines, eval/checkpoint/recovery lines; default), 'bar' (the bar only,
+   *  when another observer writes the lines), 'none'. */
+  readonly terminal?: 'full' | 'bar' | 'none';
   readonly print?: (s: string) => void;
+}
+
+/** dqlora_workers{state} from the worker table (onWorkers). */
+export function workerCountsObserver(metrics: CoordinatorMetrics): JobObserver {
+  return {
+    onWorkers(workers) {
+      const counts: Partial<Record<WorkerStateLabel, number>> = {};
+      for (const w of workers) {
+        const s = w.state.toLowerCase() as WorkerStateLabel;
+        if ((WORKER_STATES as readonly string[]).includes(s)) counts[s] = (counts[s] ?? 0) + 1;
+      }
+      metrics.setWorkerCounts(counts);
+    },
+  };
 }
 
 /** The HTTP port to serve: an explicit option, $DQLORA_HTTP_PORT, or job.http_port; −1 = none. */
@@ -69,10 +84,11 @@ export async function startReporting(job: JobConfig, o: ReportingOptions = {}): 
   const metrics = o.metrics ?? createCoordinatorMetrics({ defaultLabels: { job: job.name } });
   const status = new StatusObserver();
   const observers: JobObserver[] = [status];
-  if (o.metricsFromEvents ?? true) observers.push(new MetricsObserver(metrics));
+  if (o.metricsFromEvents ?? true) observers.push(metricsObserver(metrics, jobLayout(job).replicas), workerCountsObserver(metrics));
   observers.push(new TrainLogObserver(job.training.log_every), new LossPlotObserver());
   if (job.report.includes('tensorboard')) observers.push(new TensorBoardObserver());
-  if (o.terminal ?? true) observers.push(new TerminalObserver({ tty: o.progress, logEvery: job.training.log_every }));
+  const term = o.terminal ?? 'full';
+  if (term !== 'none') observers.push(new TerminalObserver({ tty: o.progress, logEvery: job.training.log_every, barOnly: term === 'bar' }));
   let server: StatusServer | null = null;
   if (port >= 0) {
     server = await startStatusServer({ status, registry: metrics.registry, port });

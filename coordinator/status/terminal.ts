@@ -19,12 +19,13 @@ export class TerminalObserver implements JobObserver {
   private readonly recent: number[] = [];
   private readonly log: Logger;
 
-  constructor(private readonly o: { tty?: boolean; logEvery?: number; terminal?: Terminal; log?: Logger } = {}) {
+  /** barOnly: just the bar (on a terminal), no log lines — while another observer writes them. */
+  constructor(private readonly o: { tty?: boolean; logEvery?: number; terminal?: Terminal; log?: Logger; barOnly?: boolean } = {}) {
     this.log = o.log ?? logger('train');
   }
 
   onStart(e: JobStartEvent): void {
-    this.log.info({ steps: e.totalSteps, from: e.startStep, stepsPerEpoch: e.stepsPerEpoch, stages: e.stages, replicas: e.replicas, backend: e.backend, train: e.trainExamples, validation: e.validationExamples }, 'training');
+    if (!this.o.barOnly) this.log.info({ steps: e.totalSteps, from: e.startStep, stepsPerEpoch: e.stepsPerEpoch, stages: e.stages, replicas: e.replicas, backend: e.backend, train: e.trainExamples, validation: e.validationExamples }, 'training');
     const tty = this.o.tty ?? this.o.terminal?.isTTY ?? process.stderr.isTTY === true;
     if (tty) {
       this.bar = progress('train', this.log, { tty: true, terminal: this.o.terminal, minIntervalMs: 0 }); // one redraw per step
@@ -39,18 +40,19 @@ export class TerminalObserver implements JobObserver {
     const tps = e.seconds > 0 ? e.tokens / e.seconds : 0;
     if (this.bar) {
       this.bar.update(e.step, e.totalSteps, `loss ${e.loss.toFixed(4)} | lr ${e.lr.toExponential(2)} | ${tps.toFixed(0)} tok/s | eta ${formatDuration(eta)}`);
-    } else if (e.step % (this.o.logEvery ?? 1) === 0 || e.step === e.totalSteps) {
+    } else if (!this.o.barOnly && e.step % (this.o.logEvery ?? 1) === 0 || e.step === e.totalSteps) {
       this.log.info({ step: e.step, total: e.totalSteps, loss: +e.loss.toFixed(5), lr: e.lr, gradNorm: +e.gradNorm.toFixed(4), epoch: +e.epoch.toFixed(3), tokensPerSec: Math.round(tps), etaSeconds: Math.round(eta) }, 'step');
     }
   }
 
-  onEval(e: EvalEvent): void { this.log.info({ step: e.step, evalLoss: +e.loss.toFixed(5), perplexity: +e.perplexity.toFixed(3) }, 'eval'); }
-  onCheckpoint(e: CheckpointEvent): void { this.log.info({ step: e.step, dir: e.dir, bytes: e.bytes, seconds: +e.seconds.toFixed(2) }, 'checkpoint written'); }
-  onRecovery(e: RecoveryEvent): void { this.log.warn({ step: e.step, attempt: e.attempt, resumeFrom: e.resumeFrom || '(initial state)' }, `recovering: ${e.reason}`); }
+  onEval(e: EvalEvent): void { if (!this.o.barOnly) this.log.info({ step: e.step, evalLoss: +e.loss.toFixed(5), perplexity: +e.perplexity.toFixed(3) }, 'eval'); }
+  onCheckpoint(e: CheckpointEvent): void { if (!this.o.barOnly) this.log.info({ step: e.step, dir: e.dir, bytes: e.bytes, seconds: +e.seconds.toFixed(2) }, 'checkpoint written'); }
+  onRecovery(e: RecoveryEvent): void { if (!this.o.barOnly) this.log.warn({ step: e.step, attempt: e.attempt, resumeFrom: e.resumeFrom || '(initial state)' }, `recovering: ${e.reason}`); }
 
   onEnd(e: JobEndEvent): void {
     this.bar?.stop();
     this.bar = null;
+    if (this.o.barOnly) return;
     const f = { status: e.status, step: e.step, total: e.totalSteps, seconds: +e.seconds.toFixed(1), firstLoss: +e.firstLoss.toFixed(4), lastLoss: +e.lastLoss.toFixed(4), evalLoss: e.evalLoss === null ? undefined : +e.evalLoss.toFixed(4) };
     if (e.status === 'failed') this.log.error({ ...f, error: e.error }, 'job failed');
     else this.log.info(f, e.status === 'stopped' ? 'job stopped' : 'job finished');

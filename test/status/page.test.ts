@@ -1,18 +1,23 @@
-// The live status page in a real browser: a tiny job really trains (runJob), its events are replayed into the
-// StatusObserver + Prometheus observer behind the real HTTP server, and headless Chromium loads the page while the
-// "run" is half done and again at the end. The numbers the page shows must equal /status and the Prometheus
-// scrape exactly, the charts must have drawn (pixels of the series colours on the canvas), the page must load
-// nothing but this server (CSP 'self': a violation is a console error) and a screenshot is kept in test-artifacts/.
+// The live status page in a real browser. A tiny job really trains (runJob) with the reporting observers and the
+// HTTP server of startReporting; headless Chromium loads the page: the numbers it shows must equal /status and the
+// Prometheus scrape exactly, the charts must have drawn (pixels of the series colours on the canvas), the page
+// must load nothing but this server (CSP 'self': a violation is a console error); a screenshot is kept in
+// test-artifacts/. The run's recorded events are then replayed into a fresh observer to see the page follow a run
+// half-way and to the end (training blocks this process's event loop, so the page cannot be polled mid-step here).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { recordRealRun, replay, type RecordedRun } from '../helpers/recorded-run.ts';
+import { recorder, replay, tinyReportingJob, type RecordedEvent } from '../helpers/recorded-run.ts';
 import { Browser, chromiumPath } from '../helpers/chromium.ts';
 import { StatusObserver, type StatusSnapshot } from '../../coordinator/status/state.ts';
-import { MetricsObserver } from '../../coordinator/status/metrics.ts';
-import { startStatusServer, type StatusServer } from '../../coordinator/status/server.ts';
+import { metricsObserver } from '../../coordinator/observers.ts';
+import { startReporting, type Reporting } from '../../coordinator/status/index.ts';
+import { runJob, type RunOutcome } from '../../coordinator/run.ts';
+import { listCheckpoints, type TrainerState } from '../../common/checkpoint.ts';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
+import type { JobConfig } from '../../coordinator/job.ts';import { startStatusServer, type StatusServer } from '../../coordinator/status/server.ts';
 import { createCoordinatorMetrics } from '../../common/metrics.ts';
 import type { StepEvent } from '../../coordinator/events.ts';
 
@@ -20,13 +25,18 @@ const ARTIFACTS = join(import.meta.dirname, '..', '..', 'test-artifacts');
 const exe = chromiumPath();
 const skip = exe ? false : 'chromium not installed (apt-get install chromium; .ci/run does)';
 
-let rec: RecordedRun, browser: Browser;
+let rec: { job: JobConfig; outcome: RunOutcome; events: RecordedEvent[]; state: TrainerState }, browser: Browser, reporting: Reporting;
 before(async () => {
   if (skip) return;
-  rec = await recordRealRun(mkdtempSync(join(tmpdir(), 'dqlora-page-')));
+  const job = tinyReportingJob(mkdtempSync(join(tmpdir(), 'dqlora-page-')), { report: ['tensorboard'] });
+  reporting = await startReporting(job, { terminal: 'none', print: () => {} });   // http_port 0: OS-assigned
+  const events: RecordedEvent[] = [];
+  const outcome = await runJob(job, { progress: false, print: () => {}, observers: [recorder(events), ...reporting.observers] });
+  const state = JSON.parse(readFileSync(join(listCheckpoints(job.output_dir).at(-1)!.dir, 'trainer_state.json'), 'utf8')) as TrainerState;
+  rec = { job, outcome, events, state };
   browser = await Browser.launch(exe!);
 });
-after(async () => { await browser?.close(); });
+after(async () => { await browser?.close(); await reporting?.close(); });
 
 /** `name{job="tiny"} value` from a Prometheus text scrape. */
 function scrape(text: string, name: string): number {
@@ -73,12 +83,30 @@ async function checkPageAgainstServer(server: StatusServer, step: number): Promi
   return status;
 }
 
+test('a real tiny job with startReporting: its page, /status and /metrics agree, and output_dir holds the reports', { skip, timeout: 120_000 }, async () => {
+  const server = reporting.server!;
+  assert.equal(readFileSync(join(rec.job.output_dir, 'status-url'), 'utf8').trim(), server.url);
+  await browser.navigate(server.url);
+  const end = await checkPageAgainstServer(server, 8);
+  await browser.waitFor(`document.querySelector('#run-state').textContent === 'succeeded'`, 10_000);
+  assert.equal(end.state, 'succeeded');
+  assert.equal(end.evalLoss, rec.outcome.evalLoss);
+  assert.equal(end.job!.trainExamples > 0 && end.job!.executor, 'in-process');
+  const answers = await browser.eval<string[][]>(`[...document.querySelectorAll('#answers tbody tr')].map((tr) => [...tr.children].map((td) => td.textContent))`);
+  assert.deepEqual(answers, rec.outcome.answers.map((a) => [a.prompt, a.base || '(empty)', a.tuned || '(empty)']));
+  assert.deepEqual(browser.consoleErrors, [], 'no script errors and nothing blocked by the page\'s CSP (everything served locally)');
+  for (const f of ['train_log.jsonl', 'loss.svg']) assert.ok(existsSync(join(rec.job.output_dir, f)), f);
+  assert.equal(readdirSync(join(rec.job.output_dir, 'tensorboard')).filter((f) => f.startsWith('events.out.tfevents.')).length, 1);
+  mkdirSync(ARTIFACTS, { recursive: true });
+  writeFileSync(join(ARTIFACTS, 'status-page.png'), await browser.screenshot());
+});
+
 test('the status page follows a real run live and ends with the before/after answers; its numbers equal /status and /metrics', { skip, timeout: 120_000 }, async () => {
   const status = new StatusObserver();
   const metrics = createCoordinatorMetrics({ defaultLabels: { job: 'tiny' } });
   const server = await startStatusServer({ status, registry: metrics.registry, port: 0, host: '127.0.0.1' });
   try {
-    const observers = [status, new MetricsObserver(metrics)];
+    const observers = [status, metricsObserver(metrics, 1)];
     const cut = rec.events.findIndex((r) => r.kind === 'step' && r.e.step === 6);
     replay(rec.events.slice(0, cut), observers);            // steps 1..5, the eval and checkpoint at step 4
     await browser.navigate(server.url);
@@ -96,9 +124,8 @@ test('the status page follows a real run live and ends with the before/after ans
     const answers = await browser.eval<string[][]>(`[...document.querySelectorAll('#answers tbody tr')].map((tr) => [...tr.children].map((td) => td.textContent))`);
     assert.deepEqual(answers, rec.outcome.answers.map((a) => [a.prompt, a.base || '(empty)', a.tuned || '(empty)']));
     assert.match(await browser.eval<string>(`document.querySelector('#checkpoint').textContent`), /^step 8: .*step-000008/);
-    assert.deepEqual(browser.consoleErrors, [], 'no script errors and nothing blocked by the page\'s CSP (everything served locally)');
-    mkdirSync(ARTIFACTS, { recursive: true });
-    writeFileSync(join(ARTIFACTS, 'status-page.png'), await browser.screenshot());
+    assert.deepEqual(end.evals.map((e) => e.step), [4, 8]);
+    assert.deepEqual(browser.consoleErrors, []);
   } finally { await server.close(); }
 });
 

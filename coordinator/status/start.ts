@@ -1,0 +1,16 @@
+// `coordinator start` with reporting, until the job loop calls startReporting itself: serves the status page and
+// /metrics on http_port, writes train_log.jsonl, loss.svg (and TensorBoard files), and draws the training bar with
+// log lines above it, all through runJob's `observers`. The loop still logs its own step/eval/checkpoint lines
+// (consoleObserver, asked for lines instead of its cli-progress bar), so the terminal observer here draws the bar only.
+import type { JobConfig } from '../job.ts';
+import { runJob, type RunOptions, type RunOutcome } from '../run.ts';
+import { startReporting } from './index.ts';
+
+export async function runWithReporting(job: JobConfig, opts: RunOptions = {}): Promise<RunOutcome> {
+  const reporting = await startReporting(job, { progress: opts.progress, terminal: opts.progress ? 'bar' : 'none', print: opts.print });
+  try {
+    return await runJob(job, { ...opts, progress: false, observers: [...reporting.observers, ...(opts.observers ?? [])] });
+  } finally {
+    await reporting.close();
+  }
+}
