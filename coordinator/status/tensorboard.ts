@@ -6,14 +6,17 @@
 //   record  = uint64 length (LE) | uint32 masked_crc32c(length bytes) | data | uint32 masked_crc32c(data)
 //   masked  = ((crc >>> 15) | (crc << 17)) + 0xa282ead8 (mod 2^32); crc32c = CRC-32/Castagnoli (reflected 0x82F63B78)
 //   Event   = { 1: double wall_time, 2: int64 step, 3: string file_version ("brain.Event:2", first record only),
-//               5: Summary summary }
+//               5: Summary summary, 6: SessionLog session_log }
+//   SessionLog = { 1: enum status (START = 1) }: TensorBoard drops the events at and after a START's step from
+//               earlier files of the same directory (purge_orphaned_data), which is what a resumed run or a recovery
+//               that rolled back needs — the steps after the checkpoint are trained again.
 //   Summary = { 1: repeated Value value };  Value = { 1: string tag, 2: float simple_value }
 // The protobuf is written by hand (4 field kinds) rather than through a generated message: the file must be
 // exactly this, and the reader below decodes it from the same spec to check it.
 import { appendFileSync, mkdirSync, readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
-import type { EvalEvent, JobObserver, JobStartEvent, StepEvent } from '../events.ts';
+import type { EvalEvent, JobObserver, JobStartEvent, RecoveryEvent, StepEvent } from '../events.ts';
 import { FormatError } from '../../common/errors.ts';
 
 const CRC32C_TABLE = (() => {
@@ -60,7 +63,7 @@ function lenField(field: number, bytes: Uint8Array): Buffer { return Buffer.conc
 export interface Scalar { readonly tag: string; readonly value: number }
 
 /** Event { wall_time, step, summary { value: [{ tag, simple_value }] } } or the file_version event. */
-export function encodeEvent(e: { wallTime: number; step: number; fileVersion?: string; scalars?: readonly Scalar[] }): Buffer {
+export function encodeEvent(e: { wallTime: number; step: number; fileVersion?: string; scalars?: readonly Scalar[]; sessionStart?: boolean }): Buffer {
   const parts: Buffer[] = [];
   const wt = Buffer.alloc(8); wt.writeDoubleLE(e.wallTime);
   parts.push(Buffer.from(key(1, 1)), wt);
@@ -73,11 +76,12 @@ export function encodeEvent(e: { wallTime: number; step: number; fileVersion?: s
     });
     parts.push(lenField(5, Buffer.concat(values)));
   }
+  if (e.sessionStart) parts.push(lenField(6, Buffer.from([...key(1, 0), 1])));
   return Buffer.concat(parts);
 }
 
 // --- reader (from the spec; used by the tests and `coordinator status`-style tools) ---
-export interface DecodedEvent { wallTime: number; step: number; fileVersion?: string; scalars: Scalar[] }
+export interface DecodedEvent { wallTime: number; step: number; fileVersion?: string; scalars: Scalar[]; sessionStart?: boolean }
 
 interface Field { field: number; wire: number; int?: bigint; bytes?: Buffer }
 function fields(buf: Buffer, where: string): Field[] {
@@ -112,6 +116,7 @@ export function decodeEvent(buf: Buffer, where = 'event'): DecodedEvent {
     if (f.field === 1 && f.wire === 1) e.wallTime = f.bytes!.readDoubleLE(0);
     else if (f.field === 2 && f.wire === 0) e.step = Number(BigInt.asIntN(64, f.int!));
     else if (f.field === 3 && f.wire === 2) e.fileVersion = f.bytes!.toString('utf8');
+    else if (f.field === 6 && f.wire === 2) e.sessionStart = fields(f.bytes!, `${where}.session_log`).some((x) => x.field === 1 && x.wire === 0 && x.int === 1n);
     else if (f.field === 5 && f.wire === 2) {
       for (const v of fields(f.bytes!, `${where}.summary`)) {
         if (v.field !== 1 || v.wire !== 2) continue;
@@ -157,6 +162,11 @@ export class TensorBoardObserver implements JobObserver {
     const t = this.now() / 1000;
     this.path = join(dir, `events.out.tfevents.${Math.floor(t)}.${hostname()}.${process.pid}`);
     this.write({ wallTime: t, step: e.startStep, fileVersion: 'brain.Event:2' });
+    if (e.startStep > 0) this.write({ wallTime: t, step: e.startStep + 1, sessionStart: true });
+  }
+
+  onRecovery(e: RecoveryEvent): void {
+    this.write({ wallTime: this.now() / 1000, step: e.step + 1, sessionStart: true });
   }
 
   onStep(e: StepEvent): void {

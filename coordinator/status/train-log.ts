@@ -5,10 +5,11 @@
 //   end:   {"train_runtime", "train_loss", "train_tokens_per_second", "train_steps_per_second", "epoch", "step"}
 // As in HF, a step line's "loss" is the mean over the steps since the previous line (log_every > 1 averages);
 // "grad_norm" and "learning_rate" are the last step's (HF logs the scheduler's *next* rate; we log the rate the
-// step used). A resumed run keeps the lines up to its start step and drops the rest, as HF restores log_history.
+// step used). A resumed run keeps the lines up to its start step and drops the rest, as HF restores log_history;
+// a recovery that rolls back to a checkpoint does the same.
 import { appendFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { EvalEvent, JobEndEvent, JobObserver, JobStartEvent, StepEvent } from '../events.ts';
+import type { EvalEvent, JobEndEvent, JobObserver, JobStartEvent, RecoveryEvent, StepEvent } from '../events.ts';
 import { FormatError } from '../../common/errors.ts';
 
 export const TRAIN_LOG = 'train_log.jsonl';
@@ -57,7 +58,18 @@ export class TrainLogObserver implements JobObserver {
   onStart(e: JobStartEvent): void {
     mkdirSync(e.outputDir, { recursive: true });
     this.path = join(e.outputDir, TRAIN_LOG);
-    const kept = e.startStep > 0 ? readTrainLog(this.path).filter((x) => x.step <= e.startStep) : [];
+    this.truncateAfter(e.startStep);
+  }
+
+  /** A recovery rolled the run back to a checkpoint: the steps after it are trained (and logged) again. */
+  onRecovery(e: RecoveryEvent): void {
+    if (!this.path) return;
+    this.truncateAfter(e.step);
+    this.pending = [];
+  }
+
+  private truncateAfter(step: number): void {
+    const kept = step > 0 ? readTrainLog(this.path).filter((x) => x.step <= step) : [];
     writeFileSync(this.path, kept.map((x) => JSON.stringify(x) + '\n').join(''));
   }
 

@@ -60,6 +60,10 @@ test('a resumed run keeps the log up to its start step and continues it without 
   replay(resumed, [new TrainLogObserver(1), new LossPlotObserver()]);
   const log = readTrainLog(join(out, TRAIN_LOG));
   assert.deepEqual(log.filter((l) => l.loss !== undefined).map((l) => l.step), [1, 2, 3, 4, 5, 6, 7, 8]);
+  // the same within one invocation: a recovery at step 7 back to the step-4 checkpoint, then steps 5.. again
+  const steps = rec.events.filter((r) => r.kind === 'step');
+  replay([rec.events[0], ...steps.slice(0, 7), { kind: 'recovery', e: { step: 4, attempt: 1, reason: 'worker lost', resumeFrom: 'step-000004' } }, ...steps.slice(4)], [new TrainLogObserver(1)]);
+  assert.deepEqual(readTrainLog(join(out, TRAIN_LOG)).map((l) => l.step), [1, 2, 3, 4, 5, 6, 7, 8]);
   assert.deepEqual(log.filter((l) => l.eval_loss !== undefined).map((l) => l.step), rec.events.flatMap((r) => (r.kind === 'eval' ? [r.e.step] : [])));
   const svg = readFileSync(join(out, LOSS_PLOT), 'utf8');
   assert.equal(/id="train-loss" d="([^"]+)"/.exec(svg)![1].split(' ').length, 8);
@@ -127,6 +131,11 @@ test('TensorBoard event files (report: [tensorboard]): file_version first, then 
   // The protobuf bytes, by hand from event.proto: wall_time (1, fixed64), step (2, varint), summary (5) { value (1) { tag (1), simple_value (2, fixed32) } }
   const b = encodeEvent({ wallTime: 1.5, step: 300, scalars: [{ tag: 'a', value: 2 }] });
   assert.equal(b.toString('hex'), '09' + '000000000000f83f' + '10' + 'ac02' + '2a' + '0a' + '0a' + '08' + '0a0161' + '15' + '00000040');
+  // a resumed run (or a recovery) marks where TensorBoard must drop the earlier invocation's steps: SessionLog START
+  assert.equal(encodeEvent({ wallTime: 0, step: 5, sessionStart: true }).toString('hex'), '09' + '0000000000000000' + '1005' + '32020801');
+  const resumed = new TensorBoardObserver(() => 1_700_000_100_000);
+  replay([{ kind: 'start', e: { ...(rec.events[0].e as JobStartEvent), startStep: 4 } }, { kind: 'recovery', e: { step: 6, attempt: 1, reason: 'lost', resumeFrom: 'x' } }], [resumed]);
+  assert.deepEqual(readEventFile(resumed.path).map((e) => [e.step, e.fileVersion ?? null, e.sessionStart ?? false]), [[4, 'brain.Event:2', false], [5, null, true], [7, null, true]]);
   // a flipped byte in the data is refused, naming the file and offset
   const bad = readFileSync(t.path); bad[bad.length - 6] ^= 0xff;
   const badPath = t.path + '.bad';
