@@ -40,6 +40,17 @@ export class Terminal {
     this.stream.write((this.status !== null ? CLEAR : '') + text + (text.endsWith('\n') ? '' : '\n') + bar);
   }
 
+  /**
+   * Runs `write` (output to another stream of the same terminal, e.g. stdout) with the bar cleared, then redraws
+   * the bar: a line printed to stdout while the bar is up would otherwise run into it.
+   */
+  around(write: () => void): void {
+    if (this.status === null) { write(); return; }
+    this.stream.write(CLEAR);
+    write();
+    this.stream.write(this.render(this.status));
+  }
+
   /** Shows (or replaces) the bar line; null removes it. */
   setStatus(line: string | null): void {
     if (line === null) {
@@ -51,7 +62,7 @@ export class Terminal {
     this.stream.write(CLEAR + this.render(line));
   }
 
-  private render(line: string): string { return fitWidth(line, Math.max(20, (this.stream.columns ?? 100) - 1)); }
+  private render(line: string): string { return fitWidth(line, Math.max(20, (this.stream.columns || 100) - 1)); }
 }
 
 /** The process's stderr. */

@@ -94,7 +94,7 @@ export async function startReporting(job: JobConfig, o: ReportingOptions = {}): 
     server = await startStatusServer({ status, registry: metrics.registry, port });
     mkdirSync(job.output_dir, { recursive: true });
     writeFileSync(join(job.output_dir, STATUS_URL_FILE), server.url + '\n');
-    logger('status').info({ url: server.url }, 'status page');
+    logger('status').debug({ url: server.url }, 'status page');
     o.print?.(`status page: ${server.url}  (also /status, /metrics; in another terminal: npx coordinator status --url ${server.url})`);
   }
   return { observers, status, metrics, server, close: async () => { await server?.close(); } };
