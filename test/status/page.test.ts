@@ -163,3 +163,37 @@ test('the last step\'s pipeline timeline: one bar per recorded span, placed and 
     writeFileSync(join(ARTIFACTS, 'status-page-timeline.png'), await browser.screenshot());
   } finally { await server.close(); }
 });
+
+test('a real 2-stage run on local worker processes: the page draws each stage\'s measured phases and the bubble, equal to /status and /metrics', { skip, timeout: 180_000 }, async () => {
+  const job = tinyReportingJob(mkdtempSync(join(tmpdir(), 'dqlora-page-dist-')), {
+    distributed: { stages: 2, replicas: 1, workers: 'local', heartbeat_timeout_s: 5, step_timeout_s: 60, wait_timeout_s: 60 },
+  });
+  job.training.max_steps = 3; job.training.eval_every = 0; job.training.save_every = 0; job.compare.prompts = [];
+  const rep = await startReporting(job, { terminal: 'none', print: () => {} });
+  try {
+    await runJob(job, { progress: false, print: () => {}, observers: [...rep.observers] });
+    const server = rep.server!;
+    await browser.navigate(server.url);
+    await browser.waitFor(`document.querySelectorAll('#timeline rect.bar').length > 0 && document.querySelector('#run-state').textContent === 'succeeded'`, 15_000, 'the timeline of the last step');
+    const status = await (await fetch(`${server.url}/status`)).json() as StatusSnapshot;
+    const timings = status.lastStep!.stageTimings;
+    assert.deepEqual(timings.map((t) => [t.stage, t.replica]), [[0, 0], [1, 0]]);
+    assert.ok(timings.every((t) => t.forwardSeconds > 0 && t.backwardSeconds > 0), 'measured by the workers');
+    // Without recorded spans the page lays each stage's phase totals end to end, in the order forward, backward, wait, all-reduce.
+    const bars = await browser.eval<{ kind: string; stage: number; start: number; end: number }[]>(`[...document.querySelectorAll('#timeline rect.bar')].map((r) => ({ kind: r.dataset.kind, stage: +r.dataset.stage, start: +r.dataset.start, end: +r.dataset.end }))`);
+    for (const t of timings) {
+      const mine = bars.filter((b) => b.stage === t.stage);
+      const want = [['forward', t.forwardSeconds], ['backward', t.backwardSeconds], ['wait', t.idleSeconds], ['allreduce', t.allreduceSeconds]].filter(([, d]) => (d as number) > 0);
+      assert.deepEqual(mine.map((b) => b.kind), want.map(([k]) => k));
+      mine.forEach((b, i) => assert.ok(Math.abs(b.end - b.start - (want[i][1] as number)) < 1e-12, `${b.kind} of stage ${t.stage}`));
+    }
+    const rows = await browser.eval<string[][]>(`[...document.querySelectorAll('#workers tbody tr')].map((tr) => [...tr.children].map((td) => td.textContent))`);
+    assert.deepEqual(rows.map((r) => r.slice(1, 3).concat(r.slice(4))), timings.map((t) => [String(t.stage), String(t.replica), ...[t.forwardSeconds, t.backwardSeconds, t.idleSeconds, t.allreduceSeconds].map((x) => x.toFixed(3))]));
+    const prom = await (await fetch(`${server.url}/metrics`)).text();
+    assert.equal(scrape(prom, 'dqlora_pipeline_bubble_ratio'), status.bubble);
+    assert.equal(await browser.eval<string>(`document.querySelector('.value[data-k="bubble"]').dataset.value`), String(status.bubble));
+    assert.equal(scrape(prom, 'dqlora_train_loss'), status.loss);
+    mkdirSync(ARTIFACTS, { recursive: true });
+    writeFileSync(join(ARTIFACTS, 'status-page-workers.png'), await browser.screenshot());
+  } finally { await rep.close(); }
+});

@@ -85,7 +85,7 @@
       return { t, spans, recorded: !!(t.spans && t.spans.length) };
     });
     const tMax = Math.max(1e-9, ...rows.flatMap((r) => r.spans.map((s) => s.end)));
-    const W = Math.max(400, box.clientWidth - 10 || 900), left = 110, rowH = 22, H = rows.length * rowH + 24;
+    const W = Math.max(400, box.clientWidth - 10 || 900), left = 170, rowH = 22, H = rows.length * rowH + 24;
     const NS = 'http://www.w3.org/2000/svg';
     const svg = document.createElementNS(NS, 'svg');
     svg.setAttribute('width', W); svg.setAttribute('height', H); svg.setAttribute('data-tmax', tMax);
