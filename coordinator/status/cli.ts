@@ -8,7 +8,7 @@ import { DqloraError } from '../../common/errors.ts';
 import { setLogFormat, type LogFormat } from '../../common/log.ts';
 import type { StatusSnapshot } from './state.ts';
 import { formatDuration } from './terminal.ts';
-import { STATUS_URL_FILE } from './index.ts';
+import { STATUS_FILE, STATUS_URL_FILE } from './index.ts';
 
 /** `coordinator status` could not get a status: what to do is in the message. */
 export class StatusUnavailableError extends DqloraError {}
@@ -48,18 +48,22 @@ export function formatStatus(s: StatusSnapshot, url = ''): string {
   return L.join('\n');
 }
 
-/** The status URL: --url, else the one the job wrote to output_dir/status-url. */
-export function resolveStatusUrl(o: { url?: string; output?: string }): string {
+/**
+ * Where the status comes from: --url; else output_dir/status-url (a running job); else output_dir/status.json (the
+ * final status of a job that has ended).
+ */
+export function resolveStatusSource(o: { url?: string; output?: string }): { url: string } | { file: string } {
   if (o.url) {
     let u: URL;
     try { u = new URL(o.url); } catch { throw new StatusUnavailableError(`--url ${o.url} is not a URL`, { hint: 'e.g. --url http://127.0.0.1:8470 (the job prints its status page URL at start)' }); }
     if (u.protocol !== 'http:' && u.protocol !== 'https:') throw new StatusUnavailableError(`--url ${o.url}: expected http:// or https://`);
-    return o.url.replace(/\/+$/, '');
+    return { url: o.url.replace(/\/+$/, '') };
   }
   if (!o.output) throw new StatusUnavailableError('which job? give --url URL (printed when the job starts) or --output DIR (the job\'s output_dir)');
-  const f = join(o.output, STATUS_URL_FILE);
-  if (!existsSync(f)) throw new StatusUnavailableError(`${f} not found`, { hint: 'is a job running with this output_dir, with http_port ≥ 0? or give --url' });
-  return readFileSync(f, 'utf8').trim();
+  const f = join(o.output, STATUS_URL_FILE), done = join(o.output, STATUS_FILE);
+  if (existsSync(f)) return { url: readFileSync(f, 'utf8').trim() };
+  if (existsSync(done)) return { file: done };
+  throw new StatusUnavailableError(`neither ${f} nor ${done} exists`, { hint: 'is this a job\'s output_dir (with http_port ≥ 0 while it runs)? or give --url' });
 }
 
 export async function fetchStatus(url: string, timeoutMs = 5000): Promise<StatusSnapshot> {
@@ -102,8 +106,8 @@ export function registerStatusCli(program: Command, print: (s: string) => void =
     .option('--output <dir>', "the job's output_dir (reads the URL from output_dir/status-url)")
     .option('--json', 'print /status as JSON')
     .action(async (o: { url?: string; output?: string; json?: boolean }) => {
-      const url = resolveStatusUrl(o);
-      const s = await fetchStatus(url);
-      print(o.json ? JSON.stringify(s, null, 1) : formatStatus(s, url));
+      const src = resolveStatusSource(o);
+      const s = 'url' in src ? await fetchStatus(src.url) : JSON.parse(readFileSync(src.file, 'utf8')) as StatusSnapshot;
+      print(o.json ? JSON.stringify(s, null, 1) : formatStatus(s, 'url' in src ? src.url : `(ended; ${src.file})`));
     });
 }

@@ -4,7 +4,7 @@
 //   await reporting.close();
 // The observers: the live state (/status, the page), Prometheus series, train_log.jsonl, loss.svg, TensorBoard
 // files (report: [tensorboard]) and the terminal (bar + log lines).
-import { writeFileSync, mkdirSync } from 'node:fs';
+import { writeFileSync, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { JobConfig } from '../job.ts';
 import type { JobObserver } from '../events.ts';
@@ -29,6 +29,10 @@ export { startStatusServer, type StatusServer } from './server.ts';
 
 /** The file in output_dir holding the running job's status URL (read by `coordinator status --output DIR`). */
 export const STATUS_URL_FILE = 'status-url';
+/** The last /status of a finished invocation, written by close() (what `coordinator status --output DIR` shows then). */
+export const STATUS_FILE = 'status.json';
+/** How long close() waits for a watching page to fetch the final state. */
+const LINGER_MS = 2500;
 
 export interface Reporting {
   readonly observers: readonly JobObserver[];
@@ -97,5 +101,14 @@ export async function startReporting(job: JobConfig, o: ReportingOptions = {}): 
     logger('status').debug({ url: server.url }, 'status page');
     o.print?.(`status page: ${server.url}  (also /status, /metrics; in another terminal: npx coordinator status --url ${server.url})`);
   }
-  return { observers, status, metrics, server, close: async () => { await server?.close(); } };
+  return {
+    observers, status, metrics, server,
+    close: async () => {
+      mkdirSync(job.output_dir, { recursive: true });
+      writeFileSync(join(job.output_dir, STATUS_FILE), JSON.stringify(status.snapshot(), null, 1) + '\n');
+      if (!server) return;
+      await server.close({ lingerMs: LINGER_MS });
+      rmSync(join(job.output_dir, STATUS_URL_FILE), { force: true });
+    },
+  };
 }

@@ -37,8 +37,16 @@ export interface StatusServer {
   readonly port: number;
   /** http://HOST:PORT (a wildcard bind is shown as 127.0.0.1). */
   readonly url: string;
-  close(): Promise<void>;
+  /**
+   * Stops serving. With `lingerMs`, a page that was watching (it fetched /status in the last few seconds) and has not
+   * yet been served the run's end first gets up to that long to fetch it — the end of a run (its before/after
+   * answers) would otherwise never reach the page.
+   */
+  close(opts?: { lingerMs?: number }): Promise<void>;
 }
+
+/** A page polls /status every second; one seen this recently is still watching. */
+const WATCHING_MS = 5000;
 
 export interface StatusServerOptions {
   readonly status: StatusObserver;
@@ -52,6 +60,7 @@ export interface StatusServerOptions {
 export function startStatusServer(o: StatusServerOptions): Promise<StatusServer> {
   if (!Number.isInteger(o.port) || o.port < 0 || o.port > 65535) throw new ConfigError(`http_port: ${o.port} is not a port`, { hint: 'use 0..65535 (0 = OS-assigned), or -1 to serve no HTTP' });
   const host = o.host ?? metricsHost();
+  let lastStatusAt = -Infinity, servedFinal = false;
   const server = http.createServer((req, res) => {
     const url = new URL(req.url ?? '/', 'http://x');
     const head = req.method === 'HEAD';
@@ -61,7 +70,13 @@ export function startStatusServer(o: StatusServerOptions): Promise<StatusServer>
     if (req.method !== 'GET' && !head) { res.writeHead(405, { allow: 'GET, HEAD' }).end(); return; }
     const json = (v: unknown): void => send(200, 'application/json; charset=utf-8', JSON.stringify(v));
     switch (url.pathname) {
-      case '/status': json(o.status.snapshot()); return;
+      case '/status': {
+        const snap = o.status.snapshot();
+        lastStatusAt = performance.now();
+        servedFinal = snap.state !== 'training' && snap.state !== 'waiting';
+        json(snap);
+        return;
+      }
       case '/history': {
         const since = Number(url.searchParams.get('since') ?? 0);
         if (!Number.isInteger(since) || since < 0) { send(400, 'text/plain', 'since must be a non-negative integer step\n'); return; }
@@ -91,7 +106,13 @@ export function startStatusServer(o: StatusServerOptions): Promise<StatusServer>
       const shown = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host.includes(':') ? `[${host}]` : host;
       resolve({
         port, url: `http://${shown}:${port}`,
-        close: () => new Promise<void>((res, rej) => { server.close((e) => (e ? rej(e) : res())); server.closeAllConnections(); }),
+        close: async (c = {}) => {
+          const t0 = performance.now();
+          if (c.lingerMs && t0 - lastStatusAt < WATCHING_MS) {
+            while (!servedFinal && performance.now() - t0 < c.lingerMs) await new Promise((r) => setTimeout(r, 50));
+          }
+          await new Promise<void>((res, rej) => { server.close((e) => (e ? rej(e) : res())); server.closeAllConnections(); });
+        },
       });
     });
   });

@@ -3,7 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -11,7 +11,7 @@ import { createServer, type AddressInfo } from 'node:net';
 import { StatusObserver } from '../../coordinator/status/state.ts';
 import { startStatusServer } from '../../coordinator/status/server.ts';
 import { formatStatus } from '../../coordinator/status/cli.ts';
-import { httpPortOf } from '../../coordinator/status/index.ts';
+import { httpPortOf, startReporting } from '../../coordinator/status/index.ts';
 import { parseJob } from '../../coordinator/job.ts';
 import { createCoordinatorMetrics } from '../../common/metrics.ts';
 
@@ -84,7 +84,7 @@ test('coordinator status --url prints the running job; --output DIR finds the UR
     [['status'], /error: which job\? give --url URL/],
     [['status', '--url', 'localhost:1234'], /error: --url localhost:1234: expected http:\/\/ or https:\/\//],
     [['status', '--url', `http://127.0.0.1:${closed}`], new RegExp(`error: cannot reach http://127\\.0\\.0\\.1:${closed}/status \\(ECONNREFUSED\\)\n  hint: is the job still running\\?`)],
-    [['status', '--output', '/nonexistent/run'], /error: \/nonexistent\/run\/status-url not found\n  hint: /],
+    [['status', '--output', '/nonexistent/run'], /error: neither \/nonexistent\/run\/status-url nor \/nonexistent\/run\/status\.json exists\n  hint: /],
     [['start', '--http-port', '70000', '-c', 'x.yaml'], /--http-port.*expected a port 0\.\.65535/],
   ] as const) {
     const r = await run([...args]);
@@ -92,6 +92,22 @@ test('coordinator status --url prints the running job; --output DIR finds the UR
     assert.match(r.err, msg);
     assert.doesNotMatch(r.err, /\n\s+at /, 'no stack trace');
   }
+});
+
+test('after the run, status-url is gone and status.json holds the final status, which coordinator status --output prints', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'dqlora-status-end-'));
+  const job = parseJob({ name: 'kb', model: 'm', output_dir: 'run', data: { train: 't.jsonl' } }, 'job.yaml', dir);
+  const rep = await startReporting(job, { terminal: 'none' });
+  assert.equal(readFileSync(join(job.output_dir, 'status-url'), 'utf8').trim(), rep.server!.url);
+  const fed = fedStatus();
+  for (const o of rep.observers) o.onStart?.({ ...fed.snapshot().job!, outputDir: job.output_dir });
+  for (const o of rep.observers) o.onEnd?.({ status: 'succeeded', step: 40, totalSteps: 40, firstLoss: 3, lastLoss: 2, evalLoss: null, seconds: 9, tokensPerSecond: 100, answers: [{ prompt: 'p', base: 'b', tuned: 't' }] });
+  await rep.close();
+  assert.equal(existsSync(join(job.output_dir, 'status-url')), false);
+  const r = await run(['status', '--output', job.output_dir]);
+  assert.equal(r.code, 0, r.err);
+  assert.match(r.out, /^job kb — succeeded .*\(ended; .*status\.json\)\n/);
+  assert.match(r.out, /━━ p\n  base model : b\n  fine-tuned : t/);
 });
 
 test('http_port: job.yaml default 0 (OS-assigned), -1 off; DQLORA_HTTP_PORT (set by --http-port) overrides; bad values name the field', () => {

@@ -129,6 +129,22 @@ test('the status page follows a real run live and ends with the before/after ans
   } finally { await server.close(); }
 });
 
+test('closing the server at the end of a run first lets a watching page fetch the final state (the answers)', { skip, timeout: 60_000 }, async () => {
+  const status = new StatusObserver();
+  const server = await startStatusServer({ status, registry: createCoordinatorMetrics().registry, port: 0, host: '127.0.0.1' });
+  const cut = rec.events.findIndex((r) => r.kind === 'step' && r.e.step === 6);
+  replay(rec.events.slice(0, cut), [status]);
+  await browser.navigate(server.url);
+  await browser.waitFor(`document.body.dataset.drawn === '5'`, 15_000, 'the page at step 5');
+  replay(rec.events.slice(cut), [status]);
+  const t0 = Date.now();
+  await server.close({ lingerMs: 5000 });
+  assert.ok(Date.now() - t0 < 4000, 'the page polls every second: no need to wait out the whole linger');
+  await browser.waitFor(`document.querySelector('#run-state').textContent === 'succeeded' && !document.querySelector('#answers-section').hidden`, 5000, 'the final state on the page');
+  const answers = await browser.eval<string[][]>(`[...document.querySelectorAll('#answers tbody tr')].map((tr) => [...tr.children].map((td) => td.textContent))`);
+  assert.deepEqual(answers, rec.outcome.answers.map((a) => [a.prompt, a.base || '(empty)', a.tuned || '(empty)']));
+});
+
 test('the last step\'s pipeline timeline: one bar per recorded span, placed and sized by its times', { skip, timeout: 60_000 }, async () => {
   const status = new StatusObserver();
   const metrics = createCoordinatorMetrics();
