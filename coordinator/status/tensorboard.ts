@@ -6,7 +6,7 @@
 //   record  = uint64 length (LE) | uint32 masked_crc32c(length bytes) | data | uint32 masked_crc32c(data)
 //   masked  = ((crc >>> 15) | (crc << 17)) + 0xa282ead8 (mod 2^32); crc32c = CRC-32/Castagnoli (reflected 0x82F63B78)
 //   Event   = { 1: double wall_time, 2: int64 step, 3: string file_version ("brain.Event:2", first record only),
-//               5: Summary summary, 6: SessionLog session_log }
+//               5: Summary summary, 7: SessionLog session_log }
 //   SessionLog = { 1: enum status (START = 1) }: TensorBoard drops the events at and after a START's step from
 //               earlier files of the same directory (purge_orphaned_data), which is what a resumed run or a recovery
 //               that rolled back needs — the steps after the checkpoint are trained again.
@@ -76,7 +76,7 @@ export function encodeEvent(e: { wallTime: number; step: number; fileVersion?: s
     });
     parts.push(lenField(5, Buffer.concat(values)));
   }
-  if (e.sessionStart) parts.push(lenField(6, Buffer.from([...key(1, 0), 1])));
+  if (e.sessionStart) parts.push(lenField(7, Buffer.from([...key(1, 0), 1])));
   return Buffer.concat(parts);
 }
 
@@ -116,7 +116,7 @@ export function decodeEvent(buf: Buffer, where = 'event'): DecodedEvent {
     if (f.field === 1 && f.wire === 1) e.wallTime = f.bytes!.readDoubleLE(0);
     else if (f.field === 2 && f.wire === 0) e.step = Number(BigInt.asIntN(64, f.int!));
     else if (f.field === 3 && f.wire === 2) e.fileVersion = f.bytes!.toString('utf8');
-    else if (f.field === 6 && f.wire === 2) e.sessionStart = fields(f.bytes!, `${where}.session_log`).some((x) => x.field === 1 && x.wire === 0 && x.int === 1n);
+    else if (f.field === 7 && f.wire === 2) e.sessionStart = fields(f.bytes!, `${where}.session_log`).some((x) => x.field === 1 && x.wire === 0 && x.int === 1n);
     else if (f.field === 5 && f.wire === 2) {
       for (const v of fields(f.bytes!, `${where}.summary`)) {
         if (v.field !== 1 || v.wire !== 2) continue;

@@ -1,7 +1,9 @@
 // What a run leaves in output_dir for people and tools: train_log.jsonl (HF log_history keys), loss.svg and
 // TensorBoard event files — written by their observers from the events of a real tiny run, and read back:
 // the log line by line against the run's own trainer_state.json, the plot by inverting its axes, the event files
-// by a reader written from the TFRecord/Event spec (CRC32C checked against the RFC 3720 test vectors).
+// by a reader written from the TFRecord/Event spec (CRC32C checked against the RFC 3720 test vectors) and by
+// protobufjs on TensorFlow's event.proto field numbers (TensorBoard itself is not installable here: no PyPI, no
+// Debian package).
 import { test, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -10,7 +12,8 @@ import { join } from 'node:path';
 import { recordRealRun, replay, type RecordedRun } from '../helpers/recorded-run.ts';
 import { TrainLogObserver, readTrainLog, TRAIN_LOG } from '../../coordinator/status/train-log.ts';
 import { LossPlotObserver, LOSS_PLOT, niceTicks } from '../../coordinator/status/loss-plot.ts';
-import { TensorBoardObserver, crc32c, maskedCrc32c, readEventFile, tfRecord, encodeEvent } from '../../coordinator/status/tensorboard.ts';
+import { TensorBoardObserver, crc32c, decodeEvent, maskedCrc32c, readEventFile, tfRecord, encodeEvent } from '../../coordinator/status/tensorboard.ts';
+import protobuf from 'protobufjs';
 import type { JobStartEvent } from '../../coordinator/events.ts';
 
 let rec: RecordedRun;
@@ -132,7 +135,7 @@ test('TensorBoard event files (report: [tensorboard]): file_version first, then 
   const b = encodeEvent({ wallTime: 1.5, step: 300, scalars: [{ tag: 'a', value: 2 }] });
   assert.equal(b.toString('hex'), '09' + '000000000000f83f' + '10' + 'ac02' + '2a' + '0a' + '0a' + '08' + '0a0161' + '15' + '00000040');
   // a resumed run (or a recovery) marks where TensorBoard must drop the earlier invocation's steps: SessionLog START
-  assert.equal(encodeEvent({ wallTime: 0, step: 5, sessionStart: true }).toString('hex'), '09' + '0000000000000000' + '1005' + '32020801');
+  assert.equal(encodeEvent({ wallTime: 0, step: 5, sessionStart: true }).toString('hex'), '09' + '0000000000000000' + '1005' + '3a020801');
   const resumed = new TensorBoardObserver(() => 1_700_000_100_000);
   replay([{ kind: 'start', e: { ...(rec.events[0].e as JobStartEvent), startStep: 4 } }, { kind: 'recovery', e: { step: 6, attempt: 1, reason: 'lost', resumeFrom: 'x' } }], [resumed]);
   assert.deepEqual(readEventFile(resumed.path).map((e) => [e.step, e.fileVersion ?? null, e.sessionStart ?? false]), [[4, 'brain.Event:2', false], [5, null, true], [7, null, true]]);
@@ -142,4 +145,51 @@ test('TensorBoard event files (report: [tensorboard]): file_version first, then 
   writeFileSync(badPath, bad);
   assert.throws(() => readEventFile(badPath), /data CRC mismatch/);
   rmSync(badPath);
+});
+
+// tensorflow/core/util/event.proto and framework/summary.proto, the fields we write (numbers as in TensorFlow).
+const EVENT_PROTO = `
+syntax = "proto3";
+package tensorflow;
+message Summary {
+  message Value { string node_name = 7; string tag = 1; oneof value { float simple_value = 2; bytes obsolete_old_style_histogram = 3; } }
+  repeated Value value = 1;
+}
+message SessionLog { enum SessionStatus { STATUS_UNSPECIFIED = 0; START = 1; STOP = 2; CHECKPOINT = 3; } SessionStatus status = 1; string checkpoint_path = 2; string msg = 3; }
+message Event {
+  double wall_time = 1;
+  int64 step = 2;
+  oneof what { string file_version = 3; bytes graph_def = 4; Summary summary = 5; SessionLog session_log = 7; bytes meta_graph_def = 9; }
+}`;
+
+test('TensorBoard events agree with an independent protobuf implementation (protobufjs on event.proto), both ways', () => {
+  const Event = protobuf.parse(EVENT_PROTO).root.lookupType('tensorflow.Event');
+  const t = new TensorBoardObserver(() => 1_700_000_200_500);
+  replay(rec.events, [t]);
+  replay([{ kind: 'recovery', e: { step: 4, attempt: 1, reason: 'lost', resumeFrom: 'x' } }], [t]);
+  // ours → protobufjs: every record of the file decodes to the same fields
+  const buf = readFileSync(t.path);
+  const ours = readEventFile(t.path);
+  let p = 0, i = 0;
+  while (p < buf.length) {
+    const len = Number(buf.readBigUInt64LE(p));
+    const e = Event.toObject(Event.decode(buf.subarray(p + 12, p + 12 + len)), { longs: Number, enums: String, defaults: false }) as {
+      wallTime: number; step?: number; fileVersion?: string; summary?: { value: { tag: string; simpleValue: number }[] }; sessionLog?: { status: string };
+    };
+    const o = ours[i++];
+    assert.equal(e.wallTime, o.wallTime);
+    assert.equal(e.step ?? 0, o.step);
+    assert.equal(e.fileVersion, o.fileVersion);
+    assert.deepEqual((e.summary?.value ?? []).map((v) => ({ tag: v.tag, value: v.simpleValue })), o.scalars);
+    assert.equal(e.sessionLog?.status === 'START', o.sessionStart === true);
+    p += 12 + len + 4;
+  }
+  assert.equal(i, ours.length);
+  assert.deepEqual(ours.filter((e) => e.sessionStart).map((e) => e.step), [5]);
+  // protobufjs → ours: an Event it encodes is read back by our decoder
+  const bytes = Buffer.from(Event.encode(Event.create({ wallTime: 12.25, step: 123456789012, summary: { value: [{ tag: 'train/loss', simpleValue: 0.5 }, { tag: 'eval/loss', simpleValue: 1.25 }] } })).finish());
+  assert.deepEqual(decodeEvent(bytes), { wallTime: 12.25, step: 123456789012, scalars: [{ tag: 'train/loss', value: 0.5 }, { tag: 'eval/loss', value: 1.25 }] });
+  const start = Buffer.from(Event.encode(Event.create({ wallTime: 1, step: 5, sessionLog: { status: 1 } })).finish());
+  assert.equal(decodeEvent(start).sessionStart, true);
+  assert.deepEqual(start, encodeEvent({ wallTime: 1, step: 5, sessionStart: true }));
 });
