@@ -104,8 +104,11 @@ export async function startReporting(job: JobConfig, o: ReportingOptions = {}): 
   return {
     observers, status, metrics, server,
     close: async () => {
-      mkdirSync(job.output_dir, { recursive: true });
-      writeFileSync(join(job.output_dir, STATUS_FILE), JSON.stringify(status.snapshot(), null, 1) + '\n');
+      const snap = status.snapshot();
+      if (snap.job) { // the run started (a config or data error before that leaves no status behind)
+        mkdirSync(job.output_dir, { recursive: true });
+        writeFileSync(join(job.output_dir, STATUS_FILE), JSON.stringify(snap, null, 1) + '\n');
+      }
       if (!server) return;
       await server.close({ lingerMs: LINGER_MS });
       rmSync(join(job.output_dir, STATUS_URL_FILE), { force: true });

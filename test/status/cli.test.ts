@@ -110,6 +110,15 @@ test('after the run, status-url is gone and status.json holds the final status, 
   assert.match(r.out, /━━ p\n  base model : b\n  fine-tuned : t/);
 });
 
+test('a port already in use is a config error that names http_port and what to do', async () => {
+  const taken = await startStatusServer({ status: new StatusObserver(), registry: createCoordinatorMetrics().registry, port: 0, host: '127.0.0.1' });
+  try {
+    await assert.rejects(startStatusServer({ status: new StatusObserver(), registry: createCoordinatorMetrics().registry, port: taken.port, host: '127.0.0.1' }),
+      { name: 'ConfigError', message: `http_port: 127.0.0.1:${taken.port} is already in use\n  hint: pick another http_port / --http-port, or 0 for an OS-assigned one` });
+    assert.throws(() => startStatusServer({ status: new StatusObserver(), registry: createCoordinatorMetrics().registry, port: 70000 }), /http_port: 70000 is not a port/);
+  } finally { await taken.close(); }
+});
+
 test('http_port: job.yaml default 0 (OS-assigned), -1 off; DQLORA_HTTP_PORT (set by --http-port) overrides; bad values name the field', () => {
   const job = parseJob({ model: 'm', output_dir: 'o', data: { train: 't.jsonl' } }, 'job.yaml', '/tmp');
   assert.equal(job.http_port, 0);
