@@ -19,6 +19,10 @@ export class Browser {
   readonly consoleErrors: string[] = [];
 
   private constructor(private readonly proc: ChildProcess, private readonly ws: WebSocket, private readonly profile: string) {
+    // A browser that dies (or a socket that closes) fails every command still waiting for its answer.
+    const fail = (why: string): void => { for (const p of this.pending.values()) p.reject(new Error(why)); this.pending.clear(); };
+    proc.once('exit', (code, signal) => fail(`chromium exited (${code ?? signal})`));
+    ws.once('close', () => fail('the DevTools socket closed'));
     ws.on('message', (raw) => {
       const m = JSON.parse(raw.toString()) as { id?: number; result?: unknown; error?: { message: string }; method?: string; params?: Record<string, unknown> };
       if (m.id !== undefined) {
@@ -64,6 +68,7 @@ export class Browser {
   }
 
   send(method: string, params: Record<string, unknown> = {}): Promise<unknown> {
+    if (this.ws.readyState !== WebSocket.OPEN) return Promise.reject(new Error(`chromium is gone (${method})`));
     const id = ++this.id;
     this.ws.send(JSON.stringify({ id, method, params }));
     return new Promise((resolve, reject) => this.pending.set(id, { resolve, reject }));
@@ -96,8 +101,14 @@ export class Browser {
 
   async close(): Promise<void> {
     this.ws.close();
-    this.proc.kill('SIGTERM');
-    await new Promise((r) => { if (this.proc.exitCode !== null) r(null); else this.proc.once('exit', r); });
+    const exited = (): boolean => this.proc.exitCode !== null || this.proc.signalCode !== null;
+    if (!exited()) {
+      const gone = new Promise((r) => this.proc.once('exit', r));
+      this.proc.kill('SIGTERM');
+      const t = setTimeout(() => this.proc.kill('SIGKILL'), 5000);
+      await gone;
+      clearTimeout(t);
+    }
     rmSync(this.profile, { recursive: true, force: true });
   }
 }

@@ -59,6 +59,7 @@ test('on a terminal: readable log lines and results above a progress bar that is
   assert.ok(lines.some((l) => /WARN  data: skipped bad dataset lines  file=\S+ skipped=1/.test(l)));
   assert.ok(lines.some((l) => /INFO  job: checkpoint written  dir=\S+step-000004 step=4$/.test(l)));
   assert.ok(lines.some((l) => /INFO  job: step  step=6 total=6 loss=/.test(l)));
-  for (const f of ['train_log.jsonl', 'loss.svg', 'status-url']) assert.ok(existsSync(join(work, 'run', f)), f);
+  for (const f of ['train_log.jsonl', 'loss.svg', 'status.json']) assert.ok(existsSync(join(work, 'run', f)), f);
+  assert.equal(existsSync(join(work, 'run', 'status-url')), false, 'status-url is removed when the server stops');
   assert.equal(readFileSync(join(work, 'run', 'train_log.jsonl'), 'utf8').trim().split('\n').filter((l) => l.includes('"loss"')).length, 3, 'log_every 2: steps 2, 4, 6');
 });
