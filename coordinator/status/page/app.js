@@ -162,7 +162,7 @@
       const since = hist.step.length ? hist.step[hist.step.length - 1] : 0;
       if (s.step > since || s.historyVersion !== historyVersion || !charts) {
         const h = await (await fetch(`/history?since=${since}`, { cache: 'no-store' })).json();
-        for (const k of Object.keys(hist)) hist[k].push(...h[k]);
+        for (const k of Object.keys(hist)) hist[k] = hist[k].concat(h[k]); // (not push(...): a long run's first pull has 100k+ points)
       }
       evals = s.evals;
       $('#conn').textContent = `updated ${new Date().toLocaleTimeString()}`;
