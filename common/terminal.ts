@@ -67,3 +67,8 @@ export class Terminal {
 
 /** The process's stderr. */
 export const stderrTerminal = new Terminal(process.stderr);
+
+/** `print` (stdout lines) made safe while a bar is up on stderr: the bar is cleared first and redrawn after. */
+export function printAboveBar(print: (s: string) => void = (s) => { process.stdout.write(s + '\n'); }): (s: string) => void {
+  return (s) => stderrTerminal.around(() => print(s));
+}

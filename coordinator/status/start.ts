@@ -5,12 +5,11 @@
 import type { JobConfig } from '../job.ts';
 import { runJob, type RunOptions, type RunOutcome } from '../run.ts';
 import { startReporting } from './index.ts';
-import { stderrTerminal } from '../../common/terminal.ts';
+import { printAboveBar } from '../../common/terminal.ts';
 
 export async function runWithReporting(job: JobConfig, opts: RunOptions = {}): Promise<RunOutcome> {
-  const out = opts.print ?? ((s: string) => { process.stdout.write(s + '\n'); });
   // stdout and stderr are usually the same terminal: a printed line clears the bar first and redraws it after
-  const print = (s: string): void => stderrTerminal.around(() => out(s));
+  const print = printAboveBar(opts.print);
   const reporting = await startReporting(job, { progress: opts.progress, terminal: opts.progress ? 'bar' : 'none', print });
   try {
     return await runJob(job, { ...opts, print, progress: false, observers: [...reporting.observers, ...(opts.observers ?? [])] });
