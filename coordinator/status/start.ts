@@ -2,9 +2,11 @@
 // /metrics on http_port, writes train_log.jsonl, loss.svg (and TensorBoard files), and draws the training bar with
 // log lines above it, all through runJob's `observers`. The loop still logs its own step/eval/checkpoint lines
 // (consoleObserver, asked for lines instead of its cli-progress bar), so the terminal observer here draws the bar only.
+// The worker table reaches the observers through the workers executor's onWorkers (the loop does not pass it yet).
 import type { JobConfig } from '../job.ts';
 import { runJob, type RunOptions, type RunOutcome } from '../run.ts';
 import { startReporting } from './index.ts';
+import { notify } from '../observers.ts';
 import { printAboveBar } from '../../common/terminal.ts';
 
 export async function runWithReporting(job: JobConfig, opts: RunOptions = {}): Promise<RunOutcome> {
@@ -12,7 +14,8 @@ export async function runWithReporting(job: JobConfig, opts: RunOptions = {}): P
   const print = printAboveBar(opts.print);
   const reporting = await startReporting(job, { progress: opts.progress, terminal: opts.progress ? 'bar' : 'none', print });
   try {
-    return await runJob(job, { ...opts, print, progress: false, observers: [...reporting.observers, ...(opts.observers ?? [])] });
+    const observers = [...reporting.observers, ...(opts.observers ?? [])];
+    return await runJob(job, { ...opts, print, progress: false, observers, onWorkers: (ws) => notify(observers, 'onWorkers', ws) });
   } finally {
     await reporting.close();
   }

@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { recorder, replay, tinyReportingJob, type RecordedEvent } from '../helpers/recorded-run.ts';
 import { Browser, chromiumPath } from '../helpers/chromium.ts';
 import { StatusObserver, type StatusSnapshot } from '../../coordinator/status/state.ts';
-import { metricsObserver } from '../../coordinator/observers.ts';
+import { metricsObserver, notify } from '../../coordinator/observers.ts';
 import { startReporting, type Reporting } from '../../coordinator/status/index.ts';
 import { runJob, type RunOutcome } from '../../coordinator/run.ts';
 import { listCheckpoints, type TrainerState } from '../../common/checkpoint.ts';
@@ -187,7 +187,15 @@ test('a real 2-stage run on local worker processes: the page draws each stage\'s
   job.training.max_steps = 3; job.training.eval_every = 0; job.training.save_every = 0; job.compare.prompts = [];
   const rep = await startReporting(job, { terminal: 'none', print: () => {} });
   try {
-    await runJob(job, { progress: false, print: () => {}, observers: [...rep.observers] });
+    const tables: string[][] = [];
+    await runJob(job, { progress: false, print: () => {}, observers: [...rep.observers], onWorkers: (ws) => {
+      tables.push(ws.map((w) => `${w.id}:${w.stage}/${w.replica}:${w.state}`));
+      notify(rep.observers, 'onWorkers', ws);
+    } });
+    // the worker table as the control plane saw it change: registered, assigned a stage each, stopped at the end
+    assert.deepEqual(tables[0], ['w1:-1/-1:registered'], JSON.stringify(tables));
+    assert.ok(tables.some((t) => t.length === 2 && t.map((x) => x.split(':')[1]).sort().join() === '0/0,1/0'), `both stages assigned: ${JSON.stringify(tables)}`);
+    assert.deepEqual(tables.at(-1)!.map((x) => x.split(':')[2]), ['stopped', 'stopped']);
     const server = rep.server!;
     await browser.navigate(server.url);
     await browser.waitFor(`document.querySelectorAll('#timeline rect.bar').length > 0 && document.querySelector('#run-state').textContent === 'succeeded'`, 15_000, 'the timeline of the last step');
@@ -207,8 +215,14 @@ test('a real 2-stage run on local worker processes: the page draws each stage\'s
       assert.ok(Math.abs(total('wait') - t.idleSeconds) <= 1e-4 * (t.spans!.length + 1), 'waits shorter than 0.1 ms are not recorded as spans');
     }
     const rows = await browser.eval<string[][]>(`[...document.querySelectorAll('#workers tbody tr')].map((tr) => [...tr.children].map((td) => td.textContent))`);
-    assert.deepEqual(rows.map((r) => r.slice(1, 3).concat(r.slice(4))), timings.map((t) => [String(t.stage), String(t.replica), ...[t.forwardSeconds, t.backwardSeconds, t.idleSeconds, t.allreduceSeconds].map((x) => x.toFixed(3))]));
+    const byStage = [...status.workers].sort((a, b) => a.stage - b.stage);
+    assert.deepEqual(byStage.map((w) => [w.stage, w.replica, w.state]), [[0, 0, 'stopped'], [1, 0, 'stopped']]);
+    assert.deepEqual(rows, status.workers.map((w) => {
+      const t = timings.find((x) => x.stage === w.stage && x.replica === w.replica)!;
+      return [w.id, String(w.stage), String(w.replica), w.state, ...[t.forwardSeconds, t.backwardSeconds, t.idleSeconds, t.allreduceSeconds].map((x) => x.toFixed(3))];
+    }));
     const prom = await (await fetch(`${server.url}/metrics`)).text();
+    assert.equal(/^dqlora_workers\{state="stopped",job="tiny"\} (\d+)$/m.exec(prom)?.[1], '2', 'dqlora_workers{state} from the same table');
     assert.equal(scrape(prom, 'dqlora_pipeline_bubble_ratio'), status.bubble);
     assert.equal(await browser.eval<string>(`document.querySelector('.value[data-k="bubble"]').dataset.value`), String(status.bubble));
     assert.equal(scrape(prom, 'dqlora_train_loss'), status.loss);
