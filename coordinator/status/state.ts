@@ -73,6 +73,7 @@ export class StatusObserver implements JobObserver {
   private tokens = 0;
   private stepSeconds = 0;
   private historyVersion = 0;
+  private readonly listeners = new Set<() => void>();
 
   /** `now` in milliseconds (tests pass a fake clock). */
   constructor(private readonly now: () => number = Date.now) {}
@@ -113,7 +114,16 @@ export class StatusObserver implements JobObserver {
     this.touch();
   }
 
-  private touch(): void { this.updated = this.now(); }
+  private touch(): void {
+    this.updated = this.now();
+    for (const f of this.listeners) f();
+  }
+
+  /** Calls `f` after every change (the HTTP thread's mirror); returns the unsubscribe function. */
+  subscribe(f: () => void): () => void {
+    this.listeners.add(f);
+    return () => { this.listeners.delete(f); };
+  }
 
   snapshot(): StatusSnapshot {
     const last = this.last, end = this.end;

@@ -2,7 +2,7 @@
 // with a message that says what to do, never a stack trace.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -108,6 +108,25 @@ test('after the run, status-url is gone and status.json holds the final status, 
   assert.equal(r.code, 0, r.err);
   assert.match(r.out, /^job kb — succeeded .*\(ended; .*status\.json\)\n/);
   assert.match(r.out, /━━ p\n  base model : b\n  fine-tuned : t/);
+});
+
+test('the server answers while this thread is busy computing a step (one process: the HTTP side has its own thread)', async () => {
+  const status = fedStatus();
+  const server = await startStatusServer({ status, registry: createCoordinatorMetrics().registry, port: 0, host: '127.0.0.1' });
+  try {
+    const out = join(mkdtempSync(join(tmpdir(), 'dqlora-busy-')), 'got.json');
+    // another process asks for /status and /metrics while this thread is blocked (as in a long in-process step)
+    const child = spawn(process.execPath, ['-e', `Promise.all([fetch('${server.url}/status').then((r) => r.json()), fetch('${server.url}/metrics').then((r) => r.text())])
+      .then(([s, m]) => require('node:fs').writeFileSync(${JSON.stringify(out)}, JSON.stringify({ at: Date.now(), step: s.step, metrics: m.length })))`], { stdio: 'ignore' });
+    const t0 = Date.now();
+    const blockUntil = t0 + 15_000;
+    while (!existsSync(out) && Date.now() < blockUntil) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 50); // blocked: no event loop turn
+    const got = JSON.parse(readFileSync(out, 'utf8')) as { at: number; step: number; metrics: number };
+    assert.equal(got.step, 40);
+    assert.ok(got.metrics > 100, 'the metrics text was served too');
+    assert.ok(got.at < blockUntil, 'answered while this thread was still blocked');
+    await new Promise((r) => child.once('exit', r));
+  } finally { await server.close(); }
 });
 
 test('a port already in use is a config error that names http_port and what to do', async () => {

@@ -17,6 +17,7 @@ import { startReporting, type Reporting } from '../../coordinator/status/index.t
 import { runJob, type RunOutcome } from '../../coordinator/run.ts';
 import { listCheckpoints, type TrainerState } from '../../common/checkpoint.ts';
 import { existsSync, readFileSync, readdirSync } from 'node:fs';
+import { Worker } from 'node:worker_threads';
 import type { JobConfig } from '../../coordinator/job.ts';import { startStatusServer, type StatusServer } from '../../coordinator/status/server.ts';
 import { createCoordinatorMetrics } from '../../common/metrics.ts';
 import type { StepEvent } from '../../coordinator/events.ts';
@@ -26,12 +27,22 @@ const exe = chromiumPath();
 const skip = exe ? false : 'chromium not installed (apt-get install chromium; .ci/run does)';
 
 let rec: { job: JobConfig; outcome: RunOutcome; events: RecordedEvent[]; state: TrainerState }, browser: Browser, reporting: Reporting;
+let stepsSeenLive: number[] = [];
 before(async () => {
   if (skip) return;
   const job = tinyReportingJob(mkdtempSync(join(tmpdir(), 'dqlora-page-')), { report: ['tensorboard'] });
   reporting = await startReporting(job, { terminal: 'none', print: () => {} });   // http_port 0: OS-assigned
   const events: RecordedEvent[] = [];
+  // A poller on another thread asks /status every few ms while this thread trains (in one process the steps compute
+  // here and never yield mid-step): the steps it saw prove the page is served live, not only after the run.
+  const seen = new Int32Array(new SharedArrayBuffer(4 * 64));
+  const poller = new Worker(`const { workerData: { url, seen } } = require('node:worker_threads');
+    (async () => { for (;;) { try { const s = await (await fetch(url + '/status')).json();
+      if (s.state === 'training' && s.step > 0 && !seen.slice(1, 1 + Atomics.load(seen, 0)).includes(s.step)) seen[1 + Atomics.add(seen, 0, 1)] = s.step; } catch {}
+      await new Promise((r) => setTimeout(r, 5)); } })();`, { eval: true, workerData: { url: reporting.server!.url, seen } });
   const outcome = await runJob(job, { progress: false, print: () => {}, observers: [recorder(events), ...reporting.observers] });
+  await poller.terminate();
+  stepsSeenLive = Array.from(seen.slice(1, 1 + seen[0]));
   const state = JSON.parse(readFileSync(join(listCheckpoints(job.output_dir).at(-1)!.dir, 'trainer_state.json'), 'utf8')) as TrainerState;
   rec = { job, outcome, events, state };
   browser = await Browser.launch(exe!);
@@ -86,6 +97,7 @@ async function checkPageAgainstServer(server: StatusServer, step: number): Promi
 test('a real tiny job with startReporting: its page, /status and /metrics agree, and output_dir holds the reports', { skip, timeout: 120_000 }, async () => {
   const server = reporting.server!;
   assert.equal(readFileSync(join(rec.job.output_dir, 'status-url'), 'utf8').trim(), server.url);
+  assert.ok(stepsSeenLive.some((x) => x > 0 && x < 8), `/status answered during the training steps (steps seen: ${stepsSeenLive})`);
   await browser.navigate(server.url);
   const end = await checkPageAgainstServer(server, 8);
   await browser.waitFor(`document.querySelector('#run-state').textContent === 'succeeded'`, 10_000);
