@@ -8,9 +8,9 @@ import { writeFileSync, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { JobConfig } from '../job.ts';
 import type { JobObserver } from '../events.ts';
-import { createCoordinatorMetrics, WORKER_STATES, type CoordinatorMetrics, type WorkerStateLabel } from '../../common/metrics.ts';
+import { createCoordinatorMetrics, type CoordinatorMetrics } from '../../common/metrics.ts';
 import { jobLayout } from '../job.ts';
-import { metricsObserver } from '../observers.ts';
+import { jobMetricsObserver } from '../metrics-observer.ts';
 import { ConfigError } from '../../common/errors.ts';
 import { logger } from '../../common/log.ts';
 import { StatusObserver } from './state.ts';
@@ -57,20 +57,6 @@ export interface ReportingOptions {
   readonly print?: (s: string) => void;
 }
 
-/** dqlora_workers{state} from the worker table (onWorkers). */
-export function workerCountsObserver(metrics: CoordinatorMetrics): JobObserver {
-  return {
-    onWorkers(workers) {
-      const counts: Partial<Record<WorkerStateLabel, number>> = {};
-      for (const w of workers) {
-        const s = w.state.toLowerCase() as WorkerStateLabel;
-        if ((WORKER_STATES as readonly string[]).includes(s)) counts[s] = (counts[s] ?? 0) + 1;
-      }
-      metrics.setWorkerCounts(counts);
-    },
-  };
-}
-
 /** The HTTP port to serve: an explicit option, $DQLORA_HTTP_PORT, or job.http_port; −1 = none. */
 export function httpPortOf(job: JobConfig, explicit?: number, env: NodeJS.ProcessEnv = process.env): number {
   if (explicit !== undefined) return explicit;
@@ -88,7 +74,9 @@ export async function startReporting(job: JobConfig, o: ReportingOptions = {}): 
   const metrics = o.metrics ?? createCoordinatorMetrics({ defaultLabels: { job: job.name } });
   const status = new StatusObserver();
   const observers: JobObserver[] = [status];
-  if (o.metricsFromEvents ?? true) observers.push(metricsObserver(metrics, jobLayout(job).replicas), workerCountsObserver(metrics));
+  if (o.metricsFromEvents ?? true) {
+    observers.push(jobMetricsObserver(metrics, { replicas: jobLayout(job).replicas, microBatches: job.training.grad_accum, saveEvery: job.training.save_every }));
+  }
   observers.push(new TrainLogObserver(job.training.log_every), new LossPlotObserver());
   if (job.report.includes('tensorboard')) observers.push(new TensorBoardObserver());
   const term = o.terminal ?? 'full';

@@ -12,7 +12,8 @@ import { join } from 'node:path';
 import { recorder, replay, tinyReportingJob, type RecordedEvent } from '../helpers/recorded-run.ts';
 import { Browser, chromiumPath } from '../helpers/chromium.ts';
 import { StatusObserver, type StatusSnapshot } from '../../coordinator/status/state.ts';
-import { metricsObserver, notify } from '../../coordinator/observers.ts';
+import { notify } from '../../coordinator/observers.ts';
+import { jobMetricsObserver } from '../../coordinator/metrics-observer.ts';
 import { startReporting, type Reporting } from '../../coordinator/status/index.ts';
 import { runJob, type RunOutcome } from '../../coordinator/run.ts';
 import { listCheckpoints, type TrainerState } from '../../common/checkpoint.ts';
@@ -118,7 +119,7 @@ test('the status page follows a real run live and ends with the before/after ans
   const metrics = createCoordinatorMetrics({ defaultLabels: { job: 'tiny' } });
   const server = await startStatusServer({ status, registry: metrics.registry, port: 0, host: '127.0.0.1' });
   try {
-    const observers = [status, metricsObserver(metrics, 1)];
+    const observers = [status, jobMetricsObserver(metrics, { replicas: 1, microBatches: 1, saveEvery: 4 })];
     const cut = rec.events.findIndex((r) => r.kind === 'step' && r.e.step === 6);
     replay(rec.events.slice(0, cut), observers);            // steps 1..5, the eval and checkpoint at step 4
     await browser.navigate(server.url);
