@@ -4,13 +4,13 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { DqloraError } from '../../common/errors.ts';
+import { ConfigError, DqloraError } from '../../common/errors.ts';
 import { setLogFormat, type LogFormat } from '../../common/log.ts';
 import type { StatusSnapshot } from './state.ts';
 import { formatDuration } from './terminal.ts';
 import { STATUS_FILE, STATUS_URL_FILE } from './index.ts';
 
-/** `coordinator status` could not get a status: what to do is in the message. */
+/** `coordinator status` could not reach the job (a runtime failure, exit 1; a wrong invocation is a ConfigError, exit 2). */
 export class StatusUnavailableError extends DqloraError {}
 
 const num = (v: number | null, f: (x: number) => string): string => (v === null ? '–' : f(v));
@@ -55,15 +55,15 @@ export function formatStatus(s: StatusSnapshot, url = ''): string {
 export function resolveStatusSource(o: { url?: string; output?: string }): { url: string } | { file: string } {
   if (o.url) {
     let u: URL;
-    try { u = new URL(o.url); } catch { throw new StatusUnavailableError(`--url ${o.url} is not a URL`, { hint: 'e.g. --url http://127.0.0.1:8470 (the job prints its status page URL at start)' }); }
-    if (u.protocol !== 'http:' && u.protocol !== 'https:') throw new StatusUnavailableError(`--url ${o.url}: expected http:// or https://`);
+    try { u = new URL(o.url); } catch { throw new ConfigError(`--url ${o.url} is not a URL`, { hint: 'e.g. --url http://127.0.0.1:8470 (the job prints its status page URL at start)' }); }
+    if (u.protocol !== 'http:' && u.protocol !== 'https:') throw new ConfigError(`--url ${o.url}: expected http:// or https://`);
     return { url: o.url.replace(/\/+$/, '') };
   }
-  if (!o.output) throw new StatusUnavailableError('which job? give --url URL (printed when the job starts) or --output DIR (the job\'s output_dir)');
+  if (!o.output) throw new ConfigError('which job? give --url URL (printed when the job starts) or --output DIR (the job\'s output_dir)');
   const f = join(o.output, STATUS_URL_FILE), done = join(o.output, STATUS_FILE);
   if (existsSync(f)) return { url: readFileSync(f, 'utf8').trim() };
   if (existsSync(done)) return { file: done };
-  throw new StatusUnavailableError(`neither ${f} nor ${done} exists`, { hint: 'is this a job\'s output_dir (with http_port ≥ 0 while it runs)? or give --url' });
+  throw new ConfigError(`neither ${f} nor ${done} exists`, { hint: 'is this a job\'s output_dir (with http_port ≥ 0 while it runs)? or give --url' });
 }
 
 export async function fetchStatus(url: string, timeoutMs = 5000): Promise<StatusSnapshot> {

@@ -80,15 +80,16 @@ test('coordinator status --url prints the running job; --output DIR finds the UR
     assert.match((await run(['status', '--output', dir])).out, /^job kb/);
   } finally { await server.close(); }
   const closed = await freePort();
-  for (const [args, msg] of [
-    [['status'], /error: which job\? give --url URL/],
-    [['status', '--url', 'localhost:1234'], /error: --url localhost:1234: expected http:\/\/ or https:\/\//],
-    [['status', '--url', `http://127.0.0.1:${closed}`], new RegExp(`error: cannot reach http://127\\.0\\.0\\.1:${closed}/status \\(ECONNREFUSED\\)\n  hint: is the job still running\\?`)],
-    [['status', '--output', '/nonexistent/run'], /error: neither \/nonexistent\/run\/status-url nor \/nonexistent\/run\/status\.json exists\n  hint: /],
-    [['start', '--http-port', '70000', '-c', 'x.yaml'], /--http-port.*expected a port 0\.\.65535/],
+  // exit 2: the invocation is wrong (README "Exit codes"); exit 1: the job cannot be reached
+  for (const [args, msg, code] of [
+    [['status'], /error: which job\? give --url URL/, 2],
+    [['status', '--url', 'localhost:1234'], /error: --url localhost:1234: expected http:\/\/ or https:\/\//, 2],
+    [['status', '--url', `http://127.0.0.1:${closed}`], new RegExp(`error: cannot reach http://127\\.0\\.0\\.1:${closed}/status \\(ECONNREFUSED\\)\n  hint: is the job still running\\?`), 1],
+    [['status', '--output', '/nonexistent/run'], /error: neither \/nonexistent\/run\/status-url nor \/nonexistent\/run\/status\.json exists\n  hint: /, 2],
+    [['start', '--http-port', '70000', '-c', 'x.yaml'], /--http-port.*expected a port 0\.\.65535/, 2],
   ] as const) {
     const r = await run([...args]);
-    assert.equal(r.code, 1, `${args.join(' ')}: ${r.err}`);
+    assert.equal(r.code, code, `${args.join(' ')}: ${r.err}`);
     assert.match(r.err, msg);
     assert.doesNotMatch(r.err, /\n\s+at /, 'no stack trace');
   }

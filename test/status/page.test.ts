@@ -235,7 +235,7 @@ test('a real 2-stage run on local worker processes: the page draws each stage\'s
       return [w.id, String(w.stage), String(w.replica), w.state, ...[t.forwardSeconds, t.backwardSeconds, t.idleSeconds, t.allreduceSeconds].map((x) => x.toFixed(3))];
     }));
     const prom = await (await fetch(`${server.url}/metrics`)).text();
-    assert.equal(/^dqlora_workers\{state="stopped",job="tiny"\} (\d+)$/m.exec(prom)?.[1], '2', 'dqlora_workers{state} from the same table');
+    assert.equal(/^dqlora_workers\{[^}]*state="stopped"[^}]*\} (\d+)$/m.exec(prom)?.[1], '2', `dqlora_workers{state} from the same table:\n${prom.split('\n').filter((l) => l.startsWith('dqlora_workers')).join('\n')}`);
     assert.equal(scrape(prom, 'dqlora_pipeline_bubble_ratio'), status.bubble);
     assert.equal(await browser.eval<string>(`document.querySelector('.value[data-k="bubble"]').dataset.value`), String(status.bubble));
     assert.equal(scrape(prom, 'dqlora_train_loss'), status.loss);
