@@ -4,7 +4,6 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import cliProgress from 'cli-progress';
 import { loadJob, configReference } from './job.ts';
-import { runJob } from './run.ts';
 import { ensureExampleAssets, exampleJob, exampleComparePrompts } from './example/assets.ts';
 import type { BackendName } from '../core/engine/index.ts';
 import { loadTokenizer } from '../common/tokenizer.ts';
@@ -117,7 +116,7 @@ without a checkpoint (a second signal, or none written within DQLORA_STOP_GRACE_
       : await backendFor(job.backend, o.backend === 'cuda' ? '--backend cuda' : `${source}: backend`, o.backend === 'cuda' ? 'use --backend cpu' : `set backend: cpu in ${source} (or pass --backend cpu)`);
     const stop = installStopSignals();
     jobStarted = true;
-    const res = await runJob(job, { progress: o.progress && process.stderr.isTTY, stopAfter: o.stopAfter, print: out, backend, stop }).finally(() => stop.dispose());
+    const res = await (await import('./status/start.ts')).runWithReporting(job, { progress: o.progress && process.stderr.isTTY, stopAfter: o.stopAfter, print: out, backend, stop }).finally(() => stop.dispose());
     if (res.stopped) {
       out(stoppedMessage({ ...res.stopped, checkpointDir: res.stopped.checkpointDir || '(none yet: the resume starts from step 0)' }));
       process.exit(EXIT.stopped);
@@ -248,6 +247,8 @@ program.command('merge')
 program.command('config-doc')
   .description('print the job.yaml field reference (markdown)')
   .action(() => out(configReference()));
+
+(await import('./status/cli.ts')).registerStatusCli(program);
 
 // Ctrl-C is left to the default action on purpose: the process ends at once, even inside a long synchronous
 // computation (a JS handler would wait for the event loop), and the shell reports 128 + 2 = 130 (EXIT.interrupted;

@@ -16,6 +16,8 @@ export const JobSchema = z.object({
   model: z.string().min(1).describe('Base model: a Hugging Face model directory — config.json, weights as *.safetensors or pickled pytorch_model*.bin (read without executing code), tokenizer.json or a SentencePiece tokenizer.model. Llama, Mistral, Qwen2 and ChatGLM2; pre-quantized bitsandbytes NF4 checkpoints of the Llama family are accepted.'),
   output_dir: z.string().min(1).describe('Where the adapter, checkpoints and logs go.'),
   backend: z.enum(['cpu', 'cuda', 'auto']).default('auto').describe('Tensor backend: cpu (TypeScript + native kernels), cuda (the N-API addon), auto = cuda when available.'),
+  http_port: z.number().int().min(-1).max(65535).default(0).describe('Serve the status page (/), /status (JSON) and Prometheus /metrics on this port, in every mode (0 = OS-assigned, printed at start and written to output_dir/status-url; -1 = off). Binds DQLORA_METRICS_HOST, else 127.0.0.1. `--http-port` overrides.'),
+  report: z.array(z.enum(['tensorboard'])).default([]).describe('Extra reports in output_dir besides train_log.jsonl and loss.svg: tensorboard = event files under output_dir/tensorboard (tensorboard --logdir output_dir/tensorboard).'),
   data: z.object({
     train: z.string().min(1).describe('Training data: JSON or JSONL; records {instruction, input?, output, system?} (alpaca), {messages: [{role, content}]} (chat) or {text}.'),
     validation: z.string().min(1).optional().describe('Validation file (same formats). When absent, validation_split carves one out of the training data.'),

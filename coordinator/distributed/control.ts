@@ -58,6 +58,8 @@ export interface ControlPlaneOptions {
   /** Largest state upload accepted (bytes). */
   readonly maxStateBytes?: number;
   readonly metrics?: CoordinatorMetrics;
+  /** Told the worker table whenever a worker registers, changes state or is lost (the job's onWorkers observers). */
+  readonly onWorkers?: (workers: { id: string; stage: number; replica: number; state: string; address: string }[]) => void;
 }
 
 function tokenMatches(given: unknown, expected: string): boolean {
@@ -244,6 +246,7 @@ export class ControlPlane {
     const counts: Partial<Record<WorkerStateLabel, number>> = {};
     for (const w of this.workers.values()) { const l = STATE_LABEL[w.state] ?? 'registered'; counts[l] = (counts[l] ?? 0) + 1; }
     this.o.metrics?.setWorkerCounts(counts);
+    this.o.onWorkers?.([...this.workers.values()].map((w) => ({ id: w.id, stage: w.stage, replica: w.replica, state: STATE_LABEL[w.state] ?? 'registered', address: w.address })));
   }
 
   status(): StatusReply {

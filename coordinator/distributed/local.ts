@@ -9,7 +9,7 @@ import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ConfigError, DqloraError } from '../../common/errors.ts';
-import { logger } from '../../common/log.ts';
+import { forwardChildLog, logger } from '../../common/log.ts';
 
 const log = logger('local');
 const ROOT = join(import.meta.dirname, '..', '..');
@@ -41,15 +41,17 @@ export function spawnLocalWorkers(n: number, o: { coordinator: string; jobToken:
   let stopping = false, respawns = 0;
   const gpus = o.backend === 'cpu' ? [] : (o.gpus ?? localGpus());
   const start = (slot: number): void => {
-    const env: NodeJS.ProcessEnv = { ...process.env, DQLORA_JOB_TOKEN: o.jobToken };
+    // Workers log JSON to a pipe; forwardChildLog prints their lines in this process's format, above the progress bar.
+    const env: NodeJS.ProcessEnv = { ...process.env, DQLORA_JOB_TOKEN: o.jobToken, DQLORA_LOG_FORMAT: 'json' };
     // CPU workers share this machine's cores: each gets its share (the stages of a pipeline compute in parallel).
     env.DQLORA_CPU_THREADS ??= String(Math.max(1, Math.floor(cpuThreads() / n)));
     if (gpus.length > 0) env.CUDA_VISIBLE_DEVICES = gpus[slot % gpus.length];
     // DQLORA_WORKER_ENTRY: another worker entry script (e.g. an esbuild bundle on a machine without node_modules).
     const entry = process.env.DQLORA_WORKER_ENTRY ?? join(ROOT, 'bin', 'worker.js');
     const p = spawn(process.execPath, [entry, 'start', '--coordinator', o.coordinator, '--device', o.backend, '--listen', '127.0.0.1:0'], {
-      stdio: ['ignore', 'inherit', 'inherit'], env,
+      stdio: ['ignore', 'inherit', 'pipe'], env,
     });
+    forwardChildLog(p.stderr!);
     log.debug({ pid: p.pid, slot, gpu: env.CUDA_VISIBLE_DEVICES }, 'local worker started');
     procs.add(p);
     p.on('exit', (code, signal) => {

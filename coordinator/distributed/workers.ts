@@ -42,6 +42,8 @@ export interface WorkersOptions {
   readonly jobToken?: string;
   /** Called once the Control service listens (tests and scripts start workers from here). */
   readonly onListening?: (address: string, jobToken: string) => void;
+  /** The worker table on every change (id, stage, replica, state): feeds the observers' onWorkers. */
+  readonly onWorkers?: (workers: { id: string; stage: number; replica: number; state: string; address: string }[]) => void;
 }
 
 /** Resolves with all values, or rejects with the first failure; later failures are swallowed (no unhandled rejections). */
@@ -90,7 +92,7 @@ export class WorkersExecutor implements StepExecutor {
     // Local workers get a random token through their environment (never on the command line or in logs).
     const jobToken = givenToken ?? crypto.randomBytes(16).toString('hex');
     const hbTimeout = d.heartbeat_timeout_s * 1000;
-    const plane = new ControlPlane({ jobId, jobToken, heartbeatIntervalMs: Math.max(100, Math.round(hbTimeout / 5)), heartbeatTimeoutMs: hbTimeout, metrics: o.metrics });
+    const plane = new ControlPlane({ jobId, jobToken, heartbeatIntervalMs: Math.max(100, Math.round(hbTimeout / 5)), heartbeatTimeoutMs: hbTimeout, metrics: o.metrics, onWorkers: o.onWorkers });
     plane.progress.totalSteps = o.totalSteps;
     const ex = new WorkersExecutor(job, plane, o.lora, S, R, jobId, o.padId, o.cfg);
     try {
@@ -142,6 +144,7 @@ export class WorkersExecutor implements StepExecutor {
     })));
     log.info({ generation, layout: slots.map((row) => row.map((w) => w.id).join(' → ')), resumeFrom: from?.dir, step: from?.state.step ?? 0 }, 'stages assigned');
     plane.jobState = 'training';
+    plane.updateCounts(); // the worker table with its new stage assignments
     this.layout = slots;
   }
 
