@@ -4,6 +4,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import cliProgress from 'cli-progress';
 import { loadJob, configReference } from './job.ts';
+import { runJob } from './run.ts';
 import { ensureExampleAssets, exampleJob, exampleComparePrompts } from './example/assets.ts';
 import type { BackendName } from '../core/engine/index.ts';
 import { loadTokenizer } from '../common/tokenizer.ts';
@@ -116,7 +117,7 @@ without a checkpoint (a second signal, or none written within DQLORA_STOP_GRACE_
       : await backendFor(job.backend, o.backend === 'cuda' ? '--backend cuda' : `${source}: backend`, o.backend === 'cuda' ? 'use --backend cpu' : `set backend: cpu in ${source} (or pass --backend cpu)`);
     const stop = installStopSignals();
     jobStarted = true;
-    const res = await (await import('./status/start.ts')).runWithReporting(job, { progress: o.progress && process.stderr.isTTY, stopAfter: o.stopAfter, print: out, backend, stop }).finally(() => stop.dispose());
+    const res = await runJob(job, { progress: o.progress && process.stderr.isTTY, stopAfter: o.stopAfter, print: out, backend, stop }).finally(() => stop.dispose());
     if (res.stopped) {
       out(stoppedMessage({ ...res.stopped, checkpointDir: res.stopped.checkpointDir || '(none yet: the resume starts from step 0)' }));
       process.exit(EXIT.stopped);

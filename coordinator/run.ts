@@ -16,7 +16,9 @@ import type { StepExecutor, StepTiming } from './executor.ts';
 import { InProcessExecutor } from './in-process.ts';
 import { WorkersExecutor, type WorkersOptions } from './distributed/workers.ts';
 import type { Answer, JobObserver } from './events.ts';
-import { consoleObserver, notify } from './observers.ts';
+import { notify } from './observers.ts';
+import { startReporting, type Reporting } from './status/index.ts';
+import { printAboveBar } from '../common/terminal.ts';
 import { jobMetricsObserver } from './metrics-observer.ts';
 import { checkRunLength, lingerForScrape, logRecover, type StopSignals } from './lifecycle.ts';
 import { Backoff, isConnectionError, sleep } from '../common/connection.ts';
@@ -60,8 +62,13 @@ export interface RunOptions extends WorkersOptions {
   readonly print?: (s: string) => void;
   /** The backend of an in-process run (default: job.backend). */
   readonly backend?: Backend;
-  /** More observers of the run (status page, logs, ...). */
+  /** More observers of the run. */
   readonly observers?: JobObserver[];
+  /**
+   * The run's reporting (status page, train_log.jsonl, loss.svg, terminal) when the caller started it
+   * (coordinator/status startReporting) and closes it; by default the loop starts its own from the job.
+   */
+  readonly reporting?: Reporting;
   /** SIGTERM/SIGINT (coordinator/lifecycle.ts installStopSignals): stop at the next step boundary with a checkpoint. */
   readonly stop?: StopSignals;
   /** Back-off between recoveries (default: 1 s doubling to 60 s). */
@@ -72,7 +79,7 @@ export interface RunOptions extends WorkersOptions {
 export interface StopInfo { readonly signalName: string; readonly step: number; readonly totalSteps: number; readonly checkpointDir: string }
 
 /** What outlives the loop: the metrics and their server, for the final scrapes. */
-interface Held { server?: MetricsServer; metrics?: CoordinatorMetrics }
+interface Held { server?: MetricsServer; metrics?: CoordinatorMetrics; reporting?: Reporting }
 
 /** runJob, then — with a metrics endpoint — its final state served for DQLORA_METRICS_LINGER_S before closing. */
 export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<RunOutcome & { stopped?: StopInfo }> {
@@ -83,6 +90,7 @@ export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<Run
     held.metrics?.setJobState('failed'); // also for failures before the first step (data, model, workers)
     throw e;
   } finally {
+    await held.reporting?.close();
     if (held.server) {
       await lingerForScrape(undefined, opts.stop?.abort);
       await held.server.close();
@@ -91,7 +99,8 @@ export async function runJob(job: JobConfig, opts: RunOptions = {}): Promise<Run
 }
 
 async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise<RunOutcome & { stopped?: StopInfo }> {
-  const print = opts.print ?? ((s: string) => process.stdout.write(s + '\n'));
+  // Printed lines go above the training bar (stdout and stderr are usually the same terminal).
+  const print = printAboveBar(opts.print);
   const t = job.training, d = job.distributed;
   const distributed = d.workers !== 0;
   const { stages: S, replicas: R } = jobLayout(job);
@@ -106,6 +115,8 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
   // /metrics and the probes' /healthz before the slow work (tokenizing a large dataset): a starting job is alive.
   const metrics = held.metrics = createCoordinatorMetrics({ defaultLabels: { job: job.name } });
   if (d.metrics_port >= 0) { held.server = await serveMetrics(metrics.registry, d.metrics_port); log.info({ port: held.server.port }, 'metrics on /metrics'); }
+  // The status page, /status and /metrics on http_port, train_log.jsonl, loss.svg, TensorBoard files, the terminal.
+  const reporting = opts.reporting ?? (held.reporting = await startReporting(job, { metrics, metricsFromEvents: false, progress: opts.progress, print }));
 
   // ---- data, step plan, fingerprints ----
   const ds = buildDataset({
@@ -150,9 +161,8 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
   }
 
   // ---- observers and the executor ----
-  const terminal = consoleObserver({ progress: opts.progress, logEvery: t.log_every });
   const jobMetrics = jobMetricsObserver(metrics, { replicas: R, microBatches: t.grad_accum, saveEvery: t.save_every });
-  const observers: JobObserver[] = [terminal, jobMetrics, ...(opts.observers ?? [])];
+  const observers: JobObserver[] = [...reporting.observers, jobMetrics, ...(opts.observers ?? [])];
   const backoff = opts.recoveryBackoff ?? new Backoff();
   let stoppedBy: string | undefined;
   /** When the current run of connection failures began (undefined: none since the last good step). */
@@ -169,7 +179,7 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
   let baseAnswers: string[] = [];
   try {
     executor = distributed
-      ? await WorkersExecutor.open(job, { ...opts, cfg, lora, stages: S, replicas: R, totalSteps, padId, metrics, print })
+      ? await WorkersExecutor.open(job, { ...opts, cfg, lora, stages: S, replicas: R, totalSteps, padId, metrics, print, onWorkers: (ws) => { opts.onWorkers?.(ws); notify(observers, 'onWorkers', ws); } })
       : InProcessExecutor.open(job, { be: be!, cfg, lora, stages: S, tok, padId, progress: opts.progress });
     const ex = executor;
     notify(observers, 'onStart', {
@@ -254,7 +264,6 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
     notify(observers, 'onEnd', { status: 'failed', step: state.step, totalSteps, firstLoss: first, lastLoss: last, evalLoss, seconds: (performance.now() - t0) / 1000, tokensPerSecond: tokensSeen / stepSeconds, answers: [], error: (e as Error).message });
     throw e;
   } finally {
-    terminal.stop();
     await executor?.close({ jobOver: !stoppedBy });
   }
   const seconds = (performance.now() - t0) / 1000;

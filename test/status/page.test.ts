@@ -41,7 +41,7 @@ before(async () => {
     (async () => { for (;;) { try { const s = await (await fetch(url + '/status')).json();
       if (s.state === 'training' && s.step > 0 && !seen.slice(1, 1 + Atomics.load(seen, 0)).includes(s.step)) seen[1 + Atomics.add(seen, 0, 1)] = s.step; } catch {}
       await new Promise((r) => setTimeout(r, 5)); } })();`, { eval: true, workerData: { url: reporting.server!.url, seen } });
-  const outcome = await runJob(job, { progress: false, print: () => {}, observers: [recorder(events), ...reporting.observers] });
+  const outcome = await runJob(job, { progress: false, print: () => {}, observers: [recorder(events)], reporting });
   await poller.terminate();
   stepsSeenLive = Array.from(seen.slice(1, 1 + seen[0]));
   const state = JSON.parse(readFileSync(join(listCheckpoints(job.output_dir).at(-1)!.dir, 'trainer_state.json'), 'utf8')) as TrainerState;
@@ -201,9 +201,8 @@ test('a real 2-stage run on local worker processes: the page draws each stage\'s
   const rep = await startReporting(job, { terminal: 'none', print: () => {} });
   try {
     const tables: string[][] = [];
-    await runJob(job, { progress: false, print: () => {}, observers: [...rep.observers], onWorkers: (ws) => {
+    await runJob(job, { progress: false, print: () => {}, reporting: rep, onWorkers: (ws) => {
       tables.push(ws.map((w) => `${w.id}:${w.stage}/${w.replica}:${w.state}`));
-      notify(rep.observers, 'onWorkers', ws);
     } });
     // the worker table as the control plane saw it change: registered, assigned a stage each, stopped at the end
     assert.deepEqual(tables[0], ['w1:-1/-1:registered'], JSON.stringify(tables));

@@ -38,10 +38,15 @@ export type ComputeRequest =
 export interface ComputeInfo { readonly name: 'cpu' | 'cuda'; readonly actDtype: string; readonly memoryInUse: number }
 
 export type ComputeReply =
-  | { ok: true; id: number; value: unknown; memoryInUse: number }
+  | { ok: true; id: number; value: unknown; memoryInUse: number; start: number; done: number }
   | { ok: false; id: number; error: { name: string; message: string } }
   /** A gradient bucket became final during the last backward of a step (sent before that backward's reply). */
   | { bucket: GradBucket };
+
+/** A request's result; `later`: the reply is posted when it resolves, without holding up the next request. */
+interface Handled { value: unknown; transfer?: ArrayBuffer[]; later?: Promise<{ value: unknown; transfer?: ArrayBuffer[] }> }
+
+const SYNC_DOWNLOAD = process.env.DQLORA_SYNC_DOWNLOAD === '1';
 
 class StageCompute {
   private be?: Backend;
@@ -60,7 +65,7 @@ class StageCompute {
     return { be: this.be, stage: this.stage };
   }
 
-  async handle(r: ComputeRequest): Promise<{ value: unknown; transfer?: ArrayBuffer[] }> {
+  async handle(r: ComputeRequest): Promise<Handled> {
     switch (r.op) {
       case 'init': {
         this.be = await createBackend(r.device);
@@ -81,16 +86,19 @@ class StageCompute {
         const { be, stage } = this.need();
         const hidden = r.hidden ? be.upload(r.hidden.data, r.hidden.shape, 'act') : undefined;
         const out = stage.forward(r.id, r.batch, hidden, r.train ? { train: true, dropout: r.dropout, gradScale: r.gradScale } : { train: false });
-        const h = out.hidden ? this.download(out.hidden) : undefined;
-        return { value: { hidden: h, lossSum: out.lossSum, count: out.count }, transfer: h ? [h.data.buffer as ArrayBuffer] : undefined };
+        if (!out.hidden) return { value: { lossSum: out.lossSum, count: out.count } };
+        // The reply waits for the copy; the next request (the next micro-batch's kernels) does not.
+        const later = this.download(out.hidden).then((h) => ({ value: { hidden: h }, transfer: [h.data.buffer as ArrayBuffer] }));
+        return { value: undefined, later };
       }
       case 'backward': {
         const { be, stage } = this.need();
         const d = r.d ? be.upload(r.d.data, r.d.shape, 'act') : undefined;
         const onLayer = r.bucketBytes ? this.bucketer(stage, r.bucketBytes) : undefined;
         const dx = stage.backward(r.id, d, onLayer);
-        const h = dx ? this.download(dx) : undefined;
-        return { value: { dx: h }, transfer: h ? [h.data.buffer as ArrayBuffer] : undefined };
+        if (!dx) return { value: {} };
+        const later = this.download(dx).then((h) => ({ value: { dx: h }, transfer: [h.data.buffer as ArrayBuffer] }));
+        return { value: undefined, later };
       }
       case 'setBucket': {
         const { be } = this.need();
@@ -126,6 +134,8 @@ class StageCompute {
 
   assignment?: Assignment;
 
+  memoryInUse(): number { return this.be?.memoryInUse() ?? 0; }
+
   /**
    * The layer hook of the step's last backward: groups layers (last first) into buckets of about `bytes` of
    * gradients and posts each bucket as soon as its last layer is done. The grouping depends only on the stage's
@@ -160,11 +170,17 @@ class StageCompute {
     }
   }
 
-  private download(t: Tensor): HostActivation {
+  /**
+   * Host copy of an activation, freed on the device at once. cuda copies on its copy stream (Backend.downloadAsync),
+   * so the next micro-batch's kernels queue while the tensor travels; DQLORA_SYNC_DOWNLOAD=1 waits instead.
+   */
+  private async download(t: Tensor): Promise<HostActivation> {
     const be = this.be!;
-    const data = be.download(t) as Float32Array;
+    const shape: [number, number] = [t.shape[0], t.shape[1]];
+    if (SYNC_DOWNLOAD) { const data = be.download(t) as Float32Array; be.free(t); return { data, shape }; }
+    const pending = be.downloadAsync(t);
     be.free(t);
-    return { data, shape: [t.shape[0], t.shape[1]] };
+    return { data: await pending as Float32Array, shape };
   }
 
   private release(): void {
@@ -185,16 +201,23 @@ export function serve(): void {
   if (!port) throw new DqloraError('worker/runtime/compute.ts must run in a worker thread');
   const post = (m: ComputeReply, transfer?: ArrayBuffer[]): void => port.postMessage(m, transfer ?? []);
   const compute = new StageCompute(post);
+  const now = (): number => performance.timeOrigin + performance.now();
+  const reply = (id: number, x: { value: unknown; transfer?: ArrayBuffer[] }, start: number): void => post({ ok: true, id, value: x.value, memoryInUse: compute.memoryInUse(), start, done: now() }, x.transfer);
+  const fail = (id: number, e: unknown): void => {
+    const err = e instanceof Error ? e : new Error(String(e));
+    post({ ok: false, id, error: { name: err.name, message: err.message } });
+  };
   let queue = Promise.resolve();
   port.on('message', (m: { id: number; req: ComputeRequest }) => {
     queue = queue.then(async () => {
       try {
         if (m.req.op === 'assign') compute.assignment = m.req.a;
-        const { value, transfer } = await compute.handle(m.req);
-        post({ ok: true, id: m.id, value, memoryInUse: compute['be']?.memoryInUse() ?? 0 }, transfer);
+        const start = now();
+        const h = await compute.handle(m.req);
+        if (h.later) h.later.then((x) => reply(m.id, x, start), (e) => fail(m.id, e));
+        else reply(m.id, h, start);
       } catch (e) {
-        const err = e instanceof Error ? e : new Error(String(e));
-        post({ ok: false, id: m.id, error: { name: err.name, message: err.message } });
+        fail(m.id, e);
       }
     });
   });

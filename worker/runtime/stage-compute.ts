@@ -23,7 +23,7 @@ function transferables(v: unknown, out: ArrayBuffer[] = [], depth = 0): ArrayBuf
 export class ComputeThread {
   private readonly worker: Worker;
   private next = 1;
-  private readonly pending = new Map<number, { resolve(v: unknown): void; reject(e: Error): void }>();
+  private readonly pending = new Map<number, { resolve(v: { value: unknown; start: number; done: number }): void; reject(e: Error): void }>();
   private dead?: Error;
   /** Device memory in use after the last request (for heartbeats and metrics). */
   memoryInUse = 0;
@@ -38,7 +38,7 @@ export class ComputeThread {
       const p = this.pending.get(m.id);
       if (!p) return;
       this.pending.delete(m.id);
-      if (m.ok) { this.memoryInUse = m.memoryInUse; p.resolve(m.value); } else p.reject(new (ERRORS[m.error.name] ?? DqloraError)(m.error.message));
+      if (m.ok) { this.memoryInUse = m.memoryInUse; p.resolve({ value: m.value, start: m.start, done: m.done }); } else p.reject(new (ERRORS[m.error.name] ?? DqloraError)(m.error.message));
     });
     const fail = (e: Error): void => {
       this.dead = new BackendError(`the stage's compute thread stopped: ${e.message}`);
@@ -56,7 +56,15 @@ export class ComputeThread {
     return { thread, info };
   }
 
-  call(req: ComputeRequest): Promise<unknown> {
+  async call(req: ComputeRequest): Promise<unknown> {
+    return (await this.callTimed(req)).value;
+  }
+
+  /**
+   * The result with the compute thread's clock: `start` when it began the request, `done` when its result was ready
+   * (on cuda: the output's copy to the host finished), both performance.timeOrigin-based ms.
+   */
+  callTimed(req: ComputeRequest): Promise<{ value: unknown; start: number; done: number }> {
     if (this.dead) return Promise.reject(this.dead);
     const id = this.next++;
     return new Promise((resolve, reject) => {

@@ -69,7 +69,7 @@ export class StageRunner {
     await this.release();
     const t0 = performance.now();
     const { params } = await this.compute.call({ op: 'assign', a }) as { params: number };
-    const popts = { jobId: generationId(a), jobToken: this.jobToken, chunkBytes: a.train.chunkBytes, deadlineMs: a.train.stepTimeoutMs, sentBytes: this.metrics?.sentBytes, credentials: channelCredentials() };
+    const popts = { jobId: generationId(a), jobToken: this.jobToken, maxInFlight: MAX_SENDS_IN_FLIGHT, chunkBytes: a.train.chunkBytes, deadlineMs: a.train.stepTimeoutMs, sentBytes: this.metrics?.sentBytes, credentials: channelCredentials() };
     if (a.prev) this.prevClient = new PipelineClient(a.prev, popts);
     if (a.next) this.nextClient = new PipelineClient(a.next, popts);
     if (a.numReplicas > 1) {
@@ -110,9 +110,11 @@ export class StageRunner {
     const a = this.need();
     const gen = this.gen;
     const alive = (): void => { if (this.gen !== gen) throw new StepAbortedError(`step seq ${cmd.seq} was aborted`); };
-    const seq = cmd.seq, t0 = performance.now();
+    const seq = cmd.seq, t0 = performance.now(), t0Abs = performance.timeOrigin + t0;
     this.loopDelay.reset(); this.loopDelay.enable();
     const at = (): number => (performance.now() - t0) / 1000;
+    /** A compute-thread timestamp (absolute ms) as seconds since this step started. */
+    const rel = (abs: number): number => (abs - t0Abs) / 1000;
     this.inbox.begin(seq);
     const batches = cmd.microBatches.map((m, i) => microBatchFromWire(m, a.spec, `seq ${seq} micro-batch ${i}`));
     const m = batches.length, p = a.numStages, s = a.stage;
@@ -120,17 +122,13 @@ export class StageRunner {
     const gradScale = lossScale(cmd.lossNormaliser);
     const dropout = dropoutKey(a.train.seed, cmd.step);
     const timeout = a.train.stepTimeoutMs;
-    let lossSum = 0, labelTokens = 0, fwd = 0, bwd = 0, idle = 0;
+    let lossSum = 0, labelTokens = 0, fwd = 0, bwd = 0;
     const spans: TimelineSpan[] = [];
     const sends: { forward: Promise<unknown>[]; backward: Promise<unknown>[] } = { forward: [], backward: [] };
     const allSends: Promise<unknown>[] = [];
     const prevName = `stage ${s - 1} (${a.prev})`, nextName = `stage ${s + 1} (${a.next})`;
-    const wait = async <T>(micro: number, what: Promise<T>): Promise<T> => {
-      const w0 = at();
-      try { return await what; } finally { const w1 = at(); idle += w1 - w0; if (w1 - w0 > 1e-4) spans.push({ kind: 'wait', micro, start: w0, end: w1 }); }
-    };
     const receive = async (dir: 'forward' | 'backward', i: number, from: string): Promise<HostActivation> => {
-      const h: HostTensor = await wait(i, this.inbox.take(dir, seq, i, timeout, from));
+      const h: HostTensor = await this.inbox.take(dir, seq, i, timeout, from);
       alive();
       const n = batches[i].B * batches[i].T, H = h.shape[1];
       if (h.shape.length !== 2 || h.shape[0] !== n) throw new ShapeError(`${dir} tensor of seq ${seq} micro-batch ${i} from ${from} has shape [${h.shape}], expected [${n}, hidden]`);
@@ -144,61 +142,81 @@ export class StageRunner {
       pr.catch(() => { /* awaited below */ });
       const q = sends[dir];
       q.push(pr); allSends.push(pr);
-      if (q.length > MAX_SENDS_IN_FLIGHT) await wait(i, q.shift()!);
-    };
-    const forward = async (i: number): Promise<void> => {
-      const hidden = a.spec.hasEmbedding ? undefined : await receive('forward', i, prevName);
-      const c0 = at();
-      const r = await this.compute.call({ op: 'forward', id: i, batch: batches[i], hidden, train, ...(train ? { dropout, gradScale } : {}) }) as { hidden?: HostActivation; lossSum?: number; count?: number };
-      alive();
-      const c1 = at();
-      spans.push({ kind: 'forward', micro: i, start: c0, end: c1 });
-      if (r.lossSum !== undefined) { lossSum += r.lossSum; labelTokens += r.count ?? 0; }
-      fwd += c1 - c0;
-      this.metrics?.stageDuration.observe({ phase: 'forward' }, c1 - c0);
-      if (r.hidden) await ship(this.nextClient!, 'forward', i, r.hidden);
-    };
-    const buckets: Promise<void>[] = [];
-    const backward = async (i: number, last: boolean): Promise<void> => {
-      const d = a.spec.hasHead ? undefined : await receive('backward', i, nextName);
-      const c0 = at();
-      const r = await this.compute.call({ op: 'backward', id: i, d, bucketBytes: last && this.allreduce ? BUCKET_BYTES : undefined }) as { dx?: HostActivation };
-      alive();
-      const c1 = at();
-      spans.push({ kind: 'backward', micro: i, start: c0, end: c1 });
-      bwd += c1 - c0;
-      this.metrics?.stageDuration.observe({ phase: 'backward' }, c1 - c0);
-      if (r.dx) await ship(this.prevClient!, 'backward', i, r.dx);
+      if (q.length > MAX_SENDS_IN_FLIGHT) await q.shift();
     };
 
+    // The schedule as a list of operations. 1F1B: stage s runs (p − 1 − s) warm-up forwards, then alternates one
+    // forward and one backward, then drains the remaining backwards; at most p − s micro-batches are in flight here.
+    type Op = { kind: 'forward' | 'backward'; i: number };
+    const ops: Op[] = [];
+    if (!train) {
+      for (let i = 0; i < m; i++) ops.push({ kind: 'forward', i });
+    } else {
+      const warmup = Math.min(p - 1 - s, m);
+      let f = 0, b = 0;
+      while (f < warmup) ops.push({ kind: 'forward', i: f++ });
+      while (f < m) { ops.push({ kind: 'forward', i: f++ }); ops.push({ kind: 'backward', i: b++ }); }
+      while (b < m) ops.push({ kind: 'backward', i: b++ });
+    }
+
     let arStart = 0;
+    const buckets: Promise<void>[] = [];
     if (train && this.allreduce) {
-      // Buckets arrive (last layers first) while the last backward still computes the earlier layers.
-      let chain = Promise.resolve();
+      // Buckets arrive (last layers first) while the last backward still computes the earlier layers; each is
+      // all-reduced at once, several in flight (every bucket sums in the same fixed rank order).
       this.compute.onBucket = (b: GradBucket) => {
         if (arStart === 0) arStart = at();
-        chain = chain.then(() => this.reduceBucket(seq, b));
-        buckets.push(chain);
+        const pr = this.reduceBucket(seq, b);
+        pr.catch(() => { /* awaited with the others below */ });
+        buckets.push(pr);
       };
     }
+    // Dataflow: an operation goes to the compute thread as soon as its input is here, without waiting for the
+    // previous one's result (the thread runs them in order); results are shipped as they come back.
+    const results: Promise<void>[] = [];
     try {
-      if (!train) {
-        for (let i = 0; i < m; i++) await forward(i);
-      } else {
-        // 1F1B: stage s runs (p − 1 − s) warm-up forwards, then alternates one forward and one backward,
-        // then drains the remaining backwards; at most p − s micro-batches are in flight on this stage.
-        const warmup = Math.min(p - 1 - s, m);
-        let f = 0, b = 0;
-        while (f < warmup) await forward(f++);
-        while (f < m) { await forward(f++); await backward(b, b === m - 1); b++; }
-        while (b < m) { await backward(b, b === m - 1); b++; }
+      for (const op of ops) {
+        const i = op.i, fw = op.kind === 'forward';
+        const input = fw
+          ? (a.spec.hasEmbedding ? undefined : await receive('forward', i, prevName))
+          : (a.spec.hasHead ? undefined : await receive('backward', i, nextName));
+        alive();
+        const done = fw
+          ? this.compute.callTimed({ op: 'forward', id: i, batch: batches[i], hidden: input, train, ...(train ? { dropout, gradScale } : {}) }).then(async ({ value, start, done }) => {
+            const r = value as { hidden?: HostActivation; lossSum?: number; count?: number };
+            alive();
+            spans.push({ kind: 'forward', micro: i, start: rel(start), end: rel(done) });
+            fwd += rel(done) - rel(start);
+            this.metrics?.stageDuration.observe({ phase: 'forward' }, (done - start) / 1000);
+            if (r.lossSum !== undefined) { lossSum += r.lossSum; labelTokens += r.count ?? 0; }
+            if (r.hidden) await ship(this.nextClient!, 'forward', i, r.hidden);
+          })
+          : this.compute.callTimed({ op: 'backward', id: i, d: input, bucketBytes: i === m - 1 && this.allreduce ? BUCKET_BYTES : undefined }).then(async ({ value, start, done }) => {
+            const r = value as { dx?: HostActivation };
+            alive();
+            spans.push({ kind: 'backward', micro: i, start: rel(start), end: rel(done) });
+            bwd += rel(done) - rel(start);
+            this.metrics?.stageDuration.observe({ phase: 'backward' }, (done - start) / 1000);
+            if (r.dx) await ship(this.prevClient!, 'backward', i, r.dx);
+          });
+        done.catch(() => { /* awaited below */ });
+        results.push(done);
       }
-      await wait(-1, Promise.all(allSends));
+      await Promise.all(results);
+      await Promise.all(allSends);
       alive();
     } finally {
       this.compute.onBucket = undefined;
     }
     const pipelineSec = at();
+    // Waiting on other stages = the schedule's wall time during which no compute was running or finishing here
+    // (the bubble and the transfers not hidden behind compute): the gaps between the compute spans.
+    let idle = 0, cursor = 0;
+    for (const sp of [...spans].sort((x, y) => x.start - y.start)) {
+      if (sp.start - cursor > 1e-4) { spans.push({ kind: 'wait', micro: sp.micro, start: cursor, end: sp.start }); idle += sp.start - cursor; }
+      cursor = Math.max(cursor, sp.end);
+    }
+    if (pipelineSec - cursor > 1e-4) { spans.push({ kind: 'wait', micro: -1, start: cursor, end: pipelineSec }); idle += pipelineSec - cursor; }
     let arSec = 0, gradNormSq = 0;
     if (train) {
       if (this.allreduce) {
@@ -230,7 +248,7 @@ export class StageRunner {
   private async reduceBucket(seq: number, b: GradBucket): Promise<void> {
     const ar = this.allreduce!;
     const s0 = ar.stats.bytesSent, r0 = ar.stats.bytesReceived;
-    await ar.allReduceSum(seq * 4096 + b.index, b.data);
+    await ar.allReduceBucket(seq, b.index, b.data);
     this.metrics?.sentBytes.inc({ transport: 'nats' }, ar.stats.bytesSent - s0);
     this.metrics?.receivedBytes.inc({ transport: 'nats' }, ar.stats.bytesReceived - r0);
     await this.compute.call({ op: 'setBucket', bucket: b });
@@ -239,7 +257,7 @@ export class StageRunner {
   /** A replica without micro-batches in this step: its gradients are zero, and its buckets must still take part. */
   private async reduceEmpty(seq: number): Promise<void> {
     const sizes = await this.compute.call({ op: 'bucketSizes', bucketBytes: BUCKET_BYTES }) as number[];
-    for (let k = 0; k < sizes.length; k++) await this.reduceBucket(seq, { index: k, data: new Float32Array(sizes[k]) });
+    await Promise.all(sizes.map((n, k) => this.reduceBucket(seq, { index: k, data: new Float32Array(n) })));
   }
 
   /** Clipping and AdamW with the coordinator's coefficient and learning rate (core/train/step.ts applyUpdate). */
