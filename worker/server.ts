@@ -93,7 +93,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
     try {
       reg = await unary(client.register.bind(client), {
         jobToken: o.jobToken, hostname: os.hostname(), listenAddress: advertise, capabilities: [backendName],
-        device: { kind: backendName === 'cuda' ? DeviceKind.DEVICE_KIND_CUDA : DeviceKind.DEVICE_KIND_CPU, name: backendName === 'cpu' ? os.cpus()[0]?.model ?? 'cpu' : 'cuda', totalMemoryBytes: totalMemoryBytes(), freeMemoryBytes: freeMemoryBytes() },
+        device: { kind: backendName === 'cuda' ? DeviceKind.DEVICE_KIND_CUDA : DeviceKind.DEVICE_KIND_CPU, name: backendName === 'cpu' ? os.cpus()[0]?.model ?? 'cpu' : 'cuda', totalMemoryBytes: totalMemoryBytes(), freeMemoryBytes: freeMemoryBytes(), cpuThreads: runner.device.threads },
       });
       break;
     } catch (e) {

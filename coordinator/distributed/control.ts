@@ -102,7 +102,7 @@ export class ControlPlane {
           id, hostname: r.hostname, device: r.device, address: r.listenAddress, registeredAt: now, lastSeen: now, state: WorkerState.WORKER_STATE_REGISTERED,
           step: -1, stage: -1, replica: -1, alive: true, nextCommandId: 1, pending: new Map(), states: new Map(),
         });
-        log.info({ id, host: r.hostname, address: r.listenAddress, device: r.device?.name }, 'worker registered');
+        log.info({ id, host: r.hostname, address: r.listenAddress, device: r.device?.name, freeMemoryBytes: r.device?.freeMemoryBytes, cpuThreads: r.device?.cpuThreads || undefined }, 'worker registered');
         this.updateCounts();
         cb(null, { workerId: id, accepted: true, reason: '', heartbeatIntervalMs: o.heartbeatIntervalMs });
       },

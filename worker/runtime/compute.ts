@@ -35,7 +35,7 @@ export type ComputeRequest =
   | { op: 'reset' }
   | { op: 'release' };
 
-export interface ComputeInfo { readonly name: 'cpu' | 'cuda'; readonly actDtype: string; readonly memoryInUse: number }
+export interface ComputeInfo { readonly name: 'cpu' | 'cuda'; readonly actDtype: string; readonly memoryInUse: number; readonly threads: number }
 
 export type ComputeReply =
   | { ok: true; id: number; value: unknown; memoryInUse: number; start: number; done: number }
@@ -69,7 +69,7 @@ class StageCompute {
     switch (r.op) {
       case 'init': {
         this.be = await createBackend(r.device);
-        return { value: { name: this.be.name, actDtype: this.be.actDtype, memoryInUse: this.be.memoryInUse() } satisfies ComputeInfo };
+        return { value: { name: this.be.name, actDtype: this.be.actDtype, memoryInUse: this.be.memoryInUse(), threads: (this.be as { threads?: number }).threads ?? 0 } satisfies ComputeInfo };
       }
       case 'assign': {
         this.release();

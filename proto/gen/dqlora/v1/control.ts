@@ -152,6 +152,8 @@ export interface DeviceInfo {
   name: string;
   totalMemoryBytes: number;
   freeMemoryBytes: number;
+  /** threads the worker's cpu backend computes with (its cgroup CPU quota); 0 on cuda */
+  cpuThreads: number;
 }
 
 export interface RegisterRequest {
@@ -482,7 +484,7 @@ export interface StatusReply {
 }
 
 function createBaseDeviceInfo(): DeviceInfo {
-  return { kind: 0, name: "", totalMemoryBytes: 0, freeMemoryBytes: 0 };
+  return { kind: 0, name: "", totalMemoryBytes: 0, freeMemoryBytes: 0, cpuThreads: 0 };
 }
 
 export const DeviceInfo: MessageFns<DeviceInfo> = {
@@ -498,6 +500,9 @@ export const DeviceInfo: MessageFns<DeviceInfo> = {
     }
     if (message.freeMemoryBytes !== 0) {
       writer.uint32(32).uint64(message.freeMemoryBytes);
+    }
+    if (message.cpuThreads !== 0) {
+      writer.uint32(40).uint32(message.cpuThreads);
     }
     return writer;
   },
@@ -547,6 +552,14 @@ export const DeviceInfo: MessageFns<DeviceInfo> = {
             message.freeMemoryBytes = longToNumber(reader.uint64());
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.cpuThreads = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -573,6 +586,11 @@ export const DeviceInfo: MessageFns<DeviceInfo> = {
         : isSet(object.free_memory_bytes)
         ? globalThis.Number(object.free_memory_bytes)
         : 0,
+      cpuThreads: isSet(object.cpuThreads)
+        ? globalThis.Number(object.cpuThreads)
+        : isSet(object.cpu_threads)
+        ? globalThis.Number(object.cpu_threads)
+        : 0,
     };
   },
 
@@ -590,6 +608,9 @@ export const DeviceInfo: MessageFns<DeviceInfo> = {
     if (message.freeMemoryBytes !== 0) {
       obj.freeMemoryBytes = Math.round(message.freeMemoryBytes);
     }
+    if (message.cpuThreads !== 0) {
+      obj.cpuThreads = Math.round(message.cpuThreads);
+    }
     return obj;
   },
 
@@ -602,6 +623,7 @@ export const DeviceInfo: MessageFns<DeviceInfo> = {
     message.name = object.name ?? "";
     message.totalMemoryBytes = object.totalMemoryBytes ?? 0;
     message.freeMemoryBytes = object.freeMemoryBytes ?? 0;
+    message.cpuThreads = object.cpuThreads ?? 0;
     return message;
   },
 };
