@@ -11,7 +11,7 @@
 import { createHash } from 'node:crypto';
 import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join, relative } from 'node:path';
-import { CheckpointError } from './errors.ts';
+import { CheckpointError, DqloraError } from './errors.ts';
 import { SafetensorsFile, writeSafetensors, type TensorRecord } from './safetensors.ts';
 import { loadAdapter, saveAdapter, type LoraConfig, type LoraTensors } from './peft.ts';
 
@@ -64,12 +64,53 @@ function fsyncDir(dir: string): void {
   try { const fd = openSync(dir, 'r'); fsyncSync(fd); closeSync(fd); } catch { /* not supported everywhere */ }
 }
 
+/** The errno code (ENOSPC, EACCES, EROFS, ...) of `e` or of an error in its cause chain. */
+function errnoCode(e: unknown): string | undefined {
+  for (let x = e, depth = 0; x && typeof x === 'object' && depth < 8; x = (x as { cause?: unknown }).cause, depth++) {
+    const code = (x as { code?: unknown }).code;
+    if (typeof code === 'string' && /^E[A-Z]+$/.test(code)) return code;
+  }
+  return undefined;
+}
+
+const WRITE_HINTS: Record<string, string> = {
+  ENOSPC: 'the disk is full: free space on that volume (or lower training.keep_checkpoints, or point output_dir at a larger volume), then start the job again: it resumes from the newest valid checkpoint',
+  EDQUOT: 'the disk quota is exhausted: free space or raise the quota, then start the job again: it resumes from the newest valid checkpoint',
+  EROFS: 'the volume is read-only: point output_dir at a writable directory',
+  EACCES: 'no permission to write there: fix the directory\'s permissions or point output_dir elsewhere',
+  EPERM: 'no permission to write there: fix the directory\'s permissions or point output_dir elsewhere',
+};
+
 /** Writes checkpoint `state.step` under outputDir and prunes old ones (keeps `keep`). Returns its directory. */
 export function saveCheckpoint(outputDir: string, ck: Omit<Checkpoint, 'dir'>, baseModel: string, keep: number): string {
   const root = checkpointRoot(outputDir);
-  mkdirSync(root, { recursive: true });
   const final = join(root, stepDirName(ck.state.step));
   const tmp = `${final}.tmp-${process.pid}`;
+  try {
+    mkdirSync(root, { recursive: true });
+    writeCheckpointDir(tmp, ck, baseModel);
+    rmSync(final, { recursive: true, force: true });
+    renameSync(tmp, final);
+    fsyncDir(root);
+  } catch (e) {
+    // A failed write leaves nothing behind: the partial directory would only fill the disk further.
+    try { rmSync(tmp, { recursive: true, force: true }); } catch { /* the next start removes it */ }
+    if (e instanceof CheckpointError) throw e;
+    const code = errnoCode(e);
+    const why = code === 'ENOSPC' ? 'no space left on device' : (e as Error).message?.split('\n')[0] ?? String(e);
+    throw new CheckpointError(`cannot write checkpoint ${stepDirName(ck.state.step)} in ${root}: ${why}${code && !why.includes(code) ? ` (${code})` : ''}`, {
+      hint: (code && WRITE_HINTS[code]) ?? 'check that output_dir is on a healthy, writable volume; the job resumes from the newest valid checkpoint when started again',
+      cause: e,
+    });
+  }
+  // Prune: keep the newest `keep` complete checkpoints, drop leftovers of crashed writes.
+  const all = listCheckpoints(outputDir);
+  for (const old of all.slice(0, Math.max(0, all.length - keep))) rmSync(old.dir, { recursive: true, force: true });
+  removeStaleTemps(outputDir);
+  return final;
+}
+
+function writeCheckpointDir(tmp: string, ck: Omit<Checkpoint, 'dir'>, baseModel: string): void {
   rmSync(tmp, { recursive: true, force: true });
   mkdirSync(tmp, { recursive: true });
   saveAdapter(join(tmp, 'adapter'), ck.modules, ck.loraConfig, baseModel);
@@ -94,25 +135,81 @@ export function saveCheckpoint(outputDir: string, ck: Omit<Checkpoint, 'dir'>, b
   writeFileSync(manifestPath, JSON.stringify({ format: 'dqlora-checkpoint/1', step: ck.state.step, files }, null, 1) + '\n');
   const fd = openSync(manifestPath, 'r'); fsyncSync(fd); closeSync(fd);
   fsyncDir(tmp);
-  rmSync(final, { recursive: true, force: true });
-  renameSync(tmp, final);
-  fsyncDir(root);
-  // Prune: keep the newest `keep` complete checkpoints, drop leftovers of crashed writes.
-  const all = listCheckpoints(outputDir);
-  for (const old of all.slice(0, Math.max(0, all.length - keep))) rmSync(old.dir, { recursive: true, force: true });
-  for (const e of readdirSync(root)) if (e.includes('.tmp-')) rmSync(join(root, e), { recursive: true, force: true });
-  return final;
 }
 
-/** Complete checkpoints (those with a manifest), oldest first. */
+/**
+ * Removes `step-N.tmp-PID` directories left by writes that crashed or failed (a full disk, kill -9), except
+ * those of a process that is still alive (another writer on the same output_dir). Returns what it removed.
+ * Call once when a job starts; saveCheckpoint also calls it after every successful write.
+ */
+export function removeStaleTemps(outputDir: string): string[] {
+  const root = checkpointRoot(outputDir);
+  if (!existsSync(root)) return [];
+  const removed: string[] = [];
+  for (const e of readdirSync(root)) {
+    const m = /\.tmp-(\d+)$/.exec(e);
+    if (!m) continue;
+    const pid = Number(m[1]);
+    if (pid !== process.pid && pidAlive(pid)) continue;
+    const p = join(root, e);
+    try { rmSync(p, { recursive: true, force: true }); removed.push(p); } catch { /* retried next time */ }
+  }
+  return removed;
+}
+
+function pidAlive(pid: number): boolean {
+  try { process.kill(pid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; }
+}
+
+/** Checkpoints with a manifest (complete writes), oldest first. Use newestValidCheckpoint to pick one to resume from. */
 export function listCheckpoints(outputDir: string): { dir: string; step: number }[] {
+  return listCheckpointDirs(outputDir).filter((c) => existsSync(join(c.dir, 'manifest.json')));
+}
+
+/** Every `step-N` directory, complete or not, oldest first. */
+export function listCheckpointDirs(outputDir: string): { dir: string; step: number }[] {
   const root = checkpointRoot(outputDir);
   if (!existsSync(root)) return [];
   return readdirSync(root)
     .map((n) => /^step-(\d+)$/.exec(n))
-    .filter((m): m is RegExpExecArray => m !== null && existsSync(join(root, m[0], 'manifest.json')))
+    .filter((m): m is RegExpExecArray => m !== null)
     .map((m) => ({ dir: join(root, m[0]), step: Number(m[1]) }))
     .sort((a, b) => a.step - b.step);
+}
+
+/** A checkpoint newestValidCheckpoint passed over, and why (the CheckpointError's first line). */
+export interface SkippedCheckpoint { readonly dir: string; readonly step: number; readonly reason: string }
+
+export interface CheckpointChoice {
+  /** The newest checkpoint that verified, loaded and was accepted; undefined when none did. */
+  readonly checkpoint?: Checkpoint;
+  /** Newer checkpoints that were refused, newest first. */
+  readonly skipped: SkippedCheckpoint[];
+}
+
+/**
+ * The newest VALID checkpoint under outputDir — for resume at start and for mid-run recovery. Newest first,
+ * each candidate is verified against its manifest (a missing manifest is invalid), loaded, and passed to
+ * `accept`, which refuses it by throwing (e.g. a CheckpointError for another config or dataset); refused ones
+ * are listed in `skipped` with the reason, for the caller to print. Only `maxStep` and below are considered
+ * (mid-run recovery: never a checkpoint from the future of this run). Only named errors (DqloraError:
+ * checksum, format, shape) make a candidate invalid; anything else (a bug) propagates.
+ */
+export function newestValidCheckpoint(outputDir: string, opts: { accept?: (ck: Checkpoint) => void; maxStep?: number } = {}): CheckpointChoice {
+  const skipped: SkippedCheckpoint[] = [];
+  const candidates = listCheckpointDirs(outputDir).filter((c) => opts.maxStep === undefined || c.step <= opts.maxStep).reverse();
+  for (const c of candidates) {
+    try {
+      const ck = loadCheckpoint(c.dir);
+      if (ck.state.step !== c.step) throw new CheckpointError(`checkpoint ${c.dir}: trainer_state.json says step ${ck.state.step}, the directory name says ${c.step}`);
+      opts.accept?.(ck);
+      return { checkpoint: ck, skipped };
+    } catch (e) {
+      if (!(e instanceof DqloraError)) throw e;
+      skipped.push({ dir: c.dir, step: c.step, reason: e.message.split('\n')[0] });
+    }
+  }
+  return { skipped };
 }
 
 /** Verifies every file against the manifest, then loads the checkpoint. */
