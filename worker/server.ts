@@ -18,6 +18,7 @@ import { chunkState } from '../wire/state.ts';
 import { startPipelineServer, type PipelineServerHandle, type PipelineServerOptions } from './transport/pipeline.ts';
 import { DqloraError, WireError } from '../common/errors.ts';
 import { logger } from '../common/log.ts';
+import { exitWithParent } from '../common/parent-watch.ts';
 import { createWorkerMetrics, serveMetrics, type MetricsServer, type WorkerMetrics } from '../common/metrics.ts';
 import { DEFAULT_CHUNK_BYTES } from '../wire/tensor.ts';
 import { freeMemoryBytes, totalMemoryBytes } from '../common/container.ts';
@@ -63,6 +64,8 @@ function unary<Req, Res>(fn: (req: Req, md: grpc.Metadata, o: grpc.CallOptions, 
 
 /** Runs a worker until the job ends; resolves with the exit code. */
 export async function runWorker(o: WorkerOptions): Promise<number> {
+  // A worker started by a local coordinator dies with it (stdin pipe / parent pid: common/parent-watch.ts).
+  const parentWatch = exitWithParent();
   const metrics: WorkerMetrics = createWorkerMetrics({ defaultLabels: { role: 'worker' } });
   let metricsServer: MetricsServer | undefined;
   const health = new WorkerHealth(); // /healthz = alive, /readyz = a loaded stage (worker/health.ts)
@@ -92,7 +95,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   for (let wait = 100; ; wait = Math.min(2000, wait * 2)) {
     try {
       reg = await unary(client.register.bind(client), {
-        jobToken: o.jobToken, hostname: os.hostname(), listenAddress: advertise, capabilities: [backendName],
+        jobToken: o.jobToken, hostname: os.hostname(), listenAddress: advertise, capabilities: [backendName, `pid:${process.pid}`],
         device: { kind: backendName === 'cuda' ? DeviceKind.DEVICE_KIND_CUDA : DeviceKind.DEVICE_KIND_CPU, name: backendName === 'cpu' ? os.cpus()[0]?.model ?? 'cpu' : 'cuda', totalMemoryBytes: totalMemoryBytes(), freeMemoryBytes: freeMemoryBytes(), cpuThreads: runner.device.threads },
       });
       break;
@@ -230,6 +233,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   return exitCode;
 
   async function cleanup(): Promise<void> {
+    parentWatch?.stop();
     await runner.close().catch(() => {});
     await pipeline.close();
     client.close();

@@ -37,6 +37,8 @@ export interface WorkerHandle {
   readonly hostname: string;
   readonly device: DeviceInfo | undefined;
   readonly address: string;
+  /** The worker's process id, as it reported it (capability "pid:N"); the local launcher kills stalled ones by it. */
+  readonly pid?: number;
   registeredAt: number;
   lastSeen: number;
   state: WorkerState;
@@ -98,8 +100,9 @@ export class ControlPlane {
         if (!/^[^\s]+:\d+$/.test(r.listenAddress)) return cb(Object.assign(new Error('bad listen address'), { code: grpc.status.INVALID_ARGUMENT, details: `listen_address "${r.listenAddress}" is not HOST:PORT`, metadata: new grpc.Metadata() }));
         const id = `w${++this.seq}`;
         const now = Date.now();
+        const pidCap = r.capabilities.map((c) => /^pid:(\d+)$/.exec(c)?.[1]).find((x) => x !== undefined);
         this.workers.set(id, {
-          id, hostname: r.hostname, device: r.device, address: r.listenAddress, registeredAt: now, lastSeen: now, state: WorkerState.WORKER_STATE_REGISTERED,
+          id, hostname: r.hostname, device: r.device, address: r.listenAddress, pid: pidCap === undefined ? undefined : Number(pidCap), registeredAt: now, lastSeen: now, state: WorkerState.WORKER_STATE_REGISTERED,
           step: -1, stage: -1, replica: -1, alive: true, nextCommandId: 1, pending: new Map(), states: new Map(),
         });
         log.info({ id, host: r.hostname, address: r.listenAddress, device: r.device?.name, freeMemoryBytes: r.device?.freeMemoryBytes, cpuThreads: r.device?.cpuThreads || undefined }, 'worker registered');

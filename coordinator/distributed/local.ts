@@ -1,21 +1,34 @@
 // Local launcher (distributed.workers: 'local'): the real distributed path on one machine. Starts the
 // worker processes (`node bin/worker.js start ...`) on 127.0.0.1 and, when replicas > 1 and no NATS URL
 // was given, a private nats-server on a free loopback port. A worker that dies is replaced by a fresh one
-// (a few times at most), which is what a supervisor (Kubernetes) does for remote workers.
+// (a few times at most), which is what a supervisor (Kubernetes) does for remote workers; a worker that
+// stalls (no heartbeat within the timeout, e.g. SIGSTOP) is killed (SIGKILL) so that it is replaced too.
+//
+// Nothing outlives the coordinator: every child gets a pipe on its stdin that only the coordinator holds.
+// When the coordinator dies — even by kill -9 — the kernel closes it; workers exit on that (and when their
+// parent pid changes: common/parent-watch.ts), and nats-server runs under a small sh watchdog that stops it
+// then. The private nats-server requires per-job credentials (random user and password in its config file,
+// passed to the local workers through their environment — never on a command line) and is restarted on the
+// same port when it exits while the job runs.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { cpuThreads } from '../../common/container.ts';
+import crypto from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { cpuThreads } from '../../common/container.ts';
 import { ConfigError, DqloraError } from '../../common/errors.ts';
 import { forwardChildLog, logger } from '../../common/log.ts';
+import { PARENT_PID_ENV } from '../../common/parent-watch.ts';
+import type { ControlPlane } from './control.ts';
 
 const log = logger('local');
 const ROOT = join(import.meta.dirname, '..', '..');
 
 export interface LocalWorkers {
   readonly pids: () => number[];
+  /** SIGKILLs our child `pid` (a stalled worker) so that it is replaced; false when it is not one of ours. */
+  kill(pid: number, why: string): boolean;
   stop(): Promise<void>;
 }
 
@@ -31,27 +44,40 @@ export function localGpus(env: NodeJS.ProcessEnv = process.env): string[] {
   return r.stdout.split('\n').map((l) => /^GPU (\d+):/.exec(l)?.[1]).filter((x): x is string => x !== undefined);
 }
 
+export interface LocalWorkerOptions {
+  coordinator: string;
+  jobToken: string;
+  backend: string;
+  maxRespawns?: number;
+  gpus?: string[];
+  /** Extra environment for the workers (the private nats-server's credentials: LocalNats.workerEnv). */
+  env?: Record<string, string>;
+}
+
 /**
  * Spawns `n` workers that register with `coordinator`; respawns dead ones up to `maxRespawns` times in total.
  * With a cuda/auto backend and G GPUs, worker slot i sees only GPU i mod G (CUDA_VISIBLE_DEVICES), so S × R workers
  * spread one per GPU — or share GPUs round-robin when there are fewer GPUs than workers.
  */
-export function spawnLocalWorkers(n: number, o: { coordinator: string; jobToken: string; backend: string; maxRespawns?: number; gpus?: string[] }): LocalWorkers {
+export function spawnLocalWorkers(n: number, o: LocalWorkerOptions): LocalWorkers {
   const procs = new Set<ChildProcess>();
   let stopping = false, respawns = 0;
   const gpus = o.backend === 'cpu' ? [] : (o.gpus ?? localGpus());
   const start = (slot: number): void => {
     // Workers log JSON to a pipe; forwardChildLog prints their lines in this process's format, above the progress bar.
-    const env: NodeJS.ProcessEnv = { ...process.env, DQLORA_JOB_TOKEN: o.jobToken, DQLORA_LOG_FORMAT: 'json' };
+    // Secrets travel in the environment (readable only by this user), never in argv (visible in `ps`).
+    const env: NodeJS.ProcessEnv = { ...process.env, ...o.env, DQLORA_JOB_TOKEN: o.jobToken, DQLORA_LOG_FORMAT: 'json', [PARENT_PID_ENV]: String(process.pid) };
     // CPU workers share this machine's cores: each gets its share (the stages of a pipeline compute in parallel).
     env.DQLORA_CPU_THREADS ??= String(Math.max(1, Math.floor(cpuThreads() / n)));
     if (gpus.length > 0) env.CUDA_VISIBLE_DEVICES = gpus[slot % gpus.length];
     // DQLORA_WORKER_ENTRY: another worker entry script (e.g. an esbuild bundle on a machine without node_modules).
     const entry = process.env.DQLORA_WORKER_ENTRY ?? join(ROOT, 'bin', 'worker.js');
+    // stdin: a pipe only this process holds — it closes when the coordinator dies, and the worker exits then.
     const p = spawn(process.execPath, [entry, 'start', '--coordinator', o.coordinator, '--device', o.backend, '--listen', '127.0.0.1:0'], {
-      stdio: ['ignore', 'inherit', 'pipe'], env,
+      stdio: ['pipe', 'inherit', 'pipe'], env,
     });
     forwardChildLog(p.stderr!);
+    p.stdin!.on('error', () => { /* the worker is gone; its exit event says so */ });
     log.debug({ pid: p.pid, slot, gpu: env.CUDA_VISIBLE_DEVICES }, 'local worker started');
     procs.add(p);
     p.on('exit', (code, signal) => {
@@ -64,6 +90,13 @@ export function spawnLocalWorkers(n: number, o: { coordinator: string; jobToken:
   for (let i = 0; i < n; i++) start(i);
   return {
     pids: () => [...procs].map((p) => p.pid!).filter(Boolean),
+    kill(pid, why) {
+      const p = [...procs].find((x) => x.pid === pid);
+      if (!p || stopping) return false;
+      log.warn({ pid, why }, 'killing a stalled local worker (SIGKILL); a replacement starts when it has exited');
+      p.kill('SIGKILL');
+      return true;
+    },
     async stop() {
       stopping = true;
       await Promise.all([...procs].map((p) => new Promise<void>((res) => {
@@ -71,9 +104,23 @@ export function spawnLocalWorkers(n: number, o: { coordinator: string; jobToken:
         const t = setTimeout(() => p.kill('SIGKILL'), 5000);
         p.once('exit', () => { clearTimeout(t); res(); });
         p.kill('SIGTERM');
+        // A stopped (SIGSTOP) worker cannot act on SIGTERM; SIGCONT lets it.
+        p.kill('SIGCONT');
       })));
     },
   };
+}
+
+/**
+ * Kills local workers the control plane declares lost while they still run (stalled: SIGSTOP, a hung
+ * event loop), so that spawnLocalWorkers replaces them; a worker that died is replaced already. Call once
+ * after both exist: `superviseLocalWorkers(plane, workers)`.
+ */
+export function superviseLocalWorkers(plane: ControlPlane, workers: LocalWorkers): void {
+  plane.onLost((w, err) => {
+    if (plane.closing || w.pid === undefined) return;
+    workers.kill(w.pid, err.message.split('\n')[0]);
+  });
 }
 
 function freePort(): Promise<number> {
@@ -84,37 +131,116 @@ function freePort(): Promise<number> {
   });
 }
 
-export interface LocalNats { url: string; stop(): Promise<void> }
+export interface LocalNats {
+  url: string;
+  /** The per-job credentials, as the environment the workers read them from (DQLORA_NATS_USER / _PASSWORD). */
+  workerEnv: Record<string, string>;
+  /** Times the server was restarted after exiting while the job ran. */
+  readonly restarts: () => number;
+  /** The nats-server process id (changes on a restart); undefined between a crash and its restart. */
+  readonly pid: () => number | undefined;
+  stop(): Promise<void>;
+}
 
-/** Starts nats-server on a free loopback port (max_payload 8 MiB: fewer, larger all-reduce chunks). */
-export async function startLocalNats(): Promise<LocalNats> {
+/**
+ * Runs `cmd args...` and stops it (SIGTERM) when this wrapper's stdin closes — i.e. when the process holding
+ * the other end dies, however it dies. The wrapper exits with the command's status. sh, so that it works for
+ * any binary (nats-server cannot watch its parent itself).
+ */
+const WATCHDOG_SH = [
+  '"$@" </dev/null & child=$!',
+  "trap 'kill -TERM $child 2>/dev/null' TERM INT HUP",
+  // an explicit redirection: an asynchronous list's stdin would otherwise be /dev/null
+  '( while read -r _; do :; done <&3; kill -TERM $child 2>/dev/null ) 3<&0 & watcher=$!',
+  'code=0; while kill -0 $child 2>/dev/null; do wait $child; code=$?; done',
+  'kill $watcher 2>/dev/null; exit $code',
+].join('\n');
+
+/** Spawns `cmd` under the stdin watchdog (see WATCHDOG_SH); its stdin pipe is the lifeline. */
+export function spawnWithLifeline(cmd: string, args: string[], stderr: 'pipe' | 'ignore' | 'inherit' = 'pipe'): ChildProcess {
+  const p = spawn('/bin/sh', ['-c', WATCHDOG_SH, 'dqlora-watchdog', cmd, ...args], { stdio: ['pipe', 'ignore', stderr] });
+  p.stdin!.on('error', () => { /* gone */ });
+  return p;
+}
+
+/** The nats-server process under a watchdog started by spawnWithLifeline (its only child). */
+function childPid(wrapperPid: number | undefined): number | undefined {
+  if (wrapperPid === undefined) return undefined;
+  const r = spawnSync('ps', ['-o', 'pid=', '--ppid', String(wrapperPid)], { encoding: 'utf8' });
+  const pids = (r.stdout ?? '').split('\n').map((x) => Number(x.trim())).filter((x) => x > 0);
+  return pids[0];
+}
+
+/**
+ * Starts nats-server on a free loopback port (max_payload 8 MiB: fewer, larger all-reduce chunks) with per-job
+ * credentials; restarts it on the same port (back-off 0.25 s → 5 s, at most `maxRestarts`) when it exits.
+ */
+export async function startLocalNats(opts: { maxRestarts?: number } = {}): Promise<LocalNats> {
   if (spawnSync('nats-server', ['--version'], { stdio: 'ignore' }).error) {
     throw new ConfigError('distributed.replicas > 1 needs NATS for the gradient all-reduce, and nats-server is not on PATH', { hint: 'install nats-server (apt-get install nats-server) or pass --nats nats://HOST:4222' });
   }
   const dir = mkdtempSync(join(tmpdir(), 'dqlora-nats-'));
-  for (let attempt = 0; attempt < 4; attempt++) {
-    const port = await freePort();
-    const conf = join(dir, 'nats.conf');
-    writeFileSync(conf, `listen: "127.0.0.1:${port}"\nmax_payload: 8388608\n`);
-    const p = spawn('nats-server', ['-c', conf], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const user = `dqlora-${crypto.randomBytes(4).toString('hex')}`, password = crypto.randomBytes(24).toString('hex');
+  const conf = join(dir, 'nats.conf');
+  const run = async (port: number): Promise<ChildProcess | undefined> => {
+    writeFileSync(conf, `listen: "127.0.0.1:${port}"\nmax_payload: 8388608\nauthorization {\n  user: "${user}"\n  password: "${password}"\n}\n`, { mode: 0o600 });
+    const p = spawnWithLifeline('nats-server', ['-c', conf]);
     let err = '';
     p.stderr!.on('data', (d: Buffer) => { err = (err + d.toString()).slice(-2000); });
-    const up = await waitPort(port, p, 10_000);
-    if (!up) { p.kill('SIGKILL'); continue; }
-    log.info({ port }, 'local nats-server started');
-    const exited = new Promise<void>((r) => (p.exitCode !== null ? r() : p.once('exit', () => r())));
-    return {
-      url: `nats://127.0.0.1:${port}`,
-      async stop() {
-        if (p.exitCode === null) p.kill('SIGTERM');
+    if (await waitPort(port, p, 10_000)) return p;
+    p.stdin!.end(); p.kill('SIGTERM');
+    log.warn({ port, stderr: err.trim().split('\n').slice(-3).join(' | ') }, 'nats-server did not come up');
+    return undefined;
+  };
+  let port = 0, proc: ChildProcess | undefined;
+  for (let attempt = 0; attempt < 4 && !proc; attempt++) { port = await freePort(); proc = await run(port); }
+  if (!proc) {
+    rmSync(dir, { recursive: true, force: true });
+    throw new DqloraError('could not start a local nats-server (4 attempts)');
+  }
+  log.info({ port, pid: childPid(proc.pid) }, 'local nats-server started (per-job credentials)');
+  let stopping = false, restarts = 0;
+  const maxRestarts = opts.maxRestarts ?? 20;
+  const watch = (p: ChildProcess): void => {
+    p.once('exit', (code, signal) => {
+      if (stopping) return;
+      proc = undefined;
+      log.error({ port, code, signal }, 'the local nats-server exited; restarting it');
+      void (async () => {
+        for (let wait = 250; !stopping && restarts < maxRestarts; wait = Math.min(5000, wait * 2)) {
+          restarts++;
+          await new Promise((r) => setTimeout(r, wait));
+          if (stopping) return;
+          const q = await run(port);
+          if (q) {
+            if (stopping) { q.stdin!.end(); q.kill('SIGTERM'); return; }
+            proc = q; watch(q);
+            log.warn({ port, restarts }, 'local nats-server restarted');
+            return;
+          }
+        }
+        if (!stopping) log.error({ port, restarts }, 'giving up restarting the local nats-server');
+      })();
+    });
+  };
+  watch(proc);
+  return {
+    url: `nats://127.0.0.1:${port}`,
+    workerEnv: { DQLORA_NATS_USER: user, DQLORA_NATS_PASSWORD: password },
+    restarts: () => restarts,
+    pid: () => childPid(proc?.pid),
+    async stop() {
+      stopping = true;
+      const p = proc;
+      if (p && p.exitCode === null && p.signalCode === null) {
+        const exited = new Promise<void>((r) => p.once('exit', () => r()));
+        p.stdin!.end(); p.kill('SIGTERM');
         const t = setTimeout(() => p.kill('SIGKILL'), 3000);
         await exited; clearTimeout(t);
-        rmSync(dir, { recursive: true, force: true });
-      },
-    };
-  }
-  rmSync(dir, { recursive: true, force: true });
-  throw new DqloraError('could not start a local nats-server (4 attempts)');
+      }
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
 }
 
 function waitPort(port: number, p: ChildProcess, timeoutMs: number): Promise<boolean> {
