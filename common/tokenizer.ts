@@ -11,7 +11,9 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
+import * as hfTokenizers from '@huggingface/tokenizers';
 import { Tokenizer } from '@huggingface/tokenizers';
+import { catastrophicBacktracking } from './regex-safety.ts';
 import { renderChatTemplate } from './chat-template.ts';
 import { DataError, FormatError, ShapeError, UnsupportedError } from './errors.ts';
 import { SentencePieceTokenizer } from './sp-tokenizer.ts';
@@ -43,6 +45,40 @@ function tokenContent(v: unknown): string | null {
   if (typeof v === 'string') return v;
   if (isObj(v) && typeof own(v, 'content') === 'string') return own(v, 'content') as string;
   return null;
+}
+
+/**
+ * Every `{"Regex": "..."}` pattern of the normalizer, pre-tokenizer and decoder (Split, Replace), compiled
+ * exactly as the library compiles it, must be free of catastrophic backtracking (common/regex-safety.ts):
+ * a hostile or careless tokenizer.json must not hang data loading.
+ */
+// Exported by the library at run time (its compiler of tokenizer.json patterns) but missing from its typings.
+const { SplitPreTokenizer } = hfTokenizers as unknown as { SplitPreTokenizer: new (config: Obj) => { pattern: RegExp | null } };
+
+function checkRegexes(tj: Obj, source: string): void {
+  const visit = (v: unknown, path: string, depth: number): void => {
+    if (depth > 12 || v === null || typeof v !== 'object') return;
+    if (Array.isArray(v)) { v.forEach((x, i) => visit(x, `${path}[${i}]`, depth + 1)); return; }
+    const regex = own(v as Obj, 'Regex');
+    if (regex !== undefined) {
+      if (typeof regex !== 'string') throw new FormatError(`${source}: ${path}.Regex must be a string`);
+      let compiled: RegExp | null;
+      try {
+        compiled = new SplitPreTokenizer({ pattern: { Regex: regex } }).pattern;
+      } catch (e) {
+        throw new FormatError(`${source}: ${path}.Regex ${JSON.stringify(regex).slice(0, 120)} is not a valid regular expression: ${msg(e)}`);
+      }
+      const why = compiled ? catastrophicBacktracking(compiled.source, compiled.flags) : null;
+      if (why) {
+        throw new UnsupportedError(`${source}: ${path}.Regex ${JSON.stringify(regex).slice(0, 120)} is refused: ${why}`, {
+          hint: 'this pattern could take exponential time on some inputs; rewrite it without nested or ambiguous repetition (e.g. (a+)+ → a+), or use the tokenizer.json the model was published with',
+        });
+      }
+      return;
+    }
+    for (const [k, x] of Object.entries(v as Obj)) visit(x, `${path}.${k}`, depth + 1);
+  };
+  for (const k of ['normalizer', 'pre_tokenizer', 'decoder']) visit(own(tj, k), k, 0);
 }
 
 /** Checks what the library reads without checking it itself, so malformed files fail here with a clear message. */
@@ -196,6 +232,7 @@ export class TextTokenizer {
     const full: Obj = { normalizer: null, pre_tokenizer: null, post_processor: null, decoder: null, ...tj, added_tokens: own(tj, 'added_tokens') ?? [] };
     // transformers >= 4.45 defaults clean_up_tokenization_spaces to false; the library defaults it to true.
     const cfg: Obj = { ...config, clean_up_tokenization_spaces: own(config, 'clean_up_tokenization_spaces') ?? false };
+    checkRegexes(full, source);
     let tok: Tokenizer;
     try {
       tok = new Tokenizer(full, cfg);

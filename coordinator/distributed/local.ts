@@ -148,10 +148,12 @@ export interface LocalNats {
  * any binary (nats-server cannot watch its parent itself).
  */
 const WATCHDOG_SH = [
-  '"$@" </dev/null & child=$!',
+  // fd 3 = the lifeline, taken before any `&`: an asynchronous list's stdin is /dev/null
+  'exec 3<&0',
+  '"$@" </dev/null 3<&- & child=$!',
   "trap 'kill -TERM $child 2>/dev/null' TERM INT HUP",
-  // an explicit redirection: an asynchronous list's stdin would otherwise be /dev/null
-  '( while read -r _; do :; done <&3; kill -TERM $child 2>/dev/null ) 3<&0 & watcher=$!',
+  '( while read -r _ <&3; do :; done; kill -TERM $child 2>/dev/null ) & watcher=$!',
+  'exec 3<&-',
   'code=0; while kill -0 $child 2>/dev/null; do wait $child; code=$?; done',
   'kill $watcher 2>/dev/null; exit $code',
 ].join('\n');
