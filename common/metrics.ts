@@ -18,6 +18,7 @@
 // value: a 0 before the first evaluation would read as a perfect loss. The `job` label belongs to Prometheus
 // (the scrape job; the ServiceMonitor sets it to the dqlora job name): a registry label of that name would be
 // renamed `exported_job`, so the job name goes in `dqlora_job`.
+//   refused connections / calls                                     counter, labels service, reason
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
@@ -46,6 +47,8 @@ interface CommonMetrics {
   checkpointDuration: Histogram<never>;
   checkpointSize: Gauge<never>;
   memoryInUse: Gauge<'device'>;
+  /** Connections and calls refused before reaching a handler (common/grpc-guard.ts), by service and reason. */
+  rejectedRequests: Counter<'service' | 'reason'>;
 }
 
 export interface CoordinatorMetrics extends CommonMetrics {
@@ -128,6 +131,7 @@ function common(registry: Registry, role: string): CommonMetrics {
     checkpointDuration: new Histogram({ name: 'dqlora_checkpoint_duration_seconds', help: `Time to write a checkpoint (${role === 'worker' ? 'this worker\'s shard' : 'manifest and all shards'}).`, buckets: CHECKPOINT_BUCKETS, registers }),
     checkpointSize: unsetGauge(new Gauge({ name: 'dqlora_checkpoint_size_bytes', help: `Size of the last checkpoint written (${role === 'worker' ? 'this worker\'s shard' : 'all shards'}).`, registers })),
     memoryInUse: new Gauge({ name: 'dqlora_memory_in_use_bytes', help: 'Memory in use by model state, by device (cpu, cuda:N).', labelNames: ['device'] as const, registers }),
+    rejectedRequests: new Counter({ name: 'dqlora_rejected_requests_total', help: `Connections and calls this ${role} refused (wrong job token, per-peer connection limit, TLS/plaintext mismatch, silent connection), by service and reason.`, labelNames: ['service', 'reason'] as const, registers }),
   };
 }
 

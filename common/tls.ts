@@ -4,6 +4,8 @@
 // certificate cannot join a job. Without them, loopback/insecure channels (local mode, tests). Half a configuration
 // is an error, never a silent fallback to plaintext.
 import { readFileSync } from 'node:fs';
+import net from 'node:net';
+import tls from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
 import { ConfigError } from './errors.ts';
 
@@ -39,4 +41,39 @@ export function channelCredentials(env: NodeJS.ProcessEnv = process.env): grpc.C
   const f = tlsFiles(env);
   if (!f) return grpc.credentials.createInsecure();
   return grpc.credentials.createSsl(f.ca, f.key, f.cert);
+}
+
+/**
+ * Whether the server at host:port answers a TLS handshake: true (it speaks TLS — it may still refuse our
+ * certificate), false (it answered, but not with TLS), undefined (unreachable or unclear). A client that cannot
+ * connect uses it to tell "wrong transport" from "not up yet".
+ */
+export function serverSpeaksTls(host: string, port: number, timeoutMs = 3000): Promise<boolean | undefined> {
+  return new Promise((resolve) => {
+    let done = false;
+    const finish = (v: boolean | undefined): void => { if (done) return; done = true; clearTimeout(timer); sock.destroy(); resolve(v); };
+    const sock = tls.connect({ host, port, rejectUnauthorized: false, ALPNProtocols: ['h2'], servername: net.isIP(host) ? undefined : host });
+    const timer = setTimeout(() => finish(undefined), timeoutMs);
+    sock.once('secureConnect', () => finish(true));
+    sock.once('error', (e: NodeJS.ErrnoException) => {
+      const text = `${e.code ?? ''} ${e.message}`;
+      if (/alert|certificate|handshake failure/i.test(text)) finish(true); // a TLS server refusing us
+      else if (/WRONG_VERSION_NUMBER|packet length too long|http request|unknown protocol|ECONNRESET|socket disconnected|socket hang up/i.test(text)) finish(false);
+      else finish(undefined); // ECONNREFUSED, EHOSTUNREACH, ...: not up
+    });
+  });
+}
+
+/**
+ * A hint when this process and the gRPC server at `address` disagree about TLS (one of them has
+ * DQLORA_TLS_* set, the other not); null when they agree or it cannot be told.
+ */
+export async function tlsMismatchHint(address: string, env: NodeJS.ProcessEnv = process.env): Promise<string | null> {
+  const i = address.lastIndexOf(':');
+  const host = address.slice(0, i).replace(/^\[|\]$/g, ''), port = Number(address.slice(i + 1));
+  const speaks = await serverSpeaksTls(host, port);
+  const ours = tlsEnabled(env);
+  if (speaks === true && !ours) return `${address} speaks TLS but this process has no TLS configuration: set DQLORA_TLS_CA, DQLORA_TLS_CERT and DQLORA_TLS_KEY (PEM paths) as on the coordinator`;
+  if (speaks === false && ours) return `${address} speaks plaintext but this process is configured for mutual TLS (DQLORA_TLS_*): configure TLS on the server too, or unset DQLORA_TLS_CA, DQLORA_TLS_CERT and DQLORA_TLS_KEY here`;
+  return null;
 }

@@ -8,7 +8,7 @@
 // Exit codes: 0 the coordinator said Shutdown (the job is over: a Kubernetes Indexed Job counts the index done),
 // 75 lost its coordinator (EXIT_COORDINATOR_LOST: the pod is replaced and rejoins the restarted coordinator),
 // 1 this worker failed.
-import { channelCredentials, serverCredentials } from '../common/tls.ts';
+import { channelCredentials, serverCredentials, tlsMismatchHint } from '../common/tls.ts';
 import os from 'node:os';
 import * as grpc from '@grpc/grpc-js';
 import type { BackendName } from '../core/engine/index.ts';
@@ -92,6 +92,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   // 1. register (retrying while the coordinator is not up yet)
   const deadline = Date.now() + (o.registerTimeoutMs ?? 60_000);
   let reg: RegisterReply;
+  let tlsChecked = false;
   for (let wait = 100; ; wait = Math.min(2000, wait * 2)) {
     try {
       reg = await unary(client.register.bind(client), {
@@ -101,6 +102,13 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
       break;
     } catch (e) {
       const err = e as grpc.ServiceError;
+      // Plaintext meeting TLS (either way) looks like "unavailable" to grpc-js and would be retried for the
+      // whole registration timeout: ask the server once which it speaks, and stop at once with what to set.
+      if (!tlsChecked && (err.code === grpc.status.UNAVAILABLE || err.code === grpc.status.INTERNAL)) {
+        tlsChecked = true;
+        const hint = await tlsMismatchHint(o.coordinator);
+        if (hint) { await cleanup(); throw new DqloraError(`cannot register with the coordinator at ${o.coordinator}: TLS and plaintext do not meet`, { hint, cause: e }); }
+      }
       if (err.code === grpc.status.UNAUTHENTICATED || err.code === grpc.status.PERMISSION_DENIED || Date.now() > deadline) {
         await cleanup();
         throw new DqloraError(`cannot register with the coordinator at ${o.coordinator}: ${err.details || err.message}`, {

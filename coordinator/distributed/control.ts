@@ -6,6 +6,7 @@
 // worker fails with WorkerLostError naming the worker, its stage and replica; nothing waits forever —
 // every request also has a deadline.
 import { serverCredentials } from '../../common/tls.ts';
+import { RejectionLog, SERVER_HYGIENE, listenGuarded, type GuardedListener } from '../../common/grpc-guard.ts';
 import crypto from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
 import { DqloraError, WireError } from '../../common/errors.ts';
@@ -62,6 +63,8 @@ export interface ControlPlaneOptions {
   readonly metrics?: CoordinatorMetrics;
   /** Told the worker table whenever a worker registers, changes state or is lost (the job's onWorkers observers). */
   readonly onWorkers?: (workers: { id: string; stage: number; replica: number; state: string; address: string }[]) => void;
+  /** Open connections allowed per remote address (default $DQLORA_MAX_CONNECTIONS_PER_PEER, else 64). */
+  readonly maxConnectionsPerPeer?: number;
 }
 
 function tokenMatches(given: unknown, expected: string): boolean {
@@ -78,7 +81,10 @@ const STATE_LABEL: Record<number, WorkerStateLabel> = {
 
 export class ControlPlane {
   readonly workers = new Map<string, WorkerHandle>();
-  private readonly server = new grpc.Server({ 'grpc.max_receive_message_length': 8 << 20, 'grpc.max_send_message_length': 64 << 20 });
+  private readonly server = new grpc.Server({ ...SERVER_HYGIENE, 'grpc.max_receive_message_length': 8 << 20, 'grpc.max_send_message_length': 64 << 20 });
+  private listener?: GuardedListener;
+  /** Refusals (wrong token, connection limits, TLS mismatch): counted and logged rate-limited. */
+  readonly rejections: RejectionLog;
   private seq = 0;
   private watchdog?: NodeJS.Timeout;
   private changed: (() => void)[] = [];
@@ -89,6 +95,8 @@ export class ControlPlane {
   progress = { step: 0, totalSteps: 0, lastLoss: 0 };
 
   constructor(private readonly o: ControlPlaneOptions) {
+    this.rejections = new RejectionLog('control', log, o.metrics?.rejectedRequests);
+    const refuse = (what: string, peer: string): void => this.rejections.record('unauthenticated', peer, `${what} with a wrong or missing job token refused`);
     const unauth = (what: string): grpc.ServiceError => Object.assign(new Error(`${what}: wrong or missing job token for job "${o.jobId}"`), {
       code: grpc.status.UNAUTHENTICATED, details: `${what}: wrong or missing job token for job "${o.jobId}" (start the worker with the coordinator's --job-token / DQLORA_JOB_TOKEN)`, metadata: new grpc.Metadata(),
     });
@@ -96,7 +104,7 @@ export class ControlPlane {
     this.server.addService(ControlService, {
       register: (call: grpc.ServerUnaryCall<import('../../proto/gen/dqlora/v1/control.ts').RegisterRequest, unknown>, cb: grpc.sendUnaryData<unknown>) => {
         const r = call.request;
-        if (!tokenMatches(r.jobToken, o.jobToken)) { log.warn({ peer: call.getPeer() }, 'registration with a wrong job token refused'); return cb(unauth('Register')); }
+        if (!tokenMatches(r.jobToken, o.jobToken)) { refuse('Register', call.getPeer()); return cb(unauth('Register')); }
         if (!/^[^\s]+:\d+$/.test(r.listenAddress)) return cb(Object.assign(new Error('bad listen address'), { code: grpc.status.INVALID_ARGUMENT, details: `listen_address "${r.listenAddress}" is not HOST:PORT`, metadata: new grpc.Metadata() }));
         const id = `w${++this.seq}`;
         const now = Date.now();
@@ -111,7 +119,7 @@ export class ControlPlane {
       },
       heartbeat: (call: grpc.ServerUnaryCall<import('../../proto/gen/dqlora/v1/control.ts').HeartbeatRequest, unknown>, cb: grpc.sendUnaryData<unknown>) => {
         const r = call.request;
-        if (!tokenMatches(r.jobToken, o.jobToken)) return cb(unauth('Heartbeat'));
+        if (!tokenMatches(r.jobToken, o.jobToken)) { refuse('Heartbeat', call.getPeer()); return cb(unauth('Heartbeat')); }
         const w = this.workers.get(r.workerId);
         if (!w || !w.alive) return cb(null, { ok: false, reason: w ? 'this worker was declared lost (heartbeat timeout); restart it to rejoin' : `unknown worker "${r.workerId}"` });
         w.lastSeen = Date.now(); w.step = r.step;
@@ -120,9 +128,10 @@ export class ControlPlane {
       },
       commands: (call: grpc.ServerWritableStream<import('../../proto/gen/dqlora/v1/control.ts').CommandsRequest, Command>) => {
         const r = call.request;
-        if (!tokenMatches(r.jobToken, o.jobToken)) { call.destroy(unauth('Commands')); return; }
+        // emit('error') ends the stream with that status at once (destroy() would leave it open, unanswered)
+        if (!tokenMatches(r.jobToken, o.jobToken)) { refuse('Commands', call.getPeer()); call.emit('error', unauth('Commands')); return; }
         const w = this.workers.get(r.workerId);
-        if (!w || !w.alive) { call.destroy(unknown(r.workerId)); return; }
+        if (!w || !w.alive) { call.emit('error', unknown(r.workerId)); return; }
         w.stream = call as grpc.ServerWritableStream<unknown, Command>;
         call.on('cancelled', () => this.lose(w, 'its command stream closed (process exited or connection lost)'));
         call.on('error', () => this.lose(w, 'its command stream failed'));
@@ -130,7 +139,7 @@ export class ControlPlane {
       },
       report: (call: grpc.ServerUnaryCall<StepReport, unknown>, cb: grpc.sendUnaryData<unknown>) => {
         const r = call.request;
-        if (!tokenMatches(r.jobToken, o.jobToken)) return cb(unauth('Report'));
+        if (!tokenMatches(r.jobToken, o.jobToken)) { refuse('Report', call.getPeer()); return cb(unauth('Report')); }
         const w = this.workers.get(r.workerId);
         if (!w) return cb(unknown(r.workerId));
         w.lastSeen = Date.now();
@@ -139,13 +148,18 @@ export class ControlPlane {
         cb(null, { ok: true });
       },
       status: (call: grpc.ServerUnaryCall<import('../../proto/gen/dqlora/v1/control.ts').StatusRequest, unknown>, cb: grpc.sendUnaryData<unknown>) => {
-        if (!tokenMatches(call.request.jobToken, o.jobToken)) return cb(unauth('Status'));
+        if (!tokenMatches(call.request.jobToken, o.jobToken)) { refuse('Status', call.getPeer()); return cb(unauth('Status')); }
         cb(null, this.status());
       },
       putState: (call: grpc.ServerReadableStream<StateChunk, unknown>, cb: grpc.sendUnaryData<unknown>) => {
         const asm = new StateAssembler(o.maxStateBytes ?? 1 << 30, 'PutState');
         let failed = false;
-        const fail = (code: grpc.status, msg: string): void => { if (failed) return; failed = true; log.warn({ peer: call.getPeer() }, msg); cb({ code, details: msg }); };
+        const fail = (code: grpc.status, msg: string): void => {
+          if (failed) return;
+          failed = true;
+          this.rejections.record(code === grpc.status.UNAUTHENTICATED ? 'unauthenticated' : 'invalid', call.getPeer(), msg);
+          cb({ code, details: msg });
+        };
         call.on('data', (c: StateChunk) => {
           if (failed) return;
           if (!tokenMatches(c.jobToken, o.jobToken)) return fail(grpc.status.UNAUTHENTICATED, 'PutState: wrong or missing job token');
@@ -171,7 +185,8 @@ export class ControlPlane {
   async listen(address: string): Promise<string> {
     const i = address.lastIndexOf(':');
     const host = address.slice(0, i);
-    const port = await new Promise<number>((resolve, reject) => this.server.bindAsync(address, serverCredentials(), (e, p) => (e ? reject(new DqloraError(`coordinator: cannot listen on ${address}: ${e.message}`, { cause: e })) : resolve(p))));
+    this.listener = await listenGuarded(this.server, address, serverCredentials(), { service: 'control', rejections: this.rejections, maxConnectionsPerPeer: this.o.maxConnectionsPerPeer });
+    const port = this.listener.port;
     this.watchdog = setInterval(() => {
       const now = Date.now();
       for (const w of this.workers.values()) {
@@ -182,6 +197,9 @@ export class ControlPlane {
   }
 
   onLost(f: (w: WorkerHandle, err: WorkerLostError) => void): void { this.lostListeners.push(f); }
+
+  /** Open connections per remote address. */
+  connections(): Map<string, number> { return this.listener?.connections() ?? new Map(); }
 
   /** Marks a worker lost: pending requests fail with WorkerLostError; its stream is closed. */
   lose(w: WorkerHandle, why: string): void {
@@ -261,6 +279,7 @@ export class ControlPlane {
 
   async close(): Promise<void> {
     clearInterval(this.watchdog);
+    this.listener?.close();
     for (const w of this.workers.values()) { for (const p of w.pending.values()) clearTimeout(p.timer); try { w.stream?.end(); } catch { /* gone */ } }
     await new Promise<void>((resolve) => {
       const t = setTimeout(() => { this.server.forceShutdown(); resolve(); }, 2000);
