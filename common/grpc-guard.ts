@@ -70,8 +70,7 @@ export function maxConnectionsPerPeer(env: NodeJS.ProcessEnv = process.env): num
 
 /**
  * Listens on host:port (0 = OS-assigned) and hands accepted connections to `server` (created with
- * SERVER_HYGIENE) after the checks above. Call instead of server.bindAsync; close() stops accepting (the
- * server's own tryShutdown/forceShutdown ends the injected sessions).
+ * SERVER_HYGIENE) after the checks above. Call instead of server.bindAsync.
  */
 export async function listenGuarded(server: grpc.Server, address: string, credentials: grpc.ServerCredentials, o: GuardOptions): Promise<GuardedListener> {
   const i = address.lastIndexOf(':');
@@ -99,6 +98,7 @@ export async function listenGuarded(server: grpc.Server, address: string, creden
   return {
     port: bound,
     connections: () => new Map(open),
-    close() { net0.close(); injector.destroy(); },
+    // stops accepting; the sessions end with the server's tryShutdown / forceShutdown
+    close() { net0.close(); },
   };
 }

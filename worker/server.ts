@@ -19,6 +19,7 @@ import { startPipelineServer, type PipelineServerHandle, type PipelineServerOpti
 import { DqloraError, WireError } from '../common/errors.ts';
 import { logger } from '../common/log.ts';
 import { exitWithParent } from '../common/parent-watch.ts';
+import { RejectionLog, SERVER_HYGIENE, listenGuarded } from '../common/grpc-guard.ts';
 import { createWorkerMetrics, serveMetrics, type MetricsServer, type WorkerMetrics } from '../common/metrics.ts';
 import { DEFAULT_CHUNK_BYTES } from '../wire/tensor.ts';
 import { freeMemoryBytes, totalMemoryBytes } from '../common/container.ts';
@@ -76,12 +77,17 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   const runner = await StageRunner.start(o.device, o.jobToken, metrics);
   const backendName = runner.backendName;
   log.info({ backend: backendName, activations: runner.device.actDtype }, 'compute thread ready');
+  const rejections = new RejectionLog('pipeline', log, metrics.rejectedRequests);
   const [host, portStr] = splitHostPort(o.listen, '--listen');
   // The job id is known only after the assignment: until then every tensor is refused as foreign. The
   // server reads `jobId` from this object on every call, so assigning it here re-targets the server.
   const popts: PipelineServerOptions = {
     host, port: Number(portStr), jobId: '(unassigned)', jobToken: o.jobToken, receivedBytes: metrics.receivedBytes,
     maxMessageBytes: 4 * DEFAULT_CHUNK_BYTES, credentials: serverCredentials(),
+    // hygiene: keepalive, idle/age limits, per-peer connection limit, refusals counted and logged rate-limited
+    serverOptions: SERVER_HYGIENE,
+    listen: (server, address, creds) => listenGuarded(server, address, creds, { service: 'pipeline', rejections }),
+    onReject: (unauthenticated, peer, message) => rejections.record(unauthenticated ? 'unauthenticated' : 'invalid', peer, message),
     onForward: (seq, mb, t) => runner.inbox.put('forward', seq, mb, t),
     onBackward: (seq, mb, t) => runner.inbox.put('backward', seq, mb, t),
   };

@@ -93,6 +93,12 @@ export interface PipelineServerOptions {
   maxInFlight?: number;
   /** HTTP/2 receive window, bytes. Default PIPELINE_FLOW_CONTROL_WINDOW. */
   flowControlWindow?: number;
+  /** Extra grpc.Server options (keepalive, connection idle/age: common/grpc-guard.ts SERVER_HYGIENE). */
+  serverOptions?: grpc.ServerOptions;
+  /** Binds the server instead of bindAsync (common/grpc-guard.ts listenGuarded: per-peer connection limit). */
+  listen?: (server: grpc.Server, address: string, credentials: grpc.ServerCredentials) => Promise<{ port: number; close(): void }>;
+  /** Where refused calls are reported (counted, logged rate-limited); default: one warning per refusal. */
+  onReject?: (unauthenticated: boolean, peer: string, message: string) => void;
 }
 
 export interface PipelineServerHandle {
@@ -145,7 +151,8 @@ export async function startPipelineServer(opts: PipelineServerOptions): Promise<
         finished = true;
         release();
         stats.rejected++;
-        log.warn({ direction, code: grpc.status[code], peer: call.getPeer() }, message);
+        if (opts.onReject) opts.onReject(code === grpc.status.UNAUTHENTICATED, call.getPeer(), message);
+        else log.warn({ direction, code: grpc.status[code], peer: call.getPeer() }, message);
         callback({ code, details: message });
       };
       if (!tokenMatches(call.metadata.get(JOB_TOKEN_METADATA)[0], opts.jobToken)) {
@@ -212,6 +219,7 @@ export async function startPipelineServer(opts: PipelineServerOptions): Promise<
     backward: { ...PipelineService.backward, requestDeserialize: (b: Buffer) => decodeChunkFast(b) },
   };
   const server = new grpc.Server({
+    ...opts.serverOptions,
     'grpc.max_receive_message_length': maxMessageBytes,
     'grpc.max_send_message_length': 64 * 1024,
     'grpc-node.max_session_memory': sessionMemoryMb(window, 2 * maxInFlight),
@@ -219,7 +227,8 @@ export async function startPipelineServer(opts: PipelineServerOptions): Promise<
   const onSession = tuneServerHttp2(server, window);
   server.addService(service as unknown as grpc.ServiceDefinition, { forward: handle('forward'), backward: handle('backward') });
   const host = opts.host ?? '127.0.0.1';
-  const port = await new Promise<number>((resolve, reject) => {
+  const listener = opts.listen ? await opts.listen(server, `${host}:${opts.port ?? 0}`, opts.credentials ?? grpc.ServerCredentials.createInsecure()) : undefined;
+  const port = listener?.port ?? await new Promise<number>((resolve, reject) => {
     server.bindAsync(`${host}:${opts.port ?? 0}`, opts.credentials ?? grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(new DqloraError(`pipeline server: cannot listen on ${host}:${opts.port ?? 0}: ${err.message}`, { cause: err })) : resolve(p)));
   });
   onSession();
@@ -232,6 +241,7 @@ export async function startPipelineServer(opts: PipelineServerOptions): Promise<
       for (const k of delivered) if (Number(k.split(':')[1]) < minStep) delivered.delete(k);
     },
     close: () => new Promise<void>((resolve) => {
+      listener?.close();
       // Give in-flight calls a moment, then cut them: a stage shutting down must not hang on a peer.
       const t = setTimeout(() => { server.forceShutdown(); resolve(); }, 2000);
       server.tryShutdown(() => { clearTimeout(t); resolve(); });
