@@ -23,6 +23,7 @@ import { answerEncoded, encodePromptsToFit } from './answer.ts';
 import { checkAdapterDir, checkComparePrompts, checkInputFile, checkJobPaths, checkModelDir, checkOutputDir } from './preflight.ts';
 import { backendFor, collect, intAtLeast, numberIn, readPrompts } from './cli-input.ts';
 import { checkLogLevelEnv } from '../common/log.ts';
+import { resolveJobToken } from '../common/job-token.ts';
 
 const out = (s: string): void => { process.stdout.write(s + '\n'); };
 /** Set once `start` begins running a job (its failures are logged as a structured fatal event too). */
@@ -74,12 +75,13 @@ program.command('start')
   .option('--no-progress', 'log lines instead of a progress bar')
   .option('--listen <host:port>', 'distributed: control service address (overrides distributed.listen)')
   .option('--nats <url>', 'distributed: NATS server for the all-reduce (overrides distributed.nats_url)')
-  .option('--job-token <token>', 'distributed: token workers must present (default: $DQLORA_JOB_TOKEN, else random)')
+  .option('--job-token-file <path>', 'distributed: file holding the token workers must present (default: $DQLORA_JOB_TOKEN, else random in local mode)')
+  .option('--job-token <token>', 'deprecated: visible to every user in ps; use --job-token-file or $DQLORA_JOB_TOKEN')
   .addHelpText('after', `
 Exit codes: ${EXIT.ok} trained, or output_dir already holds the finished run (nothing is touched); ${EXIT.runtime} failed;
 ${EXIT.stopped} stopped by SIGTERM/SIGINT after a checkpoint (resumable, the resume command is printed); ${EXIT.interrupted} interrupted
 without a checkpoint (a second signal, or none written within DQLORA_STOP_GRACE_S).`)
-  .action(async (o: { config?: string; backend: BackendName; maxSteps?: number; stopAfter?: number; output?: string; progress: boolean; listen?: string; nats?: string; jobToken?: string; fresh?: boolean }) => {
+  .action(async (o: { config?: string; backend: BackendName; maxSteps?: number; stopAfter?: number; output?: string; progress: boolean; listen?: string; nats?: string; jobToken?: string; jobTokenFile?: string; fresh?: boolean }) => {
     const isExample = !o.config;
     let job;
     if (isExample) {
@@ -96,7 +98,8 @@ without a checkpoint (a second signal, or none written within DQLORA_STOP_GRACE_
     if (o.maxSteps !== undefined) job.training.max_steps = o.maxSteps;
     if (o.listen) job.distributed.listen = o.listen;
     if (o.nats) job.distributed.nats_url = o.nats;
-    if (o.jobToken) process.env.DQLORA_JOB_TOKEN = o.jobToken;
+    const jobToken = resolveJobToken({ file: o.jobTokenFile, arg: o.jobToken });
+    if (jobToken) process.env.DQLORA_JOB_TOKEN = jobToken;
     const source = o.config ?? 'the example job';
     checkJobPaths(job, source, o.output ? { output_dir: '--output' } : {});
     checkComparePrompts(job, source);

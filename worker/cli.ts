@@ -7,6 +7,7 @@ import { containerLimits, cpuThreads, freeMemoryBytes } from '../common/containe
 import { createBackend, type BackendName } from '../core/engine/index.ts';
 import { runWorker, splitHostPort } from './server.ts';
 import { ConfigError, DqloraError } from '../common/errors.ts';
+import { resolveJobToken } from '../common/job-token.ts';
 
 const program = new Command();
 program.name('worker').description('dqlora worker: holds pipeline stages of a QLoRA job').showHelpAfterError();
@@ -35,15 +36,16 @@ program.command('start')
   .addOption(new Option('--device <name>', 'backend').choices(['cpu', 'cuda', 'auto']).default('auto'))
   .option('--listen <host:port>', 'address of this worker\'s pipeline server (port 0 = any free port)', hostPort('--listen'), '127.0.0.1:0')
   .option('--advertise <host:port>', 'address other stages dial (default: the listen address)')
-  .option('--job-token <token>', 'the job\'s token (default: $DQLORA_JOB_TOKEN; prefer the variable: arguments are visible to other users)')
+  .option('--job-token-file <path>', 'file holding the job\'s token (e.g. a mounted Secret); default: $DQLORA_JOB_TOKEN')
+  .option('--job-token <token>', 'deprecated: visible to every user in ps; use --job-token-file or $DQLORA_JOB_TOKEN')
   .option('--metrics-port <port>', 'serve Prometheus /metrics on this port (0 = any free port)', (v: string) => {
     const n = Number(v);
     if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError('--metrics-port must be a port number');
     return n;
   })
-  .action(async (o: { coordinator: string; nats?: string; device: BackendName; listen: string; advertise?: string; jobToken?: string; metricsPort?: number }) => {
-    const jobToken = o.jobToken ?? process.env.DQLORA_JOB_TOKEN;
-    if (!jobToken) throw new ConfigError('no job token: pass --job-token or set DQLORA_JOB_TOKEN', { hint: 'the coordinator prints or is given the token (coordinator start --job-token ...)' });
+  .action(async (o: { coordinator: string; nats?: string; device: BackendName; listen: string; advertise?: string; jobToken?: string; jobTokenFile?: string; metricsPort?: number }) => {
+    const jobToken = resolveJobToken({ file: o.jobTokenFile, arg: o.jobToken });
+    if (!jobToken) throw new ConfigError('no job token: pass --job-token-file PATH or set DQLORA_JOB_TOKEN', { hint: 'use the token the coordinator was given (its --job-token-file / DQLORA_JOB_TOKEN)' });
     const code = await runWorker({ coordinator: o.coordinator, jobToken, device: o.device, listen: o.listen, advertise: o.advertise, natsUrl: o.nats, metricsPort: o.metricsPort });
     process.exit(code);
   });

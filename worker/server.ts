@@ -118,7 +118,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
       if (err.code === grpc.status.UNAUTHENTICATED || err.code === grpc.status.PERMISSION_DENIED || Date.now() > deadline) {
         await cleanup();
         throw new DqloraError(`cannot register with the coordinator at ${o.coordinator}: ${err.details || err.message}`, {
-          hint: err.code === grpc.status.UNAUTHENTICATED ? 'the job token differs from the coordinator\'s (--job-token / DQLORA_JOB_TOKEN)' : 'is the coordinator running and reachable?', cause: e,
+          hint: err.code === grpc.status.UNAUTHENTICATED ? 'the job token differs from the coordinator\'s (--job-token-file / DQLORA_JOB_TOKEN)' : 'is the coordinator running and reachable?', cause: e,
         });
       }
       await new Promise((r) => setTimeout(r, wait));

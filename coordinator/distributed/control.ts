@@ -98,7 +98,7 @@ export class ControlPlane {
     this.rejections = new RejectionLog('control', log, o.metrics?.rejectedRequests);
     const refuse = (what: string, peer: string): void => this.rejections.record('unauthenticated', peer, `${what} with a wrong or missing job token refused`);
     const unauth = (what: string): grpc.ServiceError => Object.assign(new Error(`${what}: wrong or missing job token for job "${o.jobId}"`), {
-      code: grpc.status.UNAUTHENTICATED, details: `${what}: wrong or missing job token for job "${o.jobId}" (start the worker with the coordinator's --job-token / DQLORA_JOB_TOKEN)`, metadata: new grpc.Metadata(),
+      code: grpc.status.UNAUTHENTICATED, details: `${what}: wrong or missing job token for job "${o.jobId}" (start the worker with the coordinator's token: --job-token-file PATH or DQLORA_JOB_TOKEN)`, metadata: new grpc.Metadata(),
     });
     const unknown = (id: string): grpc.ServiceError => Object.assign(new Error(`unknown worker ${id}`), { code: grpc.status.NOT_FOUND, details: `unknown worker "${id}": register first`, metadata: new grpc.Metadata() });
     this.server.addService(ControlService, {
