@@ -16,8 +16,12 @@
 //   - an unbounded quantifier repeats an alternation whose alternatives can start with the same character
 //     (`(a|a)*`, `(\d|\w)+`: scslre reports these only as polynomial, but ambiguity under a star is
 //     exponential); conservative: it may refuse a safe pattern like `(ab|ac)*`, which no real tokenizer has;
+//   - any repetition, bounded or not, repeats a part holding an unbounded quantifier (`((x*){1,3}){1,3}`:
+//     degree 9 — found by the fuzz in test/formats/tokenizer-regex.test.ts: 257 s on 29 characters);
+//   - three or more unbounded quantifiers in one alternative can consume the same character (`a*a*a*b`:
+//     at least cubic);
 //   - it has backreferences (not regular; no tokenizer needs them).
-// Polynomial cases are accepted: GPT-2's own `\s+(?!\S)|\s+` is quadratic on a long run of spaces, and
+// Quadratic cases are accepted: GPT-2's own `\s+(?!\S)|\s+` is quadratic on a long run of spaces, and
 // every byte-level tokenizer uses it.
 import { RegExpParser, visitRegExpAST, type AST } from '@eslint-community/regexpp';
 import { getFirstConsumedChar } from 'regexp-ast-analysis';
@@ -45,8 +49,14 @@ export function catastrophicBacktracking(source: string, flags: string): string 
   visitRegExpAST(ast, {
     onBackreferenceEnter(b) { why ??= `it uses the backreference ${b.raw} (not supported in tokenizer patterns)`; },
     onQuantifierEnter(q) {
-      if (why || q.max !== Infinity) return;
+      if (why || q.max <= 1) return;
       const el = q.element;
+      // Repetition (even bounded: {1,3}) of a part that holds an unbounded quantifier multiplies the degree of
+      // the backtracking polynomial with each level: ((x*){1,3}){1,3} is x* nine times over.
+      let innerStar: AST.Quantifier | undefined;
+      visitRegExpAST(el as unknown as AST.Pattern, { onQuantifierEnter(inner) { if (inner.max === Infinity) innerStar ??= inner; } });
+      if (innerStar) { why = `'${q.raw}' repeats '${innerStar.raw}': nested repetition can match the same text in exponentially (or highly polynomially) many ways`; return; }
+      if (q.max !== Infinity) return;
       // A repetition of something that itself varies in length, which scslre flags as super-linear where it
       // stands: the same text splits into iterations in exponentially many ways ((\w{1,3})*, (a?b?)*).
       // (scslre rates these polynomial; the fuzz in test/formats/tokenizer-regex.test.ts found them.)
@@ -63,5 +73,16 @@ export function catastrophicBacktracking(source: string, flags: string): string 
       }
     },
   });
-  return why;
+  if (why) return why;
+  // Three or more unbounded quantifiers that can consume the same character, in one top-level alternative,
+  // make backtracking at least cubic (a*a*a*b): on a long record that is as bad as exponential.
+  for (const alt of ast.pattern.alternatives) {
+    const stars: { raw: string; chars: ReturnType<typeof getFirstConsumedChar>['char'] }[] = [];
+    visitRegExpAST(alt as unknown as AST.Pattern, { onQuantifierEnter(q) { if (q.max === Infinity) stars.push({ raw: q.raw, chars: getFirstConsumedChar(q.element, 'ltr', ast.flags).char }); } });
+    for (let i = 0; i < stars.length; i++) for (let j = i + 1; j < stars.length; j++) for (let k = j + 1; k < stars.length; k++) {
+      const ij = stars[i].chars.intersect(stars[j].chars);
+      if (!ij.isEmpty && !ij.isDisjointWith(stars[k].chars)) return `'${stars[i].raw}', '${stars[j].raw}' and '${stars[k].raw}' can all consume the same characters: backtracking at least cubic in the text length`;
+    }
+  }
+  return null;
 }

@@ -56,6 +56,7 @@ test('other catastrophic shapes are refused too, in normalizers and decoders as 
   const bad: [string, RegExp][] = [
     ['(a*)*b', /exponentially many ways/], ['(\\w+\\s?)+$', /exponentially many ways/], ['(a|a)*b', /repeats alternatives/],
     ['(\\d|\\w)+x', /repeats alternatives/], ['(x+x+)+y', /exponentially many ways/], ['(a)\\1*', /backreference/],
+    ['(\\w{1,3})*!', /variable-length part/], ['(.*|(a|a?([ab]*b?){1,3}){1,3})?b{2,}', /nested repetition/], ['a*a*a*b', /at least cubic/],
   ];
   for (const [re, why] of bad) {
     assert.throws(() => load(tokenizerJson({ pre_tokenizer: split(re) })), (e: unknown) => e instanceof UnsupportedError && why.test(e.message), re);
