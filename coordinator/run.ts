@@ -32,7 +32,7 @@ import { StepPlanner } from '../core/train/steps.ts';
 import { checkFingerprints } from '../core/train/step.ts';
 import { saveAdapter } from '../core/model/adapter.ts';
 import { loadTokenizer } from '../common/tokenizer.ts';
-import { fingerprint, listCheckpoints, loadCheckpoint, saveCheckpoint, type Checkpoint, type TrainerState } from '../common/checkpoint.ts';
+import { fingerprint, loadCheckpoint, newestValidCheckpoint, removeStaleTemps, saveCheckpoint, type Checkpoint, type TrainerState } from '../common/checkpoint.ts';
 import { ConfigError, DqloraError } from '../common/errors.ts';
 import { logger } from '../common/log.ts';
 import { createCoordinatorMetrics, serveMetrics, type CoordinatorMetrics, type MetricsServer } from '../common/metrics.ts';
@@ -147,10 +147,19 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
   const rollBackTo = (ck: Checkpoint | undefined): void => {
     state = ck ? { ...ck.state, totalSteps, history: [...ck.state.history], evalHistory: [...ck.state.evalHistory] } : fresh();
   };
+  // i10: temp dirs of crashed checkpoint writes go; resume and recovery take the newest VALID checkpoint on disk
+  // (what the workers will load), printing each newer one skipped and why.
+  removeStaleTemps(job.output_dir);
+  const newestValid = (maxStep?: number): Checkpoint | undefined => {
+    const { checkpoint, skipped } = newestValidCheckpoint(job.output_dir, { maxStep });
+    for (const k of skipped) print(`skipping checkpoint ${k.dir}: ${k.reason}`);
+    return checkpoint;
+  };
   if (t.resume !== false) {
-    const dir = typeof t.resume === 'string' ? t.resume : listCheckpoints(job.output_dir).at(-1)?.dir;
+    const found = typeof t.resume === 'string' ? undefined : newestValid();
+    const dir = typeof t.resume === 'string' ? t.resume : found?.dir;
     if (dir) {
-      const ck = loadCheckpoint(dir);
+      const ck = found ?? loadCheckpoint(dir);
       checkFingerprints(dir, ck.state, fingerprints);
       if (checkRunLength(dir, ck.state, totalSteps) === 'extend') print(`extending the finished run of ${ck.state.totalSteps} steps to ${totalSteps}`);
       lastCheckpoint = ck;
@@ -246,6 +255,7 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
         if (recoveries > d.max_recoveries) throw new DqloraError(`giving up after ${d.max_recoveries} recoveries; last failure: ${msg}`, { cause: e, hint: 'check the workers\' logs; raise distributed.max_recoveries to keep trying' });
         ex.pause(msg);
         const failedAt = state.step;
+        if (lastCheckpoint) lastCheckpoint = newestValid(state.step); // i10: the one on disk may have been damaged since
         rollBackTo(lastCheckpoint);
         notify(observers, 'onRecovery', { step: state.step, attempt: recoveries, reason: msg, resumeFrom: lastCheckpoint?.dir ?? '' });
         const wait = backoff.next();

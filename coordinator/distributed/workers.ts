@@ -21,7 +21,7 @@ import { evalBatches, type StepInput } from '../../core/train/steps.ts';
 import type { Example, MicroBatch } from '../../core/train/batch.ts';
 import { assignWorkers } from './assign.ts';
 import { ControlPlane, WorkerCommandError, WorkerLostError, type WorkerHandle } from './control.ts';
-import { spawnLocalWorkers, startLocalNats, type LocalNats, type LocalWorkers } from './local.ts';
+import { spawnLocalWorkers, startLocalNats, superviseLocalWorkers, type LocalNats, type LocalWorkers } from './local.ts';
 import { assignmentToWire, microBatchToWire } from '../../wire/assignment.ts';
 import { decodeStageState } from '../../wire/state.ts';
 import { DEFAULT_CHUNK_BYTES } from '../../wire/tensor.ts';
@@ -88,7 +88,7 @@ export class WorkersExecutor implements StepExecutor {
     if (typeof d.workers === 'number' && d.workers < S * R) throw new ConfigError(`distributed.workers = ${d.workers} is fewer than stages × replicas = ${S * R}`, { hint: 'every (stage, replica) needs its own worker; extra workers are kept as spares' });
     const jobId = `${job.name.replace(/[^A-Za-z0-9_-]/g, '_').slice(0, 40)}-${crypto.randomBytes(3).toString('hex')}`;
     const givenToken = o.jobToken ?? process.env.DQLORA_JOB_TOKEN;
-    if (!givenToken && !local) throw new ConfigError('remote workers need a job token: pass --job-token or set DQLORA_JOB_TOKEN (the same on the workers)');
+    if (!givenToken && !local) throw new ConfigError('remote workers need a job token: pass --job-token-file PATH or set DQLORA_JOB_TOKEN (the same on the workers)');
     // Local workers get a random token through their environment (never on the command line or in logs).
     const jobToken = givenToken ?? crypto.randomBytes(16).toString('hex');
     const hbTimeout = d.heartbeat_timeout_s * 1000;
@@ -105,7 +105,7 @@ export class WorkersExecutor implements StepExecutor {
         ex.natsUrl = ex.nats.url;
       }
       o.onListening?.(address, jobToken);
-      if (local) ex.workers = spawnLocalWorkers(S * R, { coordinator: address, jobToken, backend: job.backend });
+      if (local) { ex.workers = spawnLocalWorkers(S * R, { coordinator: address, jobToken, backend: job.backend, env: ex.nats?.workerEnv }); superviseLocalWorkers(plane, ex.workers); } // i10: NATS creds, stalled workers killed
       return ex;
     } catch (e) {
       await ex.close();
