@@ -71,8 +71,9 @@ export function startCli(jobPath: string, extraArgs: string[] = [], env: Record<
     for (const l of lines) {
       if (!l.startsWith('{')) continue;
       try {
-        const o = JSON.parse(l) as { mod?: string; msg?: string; step?: number };
-        if (o.mod === 'coordinator' && o.msg === 'step' && typeof o.step === 'number') last = Math.max(last, o.step);
+        // the job loop's per-step log line: {"mod": "job", "msg": "step", "step": k, "total": N, ...}
+        const o = JSON.parse(l) as { mod?: string; msg?: string; step?: number; total?: number };
+        if (o.msg === 'step' && typeof o.step === 'number' && typeof o.total === 'number') last = Math.max(last, o.step);
       } catch { /* a partial line of another process */ }
     }
     for (const w of waiters.filter((x) => last >= x.k)) { waiters.splice(waiters.indexOf(w), 1); w.resolve(); }
