@@ -33,7 +33,7 @@ function register(token: string): Promise<RegisterReply> {
 test('Register with a wrong job token is UNAUTHENTICATED and names the job and what to do', async () => {
   await assert.rejects(register('guess'), (e: grpc.ServiceError) => {
     assert.equal(e.code, grpc.status.UNAUTHENTICATED);
-    assert.match(e.details, /Register: wrong or missing job token for job "ctl-test" \(start the worker with the coordinator's --job-token/);
+    assert.match(e.details, /Register: wrong or missing job token for job "ctl-test" \(start the worker with the coordinator's token: --job-token-file PATH or DQLORA_JOB_TOKEN\)/);
     return true;
   });
   assert.equal(plane.workers.size, 0);
