@@ -12,7 +12,7 @@
 // same port when it exits while the job runs.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -165,12 +165,20 @@ export function spawnWithLifeline(cmd: string, args: string[], stderr: 'pipe' | 
   return p;
 }
 
-/** The nats-server process under a watchdog started by spawnWithLifeline (its only child). */
+/** The nats-server process under a watchdog started by spawnWithLifeline: the wrapper's child running nats-server (Linux /proc). */
 function childPid(wrapperPid: number | undefined): number | undefined {
   if (wrapperPid === undefined) return undefined;
-  const r = spawnSync('ps', ['-o', 'pid=', '--ppid', String(wrapperPid)], { encoding: 'utf8' });
-  const pids = (r.stdout ?? '').split('\n').map((x) => Number(x.trim())).filter((x) => x > 0);
-  return pids[0];
+  try {
+    for (const e of readdirSync('/proc')) {
+      if (!/^\d+$/.test(e)) continue;
+      try {
+        const stat = readFileSync(`/proc/${e}/stat`, 'utf8');
+        const rest = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+        if (Number(rest[1]) === wrapperPid && stat.includes('(nats-server)')) return Number(e);
+      } catch { /* exited meanwhile */ }
+    }
+  } catch { /* no /proc (not Linux): the pid is only for logs and tests */ }
+  return undefined;
 }
 
 /**
