@@ -93,6 +93,9 @@ export function buildDashboard(): Dashboard {
       q(`sum by (transport) (rate(dqlora_sent_bytes_total{job="$job"}[$__rate_interval]))`, 'sent {{transport}}'),
       q(`sum by (transport) (rate(dqlora_received_bytes_total{job="$job"}[$__rate_interval]))`, 'received {{transport}}'),
     ]))
+    .withPanel(ts('Refused connections and calls', 'reqps', 'Refused before a handler by the control and pipeline servers: wrong job token, per-peer connection limit, invalid uploads. A steady rate is a misconfigured worker or a probe.', [
+      q(`sum by (service, reason) (rate(dqlora_rejected_requests_total{job="$job"}[$__rate_interval]))`, '{{service}} {{reason}}'),
+    ]))
     .withPanel(ts('Memory in use by device', 'bytes', 'Model state memory per worker and device (cpu, cuda:N).', [
       q(`dqlora_memory_in_use_bytes{${W}}`, '{{pod}} {{device}}'),
     ]))
