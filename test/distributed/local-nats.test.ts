@@ -1,8 +1,8 @@
 // The private nats-server of a local job, with a real nats-server on 127.0.0.1: it requires the per-job
 // credentials (a process without them — a would-be gradient forger — cannot even connect), it is restarted on
 // the same port when it dies, and a client following the connection state (watchNatsConnection) sees the
-// outage and the return, or an outage error once the window has passed. natsConnectOptions refuses half or
-// conflicting credential settings before connecting.
+// outage and the return, or an outage error once the window has passed. natsConnectOptions (common/nats-options.ts)
+// refuses conflicting or malformed credential settings before connecting.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, writeFileSync } from 'node:fs';
@@ -10,7 +10,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { startLocalNats, type LocalNats } from '../../coordinator/distributed/local.ts';
-import { NatsOutageError, natsConnectOptions, watchNatsConnection, type NatsLinkState } from '../../common/nats-connect.ts';
+import { NatsOutageError, watchNatsConnection, type NatsLinkState } from '../../common/nats-link.ts';
+import { natsConnectOptions } from '../../common/nats-options.ts';
 import { ConfigError } from '../../common/errors.ts';
 import { natsServerMissing } from '../helpers/nats.ts';
 
@@ -36,7 +37,7 @@ test('the private nats-server requires the per-job credentials: none or a wrong 
   open.push(nats);
   await assert.rejects(connect({ servers: nats.url, timeout: 3000, reconnect: false }), /authorization|Authorization Violation|auth/i);
   await assert.rejects(connect({ servers: nats.url, timeout: 3000, reconnect: false, user: nats.workerEnv.DQLORA_NATS_USER, pass: 'guess' }), /authorization|auth/i);
-  const nc = await connect(natsConnectOptions(nats.url, 'test', { ...nats.workerEnv }));
+  const nc = await connect({ servers: nats.url, name: 'test', maxReconnectAttempts: -1, reconnectTimeWait: 250, ...natsConnectOptions({ ...nats.workerEnv }) });
   open.push(nc);
   assert.equal(await roundTrip(nc, 'dqlora.test.a'), 'ping');
   assert.match(nats.workerEnv.DQLORA_NATS_PASSWORD, /^[0-9a-f]{48}$/);
@@ -45,7 +46,7 @@ test('the private nats-server requires the per-job credentials: none or a wrong 
 test('kill -9 of the private nats-server: it is restarted on the same port; a watching client sees down then up', { skip, timeout: 30_000 }, async () => {
   const nats = await startLocalNats();
   open.push(nats);
-  const nc = await connect(natsConnectOptions(nats.url, 'test', { ...nats.workerEnv }));
+  const nc = await connect({ servers: nats.url, name: 'test', maxReconnectAttempts: -1, reconnectTimeWait: 250, ...natsConnectOptions({ ...nats.workerEnv }) });
   open.push(nc);
   const seen: NatsLinkState[] = [];
   const link = watchNatsConnection(nc, { outageWindowMs: 20_000, onChange: (s) => seen.push(s) });
@@ -64,7 +65,7 @@ test('kill -9 of the private nats-server: it is restarted on the same port; a wa
 
 test('an outage longer than the window is reported once as a NatsOutageError naming the server', { skip, timeout: 30_000 }, async () => {
   const nats = await startLocalNats();
-  const nc = await connect(natsConnectOptions(nats.url, 'test', { ...nats.workerEnv }));
+  const nc = await connect({ servers: nats.url, name: 'test', maxReconnectAttempts: -1, reconnectTimeWait: 250, ...natsConnectOptions({ ...nats.workerEnv }) });
   open.push(nc);
   const outages: NatsOutageError[] = [];
   const link = watchNatsConnection(nc, { outageWindowMs: 500, onOutage: (e) => outages.push(e) });
@@ -81,27 +82,19 @@ test('an outage longer than the window is reported once as a NatsOutageError nam
   await nc.close();
 });
 
-test('natsConnectOptions: credentials and TLS from the environment; half or conflicting settings are ConfigErrors', () => {
+test('natsConnectOptions: token, nkey seed or creds file from the environment; conflicting or malformed ones are ConfigErrors', () => {
   const dir = mkdtempSync(join(tmpdir(), 'dqlora-natsopt-'));
-  const o = natsConnectOptions('nats://h:4222', 'w', { DQLORA_NATS_USER: 'u', DQLORA_NATS_PASSWORD: 'p' });
-  assert.equal(o.user, 'u'); assert.equal(o.pass, 'p'); assert.equal(o.maxReconnectAttempts, -1);
-  assert.equal(natsConnectOptions('nats://h:4222', 'w', { DQLORA_NATS_TOKEN: 't' }).token, 't');
+  assert.deepEqual(natsConnectOptions({ DQLORA_NATS_USER: 'u', DQLORA_NATS_PASSWORD: 'p' }), { user: 'u', pass: 'p' });
+  assert.equal(natsConnectOptions({ DQLORA_NATS_TOKEN: 't' }).token, 't');
   const seed = join(dir, 'user.nk');
   writeFileSync(seed, 'SUAKYRHVIOREXV7EUZTBHUHL7NUMHPMAS7QMDU3GTIUWEI5LDNOXD43IZY\n');
-  assert.equal(typeof natsConnectOptions('nats://h:4222', 'w', { DQLORA_NATS_NKEY_SEED: seed }).authenticator, 'function');
-  const tlsOpt = natsConnectOptions('nats://h:4222', 'w', { DQLORA_NATS_TLS_CA: seed });
-  assert.deepEqual(tlsOpt.tls, { caFile: seed, certFile: undefined, keyFile: undefined });
-  assert.deepEqual(natsConnectOptions('tls://h:4222', 'w', {}).tls, {});
-  const bad: [NodeJS.ProcessEnv, string, RegExp][] = [
-    [{ DQLORA_NATS_USER: 'u' }, 'nats://h:4222', /half configured: DQLORA_NATS_PASSWORD is missing/],
-    [{ DQLORA_NATS_USER: 'u', DQLORA_NATS_PASSWORD: 'p', DQLORA_NATS_TOKEN: 't' }, 'nats://h:4222', /more than one way/],
-    [{}, 'nats://u:p@h:4222', /carries credentials/],
-    [{ DQLORA_NATS_NKEY_SEED: join(dir, 'missing') }, 'nats://h:4222', /cannot read it \(ENOENT\)/],
-    [{ DQLORA_NATS_CREDS: seed }, 'nats://h:4222', /not a NATS \.creds file/],
-    [{ DQLORA_NATS_TLS_CERT: seed }, 'nats://h:4222', /NATS TLS is half configured: DQLORA_NATS_TLS_KEY is missing/],
-    [{}, '', /no NATS URL/],
-  ];
+  assert.equal(typeof natsConnectOptions({ DQLORA_NATS_NKEY_SEED: seed }).authenticator, 'function');
   writeFileSync(join(dir, 'bad.nk'), 'not a seed');
-  bad.push([{ DQLORA_NATS_NKEY_SEED: join(dir, 'bad.nk') }, 'nats://h:4222', /not an nkey user seed/]);
-  for (const [env, url, re] of bad) assert.throws(() => natsConnectOptions(url, 'w', env), (e: unknown) => e instanceof ConfigError && re.test((e as Error).message), `${JSON.stringify(env)} ${url}`);
+  const bad: [NodeJS.ProcessEnv, RegExp][] = [
+    [{ DQLORA_NATS_USER: 'u', DQLORA_NATS_PASSWORD: 'p', DQLORA_NATS_TOKEN: 't' }, /more than one way: DQLORA_NATS_USER\/_PASSWORD, DQLORA_NATS_TOKEN/],
+    [{ DQLORA_NATS_NKEY_SEED: join(dir, 'missing') }, /cannot read it \(ENOENT\)/],
+    [{ DQLORA_NATS_NKEY_SEED: join(dir, 'bad.nk') }, /not an nkey user seed/],
+    [{ DQLORA_NATS_CREDS: seed }, /not a NATS \.creds file/],
+  ];
+  for (const [env, re] of bad) assert.throws(() => natsConnectOptions(env), (e: unknown) => e instanceof ConfigError && re.test((e as Error).message), JSON.stringify(env));
 });
