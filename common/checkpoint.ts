@@ -11,7 +11,7 @@
 import { createHash } from 'node:crypto';
 import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join, relative } from 'node:path';
-import { CheckpointError, DqloraError } from './errors.ts';
+import { CheckpointError, CheckpointWriteError, DqloraError } from './errors.ts';
 import { SafetensorsFile, writeSafetensors, type TensorRecord } from './safetensors.ts';
 import { loadAdapter, saveAdapter, type LoraConfig, type LoraTensors } from './peft.ts';
 
@@ -98,7 +98,7 @@ export function saveCheckpoint(outputDir: string, ck: Omit<Checkpoint, 'dir'>, b
     if (e instanceof CheckpointError) throw e;
     const code = errnoCode(e);
     const why = code === 'ENOSPC' ? 'no space left on device' : (e as Error).message?.split('\n')[0] ?? String(e);
-    throw new CheckpointError(`cannot write checkpoint ${stepDirName(ck.state.step)} in ${root}: ${why}${code && !why.includes(code) ? ` (${code})` : ''}`, {
+    throw new CheckpointWriteError(`cannot write checkpoint ${stepDirName(ck.state.step)} in ${root}: ${why}${code && !why.includes(code) ? ` (${code})` : ''}`, {
       hint: (code && WRITE_HINTS[code]) ?? 'check that output_dir is on a healthy, writable volume; the job resumes from the newest valid checkpoint when started again',
       cause: e,
     });

@@ -29,6 +29,9 @@ export class UnsupportedError extends DqloraError {}
 /** A checkpoint is missing, torn or fails its checksum. */
 export class CheckpointError extends DqloraError {}
 
+/** A checkpoint could not be written (a full disk, a read-only volume): a runtime failure, not bad input. */
+export class CheckpointWriteError extends CheckpointError {}
+
 /** A wire message (gRPC / NATS) is malformed, stale, duplicated, oversized or unauthenticated. */
 export class WireError extends DqloraError {}
 
@@ -64,6 +67,7 @@ export const EXIT = {
 /** The exit code for an error that ended a command (see EXIT). */
 export function exitCodeFor(e: unknown): number {
   if (e instanceof ConfigError) return EXIT.usage;
+  if (e instanceof CheckpointWriteError) return EXIT.runtime;
   if (e instanceof DataError || e instanceof FormatError || e instanceof ShapeError || e instanceof CheckpointError || e instanceof UnsupportedError) return EXIT.data;
   return EXIT.runtime;
 }

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import {
   checkpointRoot, listCheckpoints, newestValidCheckpoint, removeStaleTemps, saveCheckpoint, type TrainerState,
 } from '../../common/checkpoint.ts';
-import { CheckpointError } from '../../common/errors.ts';
+import { CheckpointError, CheckpointWriteError, EXIT, exitCodeFor } from '../../common/errors.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'dqlora-ckrec-'));
 const LORA = { r: 2, alpha: 2, dropout: 0, useRslora: false, targetModules: ['v_proj'] };
@@ -90,7 +90,8 @@ test('disk full while writing a checkpoint: a CheckpointError that says so, noth
     try {
       for (let s = 2; s < 40; s++) save(out, s, { keep: 100 });
     } catch (e) { err = e; }
-    assert.ok(err instanceof CheckpointError, `expected a CheckpointError, got ${String(err)}`);
+    assert.ok(err instanceof CheckpointError && err instanceof CheckpointWriteError, `expected a CheckpointError, got ${String(err)}`);
+    assert.equal(exitCodeFor(err), EXIT.runtime, 'a full disk is a runtime failure (exit 1), not bad input');
     assert.match((err as Error).message, /cannot write checkpoint step-\d+ in .*: no space left on device/);
     assert.match((err as Error).message, /hint: the disk is full/);
     assert.deepEqual(readdirSync(checkpointRoot(out)).filter((n) => n.includes('.tmp-')), [], 'no temp directory left');
