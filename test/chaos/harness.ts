@@ -57,7 +57,7 @@ export interface CliRun {
 /** Starts `coordinator start -c job.yaml` (JSON logs at info level on stderr, which the harness reads). */
 export function startCli(jobPath: string, extraArgs: string[] = [], env: Record<string, string> = {}): CliRun {
   const proc = spawn(process.execPath, [join(ROOT, 'bin', 'coordinator.js'), 'start', '-c', jobPath, '--no-progress', ...extraArgs], {
-    stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, DQLORA_LOG_LEVEL: 'info', NODE_TEST_CONTEXT: '', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, DQLORA_LOG_LEVEL: 'info', DQLORA_LOG_FORMAT: 'json', NODE_TEST_CONTEXT: '', ...env },
   });
   let stdout = '', stderr = '', last = 0, buf = '';
   const waiters: { k: number; resolve(): void; reject(e: Error): void }[] = [];
