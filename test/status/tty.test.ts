@@ -57,8 +57,9 @@ test('on a terminal: readable log lines and results above a progress bar that is
   const log = /^\d\d:\d\d:\d\d (INFO |WARN |ERROR) \w[\w-]*: /;
   for (const l of lines) assert.match(l, new RegExp(`${log.source}|^status page: http://127\\.0\\.0\\.1:\\d+ |^trained 6 steps |^adapter saved to `), `a whole line: ${JSON.stringify(l)}`);
   assert.ok(lines.some((l) => /WARN  data: skipped bad dataset lines  file=\S+ skipped=1/.test(l)));
-  assert.ok(lines.some((l) => /INFO  job: checkpoint written  dir=\S+step-000004 step=4$/.test(l)));
-  assert.ok(lines.some((l) => /INFO  job: step  step=6 total=6 loss=/.test(l)));
+  assert.ok(lines.some((l) => /INFO  train: checkpoint written  step=4 dir=\S+step-000004 /.test(l)));
+  assert.ok(lines.some((l) => /INFO  train: eval  step=3 evalLoss=/.test(l)));
+  assert.ok(lines.some((l) => /INFO  train: job finished  status=succeeded step=6 total=6 /.test(l)));
   for (const f of ['train_log.jsonl', 'loss.svg', 'status.json']) assert.ok(existsSync(join(work, 'run', f)), f);
   assert.equal(existsSync(join(work, 'run', 'status-url')), false, 'status-url is removed when the server stops');
   assert.equal(readFileSync(join(work, 'run', 'train_log.jsonl'), 'utf8').trim().split('\n').filter((l) => l.includes('"loss"')).length, 3, 'log_every 2: steps 2, 4, 6');
