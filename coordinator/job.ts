@@ -79,7 +79,7 @@ export const JobSchema = z.object({
     heartbeat_timeout_s: z.number().positive().default(10).describe('Distributed: a worker silent this long (no heartbeat) is declared lost; heartbeats go every timeout/5.'),
     step_timeout_s: z.number().positive().default(300).describe('Distributed: deadline for one command (a step, an update, a state upload) and for waiting on another stage\'s tensors.'),
     wait_timeout_s: z.number().positive().default(600).describe('Distributed: how long to wait for enough workers to (re)start, before failing the job.'),
-    max_recoveries: z.number().int().min(0).default(3).describe('Distributed: worker failures the job recovers from (pause, wait for a replacement, resume from the last checkpoint) before giving up.'),
+    max_recoveries: z.number().int().min(0).default(3).describe('Distributed: worker failures the job recovers from within any 10 minutes (pause, wait with a growing back-off of 1 s … 30 s, wait for a replacement, resume from the last valid checkpoint) before giving up.'),
     outage_window_s: z.number().min(0).default(120).describe('Distributed: a connection outage (NATS or a peer refusing or resetting connections) shorter than this is ridden out: the job pauses and resumes with back-off without counting it against max_recoveries.'),
     metrics_port: z.number().int().min(-1).default(-1).describe('Distributed: serve the coordinator\'s Prometheus /metrics on this port (0 = OS-assigned, -1 = off).'),
   }).strict().prefault({}),

@@ -21,6 +21,7 @@ import { startReporting, type Reporting } from './status/index.ts';
 import { printAboveBar } from '../common/terminal.ts';
 import { jobMetricsObserver } from './metrics-observer.ts';
 import { checkRunLength, lingerForScrape, logRecover, type StopSignals } from './lifecycle.ts';
+import { RecoveryBudget } from './distributed/recovery-budget.ts';
 import { Backoff, isConnectionError, sleep } from '../common/connection.ts';
 import { compareAnswers } from './answer.ts';
 import { packingOptions } from './features.ts';
@@ -173,6 +174,8 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
   const jobMetrics = jobMetricsObserver(metrics, { replicas: R, microBatches: t.grad_accum, saveEvery: t.save_every });
   const observers: JobObserver[] = [...reporting.observers, jobMetrics, ...(opts.observers ?? [])];
   const backoff = opts.recoveryBackoff ?? new Backoff();
+  // distributed.max_recoveries per 10 minutes, not per job: a long job survives occasional failures forever.
+  const budget = new RecoveryBudget({ max: d.max_recoveries });
   let stoppedBy: string | undefined;
   /** When the current run of connection failures began (undefined: none since the last good step). */
   let outageSince: number | undefined;
@@ -250,15 +253,17 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
         const outage = isConnectionError(e) || /connection refused|ECONNREFUSED|ECONNRESET|UNAVAILABLE|cannot reach/i.test((e as Error).message);
         if (outage) outageSince ??= Date.now();
         const riddenOut = outage && Date.now() - outageSince! < d.outage_window_s * 1000;
-        if (!riddenOut) recoveries++;
         print(`worker failure at step ${state.step}: ${msg}`);
-        if (recoveries > d.max_recoveries) throw new DqloraError(`giving up after ${d.max_recoveries} recoveries; last failure: ${msg}`, { cause: e, hint: 'check the workers\' logs; raise distributed.max_recoveries to keep trying' });
+        // A counted failure spends the budget of the sliding window (and waits its growing back-off); an outage
+        // being ridden out waits the outage back-off.
+        let wait: number;
+        if (riddenOut) wait = backoff.next();
+        else { recoveries++; wait = budget.spend(msg); }
         ex.pause(msg);
         const failedAt = state.step;
         if (lastCheckpoint) lastCheckpoint = newestValid(state.step); // i10: the one on disk may have been damaged since
         rollBackTo(lastCheckpoint);
         notify(observers, 'onRecovery', { step: state.step, attempt: recoveries, reason: msg, resumeFrom: lastCheckpoint?.dir ?? '' });
-        const wait = backoff.next();
         logRecover({ step: failedAt, attempt: recoveries, maxRecoveries: d.max_recoveries, reason: msg, resumeFrom: lastCheckpoint?.dir ?? '', backoffMs: wait, ...(riddenOut ? { outageSeconds: (Date.now() - outageSince!) / 1000 } : {}) });
         print(`paused; resuming from ${lastCheckpoint?.dir || 'the initial state'} (step ${state.step}) in ${(wait / 1000).toFixed(1)} s, once ${S * R} workers are connected`);
         started = false;

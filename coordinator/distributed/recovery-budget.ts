@@ -40,8 +40,8 @@ export class RecoveryBudget {
   spend(failure: string): number {
     this.expire();
     if (this.times.length >= this.o.max) {
-      const span = (this.now() - this.times[0]) / 1000;
-      throw new DqloraError(`giving up: ${this.times.length + 1} failures within ${span.toFixed(1)} s (at most ${this.o.max} recoveries per ${(this.windowMs / 1000).toFixed(0)} s); last failure: ${failure}`, {
+      const span = this.times.length ? (this.now() - this.times[0]) / 1000 : 0;
+      throw new DqloraError(`giving up: ${this.times.length + 1} failure(s) within ${span.toFixed(1)} s (at most ${this.o.max} recoveries per ${(this.windowMs / 1000).toFixed(0)} s); last failure: ${failure}`, {
         hint: 'the fault keeps coming back: check the workers\' and the NATS server\'s logs; raise distributed.max_recoveries to keep trying',
       });
     }

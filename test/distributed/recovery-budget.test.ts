@@ -13,7 +13,7 @@ test('a fault repeating every second: back-off 1, 2, 4 s, then a clear failure n
   for (let i = 0; i < 3; i++) { delays.push(b.spend('NATS at 127.0.0.1:4222 unreachable')); now += 1000; }
   assert.deepEqual(delays, [1000, 2000, 4000]);
   assert.throws(() => b.spend('NATS at 127.0.0.1:4222 unreachable'), (e: unknown) => e instanceof DqloraError
-    && /giving up: 4 failures within 3\.0 s \(at most 3 recoveries per 600 s\); last failure: NATS at 127\.0\.0\.1:4222 unreachable/.test((e as Error).message));
+    && /giving up: 4 failure\(s\) within 3\.0 s \(at most 3 recoveries per 600 s\); last failure: NATS at 127\.0\.0\.1:4222 unreachable/.test((e as Error).message));
 });
 
 test('one failure an hour, for days: the budget never runs out, and the back-off starts over', () => {

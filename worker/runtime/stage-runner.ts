@@ -20,6 +20,7 @@ import type { BackendName } from '../../core/engine/index.ts';
 import { natsConnectOptions } from '../../common/nats-options.ts';
 import { connectionError } from '../../common/connection.ts';
 import { NatsAllReduce, deriveAllReduceKey } from '../allreduce.ts';
+import { watchNatsConnection, type NatsLink } from '../../common/nats-link.ts';
 import { PipelineClient } from '../transport/pipeline.ts';
 import { Inbox, StepAbortedError } from './inbox.ts';
 import { ComputeThread } from './stage-compute.ts';
@@ -48,6 +49,11 @@ export class StageRunner {
   private allreduce?: NatsAllReduce;
   /** Event-loop delay during steps (reported per step: the loop must never wait on compute). */
   private readonly loopDelay = monitorEventLoopDelay({ resolution: 1 });
+  /** Why the last abort() happened (the error a step cut short reports). */
+  private abortReason = '';
+  /** A training step with an all-reduce is running (a NATS drop then fails it at once). */
+  private reducing = false;
+  private natsLink?: NatsLink;
   /** Incremented by abort(): a step whose generation is older stops at its next await. */
   private gen = 0;
 
@@ -78,6 +84,12 @@ export class StageRunner {
       // job or a URL (common/nats-options.ts); a refused connection names the address.
       this.nc = await connect({ servers: a.natsUrl, name: `dqlora-${generationId(a)}-s${a.stage}-r${a.replica}`, timeout: 10_000, ...natsConnectOptions() })
         .catch((e: unknown) => { throw connectionError('NATS', a.natsUrl!, e); });
+      // A NATS connection that drops while a step all-reduces: fail the step at once, naming NATS (the coordinator
+      // rides out outages shorter than distributed.outage_window_s without spending a recovery), rather than
+      // waiting out the step timeout and blaming a peer.
+      this.natsLink = watchNatsConnection(this.nc, {
+        onChange: (st, server) => { if (st !== 'up' && this.reducing) this.abort(`cannot reach NATS at ${server}: the connection dropped during the gradient all-reduce`); },
+      });
       this.allreduce = new NatsAllReduce(this.nc, { jobId: generationId(a), stage: a.stage, rank: a.replica, worldSize: a.numReplicas, timeoutMs: a.train.stepTimeoutMs, key: deriveAllReduceKey(this.jobToken, generationId(a)) });
     }
     this.inbox.begin(a.firstSeq);
@@ -93,6 +105,7 @@ export class StageRunner {
   /** Drops the step in flight (waiters fail with StepAbortedError); gradients and saved activations are cleared. */
   abort(reason: string): void {
     this.gen++;
+    this.abortReason = reason;
     this.inbox.abort(reason);
     // A closed all-reduce wakes a rank blocked on a dead peer at once; the coordinator re-assigns (a new
     // instance) before the next step anyway.
@@ -107,9 +120,14 @@ export class StageRunner {
    * loss sum. Forward-only (evaluation): the loss sum and label count of the micro-batches.
    */
   async runStep(cmd: RunStep): Promise<StepStats> {
+    this.reducing = !cmd.forwardOnly && !!this.allreduce;
+    try { return await this.runSchedule(cmd); } finally { this.reducing = false; }
+  }
+
+  private async runSchedule(cmd: RunStep): Promise<StepStats> {
     const a = this.need();
     const gen = this.gen;
-    const alive = (): void => { if (this.gen !== gen) throw new StepAbortedError(`step seq ${cmd.seq} was aborted`); };
+    const alive = (): void => { if (this.gen !== gen) throw new StepAbortedError(`step seq ${cmd.seq} was aborted: ${this.abortReason}`); };
     const seq = cmd.seq, t0 = performance.now(), t0Abs = performance.timeOrigin + t0;
     this.loopDelay.reset(); this.loopDelay.enable();
     const at = (): number => (performance.now() - t0) / 1000;
@@ -280,6 +298,7 @@ export class StageRunner {
     this.inbox.abort('stage released');
     this.prevClient?.close(); this.nextClient?.close();
     this.prevClient = this.nextClient = undefined;
+    this.natsLink?.stop(); this.natsLink = undefined;
     this.allreduce?.close(); this.allreduce = undefined;
     if (this.nc) { await this.nc.close().catch(() => {}); this.nc = undefined; }
     if (this.a) await this.compute.call({ op: 'release' }).catch(() => {});
