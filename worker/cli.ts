@@ -6,7 +6,8 @@ import os from 'node:os';
 import { containerLimits, cpuThreads, freeMemoryBytes } from '../common/container.ts';
 import { createBackend, type BackendName } from '../core/engine/index.ts';
 import { runWorker, splitHostPort } from './server.ts';
-import { ConfigError, DqloraError } from '../common/errors.ts';
+import { ConfigError, DqloraError, exitCodeFor } from '../common/errors.ts';
+import { checkLogLevelEnv } from '../common/log.ts';
 import { resolveJobToken } from '../common/job-token.ts';
 
 const program = new Command();
@@ -53,9 +54,11 @@ program.command('start')
 // A supervisor's SIGTERM ends the worker promptly (the coordinator notices the closed stream at once).
 process.on('SIGTERM', () => process.exit(143));
 
+// Exit codes as the coordinator's (README "Exit codes"): 2 usage or config, 3 data, 1 runtime.
 try {
+  checkLogLevelEnv();
   await program.parseAsync(process.argv);
 } catch (e) {
-  if (e instanceof DqloraError) { process.stderr.write(`error: ${e.message}\n`); process.exit(1); }
+  if (e instanceof DqloraError) { process.stderr.write(`error: ${e.message}\n`); process.exit(exitCodeFor(e)); }
   throw e;
 }
