@@ -54,11 +54,11 @@ test('`worker start --job-token-file`: the file\'s token is presented (a wrong o
   assert.equal(wrong.code, 1, wrong.stderr);
   assert.match(wrong.stderr, /Register: wrong or missing job token for job "token-test"/);
   const missing = await worker(['--job-token-file', join(dir, 'nope')]);
-  assert.equal(missing.code, 1);
+  assert.equal(missing.code, 2, 'a usage error (README "Exit codes")');
   assert.match(missing.stderr, /^error: --job-token-file .*nope: cannot read it \(ENOENT\)/m);
   assert.doesNotMatch(missing.stderr, /^\s+at /m, 'no stack trace');
   const none = await worker([]);
-  assert.equal(none.code, 1);
+  assert.equal(none.code, 2, 'a usage error');
   assert.match(none.stderr, /no job token: pass --job-token-file PATH or set DQLORA_JOB_TOKEN/);
   assert.equal(plane.workers.size, before, 'nobody registered');
 });
