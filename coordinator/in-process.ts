@@ -51,7 +51,13 @@ export class InProcessExecutor implements StepExecutor {
     return this.pipeline.evaluate(examples, this.job.training.micro_batch_size, this.padId);
   }
 
-  async snapshot(): Promise<Snapshot> { return { ...this.pipeline.snapshot(), bytes: 0 }; }
+  /** `bytes`: the host bytes of the adapter and moments copied out (what a checkpoint holds). */
+  async snapshot(): Promise<Snapshot> {
+    const snap = this.pipeline.snapshot();
+    let bytes = 0;
+    for (const x of [...snap.modules, ...snap.moments]) for (const v of Object.values(x)) if (ArrayBuffer.isView(v)) bytes += v.byteLength;
+    return { ...snap, bytes };
+  }
 
   recoverable(): boolean { return false; }
   pause(): void { /* nothing runs concurrently in one process */ }
