@@ -2,6 +2,7 @@
 // run (log lines, the progress bar, Prometheus metrics, the /status page, train_log.jsonl, TensorBoard files).
 // The loop calls every registered observer in order; an observer never changes the run, and an observer that
 // throws is logged and dropped, never allowed to fail the job.
+import type { StepResult } from '../core/train/steps.ts';
 
 /** Fixed facts of a run, known once the data is tokenized and the layout planned. */
 export interface JobStartEvent {
@@ -44,15 +45,9 @@ export interface TimelineSpan {
   readonly end: number;
 }
 
-export interface StepEvent {
-  readonly step: number;        // 1-based: optimizer steps done after this one
+/** A finished optimizer step (core/train/steps.ts StepResult: step, loss, lr, grad norm, tokens, epoch) and its timing. */
+export interface StepEvent extends StepResult {
   readonly totalSteps: number;
-  readonly loss: number;        // mean token loss of the step
-  readonly lr: number;
-  readonly gradNorm: number;    // before clipping
-  readonly tokens: number;      // real (non-padding) tokens processed
-  readonly labelTokens: number;
-  readonly epoch: number;       // fractional epoch reached
   readonly seconds: number;     // wall time of the step
   /** Tokens per second over this invocation's steps so far. */
   readonly tokensPerSecond: number;
