@@ -53,6 +53,8 @@ export class StageRunner {
   private abortReason = '';
   /** A training step with an all-reduce is running (a NATS drop then fails it at once). */
   private reducing = false;
+  /** Rejects the running step's `whenAborted` (a step must not wait on a send to a stalled peer after an abort). */
+  private onAbort?: (e: Error) => void;
   private natsLink?: NatsLink;
   /** Incremented by abort(): a step whose generation is older stops at its next await. */
   private gen = 0;
@@ -106,6 +108,8 @@ export class StageRunner {
   abort(reason: string): void {
     this.gen++;
     this.abortReason = reason;
+    this.onAbort?.(new StepAbortedError(`the step was aborted: ${reason}`));
+    this.onAbort = undefined;
     this.inbox.abort(reason);
     // A closed all-reduce wakes a rank blocked on a dead peer at once; the coordinator re-assigns (a new
     // instance) before the next step anyway.
@@ -121,7 +125,11 @@ export class StageRunner {
    */
   async runStep(cmd: RunStep): Promise<StepStats> {
     this.reducing = !cmd.forwardOnly && !!this.allreduce;
-    try { return await this.runSchedule(cmd); } finally { this.reducing = false; }
+    // An abort ends the step at once, even while it waits on a send to a stalled peer or on the all-reduce: those
+    // calls are left to fail on their own deadlines in the background.
+    const whenAborted = new Promise<never>((_, reject) => { this.onAbort = reject; });
+    whenAborted.catch(() => { /* raced below */ });
+    try { return await Promise.race([this.runSchedule(cmd), whenAborted]); } finally { this.reducing = false; this.onAbort = undefined; }
   }
 
   private async runSchedule(cmd: RunStep): Promise<StepStats> {
@@ -179,10 +187,11 @@ export class StageRunner {
 
     let arStart = 0;
     const buckets: Promise<void>[] = [];
+    let onBucket: ((b: GradBucket) => void) | undefined;
     if (train && this.allreduce) {
       // Buckets arrive (last layers first) while the last backward still computes the earlier layers; each is
       // all-reduced at once, several in flight (every bucket sums in the same fixed rank order).
-      this.compute.onBucket = (b: GradBucket) => {
+      this.compute.onBucket = onBucket = (b: GradBucket) => {
         if (arStart === 0) arStart = at();
         const pr = this.reduceBucket(seq, b);
         pr.catch(() => { /* awaited with the others below */ });
@@ -224,7 +233,8 @@ export class StageRunner {
       await Promise.all(allSends);
       alive();
     } finally {
-      this.compute.onBucket = undefined;
+      // (an aborted step may finish after the next one began: only remove this step's handler)
+      if (this.compute.onBucket === onBucket) this.compute.onBucket = undefined;
     }
     const pipelineSec = at();
     // Waiting on other stages = the schedule's wall time during which no compute was running or finishing here
