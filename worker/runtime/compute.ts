@@ -80,6 +80,7 @@ class StageCompute {
         this.params = this.stage.loraParams();
         if (a.resumeFrom) restoreLoraParams(this.params, loadCheckpoint(a.resumeFrom));
         this.bucketParams = []; this.bucketBytes = 0;
+        this.assignment = a;
         return { value: { params: this.params.length } };
       }
       case 'forward': {
@@ -132,7 +133,7 @@ class StageCompute {
     }
   }
 
-  assignment?: Assignment;
+  private assignment?: Assignment;
 
   memoryInUse(): number { return this.be?.memoryInUse() ?? 0; }
 
@@ -185,7 +186,7 @@ class StageCompute {
 
   private release(): void {
     this.stage?.reset();
-    this.stage = undefined; this.params = []; this.bucketParams = [];
+    this.stage = undefined; this.params = []; this.bucketParams = []; this.assignment = undefined;
   }
 }
 
@@ -211,7 +212,6 @@ export function serve(): void {
   port.on('message', (m: { id: number; req: ComputeRequest }) => {
     queue = queue.then(async () => {
       try {
-        if (m.req.op === 'assign') compute.assignment = m.req.a;
         const start = now();
         const h = await compute.handle(m.req);
         if (h.later) h.later.then((x) => reply(m.id, x, start), (e) => fail(m.id, e));
