@@ -148,7 +148,7 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
   const rollBackTo = (ck: Checkpoint | undefined): void => {
     state = ck ? { ...ck.state, totalSteps, history: [...ck.state.history], evalHistory: [...ck.state.evalHistory] } : fresh();
   };
-  // i10: temp dirs of crashed checkpoint writes go; resume and recovery take the newest VALID checkpoint on disk
+  // Temp dirs of crashed checkpoint writes go; resume and recovery take the newest VALID checkpoint on disk
   // (what the workers will load), printing each newer one skipped and why.
   removeStaleTemps(job.output_dir);
   const newestValid = (maxStep?: number): Checkpoint | undefined => {
