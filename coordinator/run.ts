@@ -261,7 +261,7 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
         else { recoveries++; wait = budget.spend(msg); }
         ex.pause(msg);
         const failedAt = state.step;
-        if (lastCheckpoint) lastCheckpoint = newestValid(state.step); // i10: the one on disk may have been damaged since
+        if (lastCheckpoint) lastCheckpoint = newestValid(state.step); // the one on disk may have been damaged since
         rollBackTo(lastCheckpoint);
         notify(observers, 'onRecovery', { step: state.step, attempt: recoveries, reason: msg, resumeFrom: lastCheckpoint?.dir ?? '' });
         logRecover({ step: failedAt, attempt: recoveries, maxRecoveries: d.max_recoveries, reason: msg, resumeFrom: lastCheckpoint?.dir ?? '', backoffMs: wait, ...(riddenOut ? { outageSeconds: (Date.now() - outageSince!) / 1000 } : {}) });

@@ -105,7 +105,7 @@ export class WorkersExecutor implements StepExecutor {
         ex.natsUrl = ex.nats.url;
       }
       o.onListening?.(address, jobToken);
-      if (local) { ex.workers = spawnLocalWorkers(S * R, { coordinator: address, jobToken, backend: job.backend, env: ex.nats?.workerEnv }); superviseLocalWorkers(plane, ex.workers); } // i10: NATS creds, stalled workers killed
+      if (local) { ex.workers = spawnLocalWorkers(S * R, { coordinator: address, jobToken, backend: job.backend, env: ex.nats?.workerEnv }); superviseLocalWorkers(plane, ex.workers); } // NATS credentials; stalled workers are killed and replaced
       return ex;
     } catch (e) {
       await ex.close();
