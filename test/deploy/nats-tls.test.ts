@@ -4,16 +4,15 @@
 // certificate, it is refused.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { connect } from '@nats-io/transport-node';
 import { buildK8s } from '../../deploy/gen/k8s.ts';
 import { defaultDeployConfig as cfg, names, ENV, MOUNTS } from '../../deploy/gen/config.ts';
 import { natsConnectOptions } from '../../common/nats-options.ts';
-import { freePort, natsServerMissing } from '../helpers/nats.ts';
+import { natsServerMissing, startNatsWithConfig } from '../helpers/nats.ts';
 
 const opensslMissing = spawnSync('openssl', ['version'], { stdio: 'ignore' }).error ? 'openssl is not installed' : undefined;
 
@@ -32,15 +31,6 @@ function makeCerts(dir: string): void {
   }
 }
 
-const waitForPort = (port: number, deadline: number): Promise<void> => new Promise((resolve, reject) => {
-  const attempt = (): void => {
-    const s = net.connect(port, '127.0.0.1');
-    s.once('connect', () => { s.destroy(); resolve(); });
-    s.once('error', () => { s.destroy(); if (Date.now() > deadline) reject(new Error(`nothing listens on ${port}`)); else setTimeout(attempt, 25); });
-  };
-  attempt();
-});
-
 test('mtls overlay: NATS requires TLS and a client certificate; a worker with the manifests\' environment connects', { skip: natsServerMissing() || opensslMissing, timeout: 60_000 }, async () => {
   const objs = buildK8s(cfg).rendered.get('mtls')!;
   const conf = ((objs.find((o) => o.kind === 'ConfigMap' && o.metadata.name === names(cfg).natsConfig)!.data) as Record<string, string>)['nats.conf'];
@@ -50,17 +40,10 @@ test('mtls overlay: NATS requires TLS and a client certificate; a worker with th
   fs.mkdirSync(path.join(dir, 'server-tls'));
   for (const [from, to] of [['ca.crt', 'ca.crt'], ['server.crt', 'tls.crt'], ['server.key', 'tls.key']]) fs.copyFileSync(path.join(dir, from), path.join(dir, 'server-tls', to));
   fs.writeFileSync(path.join(dir, 'nats.conf'), conf.replaceAll(MOUNTS.tls, path.join(dir, 'server-tls')));
-  const [port, mon] = [await freePort(), await freePort()];
   const user = 'dqlora', pass = 'tls-test-password';
-  const proc = spawn('nats-server', ['-c', path.join(dir, 'nats.conf'), '-a', '127.0.0.1', '-p', String(port), '-m', String(mon)], {
-    env: { ...process.env, NATS_USER: user, NATS_PASSWORD: pass }, stdio: ['ignore', 'ignore', 'pipe'],
-  });
-  let stderr = '';
-  proc.stderr!.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-4000); });
-  const exited = new Promise<void>((res) => proc.once('exit', () => res()));
+  const server = await startNatsWithConfig(path.join(dir, 'nats.conf'), { NATS_USER: user, NATS_PASSWORD: pass });
   try {
-    await waitForPort(port, Date.now() + 10_000).catch((e: Error) => { throw new Error(`${e.message}\n${stderr}`); });
-    const url = `nats://127.0.0.1:${port}`;
+    const url = server.url;
     // The worker's environment as the mtls component sets it (paths moved to the test's files).
     const workerEnv = {
       DQLORA_NATS_USER: user, DQLORA_NATS_PASSWORD: pass,
@@ -82,8 +65,7 @@ test('mtls overlay: NATS requires TLS and a client certificate; a worker with th
     await assert.rejects(connect({ servers: url, user, pass, timeout: 3000, reconnect: false }));
     await assert.rejects(connect({ servers: url, user, pass, timeout: 3000, reconnect: false, tls: { caFile: workerEnv[ENV.natsTlsCa] } }));
   } finally {
-    proc.kill('SIGTERM');
-    await exited;
+    await server.stop();
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });

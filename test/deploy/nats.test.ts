@@ -3,26 +3,13 @@
 // subjects only, and max_payload / the /healthz probe path are as the manifests assume.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { connect } from '@nats-io/transport-node';
 import { buildK8s } from '../../deploy/gen/k8s.ts';
 import { defaultDeployConfig as cfg, names } from '../../deploy/gen/config.ts';
-import { freePort, natsServerMissing } from '../helpers/nats.ts';
-
-function waitForPort(port: number, deadlineMs: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const attempt = (): void => {
-      const s = net.connect(port, '127.0.0.1');
-      s.once('connect', () => { s.destroy(); resolve(); });
-      s.once('error', () => { s.destroy(); if (Date.now() > deadlineMs) reject(new Error(`nothing listens on ${port}`)); else setTimeout(attempt, 25); });
-    };
-    attempt();
-  });
-}
+import { natsServerMissing, startNatsWithConfig } from '../helpers/nats.ts';
 
 test('the shipped NATS config requires the Secret\'s credentials and limits them to the dqlora subjects', { skip: natsServerMissing() }, async () => {
   const objs = buildK8s(cfg).rendered.get('gpu')!;
@@ -30,18 +17,10 @@ test('the shipped NATS config requires the Secret\'s credentials and limits them
   const conf = (cm.data as Record<string, string>)['nats.conf'];
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dqlora-nats-conf-'));
   fs.writeFileSync(path.join(dir, 'nats.conf'), conf);
-  const [port, mon] = [await freePort(), await freePort()];
   const user = 'dqlora', pass = 'pw-7c1e/with:odd"chars';
-  // -a/-p/-m only move the server to loopback and free ports; everything else is the shipped config.
-  const proc = spawn('nats-server', ['-c', path.join(dir, 'nats.conf'), '-a', '127.0.0.1', '-p', String(port), '-m', String(mon)], {
-    env: { ...process.env, NATS_USER: user, NATS_PASSWORD: pass }, stdio: ['ignore', 'ignore', 'pipe'],
-  });
-  let stderr = '';
-  proc.stderr!.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-4000); });
-  const exited = new Promise<void>((res) => proc.once('exit', () => res()));
+  const server = await startNatsWithConfig(path.join(dir, 'nats.conf'), { NATS_USER: user, NATS_PASSWORD: pass });
   try {
-    await waitForPort(port, Date.now() + 10_000).catch((e: Error) => { throw new Error(`${e.message}\n${stderr}`); });
-    const url = `nats://127.0.0.1:${port}`;
+    const url = server.url, mon = server.monitorPort;
 
     // The readiness/liveness probe path.
     const health = await fetch(`http://127.0.0.1:${mon}/healthz`);
@@ -66,8 +45,7 @@ test('the shipped NATS config requires the Secret\'s credentials and limits them
       await nc.close();
     }
   } finally {
-    proc.kill('SIGTERM');
-    await exited;
+    await server.stop();
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -91,3 +91,41 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
     };
   }
 }
+
+export interface ConfiguredNats {
+  readonly url: string;
+  /** HTTP monitoring port (/healthz). */
+  readonly monitorPort: number;
+  stop(): Promise<void>;
+}
+
+/**
+ * Runs nats-server with a given config file (e.g. the one the manifests ship), moved to 127.0.0.1 and free client and
+ * monitoring ports by -a/-p/-m (nothing else of the config changes); NATS_USER / NATS_PASSWORD come from `env`.
+ * Resolves once the server accepts connections; a server that never does fails with its stderr.
+ */
+export async function startNatsWithConfig(confPath: string, env: Record<string, string>): Promise<ConfiguredNats> {
+  const [port, mon] = [await freePort(), await freePort()];
+  const proc = spawn('nats-server', ['-c', confPath, '-a', '127.0.0.1', '-p', String(port), '-m', String(mon)], {
+    env: { ...process.env, ...env }, stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  let stderr = '';
+  proc.stderr!.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-4000); });
+  const exited = new Promise<void>((res) => proc.once('exit', () => res()));
+  const stop = async (): Promise<void> => { proc.kill('SIGTERM'); await exited; };
+  const deadline = Date.now() + 10_000;
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const attempt = (): void => {
+        const s = net.connect(port, '127.0.0.1');
+        s.once('connect', () => { s.destroy(); resolve(); });
+        s.once('error', () => { s.destroy(); if (Date.now() > deadline) reject(new Error(`nothing listens on ${port}\n${stderr}`)); else setTimeout(attempt, 25); });
+      };
+      attempt();
+    });
+  } catch (e) {
+    await stop();
+    throw e;
+  }
+  return { url: `nats://127.0.0.1:${port}`, monitorPort: mon, stop };
+}
