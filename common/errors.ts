@@ -38,6 +38,30 @@ export class WireError extends DqloraError {}
 /** A backend (cpu / cuda) failed or is unavailable. */
 export class BackendError extends DqloraError {}
 
+/** `code` of every out-of-memory failure: OutOfMemoryError, and the cuda addon's errors from any native call. */
+export const OUT_OF_MEMORY_CODE = 'DQLORA_OOM';
+
+/**
+ * A device allocation failed for lack of memory (cudaMalloc, or the DQLORA_MEM_LIMIT_BYTES budget on either backend).
+ * The message starts with "out of device memory" so that it is recognised after crossing a thread or a process as
+ * text (core/engine/oom.ts isOutOfMemory). What was allocated before it is still live: see Backend.trackAllocations.
+ */
+export class OutOfMemoryError extends BackendError {
+  readonly code = OUT_OF_MEMORY_CODE;
+  constructor(
+    readonly device: string,
+    /** Bytes the failed allocation asked for. */
+    readonly requestedBytes: number,
+    /** Bytes in live tensors when it failed. */
+    readonly inUseBytes: number,
+    /** The configured budget (DQLORA_MEM_LIMIT_BYTES), when that is what refused it. */
+    readonly limitBytes: number | undefined,
+    opts: { detail?: string; hint?: string; cause?: unknown } = {},
+  ) {
+    super(`out of device memory on ${device}: ${requestedBytes} bytes requested with ${inUseBytes} in use${limitBytes !== undefined ? ` (memory limit ${limitBytes} bytes, DQLORA_MEM_LIMIT_BYTES)` : ''}${opts.detail ? `: ${opts.detail}` : ''}`, opts);
+  }
+}
+
 /** Throws a ShapeError unless `cond` holds. */
 export function check(cond: unknown, message: string | (() => string), hint?: string): asserts cond {
   if (!cond) throw new ShapeError(typeof message === 'function' ? message() : message, { hint });

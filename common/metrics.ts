@@ -72,6 +72,10 @@ export interface CoordinatorMetrics extends CommonMetrics {
   setJobState(state: JobStateLabel): void;
   /** Recoveries: a lost worker or failed step rolled back to the last checkpoint. */
   recoveries: Counter<never>;
+  /** Sequences per micro-batch the steps run with (requested, auto's pick, or after an out-of-memory split). */
+  microBatchSize: Gauge<never>;
+  /** Out-of-memory splits: a micro-batch did not fit, the step ran again with half the rows. */
+  microBatchSplits: Counter<never>;
   /** (p−1)/(m+p−1) of the layout: the bubble a perfect 1F1B/GPipe schedule has. */
   pipelineBubbleTheoretical: Gauge<never>;
   /** training.save_every (0 = a checkpoint only at the end): alerts on stale checkpoints need it. */
@@ -164,6 +168,8 @@ export function createCoordinatorMetrics(opts: MetricsOptions = {}): Coordinator
       for (const s of JOB_STATES) jobState.set({ state: s }, s === state ? 1 : 0);
     },
     recoveries: new Counter({ name: 'dqlora_recoveries_total', help: 'Recoveries: the job paused, rolled back to its last checkpoint and resumed (lost worker, failed step).', registers }),
+    microBatchSize: unsetGauge(new Gauge({ name: 'dqlora_micro_batch_size', help: 'Sequences per micro-batch the steps run with: as requested, what micro_batch_size: auto picked, or smaller after an out-of-memory split.', registers })),
+    microBatchSplits: new Counter({ name: 'dqlora_micro_batch_splits_total', help: 'Out-of-memory splits: a micro-batch did not fit in device memory and the step (or evaluation) ran again with half as many sequences per micro-batch.', registers }),
     pipelineBubbleTheoretical: unsetGauge(new Gauge({ name: 'dqlora_pipeline_bubble_theoretical_ratio', help: 'Bubble of an ideal pipeline schedule for this layout: (stages-1)/(micro-batches+stages-1).', registers })),
     checkpointIntervalSteps: unsetGauge(new Gauge({ name: 'dqlora_checkpoint_interval_steps', help: 'training.save_every: optimizer steps between checkpoints (0 = only at the end).', registers })),
     lastStepTimestamp: unsetGauge(new Gauge({ name: 'dqlora_last_step_timestamp_seconds', help: 'Unix time the last optimizer step completed.', registers })),

@@ -68,6 +68,26 @@ export interface RecoveryEvent {
   readonly resumeFrom: string;
 }
 
+/**
+ * The micro-batch size the steps run with: once at the start (as requested, or what `micro_batch_size: auto`
+ * picked), then after each out-of-memory split (core/train/micro-split.ts).
+ */
+export interface MicroBatchEvent {
+  /** Optimizer steps done when it was decided (the split step itself runs again with the new size). */
+  readonly step: number;
+  readonly reason: 'requested' | 'auto' | 'out-of-memory';
+  /** Sequences (rows) per micro-batch from now on. */
+  readonly rows: number;
+  /** out-of-memory: the size that did not fit. */
+  readonly previousRows?: number;
+  /** Sequences per optimizer step and replica (micro_batch_size × grad_accum, or batch_size): never changed by a split. */
+  readonly batchSize: number;
+  /** auto: each candidate tried, largest first. */
+  readonly tried?: readonly { readonly rows: number; readonly fits: boolean; readonly error?: string }[];
+  /** out-of-memory: the error's first line. */
+  readonly message?: string;
+}
+
 export interface Answer { readonly prompt: string; readonly base: string; readonly tuned: string }
 
 export interface JobEndEvent {
@@ -93,6 +113,7 @@ export interface JobObserver {
   onEval?(e: EvalEvent): void;
   onCheckpoint?(e: CheckpointEvent): void;
   onRecovery?(e: RecoveryEvent): void;
+  onMicroBatch?(e: MicroBatchEvent): void;
   /** Worker table changes (distributed runs): id, stage, replica, state. */
   onWorkers?(workers: readonly { id: string; stage: number; replica: number; state: string; address?: string }[]): void;
   onEnd?(e: JobEndEvent): void;

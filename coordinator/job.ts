@@ -10,6 +10,9 @@ import { defaultTargetModules } from '../core/model/llama.ts';
 import type { ModelConfig } from '../core/model/config.ts';
 
 const positiveInt = z.number().int().positive();
+const intOrAutoMessage = (iss: { input?: unknown }): string => `expected a positive integer or 'auto', got ${JSON.stringify(iss.input)}`;
+/** A positive integer or 'auto', every bad value ("huge", 0, 2.5) reported the same way. */
+const positiveIntOrAuto = z.union([z.number({ error: intOrAutoMessage }).int({ error: intOrAutoMessage }).positive({ error: intOrAutoMessage }), z.literal('auto')], { error: intOrAutoMessage });
 
 export const JobSchema = z.object({
   name: z.string().min(1).default('job').describe('Job name: used in logs, metrics labels and the NATS subjects.'),
@@ -47,8 +50,9 @@ export const JobSchema = z.object({
   training: z.object({
     epochs: z.number().positive().default(1).describe('Passes over the training data (ignored when max_steps is set).'),
     max_steps: positiveInt.optional().describe('Total optimizer steps; overrides epochs.'),
-    micro_batch_size: positiveInt.default(4).describe('Sequences per micro-batch (per replica).'),
-    grad_accum: positiveInt.default(1).describe('Micro-batches per optimizer step (per replica). The loss is normalised by the label tokens of the whole step.'),
+    micro_batch_size: positiveIntOrAuto.default(4).describe("Sequences per micro-batch (per replica). A micro-batch that does not fit in device memory is split in halves (the step runs again from scratch, with the gradient accumulation doubled: the same examples, loss normaliser and result) and the smaller size is kept for the rest of the run; a warning, summary.json's microBatch and the dqlora_micro_batch_* metrics say so. 'auto': before training, try the largest size that could fit — training.batch_size, then halving through its divisors — with a real forward + backward on sequences of the longest training example (max_length with packing) and take the first that fits; the gradient accumulation becomes batch_size / that size. Needs training.batch_size; one process only. On the cpu backend auto probes only under a DQLORA_MEM_LIMIT_BYTES budget; without one it takes batch_size (host memory is not probed)."),
+    batch_size: positiveInt.optional().describe("With micro_batch_size: auto only: sequences per optimizer step (per replica), which auto cuts into micro-batches that fit. With a number for micro_batch_size the step's batch is micro_batch_size × grad_accum instead."),
+    grad_accum: positiveInt.default(1).describe('Micro-batches per optimizer step (per replica). The loss is normalised by the label tokens of the whole step. Not with micro_batch_size: auto (which sets it).'),
     lr: z.number().positive().default(2e-4).describe('Peak learning rate.'),
     schedule: z.enum(['linear', 'cosine', 'constant', 'constant_with_warmup']).default('linear').describe('Learning-rate schedule (as in Hugging Face Trainer; constant ignores warmup).'),
     warmup_steps: z.number().min(0).default(0).describe('Warmup optimizer steps; a value < 1 is a fraction of the total steps.'),
@@ -103,6 +107,7 @@ export function parseJob(obj: unknown, source: string, baseDir: string): JobConf
   if (job.data.validation) job.data.validation = abs(job.data.validation);
   if (typeof job.training.resume === 'string') job.training.resume = abs(job.training.resume);
   checkFeatureCombinations(job, source);
+  checkMicroBatchSettings(job, source);
   return job;
 }
 
@@ -134,6 +139,35 @@ function checkFeatureCombinations(job: JobConfig, source: string): void {
       hint: 'train in one process (distributed.workers: 0), or drop the setting for the distributed run',
     });
   }
+}
+
+/** training.micro_batch_size: auto, training.batch_size and grad_accum: which go together (errors name the fields). */
+function checkMicroBatchSettings(job: JobConfig, source: string): void {
+  const t = job.training;
+  if (t.micro_batch_size === 'auto') {
+    if (t.batch_size === undefined) {
+      throw new ConfigError(`${source}: training.micro_batch_size: auto needs training.batch_size (the sequences per optimizer step, per replica, that auto cuts into micro-batches that fit)`, { hint: 'e.g. training: { micro_batch_size: auto, batch_size: 16 }, or give micro_batch_size a number' });
+    }
+    if (t.grad_accum !== 1) {
+      throw new ConfigError(`${source}: training.grad_accum: ${t.grad_accum} cannot be combined with training.micro_batch_size: auto (auto sets the gradient accumulation to batch_size / the micro-batch size it picks)`, { hint: `drop grad_accum; batch_size: ${t.batch_size * t.grad_accum} keeps ${t.batch_size} × ${t.grad_accum} sequences per step` });
+    }
+    if (job.distributed.workers !== 0) {
+      throw new ConfigError(`${source}: training.micro_batch_size: auto is not supported with distributed.workers: ${JSON.stringify(job.distributed.workers)} yet (the probe runs in one process; workers get a fixed micro-batch size)`, { hint: 'give micro_batch_size a number for a distributed run (a worker that runs out of memory names itself and the size), or train in one process (distributed.workers: 0)' });
+    }
+  } else if (t.batch_size !== undefined) {
+    throw new ConfigError(`${source}: training.batch_size is only read with training.micro_batch_size: auto (with micro_batch_size: ${t.micro_batch_size} the step's batch is micro_batch_size × grad_accum = ${t.micro_batch_size * t.grad_accum})`, { hint: `drop batch_size, or set micro_batch_size: auto to let the size that fits be found` });
+  }
+}
+
+/**
+ * The step's shape as the planner takes it: micro-batch size and gradient accumulation per replica. With
+ * `micro_batch_size: auto` that is one micro-batch of batch_size until the probe has picked the size (the planner is
+ * then re-planned with StepPlanner.withMicroBatchSize, which keeps every step's samples).
+ */
+export function microBatchPlan(job: JobConfig): { microBatchSize: number; gradAccum: number; auto: boolean } {
+  const t = job.training;
+  if (t.micro_batch_size === 'auto') return { microBatchSize: t.batch_size!, gradAccum: 1, auto: true };
+  return { microBatchSize: t.micro_batch_size, gradAccum: t.grad_accum, auto: false };
 }
 
 /** Markdown table of every field (path, default, description) — the README's configuration reference. */

@@ -63,6 +63,10 @@ export function jobMetricsObserver(m: CoordinatorMetrics, o: MetricsObserverOpti
       m.recoveries.inc();
       m.setJobState('recovering');
     },
+    onMicroBatch(e) {
+      m.microBatchSize.set(e.rows);
+      if (e.reason === 'out-of-memory') m.microBatchSplits.inc();
+    },
     onWorkers(ws) {
       const counts: Partial<Record<WorkerStateLabel, number>> = {};
       for (const w of ws) {

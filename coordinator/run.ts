@@ -11,11 +11,11 @@
 // trained exactly once.
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { jobLayout, loraConfigOf, type JobConfig } from './job.ts';
+import { jobLayout, loraConfigOf, microBatchPlan, type JobConfig } from './job.ts';
 import type { StepExecutor, StepTiming } from './executor.ts';
 import { InProcessExecutor } from './in-process.ts';
 import { WorkersExecutor, type WorkersOptions } from './distributed/workers.ts';
-import type { Answer, JobObserver } from './events.ts';
+import type { Answer, JobObserver, MicroBatchEvent } from './events.ts';
 import { notify } from './observers.ts';
 import { startReporting, type Reporting } from './status/index.ts';
 import { printAboveBar } from '../common/terminal.ts';
@@ -30,6 +30,7 @@ import { createBackend } from '../core/engine/index.ts';
 import type { Backend } from '../core/engine/backend.ts';
 import { loadModelConfig } from '../core/model/config.ts';
 import { StepPlanner } from '../core/train/steps.ts';
+import type { MicroBatchSplit } from '../core/train/micro-split.ts';
 import { checkFingerprints } from '../core/train/step.ts';
 import { saveAdapter } from '../core/model/adapter.ts';
 import { loadTokenizer } from '../common/tokenizer.ts';
@@ -52,6 +53,19 @@ export interface RunOutcome {
   readonly timings: StepTiming[];
   /** Recoveries from lost workers during this invocation. */
   readonly recoveries: number;
+  /** The micro-batch size asked for, auto's pick and every out-of-memory split (also in summary.json). */
+  readonly microBatch: RunMicroBatch;
+}
+
+/** summary.json's `microBatch`. */
+export interface RunMicroBatch {
+  readonly requested: number | 'auto';
+  /** Sequences per optimizer step and replica (unchanged by splits). */
+  readonly batchSize: number;
+  /** Sequences per micro-batch at the end of the run. */
+  readonly rows: number;
+  readonly auto?: { readonly rows: number; readonly probed: boolean; readonly tried: MicroBatchEvent['tried'] };
+  readonly splits: readonly MicroBatchSplit[];
 }
 
 export interface RunOptions extends WorkersOptions {
@@ -126,8 +140,10 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
   }, tok);
   log.info({ ...ds.stats, train: ds.train.length, validation: ds.validation.length }, 'dataset ready');
   const padId = tok.padId ?? tok.eosId ?? 0;
-  const planner = new StepPlanner(ds.train, {
-    epochs: t.epochs, maxSteps: t.max_steps, microBatchSize: t.micro_batch_size, gradAccum: t.grad_accum, replicas: R,
+  // micro_batch_size: auto plans one micro-batch of batch_size per step until the probe (below) has picked the size.
+  const mbPlan = microBatchPlan(job);
+  let planner = new StepPlanner(ds.train, {
+    epochs: t.epochs, maxSteps: t.max_steps, microBatchSize: mbPlan.microBatchSize, gradAccum: mbPlan.gradAccum, replicas: R,
     lr: t.lr, schedule: t.schedule, warmupSteps: t.warmup_steps, seed: t.seed, padId, packing: packingOptions(job),
   });
   const totalSteps = planner.totalSteps;
@@ -189,15 +205,39 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
   let final: { dir: string; modules: Checkpoint['modules'] } | undefined;
   let evalLoss: number | null = null;
   let baseAnswers: string[] = [];
+  // The micro-batch size in use: requested (or auto's pick), then each out-of-memory split (core/train/micro-split.ts).
+  const microBatch: { -readonly [K in keyof RunMicroBatch]: RunMicroBatch[K] } & { splits: MicroBatchSplit[] } = {
+    requested: t.micro_batch_size, batchSize: mbPlan.microBatchSize * mbPlan.gradAccum, rows: mbPlan.microBatchSize, splits: [],
+  };
+  const onSplit = (sp: MicroBatchSplit): void => {
+    microBatch.splits.push(sp);
+    microBatch.rows = sp.toRows;
+    const where = sp.phase === 'train' ? `step ${sp.step + 1}` : `evaluation after step ${sp.step}`;
+    print(`${where}: out of device memory with micro-batches of ${sp.fromRows} sequence(s); running it again with micro-batches of ${sp.toRows} (${sp.fromMicroBatches} → ${sp.toMicroBatches} micro-batches per ${sp.phase === 'train' ? 'step' : 'evaluation'}: the same examples and loss normaliser) and keeping that size for the rest of the run`);
+    notify(observers, 'onMicroBatch', { step: sp.step, reason: 'out-of-memory', rows: sp.toRows, previousRows: sp.fromRows, batchSize: microBatch.batchSize, message: sp.error });
+  };
   try {
     executor = distributed
       ? await WorkersExecutor.open(job, { ...opts, cfg, lora, stages: S, replicas: R, totalSteps, padId, metrics, print, onWorkers: (ws) => { opts.onWorkers?.(ws); notify(observers, 'onWorkers', ws); } })
-      : InProcessExecutor.open(job, { be: be!, cfg, lora, stages: S, tok, padId, progress: opts.progress });
+      : InProcessExecutor.open(job, { be: be!, cfg, lora, stages: S, tok, padId, microBatchSize: mbPlan.microBatchSize, progress: opts.progress, onSplit });
     const ex = executor;
+    if (mbPlan.auto) {
+      // Config validation keeps auto to one process (job.ts checkMicroBatchSettings).
+      if (!(ex instanceof InProcessExecutor)) throw new ConfigError('training.micro_batch_size: auto needs a one-process run (distributed.workers: 0)');
+      let T = job.data.max_length;
+      if (!job.data.packing) { T = 1; for (const e of ds.train) T = Math.max(T, e.inputIds.length); }
+      const a = ex.autoMicroBatchSize(mbPlan.microBatchSize, T);
+      planner = planner.withMicroBatchSize(a.rows);
+      microBatch.rows = a.rows;
+      microBatch.auto = a;
+      const tried = a.tried.map((x) => `${x.rows} ${x.fits ? 'fits' : 'out of memory'}`).join(', ');
+      print(`micro_batch_size: auto → ${a.rows} (gradient accumulation ${mbPlan.microBatchSize / a.rows} for batch_size ${mbPlan.microBatchSize}; ${a.probed ? `probed with ${T}-token sequences: ${tried}` : 'the cpu backend without DQLORA_MEM_LIMIT_BYTES is not probed'})`);
+    }
     notify(observers, 'onStart', {
       name: job.name, outputDir: job.output_dir, totalSteps, startStep, stepsPerEpoch: planner.stepsPerEpoch, stages: S, replicas: R,
       executor: ex.kind, backend: ex.backend, trainExamples: ds.train.length, validationExamples: ds.validation.length, resumedFrom: lastCheckpoint?.dir,
     });
+    notify(observers, 'onMicroBatch', { step: startStep, reason: mbPlan.auto ? 'auto' : 'requested', rows: microBatch.rows, batchSize: microBatch.batchSize, ...(microBatch.auto ? { tried: microBatch.auto.tried } : {}) });
     // Answers of the base model (LoRA branch off), for the before/after comparison (in-process: the model is here).
     if (ex.answer && job.compare.prompts.length) baseAnswers = ex.answer(job.compare.prompts, false);
 
@@ -283,7 +323,7 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
   }
   const seconds = (performance.now() - t0) / 1000;
   const tokensPerSecond = tokensSeen / stepSeconds;
-  const outcome = { steps: state.step, firstLoss: first, lastLoss: last, tokensPerSecond, timings, recoveries };
+  const outcome = { steps: state.step, firstLoss: first, lastLoss: last, tokensPerSecond, timings, recoveries, microBatch };
   if (state.step < totalSteps || stoppedBy) {
     const ckDir = final?.dir ?? '';
     if (!stoppedBy) print(`stopped at step ${state.step}/${totalSteps}; checkpoint ${ckDir}`);
@@ -310,7 +350,7 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
   }
   const summary = {
     steps: state.step, firstLoss: first, lastLoss: last, evalLoss, tokensPerSecond, seconds: stepSeconds, wallSeconds: seconds, adapterDir,
-    answers, dataset: ds.stats, ...(distributed ? { distributed: { stages: S, replicas: R, recoveries } } : {}),
+    answers, dataset: ds.stats, microBatch, ...(distributed ? { distributed: { stages: S, replicas: R, recoveries } } : {}),
   };
   writeFileSync(join(job.output_dir, 'summary.json'), JSON.stringify(summary, null, 1) + '\n');
   print(`trained ${state.step - startStep} steps in ${seconds.toFixed(1)} s (${tokensPerSecond.toFixed(0)} tokens/s): loss ${first.toFixed(4)} → ${last.toFixed(4)}${evalLoss !== null ? `, validation loss ${evalLoss.toFixed(4)} (perplexity ${Math.exp(evalLoss).toFixed(2)})` : ''}`);

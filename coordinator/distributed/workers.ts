@@ -10,7 +10,7 @@
 // start() with the last checkpoint, which waits for enough workers (a replacement registering) and re-assigns
 // every stage. Checkpoints are written by the coordinator (common/checkpoint.ts) from the state the workers upload.
 import crypto from 'node:crypto';
-import type { JobConfig } from '../job.ts';
+import { microBatchPlan, type JobConfig } from '../job.ts';
 import type { ExecutedStep, Snapshot, StepExecutor } from '../executor.ts';
 import type { StageTiming } from '../events.ts';
 import type { LoraConfig } from '../../core/model/llama.ts';
@@ -26,7 +26,8 @@ import { assignmentToWire, microBatchToWire } from '../../wire/assignment.ts';
 import { decodeStageState } from '../../wire/state.ts';
 import { DEFAULT_CHUNK_BYTES } from '../../wire/tensor.ts';
 import type { Checkpoint } from '../../common/checkpoint.ts';
-import { CheckpointError, ConfigError } from '../../common/errors.ts';
+import { BackendError, CheckpointError, ConfigError } from '../../common/errors.ts';
+import { isOutOfMemory } from '../../core/engine/oom.ts';
 import { logger } from '../../common/log.ts';
 import type { CoordinatorMetrics } from '../../common/metrics.ts';
 import type { StepReport } from '../../proto/gen/dqlora/v1/control.ts';
@@ -167,7 +168,7 @@ export class WorkersExecutor implements StepExecutor {
   async step(input: StepInput): Promise<ExecutedStep> {
     const { S, R } = this;
     // pipeline schedule + all-reduce on the workers
-    const reps = await this.runOnAll(input.micro, input.step, input.epoch, input.labelTokens, input.lr, false);
+    const reps = await this.runOnAll(input.micro, input.step, input.epoch, input.labelTokens, input.lr, false).catch((e: unknown) => { throw this.outOfMemory(e, input) ?? e; });
     // global norm: Σ over stages of the stage's ‖g‖² (every replica holds the same reduced gradients)
     let normSq = 0;
     for (let st = 0; st < S; st++) {
@@ -197,7 +198,7 @@ export class WorkersExecutor implements StepExecutor {
 
   async evaluate(examples: readonly Example[]): Promise<{ loss: number; perplexity: number; tokens: number }> {
     const { S, R } = this;
-    const reps = await this.runOnAll(evalBatches(examples, this.job.training.micro_batch_size, this.padId, R), this.plane.progress.step, 0, 0, 0, true);
+    const reps = await this.runOnAll(evalBatches(examples, microBatchPlan(this.job).microBatchSize, this.padId, R), this.plane.progress.step, 0, 0, 0, true);
     let lossSum = 0, count = 0;
     for (let r = 0; r < R; r++) { lossSum += reps[r][S - 1].stats!.lossSum; count += reps[r][S - 1].stats!.labelTokens; }
     const loss = count > 0 ? lossSum / count : NaN;
@@ -217,7 +218,22 @@ export class WorkersExecutor implements StepExecutor {
     return { modules: got.flatMap((g) => g.modules), moments: got.flatMap((g) => g.moments ?? []), bytes: got.reduce((a, g) => a + g.bytes, 0) };
   }
 
-  recoverable(e: unknown): boolean { return e instanceof WorkerLostError || e instanceof WorkerCommandError; }
+  /**
+   * A worker that ran out of device memory: not a failure to recover from by rolling back (the same step would fail
+   * the same way), so the job ends with an error that names the worker and the micro-batch size. Workers do not
+   * split micro-batches (the one-process executor does: core/train/micro-split.ts).
+   */
+  private outOfMemory(e: unknown, input: StepInput): BackendError | undefined {
+    if (!(e instanceof WorkerCommandError) || !isOutOfMemory(e)) return undefined;
+    const rows = Math.max(0, ...input.micro.flat().map((mb) => mb.B)), T = Math.max(0, ...input.micro.flat().map((mb) => mb.T));
+    const t = this.job.training;
+    return new BackendError(`step ${input.step + 1}: worker ${e.workerId} (stage ${e.stage}, replica ${e.replica}) ran out of device memory with micro-batches of ${rows} sequence(s) × ${T} tokens (training.micro_batch_size: ${t.micro_batch_size}): ${e.message}`, {
+      hint: `lower training.micro_batch_size (e.g. ${Math.max(1, Math.ceil(rows / 2))}) and raise training.grad_accum to keep the batch, or add pipeline stages (distributed.stages); a one-process run splits micro-batches that do not fit by itself`,
+      cause: e,
+    });
+  }
+
+  recoverable(e: unknown): boolean { return (e instanceof WorkerLostError || e instanceof WorkerCommandError) && !isOutOfMemory(e); }
 
   pause(reason: string): void {
     this.plane.jobState = 'paused';

@@ -38,6 +38,8 @@ export function formatStatus(s: StatusSnapshot, url = ''): string {
       L.push('  ' + cells.map((h, i) => h.padEnd(i === 0 ? 14 : 10)).join('').trimEnd());
     }
   }
+  const mb = s.microBatch;
+  if (mb) L.push(`micro-batch size ${mb.rows} of ${mb.batchSize} sequences per step${mb.reason === 'auto' ? ' (micro_batch_size: auto)' : ''}${mb.splits ? `, after ${mb.splits} out-of-memory split(s)` : ''}`);
   for (const r of s.recoveries) L.push(`recovery ${r.attempt} at step ${r.step}: ${r.reason} → resumed from ${r.resumeFrom || 'the initial state'}`);
   if (s.end?.error) L.push(`error: ${s.end.error}`);
   for (const a of s.answers) {

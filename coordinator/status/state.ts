@@ -3,7 +3,7 @@
 // the trainer. The step history is kept columnar (one array per series) because that is what the page's charts
 // take, and a 10k-step run is then ~5 numbers × 10k, small enough to keep whole.
 import type {
-  Answer, CheckpointEvent, EvalEvent, JobEndEvent, JobObserver, JobStartEvent, RecoveryEvent, StageTiming, StepEvent,
+  Answer, CheckpointEvent, EvalEvent, JobEndEvent, JobObserver, JobStartEvent, MicroBatchEvent, RecoveryEvent, StageTiming, StepEvent,
 } from '../events.ts';
 
 export type RunState = 'waiting' | 'training' | 'succeeded' | 'stopped' | 'failed';
@@ -38,6 +38,8 @@ export interface StatusSnapshot {
   readonly lastStep: { readonly step: number; readonly seconds: number; readonly stageTimings: readonly StageTiming[] } | null;
   readonly lastCheckpoint: CheckpointEvent | null;
   readonly recoveries: readonly RecoveryEvent[];
+  /** Sequences per micro-batch in use (requested, auto's pick, or after out-of-memory splits) and how many splits. */
+  readonly microBatch: (MicroBatchEvent & { readonly splits: number }) | null;
   readonly evals: readonly EvalEvent[];
   /** Before/after answers (at the end of a successful run). */
   readonly answers: readonly Answer[];
@@ -69,6 +71,7 @@ export class StatusObserver implements JobObserver {
   private workers: WorkerRow[] = [];
   private checkpoint: CheckpointEvent | null = null;
   private readonly recoveries: RecoveryEvent[] = [];
+  private microBatch: (MicroBatchEvent & { splits: number }) | null = null;
   private end: JobEndEvent | null = null;
   private tokens = 0;
   private stepSeconds = 0;
@@ -106,6 +109,10 @@ export class StatusObserver implements JobObserver {
 
   onCheckpoint(e: CheckpointEvent): void { this.checkpoint = e; this.touch(); }
   onRecovery(e: RecoveryEvent): void { this.recoveries.push(e); this.touch(); }
+  onMicroBatch(e: MicroBatchEvent): void {
+    this.microBatch = { ...e, splits: (this.microBatch?.splits ?? 0) + (e.reason === 'out-of-memory' ? 1 : 0) };
+    this.touch();
+  }
   onWorkers(workers: readonly WorkerRow[]): void { this.workers = workers.map((w) => ({ ...w })); this.touch(); }
 
   onEnd(e: JobEndEvent): void {
@@ -153,6 +160,7 @@ export class StatusObserver implements JobObserver {
       lastStep: last ? { step: last.step, seconds: last.seconds, stageTimings: last.stageTimings } : null,
       lastCheckpoint: this.checkpoint,
       recoveries: this.recoveries,
+      microBatch: this.microBatch,
       evals: this.evals,
       answers: end?.answers ?? [],
       end: end ? endRest as Omit<JobEndEvent, 'answers'> : null,

@@ -60,6 +60,14 @@ export interface QuantizedTensor {
   readonly bytes: number;
 }
 
+/** What Backend.trackAllocations returns. */
+export interface AllocationTracker {
+  /** Frees every tensor allocated since the tracker started that is still live; returns their bytes. */
+  freeLeftovers(): number;
+  /** Stops recording (the tensors stay as they are). */
+  close(): void;
+}
+
 /** Saved state of an attention forward, needed by its backward. */
 export interface AttentionSaved {
   /** Output [B, T, Hq, D]. */
@@ -140,6 +148,19 @@ export interface Backend {
   rows(t: Tensor, start: number, end: number): Tensor;
   /** Bytes of device memory held by live tensors (for the leak checks and metrics). */
   memoryInUse(): number;
+  /**
+   * The most bytes live tensors may take: the DQLORA_MEM_LIMIT_BYTES budget when set (an allocation beyond it throws
+   * OutOfMemoryError, as a full device does), else the device's memory (cuda) or undefined (cpu: host memory is not
+   * budgeted). `training.micro_batch_size: auto` probes only where this is defined.
+   */
+  memoryBudget(): number | undefined;
+  /**
+   * Starts recording the tensors allocated from now on, so that a sequence of ops cut short by an exception (out of
+   * memory in the middle of a step) can give back what it had allocated and not yet freed. One tracker at a time.
+   */
+  trackAllocations(): AllocationTracker;
+  /** Returns memory kept for reuse to the system (cuda: the pool's cached blocks; cpu: the reuse buffers). */
+  releaseCache(): void;
 
   // ---- NF4 ----------------------------------------------------------------------------------------
   /** Moves a host NF4 weight to the device (packed: no full-precision copy is kept). */

@@ -8,9 +8,9 @@
 
 import { cpuThreads } from '../../common/container.ts';
 import type {
-  AdamWHyper, AttentionSaved, Backend, DropoutKey, DType, Nf4Weight, QuantizedTensor, Tensor,
+  AdamWHyper, AllocationTracker, AttentionSaved, Backend, DropoutKey, DType, Nf4Weight, QuantizedTensor, Tensor,
 } from './backend.ts';
-import { BackendError, ShapeError, check } from '../../common/errors.ts';
+import { BackendError, OutOfMemoryError, ShapeError, check } from '../../common/errors.ts';
 import { philox4x32, u32ToUnit } from '../../common/rng.ts';
 import { CpuTensor, Storage, asCpu, shapeSize, storageDtype, type CpuData } from './cpu/tensor.ts';
 import { Scratch, gemmTs } from './cpu/gemm-ts.ts';
@@ -33,6 +33,12 @@ export interface CpuBackendOptions {
    * shapes every time; reusing their buffers skips the zero-fill and the page faults of fresh memory.
    */
   reuseBytes?: number;
+  /**
+   * A budget for the bytes of live tensors (default: DQLORA_MEM_LIMIT_BYTES through createBackend, else none): an
+   * allocation beyond it throws OutOfMemoryError, what a full GPU does, so the out-of-memory path (micro-batch split,
+   * `micro_batch_size: auto`) runs, and is tested, on the cpu backend.
+   */
+  memoryLimitBytes?: number;
 }
 
 /** Smallest buffer worth keeping for reuse (smaller typed arrays are cheap V8 heap objects). */
@@ -56,6 +62,10 @@ export class CpuBackend implements Backend {
   readonly native: CpuNative | null;
   readonly threads: number;
   private bytesLive = 0;
+  private bytesPeak = 0;
+  /** Storages allocated while a tracker runs (trackAllocations). */
+  private tracked?: Set<Storage>;
+  readonly memoryLimitBytes: number | undefined;
   private readonly scratch = new Scratch();
   private readonly philoxOut = new Uint32Array(4);
   /** Freed float32 buffers by exact length, for reuse (a step repeats the same shapes). */
@@ -69,6 +79,9 @@ export class CpuBackend implements Backend {
     const cores = cpuThreads();
     this.threads = Math.max(1, Math.min(cores, opts.threads ?? cores));
     this.reuseCap = Math.max(0, opts.reuseBytes ?? 256 * 2 ** 20);
+    const lim = opts.memoryLimitBytes;
+    if (lim !== undefined && !(Number.isSafeInteger(lim) && lim > 0)) throw new BackendError(`memoryLimitBytes must be a positive integer, got ${lim}`);
+    this.memoryLimitBytes = lim;
   }
 
   // ---- memory -------------------------------------------------------------------------------------
@@ -91,6 +104,7 @@ export class CpuBackend implements Backend {
   private make(shape: readonly number[], dtype: DType | 'act' | undefined, zero: boolean): CpuTensor {
     const dt = storageDtype(dtype);
     const n = shapeSize(shape);
+    this.reserve(n * (dt === 'u8' ? 1 : 4));
     let data: CpuData | undefined;
     if (dt === 'f32' && n >= REUSE_MIN_ELEMENTS) {
       const list = this.reuse.get(n);
@@ -101,10 +115,24 @@ export class CpuBackend implements Backend {
         data = got;
       }
     }
-    data ??= dt === 'f32' ? new Float32Array(n) : dt === 'i32' ? new Int32Array(n) : new Uint8Array(n);
+    try {
+      data ??= dt === 'f32' ? new Float32Array(n) : dt === 'i32' ? new Int32Array(n) : new Uint8Array(n);
+    } catch (e) {
+      // V8 could not get the memory ("Array buffer allocation failed"): the host is out of memory, as a GPU can be.
+      if (e instanceof RangeError) throw new OutOfMemoryError('cpu', n * (dt === 'u8' ? 1 : 4), this.bytesLive, undefined, { detail: e.message, cause: e });
+      throw e;
+    }
     const st = new Storage(data.byteLength);
     this.bytesLive += st.bytes;
+    if (this.bytesLive > this.bytesPeak) this.bytesPeak = this.bytesLive;
+    this.tracked?.add(st);
     return new CpuTensor(data, shape, dt, st);
+  }
+
+  /** Refuses an allocation of `bytes` beyond memoryLimitBytes (nothing is allocated). */
+  private reserve(bytes: number): void {
+    const lim = this.memoryLimitBytes;
+    if (lim !== undefined && this.bytesLive + bytes > lim) throw new OutOfMemoryError('cpu', bytes, this.bytesLive, lim);
   }
 
   upload(data: Float32Array | Int32Array | Uint8Array, shape: readonly number[], dtype?: DType | 'act'): Tensor {
@@ -146,6 +174,7 @@ export class CpuBackend implements Backend {
       this.reuseHeld += d.byteLength;
     }
     this.bytesLive -= c.storage.bytes;
+    this.tracked?.delete(c.storage);
   }
 
   reshape(t: Tensor, shape: readonly number[]): Tensor {
@@ -167,11 +196,46 @@ export class CpuBackend implements Backend {
     return this.bytesLive;
   }
 
+  memoryBudget(): number | undefined {
+    return this.memoryLimitBytes;
+  }
+
+  /** High-water mark of memoryInUse() since the backend was made or resetPeakMemory() (tests size budgets by it). */
+  get peakMemoryInUse(): number { return this.bytesPeak; }
+  resetPeakMemory(): void { this.bytesPeak = this.bytesLive; }
+
+  trackAllocations(): AllocationTracker {
+    if (this.tracked) throw new BackendError('trackAllocations: a tracker is already running on this backend');
+    const set = this.tracked = new Set<Storage>();
+    return {
+      freeLeftovers: () => {
+        let bytes = 0;
+        for (const st of set) {
+          if (st.freed) continue;
+          // The buffer itself goes to the garbage collector; every tensor of the storage now throws on use.
+          st.freed = true;
+          this.bytesLive -= st.bytes;
+          bytes += st.bytes;
+        }
+        set.clear();
+        return bytes;
+      },
+      close: () => { if (this.tracked === set) this.tracked = undefined; set.clear(); },
+    };
+  }
+
+  releaseCache(): void {
+    this.reuse.clear();
+    this.reuseHeld = 0;
+  }
+
   // ---- NF4 ----------------------------------------------------------------------------------------
 
   uploadNf4(w: Nf4Weight): QuantizedTensor {
     const q = new CpuQuantized(w);
+    this.reserve(q.bytes);
     this.bytesLive += q.bytes;
+    if (this.bytesLive > this.bytesPeak) this.bytesPeak = this.bytesLive;
     return q;
   }
 

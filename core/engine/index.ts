@@ -2,6 +2,7 @@
 import type { Backend } from './backend.ts';
 import { createCpuBackend } from './cpu.ts';
 import { BackendError } from '../../common/errors.ts';
+import { memoryLimitFromEnv } from './oom.ts';
 import { logger } from '../../common/log.ts';
 
 export type BackendName = 'cpu' | 'cuda' | 'auto';
@@ -18,12 +19,14 @@ function cpuThreads(): number | undefined {
   return n;
 }
 
+/** Both backends honour DQLORA_MEM_LIMIT_BYTES (core/engine/oom.ts): a budget for live tensor bytes. */
 export async function createBackend(name: BackendName = 'auto'): Promise<Backend> {
-  if (name === 'cpu') return createCpuBackend({ threads: cpuThreads() });
+  const memoryLimitBytes = memoryLimitFromEnv();
+  if (name === 'cpu') return createCpuBackend({ threads: cpuThreads(), memoryLimitBytes });
   let cudaErr: unknown;
   try {
     const mod = await import('./cuda/cuda.ts');
-    return mod.createCudaBackend();
+    return mod.createCudaBackend({ memoryLimitBytes });
   } catch (e) {
     cudaErr = e;
   }
@@ -34,5 +37,5 @@ export async function createBackend(name: BackendName = 'auto'): Promise<Backend
     });
   }
   logger('engine').debug({ reason: (cudaErr as Error).message }, 'cuda backend not available, using cpu');
-  return createCpuBackend({ threads: cpuThreads() });
+  return createCpuBackend({ threads: cpuThreads(), memoryLimitBytes });
 }

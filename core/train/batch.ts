@@ -194,9 +194,10 @@ export function packMicroBatch(examples: Example[], opts: { padId: number; padTo
 }
 
 /**
- * Splits a micro-batch into `parts` micro-batches of consecutive rows (as equal as possible). The step's loss scale
- * (1 / label tokens of the whole step) is applied per token, so running the parts one after the other accumulates
- * exactly the gradient of the whole (up to float summation order): what an out-of-memory retry needs.
+ * Splits a micro-batch into `parts` micro-batches of consecutive rows (as equal as possible), each keeping the whole's
+ * padded length T. The step's loss scale (1 / label tokens of the whole step) is applied per token, so running the
+ * parts one after the other accumulates exactly the gradient of the whole (up to float summation order): what an
+ * out-of-memory retry needs (core/train/micro-split.ts).
  */
 export function splitMicroBatch(mb: MicroBatch, parts: number): MicroBatch[] {
   if (!Number.isInteger(parts) || parts < 1) throw new ConfigError(`parts must be a positive integer, got ${parts}`);
@@ -216,23 +217,4 @@ export function splitMicroBatch(mb: MicroBatch, parts: number): MicroBatch[] {
     r0 = r1;
   }
   return out;
-}
-
-/**
- * Forward + backward of one micro-batch that survives running out of device memory: `run` is tried on the whole
- * micro-batch; when it throws an out-of-memory error (`isOom`), `reset` drops the half-done state and the
- * micro-batch is split in two, recursively (a single row that does not fit is rethrown). Returns the summed loss
- * and how many pieces ran, so the caller can say so (and keep the split for later steps).
- */
-export function runSplittingOnOom(mb: MicroBatch, run: (part: MicroBatch) => number, o: { isOom: (e: unknown) => boolean; reset: () => void; onSplit?: (rows: number, into: number) => void }): { lossSum: number; pieces: number } {
-  try {
-    return { lossSum: run(mb), pieces: 1 };
-  } catch (e) {
-    if (!o.isOom(e) || mb.B < 2) throw e;
-    o.reset();
-    o.onSplit?.(mb.B, 2);
-    let lossSum = 0, pieces = 0;
-    for (const part of splitMicroBatch(mb, 2)) { const r = runSplittingOnOom(part, run, o); lossSum += r.lossSum; pieces += r.pieces; }
-    return { lossSum, pieces };
-  }
 }

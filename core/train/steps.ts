@@ -69,6 +69,19 @@ export class StepPlanner {
     this.warmup = warmupSteps(settings.warmupSteps, this.totalSteps);
   }
 
+  /**
+   * The same steps (each step's samples are consecutive slices of the epoch order of microBatchSize · gradAccum ·
+   * replicas, so they do not depend on how a step is cut) in micro-batches of `microBatchSize`, with the gradient
+   * accumulation that keeps the step's batch: what `micro_batch_size: auto` re-plans with once it has probed.
+   */
+  withMicroBatchSize(microBatchSize: number): StepPlanner {
+    const S = this.settings, batch = S.microBatchSize * S.gradAccum;
+    if (!Number.isInteger(microBatchSize) || microBatchSize < 1 || batch % microBatchSize !== 0) {
+      throw new ConfigError(`micro-batch size ${microBatchSize} does not divide the step's batch of ${batch} per replica`);
+    }
+    return new StepPlanner(this.train, { ...S, microBatchSize, gradAccum: batch / microBatchSize });
+  }
+
   private planFor(epoch: number): number[][][][] {
     if (this.cached?.epoch !== epoch) this.cached = { epoch, plan: planSteps(this.train.length, { ...this.settings, epoch }) };
     return this.cached.plan;

@@ -29,8 +29,10 @@ function ts(title: string, unit: string, description: string, targets: Dataquery
   return p;
 }
 
-function stat(title: string, unit: string, description: string, target: DataqueryBuilder): Stat {
-  return new Stat().title(title).description(description).datasource(DS).unit(unit).span(4).height(4).withTarget(target);
+function stat(title: string, unit: string, description: string, target: DataqueryBuilder | DataqueryBuilder[]): Stat {
+  const s = new Stat().title(title).description(description).datasource(DS).unit(unit).span(4).height(4);
+  for (const t of Array.isArray(target) ? target : [target]) s.withTarget(t);
+  return s;
 }
 
 export function buildDashboard(): Dashboard {
@@ -57,7 +59,10 @@ export function buildDashboard(): Dashboard {
     .withPanel(stat('Tokens / s', 'none', 'Throughput of the last optimizer step.', q(`max(dqlora_tokens_per_second{${C}})`, 'tokens/s')))
     .withPanel(stat('Workers training', 'none', 'Workers the coordinator counts in the training state.', q(`sum(dqlora_workers{${C}, state="training"})`, 'training')))
     .withPanel(stat('Workers failed', 'none', 'Workers declared lost (missed heartbeats, closed stream, failed command).', q(`sum(dqlora_workers{${C}, state="failed"})`, 'failed')))
-    .withPanel(stat('Pipeline bubble', 'percentunit', 'Fraction of the last step each stage spent idle, averaged over workers.', q(`max(dqlora_pipeline_bubble_ratio{${C}})`, 'bubble')));
+    .withPanel(stat('Pipeline bubble', 'percentunit', 'Fraction of the last step each stage spent idle, averaged over workers.', q(`max(dqlora_pipeline_bubble_ratio{${C}})`, 'bubble')))
+    .withPanel(stat('Micro-batch size', 'none', 'Sequences per micro-batch the steps run with (as requested, or what micro_batch_size: auto picked), and how many times a micro-batch that did not fit in device memory was split in halves (the step ran again with the same examples).', [
+      q(`max(dqlora_micro_batch_size{${C}})`, 'sequences'), q(`max(dqlora_micro_batch_splits_total{${C}})`, 'out-of-memory splits'),
+    ]));
 
   d.withRow(new RowBuilder('Training'))
     .withPanel(ts('Loss', 'none', 'Training loss per optimizer step (mean over label tokens) and validation loss at each evaluation.', [

@@ -12,8 +12,8 @@
 // otherwise. Ops whose kernels are bf16-only (attention)
 // convert f32 inputs on the fly.
 
-import type { AdamWHyper, AttentionSaved, Backend, DType, DropoutKey, Nf4Weight, QuantizedTensor, Tensor } from '../backend.ts';
-import { BackendError, ShapeError, check } from '../../../common/errors.ts';
+import type { AdamWHyper, AllocationTracker, AttentionSaved, Backend, DType, DropoutKey, Nf4Weight, QuantizedTensor, Tensor } from '../backend.ts';
+import { BackendError, OUT_OF_MEMORY_CODE, OutOfMemoryError, ShapeError, check } from '../../../common/errors.ts';
 import { DYNAMIC_SIGNED_MAP, NESTED_BLOCKSIZE, NF4_TABLE, checkFiniteWeight, type QuantizeNf4Options } from '../nf4.ts';
 import { DTYPE_BYTES, DTYPE_CODE, NULL_PTR, loadNative, offsetPtr, type DeviceInfo, type DevicePtr, type NativeAddon, type PoolStats } from './native.ts';
 
@@ -77,20 +77,38 @@ const FLOAT_DTYPES = new Set<DType>(['f32', 'bf16']);
 export interface CudaBackendOptions {
   /** CUDA device ordinal (default 0, or DQLORA_CUDA_DEVICE). */
   device?: number;
+  /**
+   * A budget for the pool's live bytes below the device's memory (createBackend passes DQLORA_MEM_LIMIT_BYTES): an
+   * allocation beyond it fails as a full device would (after giving the cached blocks back), with OutOfMemoryError.
+   */
+  memoryLimitBytes?: number;
 }
 
 export class CudaBackend implements Backend {
   readonly name = 'cuda' as const;
   readonly actDtype: DType = 'bf16';
   private warnedDoubleFree = false;
+  /** Storages allocated while a tracker runs (trackAllocations). */
+  private tracked?: Set<Storage>;
 
-  constructor(private readonly nat: NativeAddon, readonly info: DeviceInfo) {}
+  constructor(private readonly nat: NativeAddon, readonly info: DeviceInfo, readonly device = 0, readonly memoryLimitBytes?: number) {}
 
   // ---- memory -------------------------------------------------------------------------------------
   private alloc(shape: readonly number[], dtype: DType): CudaTensor {
     if (dtype === 'f16') throw new BackendError('the cuda backend does not compute in f16', { hint: "use 'bf16' or 'act'" });
     const t = shapeSize(shape) * DTYPE_BYTES[dtype];
-    return new CudaTensor(new Storage(this.nat.alloc(t), t), 0, [...shape], dtype);
+    let ptr: DevicePtr;
+    try {
+      ptr = this.nat.alloc(t);
+    } catch (e) {
+      // The pool has already waited for the stream, given its cached blocks back and tried again (src/runtime.cu).
+      if ((e as { code?: unknown }).code !== OUT_OF_MEMORY_CODE) throw e;
+      const st = this.nat.poolStats();
+      throw new OutOfMemoryError(`cuda:${this.device}`, t, st.inUse, this.memoryLimitBytes, { detail: `[${shape.join(', ')}] ${dtype}; ${(e as Error).message.replace(/^dqlora cuda: /, '')}`, cause: e });
+    }
+    const storage = new Storage(ptr, t);
+    this.tracked?.add(storage);
+    return new CudaTensor(storage, 0, [...shape], dtype);
   }
 
   private resolve(dtype: DType | 'act' | undefined, data?: Float32Array | Int32Array | Uint8Array): DType {
@@ -170,6 +188,7 @@ export class CudaBackend implements Backend {
       return;
     }
     ct.storage.freed = true;
+    this.tracked?.delete(ct.storage);
     this.nat.free(ct.storage.ptr);
   }
 
@@ -190,6 +209,33 @@ export class CudaBackend implements Backend {
 
   memoryInUse(): number {
     return this.nat.poolStats().inUse;
+  }
+
+  memoryBudget(): number {
+    return Math.min(this.memoryLimitBytes ?? Infinity, this.info.totalMemory);
+  }
+
+  trackAllocations(): AllocationTracker {
+    if (this.tracked) throw new BackendError('trackAllocations: a tracker is already running on this backend');
+    const set = this.tracked = new Set<Storage>();
+    return {
+      freeLeftovers: () => {
+        let bytes = 0;
+        for (const st of set) {
+          if (st.freed) continue;
+          st.freed = true;   // stream-ordered: a kernel still queued on the block finishes before the pool hands it out
+          this.nat.free(st.ptr);
+          bytes += st.bytes;
+        }
+        set.clear();
+        return bytes;
+      },
+      close: () => { if (this.tracked === set) this.tracked = undefined; set.clear(); },
+    };
+  }
+
+  releaseCache(): void {
+    this.nat.poolTrim();
   }
 
   /** Allocator statistics (live, cached, peaks, device free/total). */
@@ -629,8 +675,12 @@ export function createCudaBackend(opts: CudaBackendOptions = {}): CudaBackend {
   if (!Number.isInteger(device) || device < 0 || device >= dc.count) {
     throw new BackendError(`cuda backend: device ${device} does not exist (${dc.count} visible)`);
   }
+  const limit = opts.memoryLimitBytes;
+  if (limit !== undefined && !(Number.isSafeInteger(limit) && limit > 0)) throw new BackendError(`memoryLimitBytes must be a positive integer, got ${limit}`);
   try {
-    return new CudaBackend(nat, nat.init(device));
+    const info = nat.init(device);
+    nat.poolSetLimit(limit ?? 0);
+    return new CudaBackend(nat, info, device, limit);
   } catch (e) {
     throw new BackendError(`cuda backend unavailable: ${String((e as Error).message).split('\n')[0]}`, { cause: e });
   }

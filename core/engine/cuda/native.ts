@@ -1,7 +1,8 @@
 // The whole native surface of the CUDA addon (build/dqlora_cuda.node, sources in src/), in one typed file.
 // Device pointers are opaque `DevicePtr` numbers (x86-64 device addresses fit in 53 bits); dtypes travel as
 // the codes of DTYPE_CODE. Every function throws a JS Error with "file:line" on a CUDA/cuBLAS failure; none
-// aborts the process. Set DQLORA_CUDA_TRACE=1 to log every call (name, arguments, milliseconds) to stderr.
+// aborts the process. An out-of-memory failure (the pool's cudaMalloc, the pool's limit, any CUDA call returning
+// cudaErrorMemoryAllocation) carries `code: 'DQLORA_OOM'` and `requestedBytes` (core/engine/oom.ts isOutOfMemory). Set DQLORA_CUDA_TRACE=1 to log every call (name, arguments, milliseconds) to stderr.
 
 import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
@@ -74,6 +75,11 @@ export interface NativeAddon {
   synchronize(): void;
   poolStats(): PoolStats;
   poolTrim(): void;
+  /**
+   * Caps the pool's live + cached bytes at `bytes` (0 = no cap; the device's memory still is one): beyond it an
+   * allocation first gives the cached blocks back, then fails like a cudaMalloc out of memory.
+   */
+  poolSetLimit(bytes: number): void;
   poolResetPeak(): void;
 
   // elementwise / reductions

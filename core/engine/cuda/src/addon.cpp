@@ -16,6 +16,17 @@ using namespace dq;
 namespace dq {
 Napi::Value downloadAsyncJs(const Napi::CallbackInfo& info);  // download_async.cpp
 void pinnedTrim();
+
+// The JS error of a C++ exception: "dqlora cuda: <what>"; an OutOfMemory also gets code 'DQLORA_OOM' (the value
+// of OUT_OF_MEMORY_CODE in common/errors.ts) and requestedBytes, so it is recognised without parsing the message.
+Napi::Error toJsError(Napi::Env env, const std::exception& e) {
+  Napi::Error err = Napi::Error::New(env, std::string("dqlora cuda: ") + e.what());
+  if (auto* oom = dynamic_cast<const OutOfMemory*>(&e)) {
+    err.Set("code", Napi::String::New(env, "DQLORA_OOM"));
+    err.Set("requestedBytes", Napi::Number::New(env, (double)oom->requested));
+  }
+  return err;
+}
 }  // namespace dq
 
 namespace {
@@ -45,7 +56,7 @@ void requireReady() {
   if (!g_ready) throw Error("the CUDA backend is not initialised: call init() first");
 }
 
-// Wraps a body so that C++ exceptions become JS exceptions.
+// Wraps a body so that C++ exceptions become JS exceptions (out of memory: code 'DQLORA_OOM', see toJsError).
 template <class F>
 Napi::Value guard(const Napi::CallbackInfo& info, F body) {
   try {
@@ -53,7 +64,7 @@ Napi::Value guard(const Napi::CallbackInfo& info, F body) {
   } catch (const Napi::Error&) {
     throw;
   } catch (const std::exception& e) {
-    throw Napi::Error::New(info.Env(), std::string("dqlora cuda: ") + e.what());
+    throw dq::toJsError(info.Env(), e);
   }
 }
 #define FN(name) Napi::Value name(const Napi::CallbackInfo& info) { return guard(info, [&]() -> Napi::Value {
@@ -162,6 +173,11 @@ FN(poolTrimJs)
   requireReady();
   poolTrim();
   pinnedTrim();
+  return info.Env().Undefined();
+END_FN
+
+FN(poolSetLimitJs)
+  poolSetLimit((size_t)intArg(info, 0));
   return info.Env().Undefined();
 END_FN
 
@@ -377,6 +393,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   EXPORT("poolStats", poolStatsJs);
   EXPORT("poolTrim", poolTrimJs);
   EXPORT("poolResetPeak", poolResetPeakJs);
+  EXPORT("poolSetLimit", poolSetLimitJs);
   EXPORT("convert", convertJs);
   EXPORT("matmul", matmul);
   EXPORT("axpy", axpyJs);

@@ -19,15 +19,25 @@ struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+/**
+ * The device has no memory for an allocation (cudaMalloc failed after the pool gave its cache back, the pool's
+ * limit, or any CUDA call returning cudaErrorMemoryAllocation). The binding layer turns it into a JS Error with
+ * code 'DQLORA_OOM' and requestedBytes, which a trainer recognises and survives by splitting the micro-batch.
+ */
+struct OutOfMemory : Error {
+  size_t requested;
+  OutOfMemory(const std::string& what, size_t requested) : Error(what), requested(requested) {}
+};
+
 [[noreturn]] void fail(const std::string& what, const char* file, int line);
+/** fail() for a CUDA error code: OutOfMemory for cudaErrorMemoryAllocation, Error otherwise. */
+[[noreturn]] void failCuda(cudaError_t err, const char* expr, const char* file, int line);
 
 // Every CUDA runtime call goes through CUDA_CHECK: it throws dq::Error("<call> failed: <reason> at file:line").
 #define CUDA_CHECK(expr)                                                                           \
   do {                                                                                             \
     cudaError_t err_ = (expr);                                                                     \
-    if (err_ != cudaSuccess)                                                                       \
-      ::dq::fail(std::string(#expr) + " failed: " + cudaGetErrorName(err_) + " (" +                \
-                     cudaGetErrorString(err_) + ")", __FILE__, __LINE__);                          \
+    if (err_ != cudaSuccess) ::dq::failCuda(err_, #expr, __FILE__, __LINE__);                      \
   } while (0)
 
 // After every kernel launch: a launch error (bad config, no kernel image for this GPU) is caught here.
@@ -58,6 +68,8 @@ PoolStats poolStats();
 void poolResetPeak();
 /** Returns every cached free block to the driver (cudaFree). */
 void poolTrim();
+/** Caps live + cached bytes (0 = no cap): beyond it the cache is given back, then the allocation fails (OutOfMemory). */
+void poolSetLimit(size_t bytes);
 
 /** RAII scratch from the pool, freed at scope exit (the free is stream-ordered, see above). */
 struct Scratch {

@@ -25,6 +25,8 @@
 
 namespace dq {
 
+Napi::Error toJsError(Napi::Env env, const std::exception& e);  // addon.cpp
+
 static cudaStream_t g_copyStream = nullptr;
 
 namespace {
@@ -186,7 +188,7 @@ Napi::Value downloadAsyncJs(const Napi::CallbackInfo& info) {
   } catch (const Napi::Error&) {
     throw;
   } catch (const std::exception& e) {
-    throw Napi::Error::New(env, std::string("dqlora cuda: ") + e.what());
+    throw toJsError(env, e);
   }
 }
 

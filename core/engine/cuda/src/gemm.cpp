@@ -69,9 +69,13 @@ std::string libPath;
 #define LT_CHECK(expr)                                                                              \
   do {                                                                                              \
     cublasStatus_t st_ = (expr);                                                                    \
-    if (st_ != 0)                                                                                   \
-      ::dq::fail(std::string(#expr) + " failed: cuBLAS status " + std::to_string(st_) + " (" +      \
-                     (lt.statusString ? lt.statusString(st_) : "?") + ")", __FILE__, __LINE__);     \
+    if (st_ != 0) {                                                                                 \
+      std::string m_ = std::string(#expr) + " failed: cuBLAS status " + std::to_string(st_) + " (" +  \
+                       (lt.statusString ? lt.statusString(st_) : "?") + ")";                         \
+      /* 3 = CUBLAS_STATUS_ALLOC_FAILED: out of device memory, as a failed cudaMalloc */              \
+      if (st_ == 3) throw ::dq::OutOfMemory(m_ + " at gemm.cpp:" + std::to_string(__LINE__), 0);     \
+      ::dq::fail(m_, __FILE__, __LINE__);                                                           \
+    }                                                                                               \
   } while (0)
 
 template <class F> void sym(F& f, const char* name) {

@@ -7,10 +7,24 @@
 
 namespace dq {
 
-void fail(const std::string& what, const char* file, int line) {
+static const char* baseName(const char* file) {
   const char* base = file;
   for (const char* c = file; *c; c++) if (*c == '/') base = c + 1;
-  throw Error(what + " at " + base + ":" + std::to_string(line));
+  return base;
+}
+
+void fail(const std::string& what, const char* file, int line) {
+  throw Error(what + " at " + baseName(file) + ":" + std::to_string(line));
+}
+
+void failCuda(cudaError_t err, const char* expr, const char* file, int line) {
+  std::string what = std::string(expr) + " failed: " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ") at " +
+                     baseName(file) + ":" + std::to_string(line);
+  if (err == cudaErrorMemoryAllocation) {
+    (void)cudaGetLastError();  // not sticky: clear it so the next call does not report it again
+    throw OutOfMemory(what, 0);
+  }
+  throw Error(what);
 }
 
 static cudaStream_t g_stream = nullptr;
@@ -32,6 +46,7 @@ std::mutex mu;
 std::multimap<size_t, void*> freeBlocks;      // rounded size -> block
 std::unordered_map<void*, size_t> liveBlocks;  // block -> rounded size
 size_t inUse = 0, cached = 0, peakInUse = 0, peakReserved = 0;
+size_t limit = 0;  // poolSetLimit: cap on inUse + cached (0 = none)
 
 size_t roundSize(size_t n) {
   if (n == 0) n = 1;
@@ -46,18 +61,36 @@ void trimLocked() {
 }
 }  // namespace
 
+[[noreturn]] static void failOutOfMemory(const std::string& why, size_t need, const char* file, int line) {
+  size_t freeB = 0, totalB = 0;
+  cudaMemGetInfo(&freeB, &totalB);
+  (void)cudaGetLastError();
+  throw OutOfMemory("cudaMalloc of " + std::to_string(need) + " bytes failed: " + why + " (live " + std::to_string(inUse) +
+                        " B in " + std::to_string(liveBlocks.size()) + " blocks; device free " + std::to_string(freeB) +
+                        " of " + std::to_string(totalB) + " B) at " + baseName(file) + ":" + std::to_string(line),
+                    need);
+}
+
 void* poolAlloc(size_t bytes) {
   std::lock_guard<std::mutex> lock(mu);
   size_t need = roundSize(bytes);
+  // The limit rehearses a smaller device: live bytes may not pass it, whatever the cache holds.
+  if (limit && inUse + need > limit)
+    failOutOfMemory("out of memory under the pool limit of " + std::to_string(limit) + " B", need, __FILE__, __LINE__);
   auto it = freeBlocks.lower_bound(need);
   void* p = nullptr;
   size_t got = need;
-  if (it != freeBlocks.end() && it->first <= need * 2) {
+  if (it != freeBlocks.end() && it->first <= need * 2 && (!limit || inUse + it->first <= limit)) {
     p = it->second;
     got = it->first;
     cached -= got;
     freeBlocks.erase(it);
   } else {
+    if (limit && inUse + cached + need > limit) {
+      // Under the limit only once the cache is given back (as a full device would make us).
+      cudaStreamSynchronize(g_stream);
+      trimLocked();
+    }
     cudaError_t e = cudaMalloc(&p, need);
     if (e != cudaSuccess) {
       (void)cudaGetLastError();
@@ -65,15 +98,7 @@ void* poolAlloc(size_t bytes) {
       cudaStreamSynchronize(g_stream);
       trimLocked();
       e = cudaMalloc(&p, need);
-      if (e != cudaSuccess) {
-        (void)cudaGetLastError();
-        size_t freeB = 0, totalB = 0;
-        cudaMemGetInfo(&freeB, &totalB);
-        fail("cudaMalloc of " + std::to_string(need) + " bytes failed: " + cudaGetErrorString(e) +
-                 " (live " + std::to_string(inUse) + " B in " + std::to_string(liveBlocks.size()) +
-                 " blocks; device free " + std::to_string(freeB) + " of " + std::to_string(totalB) + " B)",
-             __FILE__, __LINE__);
-      }
+      if (e != cudaSuccess) failOutOfMemory(cudaGetErrorString(e), need, __FILE__, __LINE__);
     }
   }
   liveBlocks[p] = got;
@@ -103,6 +128,11 @@ void poolResetPeak() {
   std::lock_guard<std::mutex> lock(mu);
   peakInUse = inUse;
   peakReserved = inUse + cached;
+}
+
+void poolSetLimit(size_t bytes) {
+  std::lock_guard<std::mutex> lock(mu);
+  limit = bytes;
 }
 
 void poolTrim() {
