@@ -5,7 +5,7 @@
 // is one place.
 import type { JobConfig } from './job.ts';
 import type { LoadOptions } from '../core/model/loader.ts';
-import type { PackingOptions } from '../core/train/batch.ts';
+import type { Example, PackingOptions } from '../core/train/batch.ts';
 
 /** What the stage loader needs from the job (the loop adds lora, seed, progress). */
 export function stageLoadOptions(job: JobConfig): Pick<LoadOptions, 'blocksize' | 'doubleQuant' | 'quantization' | 'gradientCheckpointing' | 'neftuneAlpha' | 'loraplusLrRatio' | 'useDora'> {
@@ -23,4 +23,15 @@ export function stageLoadOptions(job: JobConfig): Pick<LoadOptions, 'blocksize' 
 /** Sample packing for makeMicroBatch (undefined = one example per row). */
 export function packingOptions(job: JobConfig): PackingOptions | undefined {
   return job.data.packing ? { maxLength: job.data.max_length } : undefined;
+}
+
+/**
+ * The sequence length `micro_batch_size: auto` probes with: the longest training example (a micro-batch is padded
+ * to its longest), or data.max_length with packing (a packed row holds up to max_length tokens).
+ */
+export function probeLength(job: JobConfig, train: readonly Example[]): number {
+  if (job.data.packing) return job.data.max_length;
+  let T = 1;
+  for (const e of train) T = Math.max(T, e.inputIds.length);
+  return T;
 }

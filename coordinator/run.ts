@@ -24,7 +24,7 @@ import { checkRunLength, lingerForScrape, logRecover, type StopSignals } from '.
 import { RecoveryBudget } from './distributed/recovery-budget.ts';
 import { Backoff, isConnectionError, sleep } from '../common/connection.ts';
 import { compareAnswers } from './answer.ts';
-import { packingOptions } from './features.ts';
+import { packingOptions, probeLength } from './features.ts';
 import { buildDataset } from './data/dataset.ts';
 import { createBackend } from '../core/engine/index.ts';
 import type { Backend } from '../core/engine/backend.ts';
@@ -224,8 +224,7 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
     if (mbPlan.auto) {
       // Config validation keeps auto to one process (job.ts checkMicroBatchSettings).
       if (!(ex instanceof InProcessExecutor)) throw new ConfigError('training.micro_batch_size: auto needs a one-process run (distributed.workers: 0)');
-      let T = job.data.max_length;
-      if (!job.data.packing) { T = 1; for (const e of ds.train) T = Math.max(T, e.inputIds.length); }
+      const T = probeLength(job, ds.train);
       const a = ex.autoMicroBatchSize(mbPlan.microBatchSize, T);
       planner = planner.withMicroBatchSize(a.rows);
       microBatch.rows = a.rows;

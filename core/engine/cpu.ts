@@ -65,7 +65,7 @@ export class CpuBackend implements Backend {
   private bytesPeak = 0;
   /** Storages allocated while a tracker runs (trackAllocations). */
   private tracked?: Set<Storage>;
-  readonly memoryLimitBytes: number | undefined;
+  private limit: number | undefined;
   private readonly scratch = new Scratch();
   private readonly philoxOut = new Uint32Array(4);
   /** Freed float32 buffers by exact length, for reuse (a step repeats the same shapes). */
@@ -79,9 +79,15 @@ export class CpuBackend implements Backend {
     const cores = cpuThreads();
     this.threads = Math.max(1, Math.min(cores, opts.threads ?? cores));
     this.reuseCap = Math.max(0, opts.reuseBytes ?? 256 * 2 ** 20);
-    const lim = opts.memoryLimitBytes;
-    if (lim !== undefined && !(Number.isSafeInteger(lim) && lim > 0)) throw new BackendError(`memoryLimitBytes must be a positive integer, got ${lim}`);
-    this.memoryLimitBytes = lim;
+    this.setMemoryLimit(opts.memoryLimitBytes);
+  }
+
+  /** The live-tensor budget (CpuBackendOptions.memoryLimitBytes); undefined = none. */
+  get memoryLimitBytes(): number | undefined { return this.limit; }
+  /** Sets or lifts (undefined) the budget: tests use it to refuse allocations from an exact point of a step on. */
+  setMemoryLimit(bytes: number | undefined): void {
+    if (bytes !== undefined && !(Number.isSafeInteger(bytes) && bytes >= 0)) throw new BackendError(`memoryLimitBytes must be a non-negative integer, got ${bytes}`);
+    this.limit = bytes;
   }
 
   // ---- memory -------------------------------------------------------------------------------------
@@ -131,7 +137,7 @@ export class CpuBackend implements Backend {
 
   /** Refuses an allocation of `bytes` beyond memoryLimitBytes (nothing is allocated). */
   private reserve(bytes: number): void {
-    const lim = this.memoryLimitBytes;
+    const lim = this.limit;
     if (lim !== undefined && this.bytesLive + bytes > lim) throw new OutOfMemoryError('cpu', bytes, this.bytesLive, lim);
   }
 
