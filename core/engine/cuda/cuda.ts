@@ -91,7 +91,16 @@ export class CudaBackend implements Backend {
   /** Storages allocated while a tracker runs (trackAllocations). */
   private tracked?: Set<Storage>;
 
-  constructor(private readonly nat: NativeAddon, readonly info: DeviceInfo, readonly device = 0, readonly memoryLimitBytes?: number) {}
+  constructor(private readonly nat: NativeAddon, readonly info: DeviceInfo, readonly device = 0, private limit?: number) {}
+
+  /** The pool's budget (CudaBackendOptions.memoryLimitBytes); undefined = the device's memory. */
+  get memoryLimitBytes(): number | undefined { return this.limit; }
+  /** Sets or lifts (undefined) the budget of the process-wide pool (benchmarks rehearse a smaller card with it). */
+  setMemoryLimit(bytes: number | undefined): void {
+    if (bytes !== undefined && !(Number.isSafeInteger(bytes) && bytes > 0)) throw new BackendError(`memoryLimitBytes must be a positive integer, got ${bytes}`);
+    this.nat.poolSetLimit(bytes ?? 0);
+    this.limit = bytes;
+  }
 
   // ---- memory -------------------------------------------------------------------------------------
   private alloc(shape: readonly number[], dtype: DType): CudaTensor {
