@@ -104,7 +104,7 @@ function run(name: string, o: { micro: number; gradAccum: number; seq: number; s
   };
   const t = new Trainer(be, [stage], o.data, settings, { configHash: 'oom-demo', dataHash: 'oom-demo' });
   const splits: MicroBatchSplit[] = [];
-  t.pipeline.onSplit = (s) => { splits.push(s); log(`${name}: step ${s.step + 1}: out of device memory with micro-batches of ${s.fromRows} → ${s.toRows} (${s.fromMicroBatches} → ${s.toMicroBatches} per step): ${s.error}`); };
+  t.pipeline.onSplit = (s) => { splits.push(s); log(`${name}: step ${s.step}: out of device memory with micro-batches of ${s.fromRows} → ${s.toRows} (${s.fromMicroBatches} → ${s.toMicroBatches} per step): ${s.error}`); };
   mem.settle(); mem.resetPeak();
   mem.setLimit(o.limit);
   const r: RunResult = { name, micro: o.micro, gradAccum: o.gradAccum, seq: o.seq, limit: o.limit, losses: [], splits, peak: 0, tokensPerSec: 0, seconds: 0 };
@@ -149,7 +149,7 @@ function table(title: string, runs: RunResult[]): void {
   for (let i = 0; i < n; i++) md.push(`| ${i + 1} | ${runs.map((r) => r.losses[i]?.toFixed(5) ?? '–').join(' | ')} |`);
   md.push(`| peak live | ${runs.map((r) => gib(r.peak)).join(' | ')} |`, `| tokens/s | ${runs.map((r) => r.tokensPerSec.toFixed(0)).join(' | ')} |`);
   md.push(`| micro-batch (rows) at the end | ${runs.map((r) => `${r.finalRows ?? r.micro}${r.error ? ` — FAILED: ${r.error}` : ''}`).join(' | ')} |`, '');
-  for (const r of runs) for (const s of r.splits) md.push(`- ${r.name}: step ${s.step + 1}: out of device memory at ${s.fromRows} rows → ${s.toRows} (${s.fromMicroBatches} → ${s.toMicroBatches} micro-batches per step): \`${s.error}\``);
+  for (const r of runs) for (const s of r.splits) md.push(`- ${r.name}: step ${s.step}: out of device memory at ${s.fromRows} rows → ${s.toRows} (${s.fromMicroBatches} → ${s.toMicroBatches} micro-batches per step): \`${s.error}\``);
   md.push('');
 }
 

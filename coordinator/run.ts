@@ -212,9 +212,9 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
   const onSplit = (sp: MicroBatchSplit): void => {
     microBatch.splits.push(sp);
     microBatch.rows = sp.toRows;
-    const where = sp.phase === 'train' ? `step ${sp.step + 1}` : `evaluation after step ${sp.step}`;
+    const where = sp.phase === 'train' ? `step ${sp.step}` : `evaluation after step ${sp.step}`;
     print(`${where}: out of device memory with micro-batches of ${sp.fromRows} sequence(s); running it again with micro-batches of ${sp.toRows} (${sp.fromMicroBatches} → ${sp.toMicroBatches} micro-batches per ${sp.phase === 'train' ? 'step' : 'evaluation'}: the same examples and loss normaliser) and keeping that size for the rest of the run`);
-    notify(observers, 'onMicroBatch', { step: sp.step, reason: 'out-of-memory', rows: sp.toRows, previousRows: sp.fromRows, batchSize: microBatch.batchSize, message: sp.error });
+    notify(observers, 'onMicroBatch', { step: sp.phase === 'train' ? sp.step - 1 : sp.step, reason: 'out-of-memory', rows: sp.toRows, previousRows: sp.fromRows, batchSize: microBatch.batchSize, message: sp.error });
   };
   try {
     executor = distributed

@@ -46,7 +46,7 @@ export class LocalPipeline {
       const pieces = capMicroBatchRows(planned, this.rowsCap);
       const r = this.undoOnOom(() => pieces.reduce((acc, mb, id) => acc + this.forwardBackward(id, mb, dropout, input.gradScale), 0));
       if ('value' in r) { lossSum = r.value; break; }
-      this.split(r.oom, 'train', input.step, pieces, (cap) => capMicroBatchRows(planned, cap).length);
+      this.split(r.oom, 'train', input.step + 1, pieces, (cap) => capMicroBatchRows(planned, cap).length);
     }
     const gradNorm = Math.sqrt(gradNormSq(this.be, this.params));
     applyUpdate(this.be, this.params, { step: input.step, lr: input.lr, clipCoef: clipCoefficient(gradNorm, this.settings.maxGradNorm) }, this.settings);
@@ -74,14 +74,14 @@ export class LocalPipeline {
     }
   }
 
-  /** After an out-of-memory failure of micro-batches `ran`: halves the rows cap, says so, or gives up at one row. */
+  /** After an out-of-memory failure of micro-batches `ran` (`step`: 1-based, or the steps done for an evaluation): halves the rows cap, says so, or gives up at one row. */
   private split(oom: unknown, phase: 'train' | 'eval', step: number, ran: readonly MicroBatch[], countAt: (cap: number) => number): void {
     const fromRows = Math.max(1, ...ran.map((mb) => mb.B));
     const error = (oom instanceof Error ? oom.message : String(oom)).split('\n')[0];
     if (fromRows <= 1) {
       const T = Math.max(0, ...ran.map((mb) => mb.T));
       throw new OutOfMemoryError(this.be.name, (oom as { requestedBytes?: number }).requestedBytes ?? 0, this.be.memoryInUse(), this.be.memoryBudget(), {
-        detail: `${phase === 'train' ? `step ${step + 1}` : 'evaluation'} does not fit even with micro-batches of one sequence of ${T} tokens (${error})`,
+        detail: `${phase === 'train' ? `step ${step}` : 'evaluation'} does not fit even with micro-batches of one sequence of ${T} tokens (${error})`,
         hint: 'lower data.max_length, keep training.gradient_checkpointing on, split the model over pipeline stages (distributed.stages), or use a device with more memory',
         cause: oom,
       });
@@ -89,7 +89,7 @@ export class LocalPipeline {
     const toRows = halveRows(fromRows);
     this.rowsCap = toRows;
     const s: MicroBatchSplit = { step, phase, fromRows, toRows, fromMicroBatches: ran.length, toMicroBatches: countAt(toRows), error };
-    log.warn({ step: phase === 'train' ? step + 1 : step, phase, fromRows, toRows, microBatches: `${s.fromMicroBatches} → ${s.toMicroBatches}`, error },
+    log.warn({ step, phase, fromRows, toRows, microBatches: `${s.fromMicroBatches} → ${s.toMicroBatches}`, error },
       `out of device memory: micro-batch size ${fromRows} → ${toRows} for the rest of the run (the ${phase === 'train' ? 'step runs again' : 'evaluation runs again'} with the same examples and loss normaliser)`);
     this.onSplit?.(s);
   }

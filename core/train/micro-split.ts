@@ -17,7 +17,7 @@ import { ConfigError } from '../../common/errors.ts';
 
 /** An out-of-memory split: micro-batches of `fromRows` rows did not fit; the work runs again with `toRows`. */
 export interface MicroBatchSplit {
-  /** Optimizer step (0-based) that ran out of memory and was run again; for an evaluation, the steps done so far. */
+  /** The optimizer step (1-based, as the logs count) that ran out of memory and ran again; for an evaluation, the steps done so far. */
   readonly step: number;
   readonly phase: 'train' | 'eval';
   readonly fromRows: number;

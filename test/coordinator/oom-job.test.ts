@@ -73,7 +73,7 @@ test('micro_batch_size 8 does not fit the budget: split to 4 (grad accumulation 
   assert.equal(split.outcome.microBatch.splits.length, 1, 'halves of 8 fit: no second split');
   assert.deepEqual(split.summary.microBatch.splits.map((s) => [s.step, s.fromRows, s.toRows]), [[first.step, 8, 4]], 'summary.json records it');
   const line = split.printed.find((p) => /out of device memory/.test(p));
-  assert.match(line ?? '', new RegExp(`^step ${first.step + 1}: out of device memory with micro-batches of 8 sequence\\(s\\); running it again with micro-batches of 4 \\(1 → 2 micro-batches per step`));
+  assert.match(line ?? '', new RegExp(`^step ${first.step}: out of device memory with micro-batches of 8 sequence\\(s\\); running it again with micro-batches of 4 \\(1 → 2 micro-batches per step`));
   assert.deepEqual(split.events.map((e) => [e.reason, e.rows, e.previousRows]), [['requested', 8, undefined], ['out-of-memory', 4, 8]]);
 
   close(split, direct, 'split vs micro 4 directly');
