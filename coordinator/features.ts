@@ -1,6 +1,7 @@
 // The training features of issue 13 (quantization: none, sample packing, NEFTune, LoRA+, DoRA, micro_batch_size: auto) as
-// the job loop sees them: the options they turn into for the stage loader, the micro-batches and auto's probe (which combinations a job may ask for is
-// checked when the job is parsed: checkFeatureCombinations in job.ts).
+// the job loop sees them: the options they turn into for the stage loader, the micro-batches and auto's probe (which
+// combinations a job may ask for is checked when the job is parsed: checkFeatureCombinations and
+// checkMicroBatchSettings in job.ts).
 // The job loop (one process or distributed) calls these instead of reading the fields itself, so a feature's wiring
 // is one place.
 import type { JobConfig } from './job.ts';
