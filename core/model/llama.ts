@@ -7,7 +7,7 @@
 //   y2 = rmsnorm(x2) ; h = silu(gate(y2)) · up(y2) ; out = x2 + down(h)
 // Gradient checkpointing (default): only each layer's input is kept; backward recomputes the layer forward.
 import type { Backend, DropoutKey, QuantizedTensor, Tensor } from '../engine/backend.ts';
-import { LoraParams, type QLoraLinear, type LoraHyper, type LoraLinearSaved } from '../engine/lora.ts';
+import { LoraParams, freeSaved, type QLoraLinear, type LoraHyper, type LoraLinearSaved } from '../engine/lora.ts';
 import type { ModelConfig } from './config.ts';
 import { ropeInvFreq } from './config.ts';
 import { neftuneNoise, neftuneMagnitude } from './neftune.ts';
@@ -433,9 +433,22 @@ export class LlamaStage {
     this.be.free(st.keyMask); this.be.free(st.positions);
   }
 
-  /** Drops every in-flight micro-batch (after a failed step). */
+  /**
+   * Drops every in-flight micro-batch (after a failed step): the saved layer inputs, and the full tapes when
+   * checkpointing is off. (A micro-batch whose backward was cut short is no longer in flight: what it held is for the
+   * caller's Backend.trackAllocations to give back.)
+   */
   reset(): void {
-    for (const st of this.states.values()) { for (const t of st.inputs) this.be.free(t); if (st.dOut) this.be.free(st.dOut); this.freeState(st); }
+    for (const st of this.states.values()) {
+      for (const t of st.inputs) this.be.free(t);
+      if (st.dOut) this.be.free(st.dOut);
+      for (const tp of st.tapes ?? []) {
+        if (!tp) continue;
+        for (const s of Object.values(tp.saved)) freeSaved(this.be, s);
+        for (const t of [tp.y1, tp.rstd1, tp.q, tp.k, tp.v, tp.att.out, tp.att.lse, tp.x2, tp.y2, tp.rstd2, tp.g, tp.u, tp.h]) this.be.free(t);
+      }
+      this.freeState(st);
+    }
     this.states.clear();
   }
 

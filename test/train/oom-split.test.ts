@@ -113,9 +113,9 @@ function refuseAt(be: CpuBackend, method: 'embedding' | 'rmsnormBackward' | 'swi
 
 interface Run { losses: number[]; adapter: Float32Array; splits: MicroBatchSplit[]; rows: number | undefined; memoryAfter: number; memoryBefore: number }
 
-function train(opts: { refuse?: Parameters<typeof refuseAt>[1]; at?: number; settings?: Partial<TrainSettings> } = {}): Run {
+function train(opts: { refuse?: Parameters<typeof refuseAt>[1]; at?: number; settings?: Partial<TrainSettings>; checkpointing?: boolean } = {}): Run {
   const be = createCpuBackend();
-  const stage = loadStage(be, dir, fullModelSpec(cfg), { lora: LORA, seed: 9 });
+  const stage = loadStage(be, dir, fullModelSpec(cfg), { lora: LORA, seed: 9, gradientCheckpointing: opts.checkpointing ?? true });
   const t = new Trainer(be, [stage], data, { ...SETTINGS, ...opts.settings }, { configHash: 'c', dataHash: 'd' });
   const splits: MicroBatchSplit[] = [];
   t.pipeline.onSplit = (s) => splits.push(s);
@@ -151,6 +151,25 @@ test('out of memory in the middle of the backward of micro-batch 1 leaves no tra
   whole.losses.forEach((l, i) => assert.ok(Math.abs(l - midBackward.losses[i]) / l < 1e-5, `step ${i + 1}: loss ${midBackward.losses[i]} vs ${l}`));
   assert.ok(relErr(midBackward.adapter, whole.adapter) < 1e-5, `adapter differs by ${relErr(midBackward.adapter, whole.adapter)}`);
   assert.equal(whole.memoryAfter, whole.memoryBefore);
+});
+
+test('gradient checkpointing off (full tapes): out of memory mid-backward leaves no trace either; reset() frees in-flight tapes', () => {
+  const whole = train({ checkpointing: false });
+  const atStart = train({ refuse: 'embedding', at: 1, checkpointing: false });
+  const midBackward = train({ refuse: 'rmsnormBackward', at: MID_BACKWARD_OF_SECOND, checkpointing: false });
+  assert.equal(midBackward.memoryAfter, midBackward.memoryBefore);
+  assert.deepEqual(midBackward.adapter, atStart.adapter);
+  assert.ok(relErr(midBackward.adapter, whole.adapter) < 1e-5);
+  // a micro-batch in flight (forward done, no backward) holds its tapes; reset() gives them all back
+  const be = createCpuBackend();
+  const stage = loadStage(be, dir, fullModelSpec(cfg), { lora: LORA, seed: 9, gradientCheckpointing: false });
+  const before = be.memoryInUse();
+  const mb = makeMicroBatch(data.slice(0, 4), { padId: 0, sampleIds: [0, 1, 2, 3] });
+  stage.forward(0, mb, undefined, { train: true, gradScale: 1 / mb.labelCount, dropout: { k0: 1, k1: 2 } });
+  assert.ok(be.memoryInUse() > before);
+  stage.reset();
+  assert.equal(stage.inFlight, 0);
+  assert.equal(be.memoryInUse(), before);
 });
 
 test('out of memory in a later step: the steps before keep their micro-batches, the rest run halved; same result', () => {
