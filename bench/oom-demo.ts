@@ -11,12 +11,17 @@
 //               (3) micro × GA under the budget: it must split to micro/2. Side-by-side loss curves, peak memory.
 //   part auto — under the same budget, `micro_batch_size: auto`'s probe over batch = micro × GA (real forward +
 //               backward on --seq-token rows, halving), and 2 steps with what it picked vs run (1).
-//   part real — no budget: --real-micro sequences of --real-seq tokens, more than the card holds; the run splits on
-//               the device's own cudaMalloc failure, then the size it settled on is asked directly and compared.
+//   part real — no budget, gradient checkpointing off (the full activations of every layer are kept: the most memory
+//               per token, so the card fills within a few steps' time): --real-micro sequences of --real-seq tokens,
+//               doubled (one step each) until a step runs out of the device's own memory; that size is then trained
+//               --real-steps steps (split by the device's cudaMalloc failure), and the size it settled on is asked
+//               directly and compared.
 //
 //   node oom-demo.mjs --model DIR [--backend cuda|cpu] [--parts cap,auto,real] [--seq 1024] [--micro 16]
-//        [--grad-accum 1] [--steps 5] [--real-micro 96] [--real-seq 2048] [--real-steps 3] [--json out.json] [--md out.md]
-// --backend cpu is a dry run of this script on a tiny model (the cpu backend's budget stands in for the pool's).
+//        [--grad-accum 1] [--steps 5] [--real-micro 8] [--real-max 512] [--real-seq 1024] [--real-steps 3]
+//        [--json out.json] [--md out.md]
+// --backend cpu is a dry run of this script on a tiny model (the cpu backend's budget stands in for the pool's;
+// --real-budget BYTES stands in for the card's memory in part real).
 import { writeFileSync } from 'node:fs';
 import { createCpuBackend, type CpuBackend } from '../core/engine/cpu.ts';
 import type { Backend } from '../core/engine/backend.ts';
@@ -39,7 +44,8 @@ const opt = (name: string, dflt?: string): string => {
 const modelDir = opt('model'), backendName = opt('backend', 'cuda');
 const parts = new Set(opt('parts', 'cap,auto,real').split(','));
 const SEQ = Number(opt('seq', '1024')), MICRO = Number(opt('micro', '16')), GA = Number(opt('grad-accum', '1')), STEPS = Number(opt('steps', '5'));
-const REAL_MICRO = Number(opt('real-micro', '96')), REAL_SEQ = Number(opt('real-seq', '2048')), REAL_STEPS = Number(opt('real-steps', '3'));
+const REAL_MICRO = Number(opt('real-micro', '8')), REAL_MAX = Number(opt('real-max', '512')), REAL_SEQ = Number(opt('real-seq', '1024')), REAL_STEPS = Number(opt('real-steps', '3'));
+const REAL_BUDGET = process.argv.includes('--real-budget') ? Number(opt('real-budget')) : undefined;
 const GiB = 2 ** 30;
 const log = (s: string): void => { process.stdout.write(`[oom-demo] ${s}\n`); };
 const gib = (b: number): string => (b >= GiB / 10 ? `${(b / GiB).toFixed(2)} GiB` : `${(b / 2 ** 20).toFixed(1)} MiB`);
@@ -95,8 +101,8 @@ function examples(n: number, T: number, seed: number): Example[] {
 interface RunResult { name: string; micro: number; gradAccum: number; seq: number; limit?: number; losses: number[]; splits: MicroBatchSplit[]; finalRows?: number; peak: number; tokensPerSec: number; seconds: number; error?: string }
 
 /** A fresh stage on the shared weights, the LoRA back at its initial state, `steps` optimizer steps. */
-function run(name: string, o: { micro: number; gradAccum: number; seq: number; steps: number; limit?: number; data: Example[] }): RunResult {
-  const stage = new LlamaStage(be, cfg, spec, weights, { gradientCheckpointing: true });
+function run(name: string, o: { micro: number; gradAccum: number; seq: number; steps: number; limit?: number; data: Example[]; checkpointing?: boolean }): RunResult {
+  const stage = new LlamaStage(be, cfg, spec, weights, { gradientCheckpointing: o.checkpointing ?? true });
   stage.loraParams().forEach((p, i) => { p.setHostState(initial[i]); p.zeroGrad(); });
   const settings: TrainSettings = {
     epochs: 1000, maxSteps: o.steps, microBatchSize: o.micro, gradAccum: o.gradAccum, replicas: 1, lr: 2e-4, schedule: 'constant',
@@ -201,20 +207,28 @@ if (parts.has('auto')) {
 
 // ---- part real ---------------------------------------------------------------------------------------------------
 if (parts.has('real')) {
-  const realData = examples(REAL_MICRO, REAL_SEQ, 11);
-  const asked = run(`${REAL_MICRO} × 1 requested`, { micro: REAL_MICRO, gradAccum: 1, seq: REAL_SEQ, steps: REAL_STEPS, data: realData });
-  const rows = asked.finalRows;
-  if (!asked.splits.length || rows === undefined) {
-    log(`real: ${REAL_MICRO} rows of ${REAL_SEQ} tokens fit on this device (peak ${gib(asked.peak)}): raise --real-micro to show a split`);
-    md.push(`## part real`, '', `${REAL_MICRO} × ${REAL_SEQ} tokens fit (peak ${gib(asked.peak)}): no out-of-memory to show; raise --real-micro.`, '');
-    res.real = { runs: [asked] };
+  // The smallest size (doubling from --real-micro) whose first step runs out of the device's memory.
+  let rows = REAL_MICRO;
+  const sizes: string[] = [];
+  for (; rows <= REAL_MAX; rows *= 2) {
+    const one = run(`${rows} × 1, 1 step, checkpointing off`, { micro: rows, gradAccum: 1, seq: REAL_SEQ, steps: 1, data: examples(rows, REAL_SEQ, 11), checkpointing: false, limit: REAL_BUDGET });
+    sizes.push(`${rows}: ${one.splits.length ? `out of memory → ${one.finalRows}` : `fits (peak ${gib(one.peak)})`}`);
+    if (one.error) break;
+    if (one.splits.length) break;
+  }
+  md.push(`## part real: no budget, gradient checkpointing off, ${REAL_SEQ}-token sequences`, '', `Looking for a micro-batch the device cannot hold: ${sizes.join('; ')}.`, '');
+  if (rows > REAL_MAX) {
+    md.push(`Nothing up to ${REAL_MAX} rows ran out of memory: no split to show (raise --real-max).`, '');
+    res.real = { sizes };
   } else {
-    const ga = Math.ceil(REAL_MICRO / rows);
-    const again = run(`${rows} × ${ga} asked`, { micro: rows, gradAccum: ga, seq: REAL_SEQ, steps: REAL_STEPS, data: realData });
+    const realData = examples(rows, REAL_SEQ, 11);
+    const asked = run(`${rows} × 1 requested`, { micro: rows, gradAccum: 1, seq: REAL_SEQ, steps: REAL_STEPS, data: realData, checkpointing: false, limit: REAL_BUDGET });
+    const fin = asked.finalRows ?? rows;
+    const again = run(`${fin} × ${Math.ceil(rows / fin)} asked`, { micro: fin, gradAccum: Math.ceil(rows / fin), seq: REAL_SEQ, steps: REAL_STEPS, data: realData, checkpointing: false, limit: REAL_BUDGET });
     const d = maxRel(asked.losses, again.losses);
-    table(`part real: no budget, ${REAL_MICRO} sequences of ${REAL_SEQ} tokens requested (the device's own cudaMalloc failure)`, [asked, again]);
-    md.push(`Requested ${REAL_MICRO} (split to ${rows}) vs ${rows} × ${ga} asked directly: max relative loss difference ${d.toExponential(2)} (bf16 tolerance ${BF16_TOL}): ${d <= BF16_TOL ? '**same loss curve**' : '**NOT shown**'}.`, '');
-    res.real = { runs: [asked, again], maxRel: d };
+    table(`part real: ${rows} sequences of ${REAL_SEQ} tokens requested, checkpointing off, no budget (the device's own cudaMalloc failure)`, [asked, again]);
+    md.push(`Requested ${rows} (split to ${fin}) vs ${fin} × ${Math.ceil(rows / fin)} asked directly: max relative loss difference ${d.toExponential(2)} (bf16 tolerance ${BF16_TOL}): ${asked.splits.length && d <= BF16_TOL ? '**same loss curve**' : '**NOT shown**'}.`, '');
+    res.real = { sizes, runs: [asked, again], maxRel: d };
   }
 }
 

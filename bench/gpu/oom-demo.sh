@@ -6,12 +6,14 @@
 #     32 heads, OOM_LAYERS layers, V 32000, bf16 safetensors);
 #  3. bench/oom-demo.ts on it: micro-batch OOM_MICRO at OOM_SEQ under a pool budget just above what OOM_MICRO/2
 #     needs (split, then the loss curves side by side with OOM_MICRO/2 asked directly and OOM_MICRO with room),
-#     micro_batch_size: auto under that budget, and OOM_REAL_MICRO × OOM_REAL_SEQ with no budget (the device's own
-#     out-of-memory), each with peak memory and the split messages.
+#     micro_batch_size: auto under that budget, and with no budget and gradient checkpointing off, micro-batches of
+#     OOM_REAL_SEQ tokens doubled from OOM_REAL_MICRO until the device itself runs out of memory, that run split and
+#     compared with the size it settled on; each with peak memory and the split messages.
 #   here:   bash bench/gpu/pack-oom.sh
 #   device: carry [".device", "core/engine/cuda/build"], command "bash bench/gpu/oom-demo.sh"
-# Environment: OOM_LAYERS (32), OOM_SEQ (1024), OOM_MICRO (16), OOM_GA (1), OOM_STEPS (5), OOM_REAL_MICRO (96),
-#   OOM_REAL_SEQ (2048), OOM_REAL_STEPS (3), OOM_PARTS (cap,auto,real), OOM_BUDGET_S (480: the whole call).
+# Environment: OOM_LAYERS (32), OOM_SEQ (1024), OOM_MICRO (16), OOM_GA (1), OOM_STEPS (5), OOM_REAL_MICRO (8),
+#   OOM_REAL_MAX (512), OOM_REAL_SEQ (1024), OOM_REAL_STEPS (3), OOM_PARTS (cap,auto,real), OOM_BUDGET_S (480: the
+#   whole call).
 # What comes back in $OUT: log.txt (everything), oom-demo.md (the tables), oom-demo.json.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -43,13 +45,13 @@ timeout 120 node --test --test-reporter=spec .device/cuda-oom.test.mjs 2>&1 | te
 stamp "7B-shaped checkpoint (PyTorch, ${OOM_LAYERS:-32} layers)"
 if [ ! -f "$MODEL/model.safetensors" ]; then
   PYTHONUNBUFFERED=1 timeout "$(( $(left) < 200 ? $(left) : 200 ))" python3 bench/gpu/torch_bench.py --hidden 4096 --ff 11008 --layers "${OOM_LAYERS:-32}" \
-    --heads 32 --kv-heads 32 --seq "${OOM_REAL_SEQ:-2048}" --save "$MODEL" --no-train 2>&1 | tail -3 | tee -a "$LOG"
+    --heads 32 --kv-heads 32 --seq 2048 --save "$MODEL" --no-train 2>&1 | tail -3 | tee -a "$LOG"
 fi
 [ -f "$MODEL/model.safetensors" ] || { echo "no checkpoint written" | tee -a "$LOG"; exit 1; }
 stamp "oom demo ($(left) s left)"
 timeout "$(( $(left) - 5 ))" node .device/oom-demo.mjs --model "$MODEL" --parts "${OOM_PARTS:-cap,auto,real}" \
   --seq "${OOM_SEQ:-1024}" --micro "${OOM_MICRO:-16}" --grad-accum "${OOM_GA:-1}" --steps "${OOM_STEPS:-5}" \
-  --real-micro "${OOM_REAL_MICRO:-96}" --real-seq "${OOM_REAL_SEQ:-2048}" --real-steps "${OOM_REAL_STEPS:-3}" \
+  --real-micro "${OOM_REAL_MICRO:-8}" --real-max "${OOM_REAL_MAX:-512}" --real-seq "${OOM_REAL_SEQ:-1024}" --real-steps "${OOM_REAL_STEPS:-3}" \
   --json "$OUT/oom-demo.json" --md "$OUT/oom-demo.md" 2>&1 | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 stamp done
