@@ -74,7 +74,10 @@ export class LocalPipeline {
     }
   }
 
-  /** After an out-of-memory failure of micro-batches `ran` (`step`: 1-based, or the steps done for an evaluation): halves the rows cap, says so, or gives up at one row. */
+  /**
+   * After an out-of-memory failure of micro-batches `ran` (`step`: 1-based, or the steps done for an evaluation):
+   * halves the rows cap and says so, or gives up when a single row did not fit.
+   */
   private split(oom: unknown, phase: 'train' | 'eval', step: number, ran: readonly MicroBatch[], countAt: (cap: number) => number): void {
     const fromRows = Math.max(1, ...ran.map((mb) => mb.B));
     const error = (oom instanceof Error ? oom.message : String(oom)).split('\n')[0];
@@ -102,6 +105,7 @@ export class LocalPipeline {
   probeMicroBatchRows(candidates: readonly number[], T: number, padId: number): ProbeResult {
     const vocab = this.stages[0].cfg.vocabSize;
     const tried: { rows: number; fits: boolean; error?: string }[] = [];
+    let last: unknown;
     for (const rows of candidates) {
       const mb = probeMicroBatch(rows, T, vocab, padId);
       const r = this.undoOnOom(() => this.forwardBackward(0, mb, dropoutKey(this.settings.seed, 0), lossScale(mb.labelCount)));
@@ -111,9 +115,11 @@ export class LocalPipeline {
         this.be.releaseCache();
         return { rows, tried };
       }
+      last = r.oom;
       tried.push({ rows, fits: false, error: (r.oom instanceof Error ? r.oom.message : String(r.oom)).split('\n')[0] });
     }
-    throw new OutOfMemoryError(this.be.name, 0, this.be.memoryInUse(), this.be.memoryBudget(), {
+    throw new OutOfMemoryError(this.be.name, (last as { requestedBytes?: number } | undefined)?.requestedBytes ?? 0, this.be.memoryInUse(), this.be.memoryBudget(), {
+      cause: last,
       detail: `training.micro_batch_size: auto: not even ${candidates.at(-1)} sequence(s) of ${T} tokens fit (${tried.at(-1)?.error ?? ''})`,
       hint: 'lower data.max_length, keep training.gradient_checkpointing on, or use a device with more memory',
     });
