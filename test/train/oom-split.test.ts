@@ -196,3 +196,20 @@ test('a micro-batch of one sequence that does not fit ends the run with an error
   assert.deepEqual(splits.map((s) => `${s.fromRows}→${s.toRows}`), ['2→1']);
   assert.equal(be.memoryInUse(), loaded);
 });
+
+test('out of memory in an evaluation: evaluated again in halves, the same loss; the smaller size is kept for training', () => {
+  const be = createCpuBackend();
+  const stage = loadStage(be, dir, fullModelSpec(cfg), { lora: LORA, seed: 9 });
+  const t = new Trainer(be, [stage], data, SETTINGS, { configHash: 'c', dataHash: 'd' });
+  const splits: MicroBatchSplit[] = [];
+  t.pipeline.onSplit = (s) => splits.push(s);
+  const clean = t.evaluate(data);
+  const before = be.memoryInUse();
+  refuseAt(be, 'embedding', 3);   // the third micro-batch of this evaluation
+  const again = t.evaluate(data);
+  assert.deepEqual(splits.map((s) => [s.phase, s.fromRows, s.toRows]), [['eval', 4, 2]]);
+  assert.ok(Math.abs(again.loss - clean.loss) < 1e-6 * clean.loss, `${again.loss} vs ${clean.loss}`);
+  assert.equal(again.tokens, clean.tokens);
+  assert.equal(be.memoryInUse(), before);
+  assert.equal(t.pipeline.microBatchRows, 2);
+});
