@@ -16,8 +16,11 @@ import { encodeStageState } from '../../wire/state.ts';
 import { loadCheckpoint } from '../../common/checkpoint.ts';
 import { DqloraError, ShapeError } from '../../common/errors.ts';
 
-/** Activations / gradients crossing between the threads: float32 on the host, [rows, hidden]. */
-export interface HostActivation { readonly data: Float32Array; readonly shape: [number, number] }
+/**
+ * Activations / gradients crossing between the threads, [rows, hidden]: float32, or raw bfloat16 bits (Uint16Array)
+ * where the backend computes in bf16 — they go to the wire and back onto the device as they are, never converted.
+ */
+export interface HostActivation { readonly data: Float32Array | Uint16Array; readonly shape: [number, number] }
 
 /** A run of consecutive layers whose LoRA gradients are all-reduced together (last layers first). */
 export interface GradBucket { readonly index: number; readonly data: Float32Array }
@@ -179,9 +182,9 @@ class StageCompute {
     const be = this.be!;
     const shape: [number, number] = [t.shape[0], t.shape[1]];
     if (SYNC_DOWNLOAD) { const data = be.download(t) as Float32Array; be.free(t); return { data, shape }; }
-    const pending = be.downloadAsync(t);
+    const pending = be.downloadActAsync(t);
     be.free(t);
-    return { data: await pending as Float32Array, shape };
+    return { data: await pending, shape };
   }
 
   private release(): void {
