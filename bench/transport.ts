@@ -1,6 +1,6 @@
 // Stage-to-stage tensor transfer: worker/transport/pipeline.ts (gRPC over loopback HTTP/2) vs a raw TCP socket,
 // measured in the same run, alternating, on the same machine state.
-//   node --import tsx bench/transport.ts [--sizes 16,64] [--reps 7] [--chunk BYTES] [--inflight 1,4]
+//   node --import tsx bench/transport.ts [--sizes 16,64] [--reps 7] [--chunk BYTES] [--inflight 1,4] [--profile DIR]
 // The sender runs in a child process and the receiver here, as two stages are two processes. One transfer =
 // from the sender starting to send one float32 tensor to the sender holding the receiver's ack, the receiver
 // having the whole tensor in one contiguous array (gRPC: validated, checksummed, reassembled; raw TCP: a
@@ -100,7 +100,9 @@ async function main(): Promise<void> {
   const inflights = arg('inflight', '1').split(',').map(Number);
   const server = await startPipelineServer({ jobId: 'bench', jobToken: 'bench-token', maxMessageBytes: Math.max(chunk, PIPELINE_DEFAULT_CHUNK_BYTES), onForward: () => {}, onBackward: () => {} });
   const tcp = await startTcpSink();
-  const execArgv = import.meta.url.endsWith('.ts') ? ['--import', 'tsx'] : [];
+  // --profile DIR: the sender (child) writes a V8 CPU profile there (run this process with --cpu-prof for the receiver).
+  const profDir = arg('profile', '');
+  const execArgv = [...(import.meta.url.endsWith('.ts') ? ['--import', 'tsx'] : []), ...(profDir ? ['--cpu-prof', `--cpu-prof-dir=${profDir}`] : [])];
   const child = fork(fileURLToPath(import.meta.url), [], { execArgv, env: { ...process.env, DQLORA_BENCH_CHILD: JSON.stringify({ grpc: server.address, tcpPort: tcp.port, chunk } satisfies Job) } }) as ChildProcess;
   await new Promise<void>((r) => child.once('message', () => r()));
   let round = 0;
