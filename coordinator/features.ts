@@ -1,11 +1,14 @@
 // The training features of issue 13 (quantization: none, sample packing, NEFTune, LoRA+, DoRA) as the job loop sees them:
-// the options they turn into for the stage loader and the micro-batches (which combinations a job may ask for is
-// checked when the job is parsed: checkFeatureCombinations in job.ts).
+// the options they turn into for the stage loader and the micro-batches.
 // The job loop (one process or distributed) calls these instead of reading the fields itself, so a feature's wiring
-// is one place.
+// is one place: in one process stageLoadOptions goes to the loader; with workers stageSettings goes into every
+// stage's assignment, and the worker's loader gets the same options back from it (wire/assignment.ts
+// stageLoadOptionsOf). Packed micro-batches travel with their per-token layout (wire/assignment.ts microBatchToWire).
 import type { JobConfig } from './job.ts';
 import type { LoadOptions } from '../core/model/loader.ts';
 import type { PackingOptions } from '../core/train/batch.ts';
+import type { LoraConfig } from '../common/peft.ts';
+import type { StageLoraSettings, StageTrainSettings } from '../wire/assignment.ts';
 
 /** What the stage loader needs from the job (the loop adds lora, seed, progress). */
 export function stageLoadOptions(job: JobConfig): Pick<LoadOptions, 'blocksize' | 'doubleQuant' | 'quantization' | 'gradientCheckpointing' | 'neftuneAlpha' | 'loraplusLrRatio' | 'useDora'> {
@@ -23,4 +26,20 @@ export function stageLoadOptions(job: JobConfig): Pick<LoadOptions, 'blocksize' 
 /** Sample packing for makeMicroBatch (undefined = one example per row). */
 export function packingOptions(job: JobConfig): PackingOptions | undefined {
   return job.data.packing ? { maxLength: job.data.max_length } : undefined;
+}
+
+/**
+ * The LoRA and training settings every worker's stage is assigned (`lora`: loraConfigOf(job, cfg)): what the
+ * one-process run gives its loader and optimizer, plus the worker's timeouts.
+ */
+export function stageSettings(job: JobConfig, lora: LoraConfig, o: { stepTimeoutMs: number; chunkBytes: number }): { lora: StageLoraSettings; train: StageTrainSettings } {
+  const t = job.training, load = stageLoadOptions(job);
+  return {
+    lora: { ...lora, useDora: load.useDora, ...(load.loraplusLrRatio !== undefined ? { loraplusLrRatio: load.loraplusLrRatio } : {}) },
+    train: {
+      seed: t.seed, beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_eps, weightDecay: t.weight_decay,
+      quantization: load.quantization!, blocksize: load.blocksize!, doubleQuant: load.doubleQuant!, gradientCheckpointing: load.gradientCheckpointing!,
+      neftuneAlpha: load.neftuneAlpha ?? 0, stepTimeoutMs: o.stepTimeoutMs, chunkBytes: o.chunkBytes,
+    },
+  };
 }
