@@ -102,7 +102,8 @@ test('quantization: none — the workers load their layers unquantized: 2 × 2 =
 });
 
 test('data.packing — packed micro-batches reach every stage with their segments: 2 × 2 = one process (1e-5)', { skip, timeout: 120_000 }, async () => {
-  await assertSameAsOneProcess('packing', { data: { packing: true } });
+  // max_length 128: each micro-batch's two examples (32–52 tokens) share one row.
+  await assertSameAsOneProcess('packing', { data: { packing: true, max_length: 128 } });
 });
 
 test('lora.use_dora — magnitudes train on the workers and are all-reduced: 2 × 2 = one process (1e-5), with every lora_magnitude_vector', { skip, timeout: 120_000 }, async () => {
@@ -128,7 +129,7 @@ test('training.neftune_noise_alpha — the first stage adds the same noise as on
   await assertSameAsOneProcess('neftune', { training: { neftune_noise_alpha: 5 } });
 });
 
-const ALL: Features = { quantization: 'none', data: { packing: true }, lora: { use_dora: true, loraplus_lr_ratio: 4 }, training: { neftune_noise_alpha: 5 } };
+const ALL: Features = { quantization: 'none', data: { packing: true, max_length: 128 }, lora: { use_dora: true, loraplus_lr_ratio: 4 }, training: { neftune_noise_alpha: 5 } };
 let allTwoByTwo: string | undefined;
 
 test('all five together (none + packing + DoRA + LoRA+ + NEFTune): 2 × 2 = one process (1e-5)', { skip, timeout: 120_000 }, async () => {
