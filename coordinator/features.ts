@@ -7,6 +7,7 @@
 import type { JobConfig } from './job.ts';
 import type { LoadOptions } from '../core/model/loader.ts';
 import type { PackingOptions } from '../core/train/batch.ts';
+import { NF4_BYTES_PER_PARAM } from '../core/train/plan.ts';
 import type { LoraConfig } from '../common/peft.ts';
 import type { StageLoraSettings, StageTrainSettings } from '../wire/assignment.ts';
 
@@ -42,4 +43,15 @@ export function stageSettings(job: JobConfig, lora: LoraConfig, o: { stepTimeout
       neftuneAlpha: load.neftuneAlpha ?? 0, stepTimeoutMs: o.stepTimeoutMs, chunkBytes: o.chunkBytes,
     },
   };
+}
+
+/**
+ * Device bytes per decoder-linear weight, for the stage planner's balance and its free-memory check: NF4, or with
+ * quantization: none the full-precision base — float32 with backend: cpu, else bfloat16 (cuda; 'auto' is taken as
+ * cuda, so cpu workers under 'auto' hold twice this). From the job alone, so that the one-process run and the
+ * workers plan the same stage boundaries.
+ */
+export function linearBytesPerParam(job: JobConfig): number {
+  if (job.quantization.mode === 'nf4') return NF4_BYTES_PER_PARAM;
+  return job.backend === 'cpu' ? 4 : 2;
 }

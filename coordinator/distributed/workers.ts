@@ -20,7 +20,7 @@ import { clipCoefficient } from '../../core/train/step.ts';
 import { evalBatches, type StepInput } from '../../core/train/steps.ts';
 import type { Example, MicroBatch } from '../../core/train/batch.ts';
 import { assignWorkers } from './assign.ts';
-import { stageSettings } from '../features.ts';
+import { linearBytesPerParam, stageSettings } from '../features.ts';
 import { ControlPlane, WorkerCommandError, WorkerLostError, type WorkerHandle } from './control.ts';
 import { spawnLocalWorkers, startLocalNats, superviseLocalWorkers, type LocalNats, type LocalWorkers } from './local.ts';
 import { assignmentToWire, microBatchToWire } from '../../wire/assignment.ts';
@@ -76,7 +76,7 @@ export class WorkersExecutor implements StepExecutor {
     private readonly padId: number,
     cfg: ModelConfig,
   ) {
-    const p = planStages(cfg, S);
+    const p = planStages(cfg, S, linearBytesPerParam(job));
     this.specs = p.specs; this.stageBytes = p.bytes;
   }
 

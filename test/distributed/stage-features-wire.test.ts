@@ -1,13 +1,15 @@
 // The issue-13 features at the one wire edge between coordinator and worker (wire/assignment.ts, wire/state.ts):
 // the worker's loader gets from its assignment exactly the options the one-process loader gets from the job; a
 // packed micro-batch reaches every stage with its per-token layout; a DoRA stage's state carries its magnitudes and
-// their AdamW moments both ways; and what does not fit (an unset quantization mode, half a packed layout, a segment
+// their AdamW moments both ways; the planner sizes a quantization: none stage at full precision; and what does not fit (an unset quantization mode, half a packed layout, a segment
 // on padding, magnitudes for some modules only) is refused with a WireError / ConfigError that names it.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { parseJob, loraConfigOf } from '../../coordinator/job.ts';
-import { stageLoadOptions, stageSettings } from '../../coordinator/features.ts';
+import { linearBytesPerParam, stageLoadOptions, stageSettings } from '../../coordinator/features.ts';
+import { assignWorkers } from '../../coordinator/distributed/assign.ts';
+import { planStages } from '../../core/train/plan.ts';
 import { assignmentFromWire, assignmentToWire, microBatchFromWire, microBatchToWire, stageLoadOptionsOf, type Assignment } from '../../wire/assignment.ts';
 import { decodeStageState, encodeStageState } from '../../wire/state.ts';
 import { AssignStage, MicroBatch as WireMicroBatch, QuantizationMode, StageState } from '../../proto/gen/dqlora/v1/control.ts';
@@ -56,6 +58,16 @@ test('an assignment without a quantization mode, or with a bad LoRA+ ratio or NE
   refuse({ ...w, train: { ...w.train!, neftuneNoiseAlpha: -1 } }, /train\.neftune_noise_alpha = -1/);
   // Unset LoRA+ stays unset (plain LoRA), not 0.
   assert.equal(assignmentFromWire(viaBytes(w)).lora.loraplusLrRatio, undefined);
+});
+
+test('quantization: none: the planner counts full-precision linears, so a worker with room for the NF4 stage only is refused', () => {
+  const nf4 = planStages(cfg, 2, linearBytesPerParam(jobWith({ backend: 'cpu' })));
+  const f32 = planStages(cfg, 2, linearBytesPerParam(jobWith({ backend: 'cpu', quantization: 'none' })));
+  const bf16 = planStages(cfg, 2, linearBytesPerParam(jobWith({ backend: 'cuda', quantization: 'none' })));
+  for (let s = 0; s < 2; s++) assert.ok(nf4.bytes[s] < bf16.bytes[s] && bf16.bytes[s] < f32.bytes[s], `stage ${s}: ${nf4.bytes[s]} < ${bf16.bytes[s]} < ${f32.bytes[s]}`);
+  const workers = [0, 1].map((i) => ({ id: `w${i}`, freeMemoryBytes: Math.max(...nf4.bytes) }));
+  assert.equal(assignWorkers(workers, nf4.bytes, 1).length, 1);
+  assert.throws(() => assignWorkers(workers, f32.bytes, 1), (e: Error) => e instanceof ConfigError && /stage \d needs about/.test(e.message));
 });
 
 const ex = (ids: number[], sourceIndex: number): Example => ({ inputIds: Int32Array.from(ids), labels: Int32Array.from(ids), sourceIndex });
