@@ -9,7 +9,7 @@ import type { LoadOptions } from '../core/model/loader.ts';
 import type { PackingOptions } from '../core/train/batch.ts';
 import { NF4_BYTES_PER_PARAM } from '../core/train/plan.ts';
 import type { LoraConfig } from '../common/peft.ts';
-import type { StageLoraSettings, StageTrainSettings } from '../wire/assignment.ts';
+import { STAGE_FEATURES_CAPABILITY, type StageLoraSettings, type StageTrainSettings } from '../wire/assignment.ts';
 
 /** What the stage loader needs from the job (the loop adds lora, seed, progress). */
 export function stageLoadOptions(job: JobConfig): Pick<LoadOptions, 'blocksize' | 'doubleQuant' | 'quantization' | 'gradientCheckpointing' | 'neftuneAlpha' | 'loraplusLrRatio' | 'useDora'> {
@@ -54,4 +54,24 @@ export function stageSettings(job: JobConfig, lora: LoraConfig, o: { stepTimeout
 export function linearBytesPerParam(job: JobConfig): number {
   if (job.quantization.mode === 'nf4') return NF4_BYTES_PER_PARAM;
   return job.backend === 'cpu' ? 4 : 2;
+}
+
+/** The issue-13 features a job turns on, as job.yaml spells them (empty: plain QLoRA). */
+export function featuresUsed(job: JobConfig): string[] {
+  const used: string[] = [];
+  if (job.quantization.mode === 'none') used.push('quantization: none');
+  if (job.data.packing) used.push('data.packing: true');
+  if (job.training.neftune_noise_alpha > 0) used.push(`training.neftune_noise_alpha: ${job.training.neftune_noise_alpha}`);
+  if (job.lora.loraplus_lr_ratio !== undefined) used.push(`lora.loraplus_lr_ratio: ${job.lora.loraplus_lr_ratio}`);
+  if (job.lora.use_dora) used.push('lora.use_dora: true');
+  return used;
+}
+
+/**
+ * What a worker must report to train this job: with any of the features, the capability of a worker whose stage
+ * carries them out (older workers would ignore them and train plain QLoRA); plain jobs take any worker.
+ */
+export function requiredWorkerCapabilities(job: JobConfig): { capability: string; why: string }[] {
+  const used = featuresUsed(job);
+  return used.length ? [{ capability: STAGE_FEATURES_CAPABILITY, why: used.join(', ') }] : [];
 }

@@ -54,6 +54,14 @@ export interface Assignment {
   readonly firstSeq: number;
 }
 
+/**
+ * The capability a worker reports at registration when it carries out every field of this assignment and micro-batch
+ * format: quantization mode, NEFTune, DoRA, LoRA+, packed micro-batches. A worker of an older version would silently
+ * ignore those fields (protobuf drops unknown ones) and train something else, so a job using any of them refuses a
+ * worker without it (coordinator/distributed/control.ts).
+ */
+export const STAGE_FEATURES_CAPABILITY = 'stage-features:1';
+
 /** The namespace of an assignment's pipeline tensors and all-reduce subjects. */
 export function generationId(a: Pick<Assignment, 'jobId' | 'generation'>): string { return `${a.jobId}-g${a.generation}`; }
 

@@ -20,7 +20,7 @@ import { clipCoefficient } from '../../core/train/step.ts';
 import { evalBatches, type StepInput } from '../../core/train/steps.ts';
 import type { Example, MicroBatch } from '../../core/train/batch.ts';
 import { assignWorkers } from './assign.ts';
-import { linearBytesPerParam, stageSettings } from '../features.ts';
+import { linearBytesPerParam, requiredWorkerCapabilities, stageSettings } from '../features.ts';
 import { ControlPlane, WorkerCommandError, WorkerLostError, type WorkerHandle } from './control.ts';
 import { spawnLocalWorkers, startLocalNats, superviseLocalWorkers, type LocalNats, type LocalWorkers } from './local.ts';
 import { assignmentToWire, microBatchToWire } from '../../wire/assignment.ts';
@@ -93,7 +93,7 @@ export class WorkersExecutor implements StepExecutor {
     // Local workers get a random token through their environment (never on the command line or in logs).
     const jobToken = givenToken ?? crypto.randomBytes(16).toString('hex');
     const hbTimeout = d.heartbeat_timeout_s * 1000;
-    const plane = new ControlPlane({ jobId, jobToken, heartbeatIntervalMs: Math.max(100, Math.round(hbTimeout / 5)), heartbeatTimeoutMs: hbTimeout, metrics: o.metrics, onWorkers: o.onWorkers });
+    const plane = new ControlPlane({ jobId, jobToken, heartbeatIntervalMs: Math.max(100, Math.round(hbTimeout / 5)), heartbeatTimeoutMs: hbTimeout, metrics: o.metrics, onWorkers: o.onWorkers, requiredCapabilities: requiredWorkerCapabilities(job) });
     plane.progress.totalSteps = o.totalSteps;
     const ex = new WorkersExecutor(job, plane, o.lora, S, R, jobId, o.padId, o.cfg);
     try {
