@@ -4,6 +4,8 @@
 // is one place: in one process stageLoadOptions goes to the loader; with workers stageSettings goes into every
 // stage's assignment, and the worker's loader gets the same options back from it (wire/assignment.ts
 // stageLoadOptionsOf). Packed micro-batches travel with their per-token layout (wire/assignment.ts microBatchToWire).
+// A job using any feature takes only workers that report they carry them out (requiredWorkerCapabilities), and the
+// stage planner sizes a quantization: none stage at full precision (linearBytesPerParam).
 import type { JobConfig } from './job.ts';
 import type { LoadOptions } from '../core/model/loader.ts';
 import type { PackingOptions } from '../core/train/batch.ts';
