@@ -11,7 +11,7 @@ import type { LoraParams } from '../../core/engine/lora.ts';
 import type { LlamaStage, StageBatch } from '../../core/model/llama.ts';
 import { loadStage } from '../../core/model/loader.ts';
 import { applyUpdate, gradNormSq, restoreLoraParams, type StepDropoutKey } from '../../core/train/step.ts';
-import type { Assignment } from '../../wire/assignment.ts';
+import { stageLoadOptionsOf, type Assignment } from '../../wire/assignment.ts';
 import { encodeStageState } from '../../wire/state.ts';
 import { loadCheckpoint } from '../../common/checkpoint.ts';
 import { DqloraError, ShapeError } from '../../common/errors.ts';
@@ -77,9 +77,7 @@ class StageCompute {
       case 'assign': {
         this.release();
         const be = this.be!, a = r.a;
-        this.stage = loadStage(be, a.modelDir, a.spec, {
-          lora: a.lora, seed: a.train.seed, blocksize: a.train.blocksize, doubleQuant: a.train.doubleQuant, gradientCheckpointing: a.train.gradientCheckpointing,
-        });
+        this.stage = loadStage(be, a.modelDir, a.spec, stageLoadOptionsOf(a));
         this.params = this.stage.loraParams();
         if (a.resumeFrom) restoreLoraParams(this.params, loadCheckpoint(a.resumeFrom));
         this.bucketParams = []; this.bucketBytes = 0;
@@ -107,14 +105,14 @@ class StageCompute {
       case 'setBucket': {
         const { be } = this.need();
         let off = 0;
-        for (const p of this.bucketParams[r.bucket.index]) for (const g of [p.dA, p.dB]) { overwrite(be, g, r.bucket.data.subarray(off, off + g.size)); off += g.size; }
+        for (const p of this.bucketParams[r.bucket.index]) for (const g of gradients(p)) { overwrite(be, g, r.bucket.data.subarray(off, off + g.size)); off += g.size; }
         if (off !== r.bucket.data.length) throw new ShapeError(`gradient bucket ${r.bucket.index}: ${r.bucket.data.length} values for ${off} gradients`);
         return { value: null };
       }
       case 'gradNormSq': return { value: gradNormSq(this.need().be, this.params) };
       case 'bucketSizes': {
         this.ensureBuckets(this.need().stage, r.bucketBytes);
-        return { value: this.bucketParams.map((ps) => ps.reduce((a, p) => a + p.dA.size + p.dB.size, 0)) };
+        return { value: this.bucketParams.map(gradientSize) };
       }
       case 'update': {
         const { be } = this.need();
@@ -153,10 +151,9 @@ class StageCompute {
       const b = endLayer.get(layer);
       if (b === undefined) return;
       const ps = this.bucketParams[b];
-      const n = ps.reduce((a, p) => a + p.dA.size + p.dB.size, 0);
-      const data = new Float32Array(n);
+      const data = new Float32Array(gradientSize(ps));
       let off = 0;
-      for (const p of ps) for (const g of [p.dA, p.dB]) { data.set(be.download(g) as Float32Array, off); off += g.size; }
+      for (const p of ps) for (const g of gradients(p)) { data.set(be.download(g) as Float32Array, off); off += g.size; }
       this.post({ bucket: { index: b, data } }, [data.buffer as ArrayBuffer]);
     };
   }
@@ -167,7 +164,7 @@ class StageCompute {
       this.bucketParams = []; this.bucketEnds = [];
       let cur: LoraParams[] = [], size = 0;
       for (let i = stage.weights.layers.length - 1; i >= 0; i--) {
-        for (const p of stage.layerLoraParams(i)) { cur.push(p); size += 4 * (p.dA.size + p.dB.size); }
+        for (const p of stage.layerLoraParams(i)) { cur.push(p); size += 4 * gradientSize([p]); }
         if (cur.length && (size >= bytes || i === 0)) { this.bucketParams.push(cur); this.bucketEnds.push(i); cur = []; size = 0; }
       }
       this.bucketBytes = bytes;
@@ -191,6 +188,18 @@ class StageCompute {
     this.stage?.reset();
     this.stage = undefined; this.params = []; this.bucketParams = []; this.assignment = undefined;
   }
+}
+
+/**
+ * The gradients of a module that are all-reduced, in bucket order: those of every trainable tensor (A, B and, with
+ * DoRA, the magnitude), the same list the step math norms, clips and updates (LoraParams.trainable).
+ */
+function gradients(p: LoraParams): Tensor[] {
+  return p.trainable().map((t) => t.grad);
+}
+
+function gradientSize(ps: readonly LoraParams[]): number {
+  return ps.reduce((a, p) => a + gradients(p).reduce((b, g) => b + g.size, 0), 0);
 }
 
 function overwrite(be: Backend, dst: Tensor, src: Float32Array): void {
