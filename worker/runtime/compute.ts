@@ -15,6 +15,7 @@ import { stageLoadOptionsOf, type Assignment } from '../../wire/assignment.ts';
 import { encodeStageState } from '../../wire/state.ts';
 import { loadCheckpoint } from '../../common/checkpoint.ts';
 import { DqloraError, ShapeError } from '../../common/errors.ts';
+import { computeNice, niceThisThread } from '../../common/thread-priority.ts';
 
 /**
  * Activations / gradients crossing between the threads, [rows, hidden]: float32, or raw bfloat16 bits (Uint16Array)
@@ -71,6 +72,9 @@ class StageCompute {
   async handle(r: ComputeRequest): Promise<Handled> {
     switch (r.op) {
       case 'init': {
+        // Before the backend starts its kernel threads (they inherit it): the event loop on the main thread wins
+        // the cores when it has work (common/thread-priority.ts).
+        niceThisThread(computeNice());
         this.be = await createBackend(r.device);
         return { value: { name: this.be.name, actDtype: this.be.actDtype, memoryInUse: this.be.memoryInUse(), threads: (this.be as { threads?: number }).threads ?? 0 } satisfies ComputeInfo };
       }
