@@ -59,6 +59,8 @@ class StageCompute {
   /** Bucket k's params (bucket 0 = the stage's last layers), fixed per assignment so every replica agrees. */
   private bucketParams: LoraParams[][] = [];
   private bucketBytes = 0;
+  /** Posts of the current backward's gradient buckets, not yet done (their downloads are in flight). */
+  private pendingBuckets: Promise<void>[] = [];
   /** The layer (within the stage) whose backward completes bucket k. */
   private bucketEnds: number[] = [];
 
@@ -101,9 +103,17 @@ class StageCompute {
         const { be, stage } = this.need();
         const d = r.d ? be.upload(r.d.data, r.d.shape, 'act') : undefined;
         const onLayer = r.bucketBytes ? this.bucketer(stage, r.bucketBytes) : undefined;
-        const dx = stage.backward(r.id, d, onLayer);
-        if (!dx) return { value: {} };
-        const later = this.download(dx).then((h) => ({ value: { dx: h }, transfer: [h.data.buffer as ArrayBuffer] }));
+        let dx: Tensor | undefined;
+        try {
+          dx = stage.backward(r.id, d, onLayer);
+        } catch (e) {
+          // The buckets already started are posted before the error reply (as they would be before a result).
+          await Promise.allSettled(this.pendingBuckets.splice(0));
+          throw e;
+        }
+        const buckets = Promise.all(this.pendingBuckets.splice(0));
+        if (!dx) return onLayer ? { value: undefined, later: buckets.then(() => ({ value: {} })) } : { value: {} };
+        const later = Promise.all([this.download(dx), buckets]).then(([h]) => ({ value: { dx: h }, transfer: [h.data.buffer as ArrayBuffer] }));
         return { value: undefined, later };
       }
       case 'setBucket': {
@@ -155,10 +165,16 @@ class StageCompute {
       const b = endLayer.get(layer);
       if (b === undefined) return;
       const ps = this.bucketParams[b];
-      const data = new Float32Array(gradientSize(ps));
-      let off = 0;
-      for (const p of ps) for (const g of gradients(p)) { data.set(be.download(g) as Float32Array, off); off += g.size; }
-      this.post({ bucket: { index: b, data } }, [data.buffer as ArrayBuffer]);
+      // Asynchronous copies (cuda: queued on the copy stream, snapshots as of now): the remaining layers' backward
+      // kernels keep being queued instead of the stream draining at every bucket. The backward's reply waits for
+      // these posts (pendingBuckets), so the main thread has every bucket before it learns the backward is done.
+      const parts = ps.flatMap(gradients).map((g) => be.downloadAsync(g));
+      this.pendingBuckets.push(Promise.all(parts).then((hs) => {
+        const data = new Float32Array(gradientSize(ps));
+        let off = 0;
+        for (const h of hs) { data.set(h as Float32Array, off); off += h.length; }
+        this.post({ bucket: { index: b, data } }, [data.buffer as ArrayBuffer]);
+      }));
     };
   }
 
