@@ -1,6 +1,6 @@
 // All-reduce throughput over NATS vs raw NATS pub/sub throughput, measured in the same run against a
 // nats-server started here (127.0.0.1, OS-assigned port, default 1 MiB max_payload).
-//   node --import tsx bench/allreduce.ts [--sizes 1,4,16,64] [--ranks 2,4] [--reps 5] [--payload BYTES]
+//   node --import tsx bench/allreduce.ts [--sizes 1,4,16,64] [--ranks 2,4] [--reps 5] [--payload BYTES] [--profile DIR]
 // (--payload: the all-reduce's message size, default the server's max_payload, 1 MiB)
 // Every rank runs in its own child process with its own connection, as separate workers would; the raw
 // baseline is one publisher process → one subscriber process, the same message size, the same bytes. Columns:
@@ -72,7 +72,9 @@ async function childMain(job: Job): Promise<void> {
 type Child = ChildProcess & { postMessage(m: Cmd): void };
 function spawn(job: Job): Promise<Child> {
   // Under tsx the children need its loader; a bundled .mjs build of this file runs as is.
-  const execArgv = import.meta.url.endsWith('.ts') ? ['--import', 'tsx'] : [];
+  // --profile DIR: every child (rank or raw publisher/subscriber) writes a V8 CPU profile there.
+  const profDir = arg('profile', '');
+  const execArgv = [...(import.meta.url.endsWith('.ts') ? ['--import', 'tsx'] : []), ...(profDir ? ['--cpu-prof', `--cpu-prof-dir=${profDir}`] : [])];
   const c = fork(fileURLToPath(import.meta.url), [], { execArgv, env: { ...process.env, DQLORA_BENCH_CHILD: JSON.stringify(job) } }) as Child;
   c.postMessage = (m: Cmd) => { c.send(m); };
   return new Promise((res, rej) => { c.once('message', () => res(c)); c.once('error', rej); });

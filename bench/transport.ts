@@ -1,6 +1,6 @@
 // Stage-to-stage tensor transfer: worker/transport/pipeline.ts (gRPC over loopback HTTP/2) vs a raw TCP socket,
 // measured in the same run, alternating, on the same machine state.
-//   node --import tsx bench/transport.ts [--sizes 16,64] [--reps 7] [--chunk BYTES] [--inflight 1,4]
+//   node --import tsx bench/transport.ts [--sizes 16,64] [--reps 7] [--chunk BYTES] [--inflight 1,4] [--profile DIR]
 // The sender runs in a child process and the receiver here, as two stages are two processes. One transfer =
 // from the sender starting to send one float32 tensor to the sender holding the receiver's ack, the receiver
 // having the whole tensor in one contiguous array (gRPC: validated, checksummed, reassembled; raw TCP: a
@@ -9,20 +9,42 @@
 // sender's maxInFlight), and the time is to the last ack. The CPU columns (process.cpuUsage of each side,
 // per transfer) show the work per byte, which is what limits loopback and what a loaded machine does not blur.
 import net from 'node:net';
+import http2 from 'node:http2';
 import os from 'node:os';
 import { fork, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { startPipelineServer, PipelineClient, PIPELINE_DEFAULT_CHUNK_BYTES } from '../worker/transport/pipeline.ts';
+import { startPipelineServer, PipelineClient, PIPELINE_DEFAULT_CHUNK_BYTES, PIPELINE_FLOW_CONTROL_WINDOW } from '../worker/transport/pipeline.ts';
 
 const MB = 1 << 20;
 const now = (): number => performance.timeOrigin + performance.now();
 
-type Job = { grpc: string; tcpPort: number; chunk: number };
-type Cmd = { kind: 'grpc' | 'tcp'; round: number; bytes: number; inflight: number } | { stop: true };
+type Job = { grpc: string; tcpPort: number; h2Port: number; chunk: number };
+type Kind = 'grpc' | 'tcp' | 'h2';
+type Cmd = { kind: Kind; round: number; bytes: number; inflight: number } | { stop: true };
 type Reply = { round: number; start: number; end: number; cpuMs: number };
 
 async function childMain(job: Job): Promise<void> {
   const client = new PipelineClient(job.grpc, { jobId: 'bench', jobToken: 'bench-token', chunkBytes: job.chunk, deadlineMs: 120_000 });
+  // Plain HTTP/2 (Node's http2, no gRPC): the same windows as the pipeline transport, one stream per tensor,
+  // written in `chunk`-byte writes — what any transport on Node's HTTP/2 could reach.
+  const h2 = http2.connect(`http://127.0.0.1:${job.h2Port}`, { settings: { initialWindowSize: PIPELINE_FLOW_CONTROL_WINDOW } });
+  h2.on('connect', () => h2.setLocalWindowSize(PIPELINE_FLOW_CONTROL_WINDOW));
+  const h2Send = (data: Uint8Array): Promise<void> => new Promise((res, rej) => {
+    const req = h2.request({ ':method': 'POST', ':path': '/t' });
+    req.on('error', rej);
+    req.on('data', () => {});
+    req.on('end', () => res());
+    let off = 0;
+    const pump = (): void => {
+      while (off < data.length) {
+        const ok = req.write(data.subarray(off, off + job.chunk));
+        off += job.chunk;
+        if (!ok) { req.once('drain', pump); return; }
+      }
+      req.end();
+    };
+    pump();
+  });
   const sock = net.connect(job.tcpPort, '127.0.0.1');
   sock.setNoDelay(true);
   await new Promise<void>((r) => sock.once('connect', () => r()));
@@ -34,13 +56,16 @@ async function childMain(job: Job): Promise<void> {
   };
   let step = 0;
   process.on('message', async (m: Cmd) => {
-    if ('stop' in m) { client.close(); sock.destroy(); process.disconnect(); return; }
+    if ('stop' in m) { client.close(); sock.destroy(); h2.close(); process.disconnect(); return; }
     const data = payload(m.bytes);
     const u0 = process.cpuUsage();
     const start = now();
     if (m.kind === 'grpc') {
       const s = step++;
       await Promise.all(Array.from({ length: m.inflight }, (_, i) => client.sendForward(s, i, data, [data.length])));
+    } else if (m.kind === 'h2') {
+      const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+      await Promise.all(Array.from({ length: m.inflight }, () => h2Send(bytes)));
     } else {
       const acks = new Promise<void>((res) => {
         let got = 0;
@@ -90,6 +115,26 @@ function startTcpSink(): Promise<{ port: number; close(): void }> {
   return new Promise((res) => server.listen(0, '127.0.0.1', () => res({ port: (server.address() as net.AddressInfo).port, close: () => server.close() })));
 }
 
+/** Plain HTTP/2 receiver: each stream's body into one array of the announced size, "ok" back when complete. */
+function startH2Sink(): Promise<{ port: number; close(): void }> {
+  const server = http2.createServer({ settings: { initialWindowSize: PIPELINE_FLOW_CONTROL_WINDOW } });
+  server.on('session', (ss) => ss.setLocalWindowSize(PIPELINE_FLOW_CONTROL_WINDOW));
+  server.on('stream', (st) => {
+    const parts: Buffer[] = [];
+    let got = 0;
+    st.on('data', (b: Buffer) => { parts.push(b); got += b.length; });
+    st.on('end', () => {
+      // The reassembly the gRPC path does too: one contiguous array.
+      const dst = new Uint8Array(got);
+      let off = 0;
+      for (const p of parts) { dst.set(p, off); off += p.length; }
+      st.respond({ ':status': 200 });
+      st.end('ok');
+    });
+  });
+  return new Promise((res) => server.listen(0, '127.0.0.1', () => res({ port: (server.address() as net.AddressInfo).port, close: () => server.close() })));
+}
+
 function arg(name: string, def: string): string { const i = process.argv.indexOf(`--${name}`); return i >= 0 && process.argv[i + 1] ? process.argv[i + 1] : def; }
 function median(xs: number[]): number { const s = [...xs].sort((a, b) => a - b); return s[Math.floor(s.length / 2)]; }
 
@@ -100,12 +145,15 @@ async function main(): Promise<void> {
   const inflights = arg('inflight', '1').split(',').map(Number);
   const server = await startPipelineServer({ jobId: 'bench', jobToken: 'bench-token', maxMessageBytes: Math.max(chunk, PIPELINE_DEFAULT_CHUNK_BYTES), onForward: () => {}, onBackward: () => {} });
   const tcp = await startTcpSink();
-  const execArgv = import.meta.url.endsWith('.ts') ? ['--import', 'tsx'] : [];
-  const child = fork(fileURLToPath(import.meta.url), [], { execArgv, env: { ...process.env, DQLORA_BENCH_CHILD: JSON.stringify({ grpc: server.address, tcpPort: tcp.port, chunk } satisfies Job) } }) as ChildProcess;
+  const h2s = await startH2Sink();
+  // --profile DIR: the sender (child) writes a V8 CPU profile there (run this process with --cpu-prof for the receiver).
+  const profDir = arg('profile', '');
+  const execArgv = [...(import.meta.url.endsWith('.ts') ? ['--import', 'tsx'] : []), ...(profDir ? ['--cpu-prof', `--cpu-prof-dir=${profDir}`] : [])];
+  const child = fork(fileURLToPath(import.meta.url), [], { execArgv, env: { ...process.env, DQLORA_BENCH_CHILD: JSON.stringify({ grpc: server.address, tcpPort: tcp.port, h2Port: h2s.port, chunk } satisfies Job) } }) as ChildProcess;
   await new Promise<void>((r) => child.once('message', () => r()));
   let round = 0;
   /** One transfer: wall ms, sender CPU ms, receiver (this process) CPU ms. */
-  const once = (kind: 'grpc' | 'tcp', bytes: number, inflight: number): Promise<[number, number, number]> => new Promise((res) => {
+  const once = (kind: Kind, bytes: number, inflight: number): Promise<[number, number, number]> => new Promise((res) => {
     const r = round++;
     const u0 = process.cpuUsage();
     const f = (m: Reply): void => {
@@ -118,24 +166,28 @@ async function main(): Promise<void> {
     child.send({ kind, round: r, bytes, inflight } satisfies Cmd);
   });
   console.log(`# pipeline transport vs raw TCP — ${new Date().toISOString()} — ${os.cpus()[0]?.model ?? 'cpu'} × ${os.cpus().length}, load ${os.loadavg()[0].toFixed(1)}, node ${process.version}, chunk ${chunk} B, median of ${reps}`);
-  console.log('| tensor | in flight | raw TCP MB/s | gRPC MB/s | gRPC / raw | CPU ms send / receive, raw | CPU ms send / receive, gRPC |');
-  console.log('|---:|---:|---:|---:|---:|---:|---:|');
+  console.log('| tensor | in flight | raw TCP MB/s | HTTP/2 MB/s | gRPC MB/s | HTTP/2 / raw | gRPC / raw | CPU ms send / receive, raw | HTTP/2 | gRPC |');
+  console.log('|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
   for (const inflight of inflights) {
     for (const mb of sizes) {
       const bytes = mb * MB;
-      const g: [number, number, number][] = [], t: [number, number, number][] = [];
+      const g: [number, number, number][] = [], t: [number, number, number][] = [], h: [number, number, number][] = [];
       for (let i = 0; i < reps + 2; i++) {
         const tm = await once('tcp', bytes, inflight);
+        const hm = await once('h2', bytes, inflight);
         const gm = await once('grpc', bytes, inflight);
-        if (i >= 2) { t.push(tm); g.push(gm); } // rounds 0–1 warm up (JIT, connection, windows)
+        if (i >= 2) { t.push(tm); h.push(hm); g.push(gm); } // rounds 0–1 warm up (JIT, connection, windows)
       }
       const col = (xs: [number, number, number][], k: number): number => median(xs.map((x) => x[k]));
-      const rawMBs = (mb * inflight) / (col(t, 0) / 1000), grpcMBs = (mb * inflight) / (col(g, 0) / 1000);
-      console.log(`| ${mb} MiB | ${inflight} | ${rawMBs.toFixed(0)} | ${grpcMBs.toFixed(0)} | ${(grpcMBs / rawMBs).toFixed(2)} | ${col(t, 1).toFixed(0)} / ${col(t, 2).toFixed(0)} | ${col(g, 1).toFixed(0)} / ${col(g, 2).toFixed(0)} |`);
+      const mbs = (xs: [number, number, number][]): number => (mb * inflight) / (col(xs, 0) / 1000);
+      const cpu = (xs: [number, number, number][]): string => `${col(xs, 1).toFixed(0)} / ${col(xs, 2).toFixed(0)}`;
+      const rawMBs = mbs(t), h2MBs = mbs(h), grpcMBs = mbs(g);
+      console.log(`| ${mb} MiB | ${inflight} | ${rawMBs.toFixed(0)} | ${h2MBs.toFixed(0)} | ${grpcMBs.toFixed(0)} | ${(h2MBs / rawMBs).toFixed(2)} | ${(grpcMBs / rawMBs).toFixed(2)} | ${cpu(t)} | ${cpu(h)} | ${cpu(g)} |`);
     }
   }
   child.send({ stop: true });
   tcp.close();
+  h2s.close();
   await server.close();
   if (server.stats.rejected) throw new Error(`${server.stats.rejected} transfers were rejected`);
 }

@@ -7,7 +7,7 @@ import type { Backend } from '../core/engine/backend.ts';
 import type { ModelConfig } from '../core/model/config.ts';
 import type { LlamaStage, LoraConfig } from '../core/model/llama.ts';
 import { loadStage } from '../core/model/loader.ts';
-import { stageLoadOptions } from './features.ts';
+import { linearBytesPerParam, stageLoadOptions } from './features.ts';
 import { planStages } from '../core/train/plan.ts';
 import { LocalPipeline } from '../core/train/local.ts';
 import { autoMicroBatchCandidates, type MicroBatchSplit } from '../core/train/micro-split.ts';
@@ -37,7 +37,7 @@ export class InProcessExecutor implements StepExecutor {
   /** Loads and quantizes the model into `stages` local stages. */
   static open(job: JobConfig, o: { be: Backend; cfg: ModelConfig; lora: LoraConfig; stages: number; tok: Decoder; padId: number; microBatchSize: number; progress?: boolean; onSplit?: (s: MicroBatchSplit) => void }): InProcessExecutor {
     const loading = progress('load + quantize', log, { tty: o.progress });
-    const stages: LlamaStage[] = planStages(o.cfg, o.stages).specs.map((spec, i) => loadStage(o.be, job.model, spec, {
+    const stages: LlamaStage[] = planStages(o.cfg, o.stages, linearBytesPerParam(job)).specs.map((spec, i) => loadStage(o.be, job.model, spec, {
       lora: o.lora, seed: job.training.seed, ...stageLoadOptions(job),
       onProgress: (d, t, name) => loading.update(d, t, `stage ${i}: ${name}`),
     }));

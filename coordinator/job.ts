@@ -28,7 +28,7 @@ export const JobSchema = z.object({
     dedup: z.boolean().default(true).describe('Drop exact duplicate records (same instruction, input, output, system / messages / text) before splitting.'),
     max_length: positiveInt.default(512).describe('Maximum tokens per example (prompt + answer); longer examples are truncated.'),
     on_error: z.enum(['throw', 'skip']).default('throw').describe('Malformed dataset lines: stop with file:line (throw) or skip them and report the count (skip).'),
-    packing: z.boolean().default(false).describe('Sample packing: the examples of each micro-batch are packed several to a row (up to max_length tokens, first fit) instead of one per padded row. Attention never crosses an example (block-diagonal causal mask), positions restart per example, dropout masks are keyed per example: each example\'s loss and gradients are those it has unpacked, and the step\'s examples and loss normaliser do not change — only padding is saved (with NEFTune the noise scale follows the row length, as in the HF Trainer). One process only (not with distributed workers yet).'),
+    packing: z.boolean().default(false).describe('Sample packing: the examples of each micro-batch are packed several to a row (up to max_length tokens, first fit) instead of one per padded row. Attention never crosses an example (block-diagonal causal mask), positions restart per example, dropout masks are keyed per example: each example\'s loss and gradients are those it has unpacked, and the step\'s examples and loss normaliser do not change — only padding is saved (with NEFTune the noise scale follows the row length, as in the HF Trainer).'),
   }).strict(),
   // `quantization: none` is shorthand for {mode: none}; the parsed value is always the object.
   quantization: z.preprocess((v) => (typeof v === 'string' ? { mode: v } : v), z.object({
@@ -44,8 +44,8 @@ export const JobSchema = z.object({
     use_rslora: z.boolean().default(false).describe('Rank-stabilised LoRA scaling alpha / sqrt(r).'),
     rank_pattern: z.record(z.string(), positiveInt).default({}).describe('Per-module rank overrides, e.g. {"layers.0.self_attn.q_proj": 16}.'),
     alpha_pattern: z.record(z.string(), z.number().positive()).default({}).describe('Per-module alpha overrides.'),
-    use_dora: z.boolean().default(false).describe('DoRA (Liu et al. 2024, PEFT use_dora): each adapted linear also learns a per-output magnitude (saved as lora_magnitude_vector, PEFT\'s key) and uses m · (W + s·B·A) / ‖W + s·B·A‖_row with the norm detached, as PEFT 0.21. Works on an NF4 base (norm of the dequantized weight) and with quantization: none. Not for ChatGLM2\'s packed modules. One process only (not with distributed workers yet).'),
-    loraplus_lr_ratio: z.number().positive().optional().describe('LoRA+ (Hayou et al. 2024, PEFT create_loraplus_optimizer): lora_B (and 1-D tensors such as DoRA magnitudes) train with lr × this ratio, lora_A with lr. The paper suggests 16. Unset = plain LoRA. One process only (not with distributed workers yet).'),
+    use_dora: z.boolean().default(false).describe('DoRA (Liu et al. 2024, PEFT use_dora): each adapted linear also learns a per-output magnitude (saved as lora_magnitude_vector, PEFT\'s key) and uses m · (W + s·B·A) / ‖W + s·B·A‖_row with the norm detached, as PEFT 0.21. Works on an NF4 base (norm of the dequantized weight) and with quantization: none. Not for ChatGLM2\'s packed modules.'),
+    loraplus_lr_ratio: z.number().positive().optional().describe('LoRA+ (Hayou et al. 2024, PEFT create_loraplus_optimizer): lora_B (and 1-D tensors such as DoRA magnitudes) train with lr × this ratio, lora_A with lr. The paper suggests 16. Unset = plain LoRA.'),
   }).strict().prefault({}),
   training: z.object({
     epochs: z.number().positive().default(1).describe('Passes over the training data (ignored when max_steps is set).'),
@@ -62,7 +62,7 @@ export const JobSchema = z.object({
     adam_eps: z.number().positive().default(1e-8).describe('AdamW epsilon.'),
     max_grad_norm: z.number().min(0).default(1).describe('Clip the global gradient L2 norm to this (0 disables).'),
     seed: z.number().int().min(0).default(42).describe('Seed for LoRA init, shuffling, dropout and the validation split: same seed, same adapter.'),
-    neftune_noise_alpha: z.number().min(0).default(0).describe('NEFTune (as the Hugging Face Trainer\'s neftune_noise_alpha): in training, uniform noise in ±alpha/sqrt(T·H) is added to the embedding output (T = the micro-batch\'s padded length, H = hidden size), drawn from the counter RNG keyed by (seed, step, sample, position) so runs stay reproducible. The paper uses 5; 0 = off. One process only (not with distributed workers yet).'),
+    neftune_noise_alpha: z.number().min(0).default(0).describe('NEFTune (as the Hugging Face Trainer\'s neftune_noise_alpha): in training, uniform noise in ±alpha/sqrt(T·H) is added to the embedding output (T = the micro-batch\'s padded length, H = hidden size), drawn from the counter RNG keyed by (seed, step, sample, position) so runs stay reproducible. The paper uses 5; 0 = off.'),
     gradient_checkpointing: z.boolean().default(true).describe('Recompute each layer forward in backward (saves activation memory).'),
     log_every: positiveInt.default(1).describe('Log a line every N optimizer steps.'),
     eval_every: z.number().int().min(0).default(0).describe('Evaluate the validation loss every N optimizer steps (0: only at the end).'),
@@ -106,7 +106,6 @@ export function parseJob(obj: unknown, source: string, baseDir: string): JobConf
   job.data.train = abs(job.data.train);
   if (job.data.validation) job.data.validation = abs(job.data.validation);
   if (typeof job.training.resume === 'string') job.training.resume = abs(job.training.resume);
-  checkFeatureCombinations(job, source);
   checkMicroBatchSettings(job, source);
   return job;
 }
@@ -121,24 +120,6 @@ export function loadJob(path: string): JobConfig {
     throw new ConfigError(`${where}: not valid YAML: ${(e as Error).message.split('\n')[0]}`);
   }
   return parseJob(obj, path, dirname(resolve(path)));
-}
-
-/**
- * Refuses combinations that are not supported, naming the fields. Today: the distributed workers receive their
- * settings in a fixed assignment that does not carry these features yet, so each of them needs a one-process run.
- */
-function checkFeatureCombinations(job: JobConfig, source: string): void {
-  const used: string[] = [];
-  if (job.quantization.mode === 'none') used.push('quantization: none');
-  if (job.data.packing) used.push('data.packing: true');
-  if (job.training.neftune_noise_alpha > 0) used.push(`training.neftune_noise_alpha: ${job.training.neftune_noise_alpha}`);
-  if (job.lora.loraplus_lr_ratio !== undefined) used.push(`lora.loraplus_lr_ratio: ${job.lora.loraplus_lr_ratio}`);
-  if (job.lora.use_dora) used.push('lora.use_dora: true');
-  if (used.length && job.distributed.workers !== 0) {
-    throw new ConfigError(`${source}: ${used.join(', ')} ${used.length > 1 ? 'are' : 'is'} not supported with distributed.workers: ${JSON.stringify(job.distributed.workers)} yet (the workers' stage assignment does not carry ${used.length > 1 ? 'these settings' : 'this setting'})`, {
-      hint: 'train in one process (distributed.workers: 0), or drop the setting for the distributed run',
-    });
-  }
 }
 
 /** training.micro_batch_size: auto, training.batch_size and grad_accum: which go together (errors name the fields). */

@@ -1,19 +1,16 @@
-// A stage's trainable state on the wire (proto StageState, sent chunked by PutState): LoRA weights and,
-// for checkpoints, AdamW moments. Both ends use this module: the worker encodes, the coordinator
-// reassembles and decodes into the host types common/checkpoint.ts writes.
+// A stage's trainable state on the wire (proto StageState, sent chunked by PutState): LoRA weights (with DoRA, the
+// magnitude vectors) and, for checkpoints, their AdamW moments. Both ends use this module: the worker encodes, the
+// coordinator reassembles and decodes into the host types common/checkpoint.ts writes.
 import { WireError } from '../common/errors.ts';
 import { crc32, decodeTensorAs, f32ToTensor } from './tensor.ts';
 import { StageState, type StateChunk } from '../proto/gen/dqlora/v1/control.ts';
 import type { Backend } from '../core/engine/backend.ts';
 import type { LoraParams } from '../core/engine/lora.ts';
 import type { LoraTensors } from '../core/model/adapter.ts';
+import type { OptimizerMoments } from '../common/checkpoint.ts';
 
-/** AdamW moments of one module (the shape common/checkpoint.ts OptimizerMoments has). */
-export interface ModuleMoments {
-  readonly path: string;
-  readonly mA: Float32Array; readonly vA: Float32Array;
-  readonly mB: Float32Array; readonly vB: Float32Array;
-}
+/** AdamW moments of one module (DoRA: of its magnitude too), as common/checkpoint.ts writes them. */
+export type ModuleMoments = OptimizerMoments;
 
 export interface DecodedStageState {
   readonly stage: number;
@@ -28,12 +25,14 @@ export function encodeStageState(be: Backend, stage: number, params: readonly Lo
   return StageState.encode({
     stageIndex: stage,
     modules: params.map((p) => {
-      const sa = [p.hyper.r, p.inFeatures], sb = [p.outFeatures, p.hyper.r];
+      const sa = [p.hyper.r, p.inFeatures], sb = [p.outFeatures, p.hyper.r], sm = [p.outFeatures];
       const h = p.hostState(includeMoments);
       return {
         path: p.name, r: p.hyper.r, inFeatures: p.inFeatures, outFeatures: p.outFeatures,
         a: f32ToTensor(h.A, sa), b: f32ToTensor(h.B, sb),
         ...(includeMoments ? { mA: f32ToTensor(h.mA!, sa), vA: f32ToTensor(h.vA!, sa), mB: f32ToTensor(h.mB!, sb), vB: f32ToTensor(h.vB!, sb) } : {}),
+        ...(h.magnitude ? { magnitude: f32ToTensor(h.magnitude, sm) } : {}),
+        ...(h.magnitude && includeMoments ? { mMag: f32ToTensor(h.mMag!, sm), vMag: f32ToTensor(h.vMag!, sm) } : {}),
       };
     }),
   }).finish();
@@ -45,25 +44,33 @@ export function decodeStageState(bytes: Uint8Array, what: string): DecodedStageS
   try { msg = StageState.decode(bytes); } catch (e) { throw new WireError(`${what}: malformed stage state (${(e as Error).message})`, { cause: e }); }
   const modules: LoraTensors[] = [];
   const moments: ModuleMoments[] = [];
-  let withMoments = 0;
+  let withMoments = 0, withMagnitude = 0;
   for (const m of msg.modules) {
     const w = `${what} module ${m.path}`;
     if (!m.path || m.r < 1 || m.inFeatures < 1 || m.outFeatures < 1) throw new WireError(`${w}: missing path or dimensions`);
-    const sa = [m.r, m.inFeatures], sb = [m.outFeatures, m.r];
+    const sa = [m.r, m.inFeatures], sb = [m.outFeatures, m.r], sm = [m.outFeatures];
+    const magnitude = m.magnitude ? decodeTensorAs(m.magnitude, 'f32', sm, { what: `${w} lora_magnitude_vector` }).data : undefined;
+    if (magnitude) withMagnitude++;
     modules.push({
       path: m.path, r: m.r, inFeatures: m.inFeatures, outFeatures: m.outFeatures,
       A: decodeTensorAs(m.a, 'f32', sa, { what: `${w} lora_A` }).data, B: decodeTensorAs(m.b, 'f32', sb, { what: `${w} lora_B` }).data,
+      ...(magnitude ? { magnitude } : {}),
     });
+    if (!magnitude && (m.mMag || m.vMag)) throw new WireError(`${w}: magnitude moments without a magnitude`);
     if (m.mA || m.vA || m.mB || m.vB) {
       withMoments++;
       moments.push({
         path: m.path,
         mA: decodeTensorAs(m.mA, 'f32', sa, { what: `${w} exp_avg A` }).data, vA: decodeTensorAs(m.vA, 'f32', sa, { what: `${w} exp_avg_sq A` }).data,
         mB: decodeTensorAs(m.mB, 'f32', sb, { what: `${w} exp_avg B` }).data, vB: decodeTensorAs(m.vB, 'f32', sb, { what: `${w} exp_avg_sq B` }).data,
+        // A DoRA module's moments include its magnitude's: a checkpoint without them could not resume exactly.
+        ...(magnitude ? { mMag: decodeTensorAs(m.mMag, 'f32', sm, { what: `${w} exp_avg magnitude` }).data, vMag: decodeTensorAs(m.vMag, 'f32', sm, { what: `${w} exp_avg_sq magnitude` }).data } : {}),
       });
     }
   }
   if (withMoments !== 0 && withMoments !== modules.length) throw new WireError(`${what}: optimizer moments for ${withMoments} of ${modules.length} modules`);
+  // DoRA is per job: every module of a stage has a magnitude, or none has.
+  if (withMagnitude !== 0 && withMagnitude !== modules.length) throw new WireError(`${what}: DoRA magnitudes for ${withMagnitude} of ${modules.length} modules`);
   return { stage: msg.stageIndex, modules, moments: withMoments ? moments : undefined };
 }
 

@@ -13,7 +13,7 @@ import os from 'node:os';
 import * as grpc from '@grpc/grpc-js';
 import type { BackendName } from '../core/engine/index.ts';
 import { StageRunner } from './runtime/stage-runner.ts';
-import { assignmentFromWire, generationId } from '../wire/assignment.ts';
+import { STAGE_FEATURES_CAPABILITY, assignmentFromWire, generationId } from '../wire/assignment.ts';
 import { chunkState } from '../wire/state.ts';
 import { startPipelineServer, type PipelineServerHandle, type PipelineServerOptions } from './transport/pipeline.ts';
 import { DqloraError, WireError } from '../common/errors.ts';
@@ -102,7 +102,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   for (let wait = 100; ; wait = Math.min(2000, wait * 2)) {
     try {
       reg = await unary(client.register.bind(client), {
-        jobToken: o.jobToken, hostname: os.hostname(), listenAddress: advertise, capabilities: [backendName, `pid:${process.pid}`],
+        jobToken: o.jobToken, hostname: os.hostname(), listenAddress: advertise, capabilities: [backendName, `pid:${process.pid}`, STAGE_FEATURES_CAPABILITY],
         device: { kind: backendName === 'cuda' ? DeviceKind.DEVICE_KIND_CUDA : DeviceKind.DEVICE_KIND_CPU, name: backendName === 'cpu' ? os.cpus()[0]?.model ?? 'cpu' : 'cuda', totalMemoryBytes: totalMemoryBytes(), freeMemoryBytes: freeMemoryBytes(), cpuThreads: runner.device.threads },
       });
       break;

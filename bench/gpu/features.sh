@@ -4,6 +4,7 @@
 #     (the DoRA fixtures are made by make_dora_golden.py / make_dora_trained.py) — CPU torch, fp32;
 #  2. the cuda addon built here and test/engine/cuda-features.test.ts (dense linear, DoRA ops, packed attention,
 #     packed model step, noquant eval vs transformers, DoRA step) on the GPU.
+#  3. PEFT loads the DoRA adapter dqlora saved (test/reference/check_peft_loads_dora.py → $OUT/dora-ours).
 # Everything lands in $OUT; copy the fixtures into test/fixtures/ afterwards.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,6 +18,8 @@ stamp "python fixtures"
 CUDA_VISIBLE_DEVICES= timeout 150 python3 test/reference/make_noquant_golden.py --noquant test/fixtures/golden-noquant 2>&1 | tail -30 | tee -a "$LOG"
 mkdir -p "$OUT/noquant"
 for c in test/fixtures/golden-noquant/*/; do n=$(basename "$c"); [ -f "$c/expected.json" ] && mkdir -p "$OUT/noquant/$n" && cp "$c/expected.json" "$OUT/noquant/$n/"; done
+stamp "PEFT loads the DoRA adapter dqlora saved"
+(cd test/fixtures/golden/llama-gqa && OUT=$OUT/dora-ours CUDA_VISIBLE_DEVICES= timeout 120 python3 ../../../reference/check_peft_loads_dora.py) 2>&1 | tail -5 | tee -a "$LOG"
 stamp "build cuda addon"
 DQLORA_CUDA_ARCHS=${DQLORA_CUDA_ARCHS:-90} timeout 150 node core/engine/cuda/build.mjs 2>&1 | tail -5 | tee -a "$LOG"
 export DQLORA_CUDA_ADDON=$PWD/core/engine/cuda/build/dqlora_cuda.node

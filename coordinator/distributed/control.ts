@@ -65,6 +65,11 @@ export interface ControlPlaneOptions {
   readonly onWorkers?: (workers: { id: string; stage: number; replica: number; state: string; address: string }[]) => void;
   /** Open connections allowed per remote address (default $DQLORA_MAX_CONNECTIONS_PER_PEER, else 64). */
   readonly maxConnectionsPerPeer?: number;
+  /**
+   * Capabilities a worker must report to be accepted, each with why the job needs it (e.g. wire/assignment.ts
+   * STAGE_FEATURES_CAPABILITY for a job that packs micro-batches): a worker without one is told so and not taken.
+   */
+  readonly requiredCapabilities?: readonly { readonly capability: string; readonly why: string }[];
 }
 
 function tokenMatches(given: unknown, expected: string): boolean {
@@ -106,6 +111,12 @@ export class ControlPlane {
         const r = call.request;
         if (!tokenMatches(r.jobToken, o.jobToken)) { refuse('Register', call.getPeer()); return cb(unauth('Register')); }
         if (!/^[^\s]+:\d+$/.test(r.listenAddress)) return cb(Object.assign(new Error('bad listen address'), { code: grpc.status.INVALID_ARGUMENT, details: `listen_address "${r.listenAddress}" is not HOST:PORT`, metadata: new grpc.Metadata() }));
+        const missing = (o.requiredCapabilities ?? []).filter((c) => !r.capabilities.includes(c.capability));
+        if (missing.length) {
+          const reason = `${missing.map((c) => `this job needs ${c.why}, which this worker does not report (capability "${c.capability}")`).join('; ')}: it runs an older dqlora — upgrade the worker to the coordinator's version`;
+          log.warn({ host: r.hostname, address: r.listenAddress, missing: missing.map((c) => c.capability) }, 'worker refused: it lacks a capability the job needs');
+          return cb(null, { workerId: '', accepted: false, reason, heartbeatIntervalMs: 0 });
+        }
         const id = `w${++this.seq}`;
         const now = Date.now();
         const pidCap = r.capabilities.map((c) => /^pid:(\d+)$/.exec(c)?.[1]).find((x) => x !== undefined);

@@ -20,6 +20,7 @@ import { clipCoefficient } from '../../core/train/step.ts';
 import { evalBatches, type StepInput } from '../../core/train/steps.ts';
 import type { Example, MicroBatch } from '../../core/train/batch.ts';
 import { assignWorkers } from './assign.ts';
+import { linearBytesPerParam, requiredWorkerCapabilities, stageSettings } from '../features.ts';
 import { ControlPlane, WorkerCommandError, WorkerLostError, type WorkerHandle } from './control.ts';
 import { spawnLocalWorkers, startLocalNats, superviseLocalWorkers, type LocalNats, type LocalWorkers } from './local.ts';
 import { assignmentToWire, microBatchToWire } from '../../wire/assignment.ts';
@@ -76,7 +77,7 @@ export class WorkersExecutor implements StepExecutor {
     private readonly padId: number,
     cfg: ModelConfig,
   ) {
-    const p = planStages(cfg, S);
+    const p = planStages(cfg, S, linearBytesPerParam(job));
     this.specs = p.specs; this.stageBytes = p.bytes;
   }
 
@@ -93,7 +94,7 @@ export class WorkersExecutor implements StepExecutor {
     // Local workers get a random token through their environment (never on the command line or in logs).
     const jobToken = givenToken ?? crypto.randomBytes(16).toString('hex');
     const hbTimeout = d.heartbeat_timeout_s * 1000;
-    const plane = new ControlPlane({ jobId, jobToken, heartbeatIntervalMs: Math.max(100, Math.round(hbTimeout / 5)), heartbeatTimeoutMs: hbTimeout, metrics: o.metrics, onWorkers: o.onWorkers });
+    const plane = new ControlPlane({ jobId, jobToken, heartbeatIntervalMs: Math.max(100, Math.round(hbTimeout / 5)), heartbeatTimeoutMs: hbTimeout, metrics: o.metrics, onWorkers: o.onWorkers, requiredCapabilities: requiredWorkerCapabilities(job) });
     plane.progress.totalSteps = o.totalSteps;
     const ex = new WorkersExecutor(job, plane, o.lora, S, R, jobId, o.padId, o.cfg);
     try {
@@ -119,7 +120,7 @@ export class WorkersExecutor implements StepExecutor {
   /** Waits for S×R connected workers, plans, and (re-)assigns every stage, restoring `from` when set. */
   async start(from: Checkpoint | undefined): Promise<void> {
     const { plane, S, R, job } = this;
-    const t = job.training;
+    const settings = stageSettings(job, this.lora, { stepTimeoutMs: this.stepTimeout, chunkBytes: DEFAULT_CHUNK_BYTES });
     plane.jobState = 'waiting-for-workers';
     const need = S * R;
     await plane.waitUntil(() => plane.ready().length >= need, job.distributed.wait_timeout_s * 1000, () => `waiting for ${need} workers (${plane.ready().length} connected)`);
@@ -133,12 +134,7 @@ export class WorkersExecutor implements StepExecutor {
       w.stage = s; w.replica = r;
       return plane.request(w, { $case: 'assignStage', assignStage: assignmentToWire({
         jobId: this.jobId, generation, stage: s, numStages: S, replica: r, numReplicas: R, spec: this.specs[s], modelDir: job.model,
-        lora: this.lora,
-        train: {
-          seed: t.seed, beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_eps, weightDecay: t.weight_decay,
-          blocksize: job.quantization.blocksize, doubleQuant: job.quantization.double_quant, gradientCheckpointing: t.gradient_checkpointing,
-          stepTimeoutMs: this.stepTimeout, chunkBytes: DEFAULT_CHUNK_BYTES,
-        },
+        ...settings,
         natsUrl: R > 1 ? this.natsUrl : '', prev: s > 0 ? row[s - 1].address : '', next: s < S - 1 ? row[s + 1].address : '',
         resumeFrom: from?.dir ?? '', firstSeq,
       }) }, Math.max(this.stepTimeout, 600_000));

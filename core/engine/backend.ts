@@ -126,8 +126,12 @@ export interface Backend {
   readonly actDtype: DType;
 
   // ---- memory -------------------------------------------------------------------------------------
-  /** Copies host data to a new device tensor. f32 data may be stored as actDtype when dtype='act'. */
-  upload(data: Float32Array | Int32Array | Uint8Array, shape: readonly number[], dtype?: DType | 'act'): Tensor;
+  /**
+   * Copies host data to a new device tensor. f32 data may be stored as actDtype when dtype='act'. A Uint16Array is
+   * raw bfloat16 bits (common/halfprec), for dtype 'bf16' or 'act' only: stored as is where the tensor is bf16,
+   * widened exactly where it is f32 — activations cross between stages this way without a host-side conversion.
+   */
+  upload(data: Float32Array | Int32Array | Uint8Array | Uint16Array, shape: readonly number[], dtype?: DType | 'act'): Tensor;
   zeros(shape: readonly number[], dtype?: DType | 'act'): Tensor;
   /** Copies a device tensor to the host as float32 (float tensors) or int32 / uint8. */
   download(t: Tensor): Float32Array | Int32Array | Uint8Array;
@@ -137,6 +141,11 @@ export interface Backend {
    * with pinned staging, ordered after the work already queued; cpu: an already-resolved download.
    */
   downloadAsync(t: Tensor): Promise<Float32Array | Int32Array | Uint8Array>;
+  /**
+   * As downloadAsync, but a bf16 tensor comes back as its raw bits (Uint16Array: half the bytes, no conversion on
+   * either side of the copy); f32 tensors come back as Float32Array. For activations leaving a stage.
+   */
+  downloadActAsync(t: Tensor): Promise<Float32Array | Uint16Array>;
   /** Releases device memory. Using t afterwards is an error. */
   free(t: Tensor): void;
   /** Same data, new shape (no copy): an alias. Size must match. Free exactly one of the aliases of a storage. */

@@ -12,6 +12,7 @@ import type {
 } from './backend.ts';
 import { BackendError, OutOfMemoryError, ShapeError, check } from '../../common/errors.ts';
 import { philox4x32, u32ToUnit } from '../../common/rng.ts';
+import { bf16ToF32 } from '../../common/halfprec.ts';
 import { CpuTensor, Storage, asCpu, shapeSize, storageDtype, type CpuData } from './cpu/tensor.ts';
 import { Scratch, gemmTs } from './cpu/gemm-ts.ts';
 import { CpuQuantized, dequantRows } from './cpu/nf4-tiles.ts';
@@ -141,10 +142,14 @@ export class CpuBackend implements Backend {
     if (lim !== undefined && this.bytesLive + bytes > lim) throw new OutOfMemoryError('cpu', bytes, this.bytesLive, lim);
   }
 
-  upload(data: Float32Array | Int32Array | Uint8Array, shape: readonly number[], dtype?: DType | 'act'): Tensor {
+  upload(data: Float32Array | Int32Array | Uint8Array | Uint16Array, shape: readonly number[], dtype?: DType | 'act'): Tensor {
     const want = dtype ?? (data instanceof Float32Array ? 'f32' : data instanceof Int32Array ? 'i32' : 'u8');
     const n = shapeSize(shape);
     check(data.length === n, () => `upload: ${data.length} elements for shape [${shape.join(', ')}] (${n})`);
+    if (data instanceof Uint16Array) {
+      check(dtype === 'bf16' || dtype === 'act', () => `upload: a Uint16Array is raw bf16 bits, for dtype 'bf16' or 'act' (got ${dtype ?? 'none'})`);
+      data = bf16ToF32(data); // float tensors are float32 here: bf16 widens exactly
+    }
     const t = this.make(shape, want, false);
     t.data.set(data);
     return t;
@@ -156,6 +161,11 @@ export class CpuBackend implements Backend {
 
   download(t: Tensor): Float32Array | Int32Array | Uint8Array {
     return asCpu(t, 'download').data.slice();
+  }
+
+  /** Float tensors are float32 on this backend: the same as downloadAsync. */
+  downloadActAsync(t: Tensor): Promise<Float32Array | Uint16Array> {
+    return this.downloadAsync(t) as Promise<Float32Array>;
   }
 
   /** The data is already on the host: a resolved download (errors reject, as on cuda). */

@@ -76,6 +76,8 @@ export function restoreLoraParams(params: readonly LoraParams[], ck: { dir: stri
     const m = byPath.get(p.name), mo = momentsByPath.get(p.name);
     if (!m || !mo) throw new CheckpointError(`checkpoint ${ck.dir} has no state for '${p.name}'`, { hint: 'was it written by a job with other LoRA target modules?' });
     if (m.r !== p.hyper.r) throw new CheckpointError(`checkpoint ${ck.dir}: '${p.name}' has rank ${m.r}, the job says ${p.hyper.r}`);
+    // A DoRA module resumed without its magnitude (or the magnitude's moments) would silently restart them.
+    if (p.magnitude && !(m.magnitude && mo.mMag && mo.vMag)) throw new CheckpointError(`checkpoint ${ck.dir} has no DoRA magnitude (or no magnitude moments) for '${p.name}'`, { hint: 'was it written by a job without lora.use_dora?' });
     p.setHostState({ A: m.A, B: m.B, mA: mo.mA, vA: mo.vA, mB: mo.mB, vB: mo.vB, magnitude: m.magnitude, mMag: mo.mMag, vMag: mo.vMag });
   }
 }

@@ -1,7 +1,8 @@
 // The control plane and the worker's receiving side refuse what they must, with errors that say what and
-// where: wrong job tokens (Register, a real `worker start` process), tensors for a stale / far-future pipeline
-// sequence number or of an unassigned job, stalled workers (no heartbeats), malformed RunStep micro-batches,
-// and corrupt, oversized or reordered state uploads (fuzzed: a clean WireError, never a crash or wrong data).
+// where: wrong job tokens (Register, a real `worker start` process), workers too old for the job's features,
+// tensors for a stale / far-future pipeline sequence number or of an unassigned job, stalled workers (no
+// heartbeats), malformed RunStep micro-batches, and corrupt, oversized or reordered state uploads (fuzzed: a clean
+// WireError, never a crash or wrong data).
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -11,7 +12,9 @@ import { ControlPlane, type WorkerHandle, type WorkerLostError } from '../../coo
 import { ControlClient, type RegisterReply, type StateChunk } from '../../proto/gen/dqlora/v1/control.ts';
 import { Inbox } from '../../worker/runtime/inbox.ts';
 import { StateAssembler, chunkState, decodeStageState, encodeStageState } from '../../wire/state.ts';
-import { microBatchFromWire } from '../../wire/assignment.ts';
+import { STAGE_FEATURES_CAPABILITY, microBatchFromWire } from '../../wire/assignment.ts';
+import { parseJob } from '../../coordinator/job.ts';
+import { requiredWorkerCapabilities } from '../../coordinator/features.ts';
 import { startPipelineServer, PipelineClient, PipelineSendError, type PipelineServerOptions } from '../../worker/transport/pipeline.ts';
 import { createCpuBackend } from '../../core/engine/cpu.ts';
 import { LoraParams } from '../../core/engine/lora.ts';
@@ -40,6 +43,25 @@ test('Register with a wrong job token is UNAUTHENTICATED and names the job and w
   const ok = await register(TOKEN);
   assert.equal(ok.accepted, true);
   assert.match(ok.workerId, /^w\d+$/);
+});
+
+test('a job using the issue-13 features refuses a worker that does not report the stage-features capability (an older version would ignore them)', async () => {
+  const job = parseJob({ model: 'm', output_dir: 'o', data: { train: 't', packing: true }, lora: { use_dora: true }, distributed: { workers: 2 } }, 'job.yaml', '/tmp');
+  const p = new ControlPlane({ jobId: 'caps', jobToken: TOKEN, heartbeatIntervalMs: 100, heartbeatTimeoutMs: 600, requiredCapabilities: requiredWorkerCapabilities(job) });
+  const c = new ControlClient(await p.listen('127.0.0.1:0'), grpc.credentials.createInsecure());
+  const reg = (capabilities: string[]): Promise<RegisterReply> => new Promise((resolve, reject) => c.register({ jobToken: TOKEN, hostname: 'old-host', listenAddress: '127.0.0.1:1', capabilities }, (e, r) => (e ? reject(e) : resolve(r))));
+  try {
+    const old = await reg(['cpu', 'pid:1']);
+    assert.equal(old.accepted, false);
+    assert.match(old.reason, /this job needs data\.packing: true, lora\.use_dora: true, which this worker does not report \(capability "stage-features:1"\): it runs an older dqlora — upgrade the worker/);
+    assert.equal(p.workers.size, 0, 'not taken');
+    assert.equal((await reg(['cpu', STAGE_FEATURES_CAPABILITY])).accepted, true);
+    // A plain QLoRA job takes any worker.
+    assert.deepEqual(requiredWorkerCapabilities(parseJob({ model: 'm', output_dir: 'o', data: { train: 't' } }, 'job.yaml', '/tmp')), []);
+  } finally {
+    c.close();
+    await p.close();
+  }
 });
 
 test('`worker start` with a wrong token exits 1 with a clear error (a real process)', async () => {

@@ -279,6 +279,19 @@ describe('cpu backend memory bookkeeping', () => {
     await assert.rejects(dead, BackendError);
   });
 
+  it('raw bf16 bits: upload widens them exactly into the f32 activation; downloadActAsync gives float32 back', async () => {
+    const be = createCpuBackend({ native: false });
+    const bits = Uint16Array.from([0x3f80, 0xc040, 0x0001, 0x7f80, 0x8000, 0x4049]); // 1, -3, smallest subnormal, +inf, -0, 3.140625
+    const want = Float32Array.from([1, -3, 2 ** -133, Infinity, -0, 3.140625]);
+    const t = be.upload(bits, [2, 3], 'act');
+    assert.equal(t.dtype, 'f32');
+    const got = await be.downloadActAsync(t);
+    assert.ok(got instanceof Float32Array);
+    assert.deepEqual(got, want);
+    assert.throws(() => be.upload(bits, [6]), /raw bf16 bits, for dtype 'bf16' or 'act'/);
+    assert.throws(() => be.upload(bits, [6], 'f32'), /raw bf16 bits/);
+  });
+
   it('memoryInUse counts live tensors and NF4 weights; free releases; views share storage', () => {
     const be = createCpuBackend({ native: false });
     assert.equal(be.memoryInUse(), 0);

@@ -68,6 +68,22 @@ describe('cuda backend vs cpu backend', { skip }, () => {
     }
   });
 
+  it('raw bf16 bits: upload(Uint16Array, act) stores them as they are, downloadActAsync returns them untouched; f32 tensors come back as float32', async () => {
+    const b = g();
+    const x = rand(3000, 33, -3, 3);
+    const viaF32 = b.upload(x, [30, 100], 'act');                // bf16 on cuda: RNE of x
+    const bits = await b.downloadActAsync(viaF32);
+    assert.ok(bits instanceof Uint16Array, 'a bf16 activation comes back as raw bits');
+    assert.deepEqual(bits, f32ToBf16(x));
+    const again = b.upload(bits, [30, 100], 'act');
+    assert.deepEqual(b.download(again), b.download(viaF32));
+    const wide = b.upload(bits, [30, 100], 'f32');
+    assert.deepEqual(b.download(wide), bf16ToF32(bits));
+    const f = b.upload(x, [3000], 'f32');
+    assert.deepEqual(await b.downloadActAsync(f), x);
+    assert.throws(() => b.upload(bits, [3000]), /raw bf16 bits/);
+  });
+
   it('downloadAsync: ordered after the work queued before it, a snapshot against later writes, and the JS thread keeps queueing kernels while it copies', async (t) => {
     const b = g();
     const n = 4096, K = 24;

@@ -122,3 +122,27 @@ test('DoRA training: 3 AdamW steps here from PEFT\'s adapter = 3 torch AdamW ste
   for (let t = 0; t < batch.T; t++) for (let v = 0; v < V; v++) maxErr = Math.max(maxErr, Math.abs(logits[t][v] - wl[t * V + v]));
   assert.ok(maxErr < 1e-4, `logits after training: max error ${maxErr}`);
 });
+
+// The other direction: the adapter WE save (ours-trained/adapter, written by test/reference/make_dora_ours.ts after
+// three DoRA steps here) loaded by PEFT 0.21 (PeftModel.from_pretrained, test/reference/check_peft_loads_dora.py on
+// the device machine) gives the logits we give with it.
+const OURS = join(DIR, 'ours-trained');
+const HAVE_PEFT_OF_OURS = existsSync(join(OURS, 'peft-logits0.safetensors'));
+test('DoRA: the adapter we save loads in PEFT 0.21 with the same logits (sequence 0, 1e-4)', { skip: HAVE_PEFT_OF_OURS ? false : `${OURS}/peft-logits0.safetensors not made yet (test/reference/check_peft_loads_dora.py on the device machine)` }, () => {
+  const be = createCpuBackend();
+  const stage = loadStage(be, MODEL, fullModelSpec(loadModelConfig(MODEL)), { quantization: 'none' });
+  const adapter = loadAdapter(join(OURS, 'adapter'));
+  assert.equal(applyAdapter(be, stage, adapter, 'ours-trained'), 14);
+  const batch = goldenBatch(expected.batch);
+  const logits = stage.logitsAt(batch, undefined, Array.from({ length: batch.T }, (_, t) => t));
+  const g = SafetensorsFile.open(join(OURS, 'peft-logits0.safetensors'));
+  const want = g.readF32('logits0'); g.close();
+  const V = want.length / batch.T;
+  let maxErr = 0, maxAbs = 0;
+  for (let t = 0; t < batch.T; t++) for (let v = 0; v < V; v++) { maxErr = Math.max(maxErr, Math.abs(logits[t][v] - want[t * V + v])); maxAbs = Math.max(maxAbs, Math.abs(want[t * V + v])); }
+  assert.ok(maxAbs > 0.1, 'PEFT logits are not trivial');
+  assert.ok(maxErr < 1e-4, `PEFT's logits with our adapter differ from ours by ${maxErr}`);
+  // and the adapter really is the trained one, not PEFT's starting adapter
+  const start = loadAdapter(join(DIR, 'adapter'));
+  assert.notDeepEqual(adapter.modules[0].magnitude, start.modules[0].magnitude);
+});

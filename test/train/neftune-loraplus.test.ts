@@ -1,5 +1,5 @@
 // NEFTune (training.neftune_noise_alpha, as the HF Trainer) and LoRA+ (lora.loraplus_lr_ratio), and how the job
-// file spells the issue-13 features: values, defaults, errors that name the field, unsupported combinations.
+// file spells the issue-13 features: values, defaults, errors that name the field.
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
@@ -114,10 +114,10 @@ describe('job.yaml: the issue-13 fields', () => {
     assert.match(err({ data: { train: 't', packing: 'yes' } }), /data\.packing/);
   });
 
-  it('combinations that are not supported are refused, naming the fields', () => {
-    const m = err({ quantization: 'none', data: { train: 't', packing: true }, distributed: { workers: 'local' } });
-    assert.match(m, /quantization: none, data\.packing: true are not supported with distributed\.workers: "local"/);
-    assert.match(m, /distributed\.workers: 0/);
+  it('every feature is accepted with distributed workers (their stage assignment carries it)', () => {
+    const j = parse({ quantization: 'none', data: { train: 't', packing: true }, lora: { use_dora: true, loraplus_lr_ratio: 16 }, training: { neftune_noise_alpha: 5 }, distributed: { workers: 'local', stages: 2 } });
+    assert.equal(j.quantization.mode, 'none'); assert.equal(j.data.packing, true); assert.equal(j.lora.use_dora, true);
+    assert.equal(j.lora.loraplus_lr_ratio, 16); assert.equal(j.training.neftune_noise_alpha, 5); assert.equal(j.distributed.workers, 'local');
   });
 
   it('config-doc documents every new field', () => {

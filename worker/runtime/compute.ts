@@ -11,13 +11,17 @@ import type { LoraParams } from '../../core/engine/lora.ts';
 import type { LlamaStage, StageBatch } from '../../core/model/llama.ts';
 import { loadStage } from '../../core/model/loader.ts';
 import { applyUpdate, gradNormSq, restoreLoraParams, type StepDropoutKey } from '../../core/train/step.ts';
-import type { Assignment } from '../../wire/assignment.ts';
+import { stageLoadOptionsOf, type Assignment } from '../../wire/assignment.ts';
 import { encodeStageState } from '../../wire/state.ts';
 import { loadCheckpoint } from '../../common/checkpoint.ts';
 import { DqloraError, ShapeError } from '../../common/errors.ts';
+import { computeNice, niceThisThread } from '../../common/thread-priority.ts';
 
-/** Activations / gradients crossing between the threads: float32 on the host, [rows, hidden]. */
-export interface HostActivation { readonly data: Float32Array; readonly shape: [number, number] }
+/**
+ * Activations / gradients crossing between the threads, [rows, hidden]: float32, or raw bfloat16 bits (Uint16Array)
+ * where the backend computes in bf16 — they go to the wire and back onto the device as they are, never converted.
+ */
+export interface HostActivation { readonly data: Float32Array | Uint16Array; readonly shape: [number, number] }
 
 /** A run of consecutive layers whose LoRA gradients are all-reduced together (last layers first). */
 export interface GradBucket { readonly index: number; readonly data: Float32Array }
@@ -55,6 +59,8 @@ class StageCompute {
   /** Bucket k's params (bucket 0 = the stage's last layers), fixed per assignment so every replica agrees. */
   private bucketParams: LoraParams[][] = [];
   private bucketBytes = 0;
+  /** Posts of the current backward's gradient buckets, not yet done (their downloads are in flight). */
+  private pendingBuckets: Promise<void>[] = [];
   /** The layer (within the stage) whose backward completes bucket k. */
   private bucketEnds: number[] = [];
 
@@ -68,15 +74,16 @@ class StageCompute {
   async handle(r: ComputeRequest): Promise<Handled> {
     switch (r.op) {
       case 'init': {
+        // Before the backend starts its kernel threads (they inherit it): the event loop on the main thread wins
+        // the cores when it has work (common/thread-priority.ts).
+        niceThisThread(computeNice());
         this.be = await createBackend(r.device);
         return { value: { name: this.be.name, actDtype: this.be.actDtype, memoryInUse: this.be.memoryInUse(), threads: (this.be as { threads?: number }).threads ?? 0 } satisfies ComputeInfo };
       }
       case 'assign': {
         this.release();
         const be = this.be!, a = r.a;
-        this.stage = loadStage(be, a.modelDir, a.spec, {
-          lora: a.lora, seed: a.train.seed, blocksize: a.train.blocksize, doubleQuant: a.train.doubleQuant, gradientCheckpointing: a.train.gradientCheckpointing,
-        });
+        this.stage = loadStage(be, a.modelDir, a.spec, stageLoadOptionsOf(a));
         this.params = this.stage.loraParams();
         if (a.resumeFrom) restoreLoraParams(this.params, loadCheckpoint(a.resumeFrom));
         this.bucketParams = []; this.bucketBytes = 0;
@@ -96,22 +103,30 @@ class StageCompute {
         const { be, stage } = this.need();
         const d = r.d ? be.upload(r.d.data, r.d.shape, 'act') : undefined;
         const onLayer = r.bucketBytes ? this.bucketer(stage, r.bucketBytes) : undefined;
-        const dx = stage.backward(r.id, d, onLayer);
-        if (!dx) return { value: {} };
-        const later = this.download(dx).then((h) => ({ value: { dx: h }, transfer: [h.data.buffer as ArrayBuffer] }));
+        let dx: Tensor | undefined;
+        try {
+          dx = stage.backward(r.id, d, onLayer);
+        } catch (e) {
+          // The buckets already started are posted before the error reply (as they would be before a result).
+          await Promise.allSettled(this.pendingBuckets.splice(0));
+          throw e;
+        }
+        const buckets = Promise.all(this.pendingBuckets.splice(0));
+        if (!dx) return onLayer ? { value: undefined, later: buckets.then(() => ({ value: {} })) } : { value: {} };
+        const later = Promise.all([this.download(dx), buckets]).then(([h]) => ({ value: { dx: h }, transfer: [h.data.buffer as ArrayBuffer] }));
         return { value: undefined, later };
       }
       case 'setBucket': {
         const { be } = this.need();
         let off = 0;
-        for (const p of this.bucketParams[r.bucket.index]) for (const g of [p.dA, p.dB]) { overwrite(be, g, r.bucket.data.subarray(off, off + g.size)); off += g.size; }
+        for (const p of this.bucketParams[r.bucket.index]) for (const g of gradients(p)) { overwrite(be, g, r.bucket.data.subarray(off, off + g.size)); off += g.size; }
         if (off !== r.bucket.data.length) throw new ShapeError(`gradient bucket ${r.bucket.index}: ${r.bucket.data.length} values for ${off} gradients`);
         return { value: null };
       }
       case 'gradNormSq': return { value: gradNormSq(this.need().be, this.params) };
       case 'bucketSizes': {
         this.ensureBuckets(this.need().stage, r.bucketBytes);
-        return { value: this.bucketParams.map((ps) => ps.reduce((a, p) => a + p.dA.size + p.dB.size, 0)) };
+        return { value: this.bucketParams.map(gradientSize) };
       }
       case 'update': {
         const { be } = this.need();
@@ -150,11 +165,16 @@ class StageCompute {
       const b = endLayer.get(layer);
       if (b === undefined) return;
       const ps = this.bucketParams[b];
-      const n = ps.reduce((a, p) => a + p.dA.size + p.dB.size, 0);
-      const data = new Float32Array(n);
-      let off = 0;
-      for (const p of ps) for (const g of [p.dA, p.dB]) { data.set(be.download(g) as Float32Array, off); off += g.size; }
-      this.post({ bucket: { index: b, data } }, [data.buffer as ArrayBuffer]);
+      // Asynchronous copies (cuda: queued on the copy stream, snapshots as of now): the remaining layers' backward
+      // kernels keep being queued instead of the stream draining at every bucket. The backward's reply waits for
+      // these posts (pendingBuckets), so the main thread has every bucket before it learns the backward is done.
+      const parts = ps.flatMap(gradients).map((g) => be.downloadAsync(g));
+      this.pendingBuckets.push(Promise.all(parts).then((hs) => {
+        const data = new Float32Array(gradientSize(ps));
+        let off = 0;
+        for (const h of hs) { data.set(h as Float32Array, off); off += h.length; }
+        this.post({ bucket: { index: b, data } }, [data.buffer as ArrayBuffer]);
+      }));
     };
   }
 
@@ -164,7 +184,7 @@ class StageCompute {
       this.bucketParams = []; this.bucketEnds = [];
       let cur: LoraParams[] = [], size = 0;
       for (let i = stage.weights.layers.length - 1; i >= 0; i--) {
-        for (const p of stage.layerLoraParams(i)) { cur.push(p); size += 4 * (p.dA.size + p.dB.size); }
+        for (const p of stage.layerLoraParams(i)) { cur.push(p); size += 4 * gradientSize([p]); }
         if (cur.length && (size >= bytes || i === 0)) { this.bucketParams.push(cur); this.bucketEnds.push(i); cur = []; size = 0; }
       }
       this.bucketBytes = bytes;
@@ -179,15 +199,27 @@ class StageCompute {
     const be = this.be!;
     const shape: [number, number] = [t.shape[0], t.shape[1]];
     if (SYNC_DOWNLOAD) { const data = be.download(t) as Float32Array; be.free(t); return { data, shape }; }
-    const pending = be.downloadAsync(t);
+    const pending = be.downloadActAsync(t);
     be.free(t);
-    return { data: await pending as Float32Array, shape };
+    return { data: await pending, shape };
   }
 
   private release(): void {
     this.stage?.reset();
     this.stage = undefined; this.params = []; this.bucketParams = []; this.assignment = undefined;
   }
+}
+
+/**
+ * The gradients of a module that are all-reduced, in bucket order: those of every trainable tensor (A, B and, with
+ * DoRA, the magnitude), the same list the step math norms, clips and updates (LoraParams.trainable).
+ */
+function gradients(p: LoraParams): Tensor[] {
+  return p.trainable().map((t) => t.grad);
+}
+
+function gradientSize(ps: readonly LoraParams[]): number {
+  return ps.reduce((a, p) => a + gradients(p).reduce((b, g) => b + g.size, 0), 0);
 }
 
 function overwrite(be: Backend, dst: Tensor, src: Float32Array): void {

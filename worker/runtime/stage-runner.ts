@@ -25,7 +25,7 @@ import { PipelineClient } from '../transport/pipeline.ts';
 import { Inbox, StepAbortedError } from './inbox.ts';
 import { ComputeThread } from './stage-compute.ts';
 import type { ComputeInfo, GradBucket, HostActivation } from './compute.ts';
-import { hostToF32, type HostTensor } from '../../wire/tensor.ts';
+import { bf16ToTensor, hostToF32, type HostTensor } from '../../wire/tensor.ts';
 import { generationId, microBatchFromWire, type Assignment } from '../../wire/assignment.ts';
 import { dropoutKey, lossScale } from '../../core/train/step.ts';
 import { ConfigError, DqloraError, ShapeError } from '../../common/errors.ts';
@@ -158,13 +158,16 @@ export class StageRunner {
       alive();
       const n = batches[i].B * batches[i].T, H = h.shape[1];
       if (h.shape.length !== 2 || h.shape[0] !== n) throw new ShapeError(`${dir} tensor of seq ${seq} micro-batch ${i} from ${from} has shape [${h.shape}], expected [${n}, hidden]`);
-      return { data: hostToF32(h), shape: [n, H] };
+      // bf16 stays raw bits up to the device (upload 'act'); f32 as it came.
+      return { data: h.dtype === 'bf16' ? h.data : hostToF32(h, `${dir} tensor of seq ${seq} micro-batch ${i} from ${from}`), shape: [n, H] };
     };
     // Sends are not awaited before the next compute: the compute thread is already busy with it while this
     // thread streams the tensor. Only when MAX_SENDS_IN_FLIGHT are unacknowledged does the schedule wait.
     const ship = async (client: PipelineClient, dir: 'forward' | 'backward', i: number, h: HostActivation): Promise<void> => {
-      const o = { dtype: this.device.actDtype === 'bf16' ? 'bf16' as const : 'f32' as const };
-      const pr = dir === 'forward' ? client.sendForward(seq, i, h.data, h.shape, o) : client.sendBackward(seq, i, h.data, h.shape, o);
+      // Raw bf16 bits go as they are; float32 goes as bf16 where the backend computes in bf16 (the same bits).
+      const pr = h.data instanceof Uint16Array ? client.sendTensor(dir, seq, i, bf16ToTensor(h.data, h.shape))
+        : dir === 'forward' ? client.sendForward(seq, i, h.data, h.shape, { dtype: this.device.actDtype === 'bf16' ? 'bf16' : 'f32' })
+        : client.sendBackward(seq, i, h.data, h.shape, { dtype: this.device.actDtype === 'bf16' ? 'bf16' : 'f32' });
       pr.catch(() => { /* awaited below */ });
       const q = sends[dir];
       q.push(pr); allSends.push(pr);

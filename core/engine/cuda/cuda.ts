@@ -128,10 +128,22 @@ export class CudaBackend implements Backend {
     return 'f32';
   }
 
-  upload(data: Float32Array | Int32Array | Uint8Array, shape: readonly number[], dtype?: DType | 'act'): Tensor {
-    const dt = this.resolve(dtype, data);
+  upload(data: Float32Array | Int32Array | Uint8Array | Uint16Array, shape: readonly number[], dtype?: DType | 'act'): Tensor {
     const n = shapeSize(shape);
     check(data.length === n, () => `upload: data has ${data.length} elements, shape [${shape.join(', ')}] needs ${n}`);
+    if (data instanceof Uint16Array) {
+      // Raw bf16 bits: copied as they are into a bf16 tensor, widened on the device into an f32 one.
+      check(dtype === 'bf16' || dtype === 'act', () => `upload: a Uint16Array is raw bf16 bits, for dtype 'bf16' or 'act' (got ${dtype ?? 'none'})`);
+      const dt = this.resolve(dtype);
+      const t = this.alloc(shape, dt);
+      if (dt === 'bf16') { this.nat.upload(t.ptr, data); return t; }
+      const tmp = this.alloc(shape, 'bf16');
+      this.nat.upload(tmp.ptr, data);
+      this.nat.convert(tmp.ptr, DTYPE_CODE.bf16, t.ptr, DTYPE_CODE[dt], n);
+      this.free(tmp);
+      return t;
+    }
+    const dt = this.resolve(dtype, data);
     const t = this.alloc(shape, dt);
     if (dt === 'bf16') {
       check(data instanceof Float32Array, 'upload: bf16 tensors are uploaded from a Float32Array');
@@ -183,6 +195,13 @@ export class CudaBackend implements Backend {
     this.free(tmp);
     await done;
     return o;
+  }
+
+  async downloadActAsync(t: Tensor): Promise<Float32Array | Uint16Array> {
+    const ct = this.t(t);
+    if (ct.dtype === 'bf16') { const o = new Uint16Array(ct.size); await this.nat.downloadAsync(ct.ptr, o); return o; }
+    check(ct.dtype === 'f32', () => `downloadActAsync: a ${ct.dtype} tensor is not an activation (f32 or bf16)`);
+    return await this.downloadAsync(t) as Float32Array;
   }
 
   free(t: Tensor): void {

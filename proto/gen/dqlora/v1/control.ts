@@ -146,6 +146,51 @@ export function workerStateToJSON(object: WorkerState): string {
   }
 }
 
+/**
+ * How a stage loads its decoder linears (job.yaml quantization.mode). UNSPECIFIED is refused: a coordinator that
+ * does not set it is another version.
+ */
+export enum QuantizationMode {
+  QUANTIZATION_MODE_UNSPECIFIED = 0,
+  /** QUANTIZATION_MODE_NF4 - QLoRA: NF4 (+ double quantization), or a pre-quantized checkpoint as stored */
+  QUANTIZATION_MODE_NF4 = 1,
+  /** QUANTIZATION_MODE_NONE - full precision (fp32 on cpu, bf16 on cuda) */
+  QUANTIZATION_MODE_NONE = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function quantizationModeFromJSON(object: any): QuantizationMode {
+  switch (object) {
+    case 0:
+    case "QUANTIZATION_MODE_UNSPECIFIED":
+      return QuantizationMode.QUANTIZATION_MODE_UNSPECIFIED;
+    case 1:
+    case "QUANTIZATION_MODE_NF4":
+      return QuantizationMode.QUANTIZATION_MODE_NF4;
+    case 2:
+    case "QUANTIZATION_MODE_NONE":
+      return QuantizationMode.QUANTIZATION_MODE_NONE;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return QuantizationMode.UNRECOGNIZED;
+  }
+}
+
+export function quantizationModeToJSON(object: QuantizationMode): string {
+  switch (object) {
+    case QuantizationMode.QUANTIZATION_MODE_UNSPECIFIED:
+      return "QUANTIZATION_MODE_UNSPECIFIED";
+    case QuantizationMode.QUANTIZATION_MODE_NF4:
+      return "QUANTIZATION_MODE_NF4";
+    case QuantizationMode.QUANTIZATION_MODE_NONE:
+      return "QUANTIZATION_MODE_NONE";
+    case QuantizationMode.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 export interface DeviceInfo {
   kind: DeviceKind;
   /** e.g. "NVIDIA H200" or the CPU model */
@@ -263,6 +308,10 @@ export interface LoraSettings {
   targetModules: string[];
   rankPattern: { [key: string]: number };
   alphaPattern: { [key: string]: number };
+  /** DoRA: every adapted module also trains a magnitude vector [out] */
+  useDora: boolean;
+  /** LoRA+: lora_B (and DoRA magnitudes) train with lr × this ratio, lora_A with lr; unset = plain LoRA. */
+  loraplusLrRatio?: number | undefined;
 }
 
 export interface LoraSettings_RankPatternEntry {
@@ -290,6 +339,12 @@ export interface TrainSettings {
   stepTimeoutMs: number;
   /** pipeline chunk limit (bytes per gRPC message) */
   chunkBytes: number;
+  quantization: QuantizationMode;
+  /**
+   * NEFTune noise alpha (0 = off): the stage holding the embedding adds the noise in training, keyed like the
+   * dropout masks by (seed, step, sample, position).
+   */
+  neftuneNoiseAlpha: number;
 }
 
 /**
@@ -315,7 +370,18 @@ export interface MicroBatch {
     | Tensor
     | undefined;
   /** i32 [B], dataset indices (dropout masks are keyed by them) */
-  sampleIds?: Tensor | undefined;
+  sampleIds?:
+    | Tensor
+    | undefined;
+  /**
+   * Sample packing only (both set, or neither: one example per row). Every stage needs them: the attention mask
+   * is block-diagonal per example and the dropout masks / NEFTune noise are keyed per example.
+   */
+  segments?:
+    | Tensor
+    | undefined;
+  /** i32 [B, T], dataset index of the token's example; -1 on padding */
+  tokenSampleIds?: Tensor | undefined;
 }
 
 export interface RunStep {
@@ -449,7 +515,13 @@ export interface ModuleState {
   mA?: Tensor | undefined;
   vA?: Tensor | undefined;
   mB?: Tensor | undefined;
-  vB?: Tensor | undefined;
+  vB?:
+    | Tensor
+    | undefined;
+  /** DoRA only: the magnitude vector f32 [out] (PEFT's lora_magnitude_vector) and, with include_moments, its moments. */
+  magnitude?: Tensor | undefined;
+  mMag?: Tensor | undefined;
+  vMag?: Tensor | undefined;
 }
 
 export interface ReportAck {
@@ -1908,6 +1980,8 @@ function createBaseLoraSettings(): LoraSettings {
     targetModules: [],
     rankPattern: {},
     alphaPattern: {},
+    useDora: false,
+    loraplusLrRatio: undefined,
   };
 }
 
@@ -1937,6 +2011,12 @@ export const LoraSettings: MessageFns<LoraSettings> = {
     globalThis.Object.entries(message.alphaPattern).forEach(([key, value]: [string, number]) => {
       LoraSettings_AlphaPatternEntry.encode({ key: key as any, value }, writer.uint32(66).fork()).join();
     });
+    if (message.useDora !== false) {
+      writer.uint32(72).bool(message.useDora);
+    }
+    if (message.loraplusLrRatio !== undefined) {
+      writer.uint32(81).double(message.loraplusLrRatio);
+    }
     return writer;
   },
 
@@ -2021,6 +2101,22 @@ export const LoraSettings: MessageFns<LoraSettings> = {
             if (entry8.value !== undefined) {
               message.alphaPattern[entry8.key] = entry8.value;
             }
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.useDora = reader.bool();
+            continue;
+          }
+          case 10: {
+            if (tag !== 81) {
+              break;
+            }
+
+            message.loraplusLrRatio = reader.double();
             continue;
           }
         }
@@ -2109,6 +2205,16 @@ export const LoraSettings: MessageFns<LoraSettings> = {
           {},
         )
         : {},
+      useDora: isSet(object.useDora)
+        ? globalThis.Boolean(object.useDora)
+        : isSet(object.use_dora)
+        ? globalThis.Boolean(object.use_dora)
+        : false,
+      loraplusLrRatio: isSet(object.loraplusLrRatio)
+        ? globalThis.Number(object.loraplusLrRatio)
+        : isSet(object.loraplus_lr_ratio)
+        ? globalThis.Number(object.loraplus_lr_ratio)
+        : undefined,
     };
   },
 
@@ -2150,6 +2256,12 @@ export const LoraSettings: MessageFns<LoraSettings> = {
         });
       }
     }
+    if (message.useDora !== false) {
+      obj.useDora = message.useDora;
+    }
+    if (message.loraplusLrRatio !== undefined) {
+      obj.loraplusLrRatio = floatToJson(message.loraplusLrRatio);
+    }
     return obj;
   },
 
@@ -2182,6 +2294,8 @@ export const LoraSettings: MessageFns<LoraSettings> = {
       },
       {},
     );
+    message.useDora = object.useDora ?? false;
+    message.loraplusLrRatio = object.loraplusLrRatio ?? undefined;
     return message;
   },
 };
@@ -2372,6 +2486,8 @@ function createBaseTrainSettings(): TrainSettings {
     gradientCheckpointing: false,
     stepTimeoutMs: 0,
     chunkBytes: 0,
+    quantization: 0,
+    neftuneNoiseAlpha: 0,
   };
 }
 
@@ -2406,6 +2522,12 @@ export const TrainSettings: MessageFns<TrainSettings> = {
     }
     if (message.chunkBytes !== 0) {
       writer.uint32(80).uint32(message.chunkBytes);
+    }
+    if (message.quantization !== 0) {
+      writer.uint32(88).int32(message.quantization);
+    }
+    if (message.neftuneNoiseAlpha !== 0) {
+      writer.uint32(97).double(message.neftuneNoiseAlpha);
     }
     return writer;
   },
@@ -2503,6 +2625,22 @@ export const TrainSettings: MessageFns<TrainSettings> = {
             message.chunkBytes = reader.uint32();
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.quantization = reader.int32() as any;
+            continue;
+          }
+          case 12: {
+            if (tag !== 97) {
+              break;
+            }
+
+            message.neftuneNoiseAlpha = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2547,6 +2685,12 @@ export const TrainSettings: MessageFns<TrainSettings> = {
         : isSet(object.chunk_bytes)
         ? globalThis.Number(object.chunk_bytes)
         : 0,
+      quantization: isSet(object.quantization) ? quantizationModeFromJSON(object.quantization) : 0,
+      neftuneNoiseAlpha: isSet(object.neftuneNoiseAlpha)
+        ? globalThis.Number(object.neftuneNoiseAlpha)
+        : isSet(object.neftune_noise_alpha)
+        ? globalThis.Number(object.neftune_noise_alpha)
+        : 0,
     };
   },
 
@@ -2582,6 +2726,12 @@ export const TrainSettings: MessageFns<TrainSettings> = {
     if (message.chunkBytes !== 0) {
       obj.chunkBytes = Math.round(message.chunkBytes);
     }
+    if (message.quantization !== 0) {
+      obj.quantization = quantizationModeToJSON(message.quantization);
+    }
+    if (message.neftuneNoiseAlpha !== 0) {
+      obj.neftuneNoiseAlpha = floatToJson(message.neftuneNoiseAlpha);
+    }
     return obj;
   },
 
@@ -2600,6 +2750,8 @@ export const TrainSettings: MessageFns<TrainSettings> = {
     message.gradientCheckpointing = object.gradientCheckpointing ?? false;
     message.stepTimeoutMs = object.stepTimeoutMs ?? 0;
     message.chunkBytes = object.chunkBytes ?? 0;
+    message.quantization = object.quantization ?? 0;
+    message.neftuneNoiseAlpha = object.neftuneNoiseAlpha ?? 0;
     return message;
   },
 };
@@ -2612,6 +2764,8 @@ function createBaseMicroBatch(): MicroBatch {
     keyMask: undefined,
     positions: undefined,
     sampleIds: undefined,
+    segments: undefined,
+    tokenSampleIds: undefined,
   };
 }
 
@@ -2634,6 +2788,12 @@ export const MicroBatch: MessageFns<MicroBatch> = {
     }
     if (message.sampleIds !== undefined) {
       Tensor.encode(message.sampleIds, writer.uint32(50).fork()).join();
+    }
+    if (message.segments !== undefined) {
+      Tensor.encode(message.segments, writer.uint32(58).fork()).join();
+    }
+    if (message.tokenSampleIds !== undefined) {
+      Tensor.encode(message.tokenSampleIds, writer.uint32(66).fork()).join();
     }
     return writer;
   },
@@ -2699,6 +2859,22 @@ export const MicroBatch: MessageFns<MicroBatch> = {
             message.sampleIds = Tensor.decode(reader, reader.uint32());
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.segments = Tensor.decode(reader, reader.uint32());
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.tokenSampleIds = Tensor.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2731,6 +2907,12 @@ export const MicroBatch: MessageFns<MicroBatch> = {
         : isSet(object.sample_ids)
         ? Tensor.fromJSON(object.sample_ids)
         : undefined,
+      segments: isSet(object.segments) ? Tensor.fromJSON(object.segments) : undefined,
+      tokenSampleIds: isSet(object.tokenSampleIds)
+        ? Tensor.fromJSON(object.tokenSampleIds)
+        : isSet(object.token_sample_ids)
+        ? Tensor.fromJSON(object.token_sample_ids)
+        : undefined,
     };
   },
 
@@ -2753,6 +2935,12 @@ export const MicroBatch: MessageFns<MicroBatch> = {
     }
     if (message.sampleIds !== undefined) {
       obj.sampleIds = Tensor.toJSON(message.sampleIds);
+    }
+    if (message.segments !== undefined) {
+      obj.segments = Tensor.toJSON(message.segments);
+    }
+    if (message.tokenSampleIds !== undefined) {
+      obj.tokenSampleIds = Tensor.toJSON(message.tokenSampleIds);
     }
     return obj;
   },
@@ -2777,6 +2965,12 @@ export const MicroBatch: MessageFns<MicroBatch> = {
       : undefined;
     message.sampleIds = (object.sampleIds !== undefined && object.sampleIds !== null)
       ? Tensor.fromPartial(object.sampleIds)
+      : undefined;
+    message.segments = (object.segments !== undefined && object.segments !== null)
+      ? Tensor.fromPartial(object.segments)
+      : undefined;
+    message.tokenSampleIds = (object.tokenSampleIds !== undefined && object.tokenSampleIds !== null)
+      ? Tensor.fromPartial(object.tokenSampleIds)
       : undefined;
     return message;
   },
@@ -4308,6 +4502,9 @@ function createBaseModuleState(): ModuleState {
     vA: undefined,
     mB: undefined,
     vB: undefined,
+    magnitude: undefined,
+    mMag: undefined,
+    vMag: undefined,
   };
 }
 
@@ -4342,6 +4539,15 @@ export const ModuleState: MessageFns<ModuleState> = {
     }
     if (message.vB !== undefined) {
       Tensor.encode(message.vB, writer.uint32(82).fork()).join();
+    }
+    if (message.magnitude !== undefined) {
+      Tensor.encode(message.magnitude, writer.uint32(90).fork()).join();
+    }
+    if (message.mMag !== undefined) {
+      Tensor.encode(message.mMag, writer.uint32(98).fork()).join();
+    }
+    if (message.vMag !== undefined) {
+      Tensor.encode(message.vMag, writer.uint32(106).fork()).join();
     }
     return writer;
   },
@@ -4439,6 +4645,30 @@ export const ModuleState: MessageFns<ModuleState> = {
             message.vB = Tensor.decode(reader, reader.uint32());
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.magnitude = Tensor.decode(reader, reader.uint32());
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.mMag = Tensor.decode(reader, reader.uint32());
+            continue;
+          }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.vMag = Tensor.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4471,6 +4701,17 @@ export const ModuleState: MessageFns<ModuleState> = {
       vA: isSet(object.vA) ? Tensor.fromJSON(object.vA) : isSet(object.v_a) ? Tensor.fromJSON(object.v_a) : undefined,
       mB: isSet(object.mB) ? Tensor.fromJSON(object.mB) : isSet(object.m_b) ? Tensor.fromJSON(object.m_b) : undefined,
       vB: isSet(object.vB) ? Tensor.fromJSON(object.vB) : isSet(object.v_b) ? Tensor.fromJSON(object.v_b) : undefined,
+      magnitude: isSet(object.magnitude) ? Tensor.fromJSON(object.magnitude) : undefined,
+      mMag: isSet(object.mMag)
+        ? Tensor.fromJSON(object.mMag)
+        : isSet(object.m_mag)
+        ? Tensor.fromJSON(object.m_mag)
+        : undefined,
+      vMag: isSet(object.vMag)
+        ? Tensor.fromJSON(object.vMag)
+        : isSet(object.v_mag)
+        ? Tensor.fromJSON(object.v_mag)
+        : undefined,
     };
   },
 
@@ -4506,6 +4747,15 @@ export const ModuleState: MessageFns<ModuleState> = {
     if (message.vB !== undefined) {
       obj.vB = Tensor.toJSON(message.vB);
     }
+    if (message.magnitude !== undefined) {
+      obj.magnitude = Tensor.toJSON(message.magnitude);
+    }
+    if (message.mMag !== undefined) {
+      obj.mMag = Tensor.toJSON(message.mMag);
+    }
+    if (message.vMag !== undefined) {
+      obj.vMag = Tensor.toJSON(message.vMag);
+    }
     return obj;
   },
 
@@ -4524,6 +4774,11 @@ export const ModuleState: MessageFns<ModuleState> = {
     message.vA = (object.vA !== undefined && object.vA !== null) ? Tensor.fromPartial(object.vA) : undefined;
     message.mB = (object.mB !== undefined && object.mB !== null) ? Tensor.fromPartial(object.mB) : undefined;
     message.vB = (object.vB !== undefined && object.vB !== null) ? Tensor.fromPartial(object.vB) : undefined;
+    message.magnitude = (object.magnitude !== undefined && object.magnitude !== null)
+      ? Tensor.fromPartial(object.magnitude)
+      : undefined;
+    message.mMag = (object.mMag !== undefined && object.mMag !== null) ? Tensor.fromPartial(object.mMag) : undefined;
+    message.vMag = (object.vMag !== undefined && object.vMag !== null) ? Tensor.fromPartial(object.vMag) : undefined;
     return message;
   },
 };
