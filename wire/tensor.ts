@@ -235,9 +235,11 @@ export interface ChunkIds {
  * most `limitBytes`. Every chunk repeats the whole tensor's dtype, shape and CRC; data slices share the
  * tensor's memory. A tensor with no elements still travels as one (empty) chunk.
  */
-export function chunkTensor(ids: ChunkIds, tensor: Tensor, limitBytes = DEFAULT_CHUNK_BYTES): TensorChunk[] {
+export function chunkTensor(ids: ChunkIds, tensor: Tensor, limitBytes = DEFAULT_CHUNK_BYTES, precomputedCrc?: number): TensorChunk[] {
   const data = tensor.data;
-  const crc = crc32(data);
+  // `precomputedCrc`: crc32(tensor.data), computed where the bytes were made (e.g. the compute thread), so the
+  // sending thread does not pass over the whole tensor once more.
+  const crc = precomputedCrc ?? crc32(data);
   // Framing: encode a chunk with empty data and the largest index values, then allow 10 bytes for the
   // data field's length varint. What is left of the limit is the data budget per chunk.
   const empty = Buffer.alloc(0);
@@ -306,6 +308,8 @@ export class ChunkAssembler {
   private buf?: Uint8Array;
   private received = 0;
   private nextIndex = 0;
+  /** CRC-32 of the bytes so far, chunk by chunk: no pass over the whole tensor at the end. */
+  private crcSoFar = 0;
   private result?: HostTensor;
 
   constructor(opts: AssemblerOptions) {
@@ -352,13 +356,14 @@ export class ChunkAssembler {
       throw new ChunkError('oversized', `${at}: size overflow, chunks carry more than the ${f.total} bytes of ${f.dtype} [${f.shape.join(', ')}]`);
     }
     this.buf!.set(t.data, this.received);
+    this.crcSoFar = crc32(t.data, this.crcSoFar);
     this.received += t.data.byteLength;
     this.nextIndex++;
     if (this.nextIndex < f.numChunks) return undefined;
     if (this.received !== f.total) {
       throw new ChunkError('corrupt', `${at}: truncated tensor, ${this.received} of ${f.total} bytes after the last chunk`);
     }
-    const crc = crc32(this.buf!);
+    const crc = this.crcSoFar;
     if (crc !== f.crc) {
       throw new ChunkError('corrupt', `${at}: checksum mismatch (crc32 ${hex(crc)} received, ${hex(f.crc)} sent): data corrupted in transit`);
     }

@@ -135,6 +135,11 @@ test('the assembler rejects duplicate, out-of-order, stale, foreign, oversized a
   const flipped = Buffer.from(c2.tensor!.data);
   flipped[3] ^= 0x10;
   rejects([c0, c1, { ...c2, tensor: { ...c2.tensor!, data: flipped } }, ...chunks.slice(3)], /checksum mismatch/);
+  // A sender's precomputed checksum (computed off the sending thread) is what chunkTensor would compute; a wrong
+  // one is caught at the receiver exactly like corruption.
+  const t = f32ToTensor(Float32Array.from({ length: 1000 }, (_, i) => Math.sin(i)), [1000]);
+  assert.deepEqual(chunkTensor(ids, t, 600, crc32(t.data)), chunkTensor(ids, t, 600));
+  rejects(chunkTensor(ids, t, 600, (crc32(t.data) ^ 1) >>> 0), /checksum mismatch/);
   // A chunk carrying more data than the shape allows overflows the buffer bound.
   const fat = Buffer.concat([c0.tensor!.data, Buffer.alloc(8)]);
   const one = chunkTensor(ids, f32ToTensor(new Float32Array(4), [4]), 1 << 20);

@@ -13,6 +13,7 @@ import { loadStage } from '../../core/model/loader.ts';
 import { applyUpdate, gradNormSq, restoreLoraParams, type StepDropoutKey } from '../../core/train/step.ts';
 import { stageLoadOptionsOf, type Assignment } from '../../wire/assignment.ts';
 import { encodeStageState } from '../../wire/state.ts';
+import { crc32 } from '../../wire/tensor.ts';
 import { loadCheckpoint } from '../../common/checkpoint.ts';
 import { DqloraError, ShapeError } from '../../common/errors.ts';
 import { computeNice, niceThisThread } from '../../common/thread-priority.ts';
@@ -21,7 +22,12 @@ import { computeNice, niceThisThread } from '../../common/thread-priority.ts';
  * Activations / gradients crossing between the threads, [rows, hidden]: float32, or raw bfloat16 bits (Uint16Array)
  * where the backend computes in bf16 — they go to the wire and back onto the device as they are, never converted.
  */
-export interface HostActivation { readonly data: Float32Array | Uint16Array; readonly shape: [number, number] }
+export interface HostActivation {
+  readonly data: Float32Array | Uint16Array;
+  readonly shape: [number, number];
+  /** crc32 of data's bytes, computed on the compute thread (the wire checksum, off the event loop). */
+  readonly crc32?: number;
+}
 
 /** A run of consecutive layers whose LoRA gradients are all-reduced together (last layers first). */
 export interface GradBucket { readonly index: number; readonly data: Float32Array }
@@ -201,7 +207,8 @@ class StageCompute {
     if (SYNC_DOWNLOAD) { const data = be.download(t) as Float32Array; be.free(t); return { data, shape }; }
     const pending = be.downloadActAsync(t);
     be.free(t);
-    return { data: await pending, shape };
+    const data = await pending;
+    return { data, shape, crc32: crc32(new Uint8Array(data.buffer, data.byteOffset, data.byteLength)) };
   }
 
   private release(): void {

@@ -303,6 +303,8 @@ export interface SendOptions {
   /** 'bf16' halves the bytes of activations on the wire (rounded to nearest even). Default 'f32'. */
   dtype?: 'f32' | 'bf16';
   deadlineMs?: number;
+  /** sendTensor only: crc32 of the tensor's data bytes when the caller already has it (computed off this thread). */
+  crc32?: number;
 }
 
 /** Sends tensors to one peer stage's Pipeline server (one HTTP/2 connection, one stream per tensor). */
@@ -371,7 +373,7 @@ export class PipelineClient {
   }
 
   sendTensor(direction: Direction, step: number, microBatch: number, tensor: Tensor, o: SendOptions = {}): Promise<ChunkAck> {
-    const chunks = chunkTensor({ jobId: this.opts.jobId, step, microBatch }, tensor, this.opts.chunkBytes ?? DEFAULT_CHUNK_BYTES);
+    const chunks = chunkTensor({ jobId: this.opts.jobId, step, microBatch }, tensor, this.opts.chunkBytes ?? DEFAULT_CHUNK_BYTES, o.crc32);
     return this.sendChunks(direction, chunks, o);
   }
 
