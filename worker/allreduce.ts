@@ -18,12 +18,22 @@
 // order, and each result is the same fixed-order sum, bit for bit. Messages of a bucket that has not started here
 // yet are kept (bounded) until it does.
 //
-// Authentication: every message carries, in one NATS header `dq`, a binary header (below) and an HMAC-SHA256 keyed
-// by the job's secret over the job id, that header (kind, rank, stage, seq, bucket, chunk index, chunk count,
-// offset, buffer length) and the payload. A message whose MAC does not check, or that repeats a (seq, bucket,
-// phase, rank, chunk) already received, or belongs to a seq this rank has finished, is counted in
-// `stats.rejected`, logged (rate-limited) and never summed — whoever else can publish on the NATS server cannot
-// change the result. (The key never travels: deriveAllReduceKey makes it from the job token both sides hold.)
+// Authentication: every message carries, in one NATS header `dq`, a binary header (below) ending in a 16-byte
+// ChaCha20-Poly1305 tag computed over no plaintext with AAD = job id ‖ header (kind, rank, stage, seq, bucket,
+// chunk index, chunk count, offset, buffer length, nonce) ‖ payload — the AEAD used as a MAC. It is a sound MAC:
+// for every nonce, ChaCha20 under the job's key turns out a fresh one-time Poly1305 key (r, s), and forging a
+// tag for bytes the key holders never tagged means guessing a polynomial evaluation at an unknown r (chance
+// ≈ ℓ/2^103 per try for ℓ 16-byte blocks: < 2^−83 for an 8 MiB message) — unless a nonce repeats under the key,
+// which would reveal r. So nonces never repeat: the key is shared by every rank and outlives a worker's restart
+// (the same seq may run again), so a counter alone would repeat; the nonce is 64 bits drawn at random per
+// NatsAllReduce ‖ a 32-bit message counter of that instance (an instance refuses its 2^32-th message; a new
+// instance draws a new prefix; 2^20 instances under one key collide with chance < 2^−24). It runs ~8× faster than
+// the HMAC-SHA256 it replaced (header version 1), which was a third of a rank's CPU. A message whose tag does not
+// check, of another header version, that repeats a (seq, bucket, phase, rank, chunk) already received (a replay
+// carries its old nonce and tag, so it checks, and is caught here), or belongs to a seq this rank has finished, is
+// counted in `stats.rejected`, logged (rate-limited) and never summed — whoever else can publish on the NATS server
+// cannot change the result. (The key never travels: deriveAllReduceKey makes the job's secret from the job token
+// both sides hold; the cipher key is derived from that under its own label, so a version-1 key is never reused.)
 //
 // The first call runs a join barrier (a rank publishes "ready" until it has heard from every peer; any message
 // from a peer also counts) so nothing is published to a peer that has not subscribed yet. A call that does not
@@ -46,12 +56,20 @@ const READY_INTERVAL_MS = 50;
 const REJECT_LOG_INTERVAL_MS = 2000;
 
 // ---- message header ------------------------------------------------------------------------------------
-// 40 bytes, little-endian, then the 32-byte MAC; base64 in the NATS header `dq`.
-//   0 u8 version (1) | 1 u8 kind (1 rs, 2 ag, 3 ready, 4 ready-reply) | 2 u16 rank | 4 u32 stage | 8 f64 seq |
-//  16 u32 bucket | 20 u32 chunk | 24 u32 count | 28 u32 off (elements, in the slice) | 32 f64 n (buffer elements)
-const HDR = 40;
-const MAC = 32;
-const VERSION = 1;
+// 70 bytes, little-endian, base64url (unpadded, 94 characters) in the NATS header `dq`:
+//   0 u8 version (2) | 1 u8 kind (1 rs, 2 ag, 3 ready, 4 ready-reply) | 2 u16 rank | 4 u32 stage | 8 f64 seq |
+//  16 u32 bucket | 20 u32 chunk | 24 u32 count | 28 u32 off (elements, in the slice) | 32 f64 n (buffer elements) |
+//  40 u8[8] nonce prefix | 48 u32 message counter (nonce = bytes 40..52) | 52 u16 0 | 54 u8[16] tag
+// The two zero bytes make the header block nats.js sends ("NATS/1.0\r\ndq: <94>\r\n\r\n", 112 bytes) a multiple of 4,
+// so a payload that nats.js assembled in a fresh buffer (any message larger than one socket read) is 4-byte
+// aligned and its floats are summed in place (floatsOf) instead of copied first.
+const HDR = 54;
+const TAG = 16;
+const NONCE_AT = 40;
+const NONCE = 12;
+const VERSION = 2;
+/** Messages one instance may send before its 32-bit nonce counter would wrap. */
+const MAX_MESSAGES = 2 ** 32;
 const KIND = { rs: 1, ag: 2, ready: 3, readyReply: 4 } as const;
 type Kind = (typeof KIND)[keyof typeof KIND];
 
@@ -60,6 +78,11 @@ interface Header { kind: Kind; rank: number; stage: number; seq: number; bucket:
 /** The per-job all-reduce key, derived from the job token (which the coordinator and every worker hold). */
 export function deriveAllReduceKey(jobToken: string, jobId: string): Uint8Array {
   return crypto.createHmac('sha256', jobToken).update(`dqlora all-reduce v1\0${jobId}`).digest();
+}
+
+/** The ChaCha20-Poly1305 key of header version 2, from the job's all-reduce secret (a label of its own). */
+function tagKey(secret: Uint8Array): Buffer {
+  return crypto.createHmac('sha256', secret).update('dqlora all-reduce v2 chacha20-poly1305 tag key').digest();
 }
 
 /** A step did not complete in time; `missingRanks` are the ranks whose data never (fully) arrived. */
@@ -92,7 +115,7 @@ export interface AllReduceStats {
   bytesReceived: number;
   messagesSent: number;
   messagesReceived: number;
-  /** Messages refused: bad or missing MAC, a repeat of a chunk already received, or of a seq already finished. */
+  /** Messages refused: bad or missing tag, another header version, a repeat of a chunk already received, or of a seq already finished. */
   rejected: number;
   /** Of `rejected`: messages of seqs this rank had finished (late or replayed). */
   staleDropped: number;
@@ -132,6 +155,12 @@ export class NatsAllReduce {
   private readonly opts: Required<NatsAllReduceOptions>;
   private readonly prefix: string;
   private readonly jobBytes: Buffer;
+  private readonly tagKey: Buffer;
+  /** Nonce of the next message: 8 random bytes drawn per instance ‖ u32 counter (see the header). */
+  private readonly nonce = Buffer.alloc(NONCE);
+  private sent = 0;
+  /** Reused per message: the binary header being sealed. */
+  private readonly sealBuf = Buffer.alloc(HDR + TAG);
   private readonly subs: Subscription[] = [];
   private readonly buckets = new Map<string, BucketState>();
   /** Keys of (seq, bucket) calls that completed, for seqs ≥ finishedBelow (replays of them are refused). */
@@ -170,6 +199,8 @@ export class NatsAllReduce {
     }
     this.prefix = `dqlora.${jobId}.ar.${stage}`;
     this.jobBytes = Buffer.from(jobId);
+    this.tagKey = tagKey(this.opts.key);
+    crypto.randomFillSync(this.nonce, 0, 8);
     if (worldSize === 1) return;
     this.subs.push(nc.subscribe(`${this.prefix}.rs.${rank}`, { callback: (err, m) => this.onMessage(err, m) }));
     for (let o = 0; o < worldSize; o++) {
@@ -344,9 +375,14 @@ export class NatsAllReduce {
     this.stats.messagesSent++;
   }
 
-  /** The `dq` header value: header fields + HMAC over job, fields and payload, base64. */
+  /** The `dq` header value: header fields, a fresh nonce and the tag over job, fields and payload, base64url. */
   private seal(hd: Header, payload: Uint8Array): string {
-    const b = Buffer.alloc(HDR + MAC);
+    if (this.sent >= MAX_MESSAGES) {
+      throw new DqloraError(`all-reduce job ${this.opts.jobId} stage ${this.opts.stage} rank ${this.opts.rank}: this instance has sent 2^32 messages, its nonce counter is spent`,
+        { hint: 'create a new NatsAllReduce (it draws a new random nonce prefix) and close this one' });
+    }
+    this.nonce.writeUInt32LE(this.sent++, 8);
+    const b = this.sealBuf;
     b[0] = VERSION;
     b[1] = hd.kind;
     b.writeUInt16LE(hd.rank, 2);
@@ -357,20 +393,31 @@ export class NatsAllReduce {
     b.writeUInt32LE(hd.count, 24);
     b.writeUInt32LE(hd.off, 28);
     b.writeDoubleLE(hd.n, 32);
-    this.mac(b.subarray(0, HDR), payload).copy(b, HDR);
-    return b.toString('base64');
+    this.nonce.copy(b, NONCE_AT);
+    b.writeUInt16LE(0, NONCE_AT + NONCE);
+    this.tag(b.subarray(0, HDR), payload).copy(b, HDR);
+    return b.toString('base64url');
   }
 
-  private mac(header: Uint8Array, payload: Uint8Array): Buffer {
-    return crypto.createHmac('sha256', this.opts.key).update(this.jobBytes).update(header).update(payload).digest();
+  /** ChaCha20-Poly1305 over no plaintext, AAD = job ‖ header ‖ payload, nonce from the header: a MAC (see the top). */
+  private tag(header: Uint8Array, payload: Uint8Array): Buffer {
+    const c = crypto.createCipheriv('chacha20-poly1305', this.tagKey, header.subarray(NONCE_AT, NONCE_AT + NONCE), { authTagLength: TAG });
+    c.setAAD(this.jobBytes, { plaintextLength: 0 });
+    c.setAAD(header, { plaintextLength: 0 });
+    c.setAAD(payload, { plaintextLength: 0 });
+    c.final();
+    return c.getAuthTag();
   }
 
   /** Parses and authenticates a message's `dq` header; undefined (and counted) when it does not check. */
   private open(m: Msg): Header | undefined {
     const v = m.headers?.get('dq');
-    const b = v ? Buffer.from(v, 'base64') : undefined;
-    if (!b || b.length !== HDR + MAC || b[0] !== VERSION) return this.reject('missing or malformed header', m);
-    if (!crypto.timingSafeEqual(this.mac(b.subarray(0, HDR), m.data), b.subarray(HDR))) return this.reject('bad MAC (forged, corrupted, or another job\'s key)', m);
+    // base64url decoding also reads the padded standard alphabet of version 1.
+    const b = v ? Buffer.from(v, 'base64url') : undefined;
+    if (!b || b.length === 0) return this.reject('missing header', m);
+    if (b[0] !== VERSION) return this.reject(`header version ${b[0]}, this rank speaks only version ${VERSION} (a worker of another dqlora release in the job?)`, m);
+    if (b.length !== HDR + TAG) return this.reject(`malformed header (${b.length} bytes, expected ${HDR + TAG})`, m);
+    if (!crypto.timingSafeEqual(this.tag(b.subarray(0, HDR), m.data), b.subarray(HDR))) return this.reject('bad tag (forged, corrupted, or another job\'s key)', m);
     const hd: Header = {
       kind: b[1] as Kind, rank: b.readUInt16LE(2), stage: b.readUInt32LE(4), seq: b.readDoubleLE(8), bucket: b.readUInt32LE(16),
       chunk: b.readUInt32LE(20), count: b.readUInt32LE(24), off: b.readUInt32LE(28), n: b.readDoubleLE(32),
@@ -464,7 +511,7 @@ export class NatsAllReduce {
       return;
     }
     const kind = hd.kind === KIND.rs ? 'rs' : 'ag';
-    // The subject must match the header (the MAC covers the header, not the subject).
+    // The subject must match the header (the tag covers the header, not the subject).
     if (m.subject !== `${this.prefix}.${kind}.${kind === 'rs' ? rank : from}`) return this.reject(`${kind} message on subject ${m.subject}`, m);
     const { seq, bucket, chunk, count, off, n } = hd;
     const key = `${seq}:${bucket}`;
