@@ -16,7 +16,8 @@
 // reverse order, each started as soon as its gradients are final, as DDP does). Every (seq, bucket) is an
 // independent all-reduce with the scheme above; any number of them may be in flight at once, on every rank in any
 // order, and each result is the same fixed-order sum, bit for bit. Messages of a bucket that has not started here
-// yet are kept (bounded) until it does.
+// yet are kept (bounded) until it does — reduce-scatter contributions by reference to the message's bytes, not
+// copied, until their chunk is summed (this keeps nats.js's receive buffer alive: up to about twice the message).
 //
 // Authentication: every message carries, in one NATS header `dq`, a binary header (below) ending in a 16-byte
 // ChaCha20-Poly1305 tag computed over no plaintext with AAD = job id ‖ header (kind, rank, stage, seq, bucket,
@@ -123,8 +124,14 @@ export interface AllReduceStats {
 
 /** One incoming slice (from one sender), assembled from its chunks. */
 interface Incoming {
-  /** [sliceLen] staging; all-gather while the call is active: a view into the caller's buffer. Allocated lazily. */
+  /** all-gather: [sliceLen], a view into the caller's buffer while its call runs, staging before (allocated lazily). */
   data?: Float32Array;
+  /**
+   * reduce-scatter: contributions waiting for their chunk to be reduced, by chunk — the message's bytes, not a
+   * copy, unless they sit unaligned (nats.js never rewrites bytes it has delivered: a message larger than a socket
+   * read gets a buffer of its own, a smaller one is a view of that read's fresh buffer). Dropped once summed.
+   */
+  parts?: (Float32Array | undefined)[];
   seen: Uint8Array; // [count] 1 when chunk i arrived
   count: number;
   chunksGot: number;
@@ -327,7 +334,7 @@ export class NatsAllReduce {
     const per = this.chunkElems;
     const a = c * per, b = Math.min(hi - lo, (c + 1) * per);
     const mine = buf.subarray(lo + a, lo + b);
-    const part = (q: number): Float32Array => (direct && direct.from === q ? direct.data : st.rs.get(q)!.data!.subarray(a, b));
+    const part = (q: number): Float32Array => (direct && direct.from === q ? direct.data : st.rs.get(q)!.parts![c]!);
     if (rank <= 1) {
       addInto(mine, part(1 - rank));
     } else {
@@ -338,6 +345,7 @@ export class NatsAllReduce {
       addInto(mine, acc);
     }
     for (let q = Math.max(2, rank + 1); q < worldSize; q++) addInto(mine, part(q));
+    for (const inc of st.rs.values()) if (inc.parts) inc.parts[c] = undefined;
     st.reduced[c] = 1;
     st.reducedCount++;
     this.publishChunk(`${this.prefix}.ag.${rank}`, KIND.ag, st.seq, st.bucket, st.n, c, st.reduced.length, a, mine);
@@ -352,7 +360,7 @@ export class NatsAllReduce {
 
   /**
    * A float32 view of message bytes, valid until the next call: a copy (into a reused buffer) only when they sit
-   * at an unaligned offset of the connection's read buffer.
+   * at an unaligned offset of the connection's read buffer (a message that arrived within one socket read).
    */
   private floatsOf(b: Uint8Array): Float32Array {
     if (b.byteOffset % 4 === 0) return new Float32Array(b.buffer, b.byteOffset, b.byteLength / 4);
@@ -544,13 +552,12 @@ export class NatsAllReduce {
       }
       if (count !== inc.count || chunk >= count) throw new WireError(`all-reduce step ${seq} bucket ${bucket}: rank ${from} sent chunk ${chunk} of ${count}, expected one of ${inc.count}`);
       if (inc.seen[chunk]) { this.reject(`a repeat of step ${seq} bucket ${bucket} ${kind} chunk ${chunk} from rank ${from}`, m); return; }
-      if (kind === 'rs' && (count !== st.reduced.length || off !== chunk * this.chunkElems)) {
-        // Chunk c must mean the same elements on every rank, so that it can be reduced as soon as it is in.
-        throw new WireError(`all-reduce step ${seq} bucket ${bucket}: rank ${from} chunks its slice differently (chunk ${chunk} at element ${off} of ${count}; here ${st.reduced.length} chunks of ${this.chunkElems})`,
+      // Chunk c must mean the same elements on every rank (c·per .. min(len, (c+1)·per)), so that it can be reduced
+      // as soon as it is in, and a chunk covers all of them.
+      const per = this.chunkElems;
+      if (count !== Math.max(1, Math.ceil(len / per)) || off !== chunk * per || m.data.length !== 4 * Math.min(per, len - off)) {
+        throw new WireError(`all-reduce step ${seq} bucket ${bucket}: rank ${from} chunks its ${len}-element slice differently (chunk ${chunk} of ${count}: ${m.data.length} bytes at element ${off}; here chunks of ${per} elements)`,
           { hint: 'all replicas must use the same maxPayload (default: the server\'s max_payload)' });
-      }
-      if (m.data.length % 4 !== 0 || off + m.data.length / 4 > len) {
-        throw new WireError(`all-reduce step ${seq} bucket ${bucket}: rank ${from} chunk ${chunk} (${m.data.length} bytes at element ${off}) does not fit its ${len}-element slice`);
       }
       inc.seen[chunk] = 1;
       inc.chunksGot++;
@@ -558,11 +565,10 @@ export class NatsAllReduce {
       if (kind === 'rs') {
         st.rsChunkPeers[chunk]++;
         if (st.rsChunkPeers[chunk] === worldSize - 1 && st.buf) {
-          // The last contribution of this chunk: sum it straight from the message (aligned) — no staging copy.
+          // The last contribution of this chunk: sum it straight from the message.
           this.reduceChunk(st, chunk, { from, data: this.floatsOf(m.data) });
         } else {
-          inc.data ??= new Float32Array(len);
-          copyInto(inc.data, off, m.data);
+          (inc.parts ??= new Array<Float32Array | undefined>(count))[chunk] = ownFloats(m.data);
         }
       } else {
         inc.data ??= new Float32Array(len);
@@ -644,6 +650,14 @@ function sumInto(out: Float32Array, x: Float32Array, y: Float32Array): void {
     out[i + 4] = x[i + 4] + y[i + 4]; out[i + 5] = x[i + 5] + y[i + 5]; out[i + 6] = x[i + 6] + y[i + 6]; out[i + 7] = x[i + 7] + y[i + 7];
   }
   for (; i < n; i++) out[i] = x[i] + y[i];
+}
+
+/** The message bytes as floats that stay valid: a view when aligned, else a copy. */
+function ownFloats(b: Uint8Array): Float32Array {
+  if (b.byteOffset % 4 === 0) return new Float32Array(b.buffer, b.byteOffset, b.byteLength / 4);
+  const f = new Float32Array(b.byteLength / 4);
+  new Uint8Array(f.buffer).set(b);
+  return f;
 }
 
 /** Copies message bytes into dst at element offset `off` (the bytes may sit at an odd offset). */
