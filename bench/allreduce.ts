@@ -1,7 +1,7 @@
 // All-reduce throughput over NATS vs raw NATS pub/sub throughput, measured in the same run against a
 // nats-server started here (127.0.0.1, OS-assigned port, default 1 MiB max_payload).
 //   node --import tsx bench/allreduce.ts [--sizes 1,4,16,64] [--ranks 2,4] [--reps 5] [--payload BYTES] [--max-payload BYTES] [--profile DIR]
-// (--payload: the all-reduce's message size, default the server's max_payload; --max-payload: the server's,
+// (--payload: the all-reduce's message size, default the server's max_payload capped at 1 MiB; --max-payload: the server's,
 // default nats-server's 1 MiB — the local launcher and the k8s manifests configure 8 MiB; the raw baseline's
 // messages are max_payload − 256 bytes either way)
 // Every rank runs in its own child process with its own connection, as separate workers would; the raw

@@ -10,7 +10,8 @@
 //      dqlora.<job>.ar.<stage>.ag.<o>; the server fans it out to the R−1 other ranks, which copy it into place.
 //   The phases overlap per chunk: a chunk of the owner's slice is reduced and all-gathered as soon as its R−1
 //   contributions are in. That needs chunk c to cover the same elements on every rank, so all ranks must use
-//   the same maxPayload (checked; the default, the server's max_payload, is the same for every client).
+//   the same maxPayload (checked; the default, the server's max_payload capped at 1 MiB, is the same for every
+//   client of one server).
 //
 // Buckets: one optimizer step (`seq`) may all-reduce its gradients in several buckets (e.g. groups of layers in
 // reverse order, each started as soon as its gradients are final, as DDP does). Every (seq, bucket) is an
@@ -28,8 +29,8 @@
 // which would reveal r. So nonces never repeat: the key is shared by every rank and outlives a worker's restart
 // (the same seq may run again), so a counter alone would repeat; the nonce is 64 bits drawn at random per
 // NatsAllReduce ‖ a 32-bit message counter of that instance (an instance refuses its 2^32-th message; a new
-// instance draws a new prefix; 2^20 instances under one key collide with chance < 2^−24). It runs ~8× faster than
-// the HMAC-SHA256 it replaced (header version 1), which was a third of a rank's CPU. A message whose tag does not
+// instance draws a new prefix; 2^20 instances under one key collide with chance < 2^−24). It runs at 8–11 GB/s here,
+// 5–8× the HMAC-SHA256 of header version 1, which took a quarter of a rank's busy CPU. A message whose tag does not
 // check, of another header version, that repeats a (seq, bucket, phase, rank, chunk) already received (a replay
 // carries its old nonce and tag, so it checks, and is caught here), or belongs to a seq this rank has finished, is
 // counted in `stats.rejected`, logged (rate-limited) and never summed — whoever else can publish on the NATS server
@@ -55,6 +56,14 @@ const MAX_PENDING_BUCKETS = 512;
 const READY_INTERVAL_MS = 50;
 /** At most one warning per this interval about rejected messages (with the count since the last one). */
 const REJECT_LOG_INTERVAL_MS = 2000;
+/**
+ * Default message size when the server allows more (the local launcher and the k8s manifests set max_payload to
+ * 8 MiB). 8 MiB messages cost a rank ~7 % more CPU than 1 MiB ones in bench/allreduce.ts (bench/RESULTS.md) —
+ * nats.js assembles a message larger than a socket read in a buffer it grows by doubling, so an 8 MiB one passes
+ * through allocations of up to 16 MiB — and smaller chunks let one chunk's reduction and all-gather overlap the
+ * arrival of the next.
+ */
+const DEFAULT_MESSAGE_BYTES = 1 << 20;
 
 // ---- message header ------------------------------------------------------------------------------------
 // 70 bytes, little-endian, base64url (unpadded, 94 characters) in the NATS header `dq`:
@@ -105,7 +114,7 @@ export interface NatsAllReduceOptions {
   timeoutMs: number;
   /** The job's secret (≥ 16 bytes; deriveAllReduceKey): every message is authenticated with it. Required when worldSize > 1. */
   key?: Uint8Array;
-  /** Max bytes per message; default and upper bound: the server's max_payload (nc.info.max_payload). */
+  /** Max bytes per message; default: the server's max_payload (nc.info.max_payload) capped at 1 MiB; at most the server's. */
   maxPayload?: number;
   /** Largest accepted buffer, in elements (bounds what a peer's `n` can make us allocate). */
   maxElements?: number;
@@ -189,7 +198,7 @@ export class NatsAllReduce {
   constructor(nc: NatsConnection, opts: NatsAllReduceOptions) {
     const serverMax = nc.info?.max_payload ?? 1024 * 1024;
     this.nc = nc;
-    this.opts = { ...opts, maxPayload: opts.maxPayload ?? serverMax, maxElements: opts.maxElements ?? 1 << 28, key: opts.key ?? new Uint8Array(0) };
+    this.opts = { ...opts, maxPayload: opts.maxPayload ?? Math.min(serverMax, DEFAULT_MESSAGE_BYTES), maxElements: opts.maxElements ?? 1 << 28, key: opts.key ?? new Uint8Array(0) };
     const { jobId, stage, rank, worldSize, timeoutMs, maxPayload } = this.opts;
     const key = opts.key;
     if (!/^[A-Za-z0-9_-]{1,128}$/.test(jobId)) throw new ConfigError(`all-reduce: job id "${jobId}" cannot be a NATS subject token`, { hint: 'use letters, digits, "_" and "-" only' });
@@ -557,7 +566,7 @@ export class NatsAllReduce {
       const per = this.chunkElems;
       if (count !== Math.max(1, Math.ceil(len / per)) || off !== chunk * per || m.data.length !== 4 * Math.min(per, len - off)) {
         throw new WireError(`all-reduce step ${seq} bucket ${bucket}: rank ${from} chunks its ${len}-element slice differently (chunk ${chunk} of ${count}: ${m.data.length} bytes at element ${off}; here chunks of ${per} elements)`,
-          { hint: 'all replicas must use the same maxPayload (default: the server\'s max_payload)' });
+          { hint: 'all replicas must use the same maxPayload (default: the server\'s max_payload, at most 1 MiB)' });
       }
       inc.seen[chunk] = 1;
       inc.chunksGot++;

@@ -353,6 +353,24 @@ test('a rank with another key is not heard: the others time out naming it, and n
   a.close(); b.close();
 });
 
+test('messages are at most 1 MiB by default, also when the server allows 8 MiB', { skip }, async () => {
+  const big = await startNatsServer({ maxPayload: 8 << 20 });
+  const ncs = await Promise.all([0, 1].map(() => connect({ servers: big.url })));
+  try {
+    const job = jobId();
+    const ars = ncs.map((nc, rank) => new NatsAllReduce(nc, { jobId: job, stage: 0, rank, worldSize: 2, timeoutMs: 5000, key: KEY }));
+    const bufs = [new Float32Array(768 << 10).fill(1), new Float32Array(768 << 10).fill(2)]; // 3 MiB: 1.5 MiB slices
+    await Promise.all(ars.map((ar, r) => ar.allReduceSum(0, bufs[r])));
+    assert.ok(bufs.every((b) => b.every((x) => x === 3)));
+    // Each rank: its copy of the other's slice and its reduced slice, 2 chunks each (1 MiB less the header reserve).
+    assert.deepEqual(ars.map((a) => a.stats.messagesSent), [4, 4]);
+    for (const ar of ars) ar.close();
+  } finally {
+    await Promise.all(ncs.map((nc) => nc.close()));
+    await big.stop();
+  }
+});
+
 test('invalid options are ConfigErrors', { skip }, async () => {
   const [nc] = await connections(1);
   assert.throws(() => new NatsAllReduce(nc, { jobId: 'a.b', stage: 0, rank: 0, worldSize: 2, timeoutMs: 1, key: KEY }), /cannot be a NATS subject token/);
