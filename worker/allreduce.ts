@@ -28,14 +28,15 @@
 // ≈ ℓ/2^103 per try for ℓ 16-byte blocks: < 2^−83 for an 8 MiB message) — unless a nonce repeats under the key,
 // which would reveal r. So nonces never repeat: the key is shared by every rank and outlives a worker's restart
 // (the same seq may run again), so a counter alone would repeat; the nonce is 64 bits drawn at random per
-// NatsAllReduce ‖ a 32-bit message counter of that instance (an instance refuses its 2^32-th message; a new
-// instance draws a new prefix; 2^20 instances under one key collide with chance < 2^−24). It runs at 8–11 GB/s here,
-// 5–8× the HMAC-SHA256 of header version 1, which took a quarter of a rank's busy CPU. A message whose tag does not
-// check, of another header version, that repeats a (seq, bucket, phase, rank, chunk) already received (a replay
-// carries its old nonce and tag, so it checks, and is caught here), or belongs to a seq this rank has finished, is
-// counted in `stats.rejected`, logged (rate-limited) and never summed — whoever else can publish on the NATS server
-// cannot change the result. (The key never travels: deriveAllReduceKey makes the job's secret from the job token
-// both sides hold; the cipher key is derived from that under its own label, so a version-1 key is never reused.)
+// NatsAllReduce ‖ a 32-bit message counter of that instance (an instance refuses to send more than 2^32
+// messages; a new instance draws a new prefix; 2^20 instances under one key collide with chance < 2^−24). It runs
+// at 8–11 GB/s here, 5–8× the HMAC-SHA256 of header version 1, which took a quarter of a rank's busy CPU. A message
+// whose tag does not check, of another header version, that repeats a (seq, bucket, phase, rank, chunk) already
+// received (a replay carries its old nonce and tag, so it checks, and is caught here), or belongs to a seq this
+// rank has finished, is counted in `stats.rejected`, logged (rate-limited) and never summed — whoever else can
+// publish on the NATS server cannot change the result. (The key never travels: deriveAllReduceKey makes the job's
+// secret from the job token both sides hold; the cipher key is derived from that under its own label, so a
+// version-1 key is never reused.)
 //
 // The first call runs a join barrier (a rank publishes "ready" until it has heard from every peer; any message
 // from a peer also counts) so nothing is published to a peer that has not subscribed yet. A call that does not
@@ -525,9 +526,10 @@ export class NatsAllReduce {
     if (hd.kind === KIND.ready || hd.kind === KIND.readyReply) {
       // A peer announcing itself may not have heard from us yet (we may not be in a call, or we finished our own
       // barrier before it subscribed): answer. Receiving this proves our subscriptions, made in one ordered batch
-      // before this one, are active on the server. Rate-limited against a flood of joiners.
+      // before this one, are active on the server. Rate-limited against a flood of joiners. (Not once the nonces
+      // are spent: seal would throw into nats.js's dispatch; this rank's next call reports it.)
       const now = Date.now();
-      if (hd.kind === KIND.ready && now - this.lastReadyReply >= READY_INTERVAL_MS / 5) {
+      if (hd.kind === KIND.ready && now - this.lastReadyReply >= READY_INTERVAL_MS / 5 && this.sent < MAX_MESSAGES) {
         this.lastReadyReply = now;
         this.announce(true);
       }
