@@ -1,13 +1,16 @@
 // All-reduce throughput over NATS vs raw NATS pub/sub throughput, measured in the same run against a
 // nats-server started here (127.0.0.1, OS-assigned port, default 1 MiB max_payload).
-//   node --import tsx bench/allreduce.ts [--sizes 1,4,16,64] [--ranks 2,4] [--reps 5] [--payload BYTES] [--profile DIR]
-// (--payload: the all-reduce's message size, default the server's max_payload, 1 MiB)
+//   node --import tsx bench/allreduce.ts [--sizes 1,4,16,64] [--ranks 2,4] [--reps 5] [--payload BYTES] [--max-payload BYTES] [--profile DIR]
+// (--payload: the all-reduce's message size, default the server's max_payload capped at 1 MiB; --max-payload: the server's,
+// default nats-server's 1 MiB — the local launcher and the k8s manifests configure 8 MiB; the raw baseline's
+// messages are max_payload − 256 bytes either way)
 // Every rank runs in its own child process with its own connection, as separate workers would; the raw
 // baseline is one publisher process → one subscriber process, the same message size, the same bytes. Columns:
 //   algbw = buffer bytes / all-reduce time;  busbw = algbw × 2(R−1)/R (bytes each rank sends — and
 //   receives — per byte of buffer, NCCL's convention), which is what to compare with the raw stream. CPU ms per
 //   rank (process.cpuUsage inside the call, mean over ranks) shows the work per byte, which a loaded machine
-//   does not blur the way it blurs the times.
+//   does not blur the way it blurs the times; raw CPU ms pub / sub is the same for the baseline's two processes
+//   (a rank sends and receives as many bytes as the publisher sends and the subscriber receives).
 import os from 'node:os';
 import { fork, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
@@ -45,25 +48,31 @@ async function childMain(job: Job): Promise<void> {
       port.postMessage({ done: m.go, start, end, cpuMs: (u.user + u.system) / 1000, check: buf[0] + buf[buf.length - 1] });
     });
   } else if (job.kind === 'raw-sub') {
-    let got = 0, target = 0, round = -1;
+    let got = 0, target = 0, round = -1, u0 = process.cpuUsage();
     nc.subscribe(job.subject, { callback: (_e, msg) => {
       got += msg.data.length;
-      if (got >= target) { port.postMessage({ done: round, end: now(), check: got }); got = 0; }
+      if (got >= target) {
+        const u = process.cpuUsage(u0);
+        port.postMessage({ done: round, end: now(), cpuMs: (u.user + u.system) / 1000, check: got });
+        got = 0;
+      }
     } });
     await nc.flush();
     port.on('message', async (m: Cmd) => {
       if ('stop' in m) { await nc.close(); port.close(); return; }
-      round = m.go; target = job.bytes;
+      round = m.go; target = job.bytes; u0 = process.cpuUsage();
       port.postMessage({ ready: m.go });
     });
   } else {
     const payload = new Uint8Array(job.msgBytes);
     port.on('message', async (m: Cmd) => {
       if ('stop' in m) { await nc.close(); port.close(); return; }
+      const u0 = process.cpuUsage();
       const start = now();
       for (let sent = 0; sent < job.bytes; sent += job.msgBytes) nc.publish(job.subject, payload.subarray(0, Math.min(job.msgBytes, job.bytes - sent)));
       await nc.flush();
-      port.postMessage({ done: m.go, start, end: now(), check: 0 });
+      const end = now(), u = process.cpuUsage(u0);
+      port.postMessage({ done: m.go, start, end, cpuMs: (u.user + u.system) / 1000, check: 0 });
     });
   }
   port.postMessage({ started: true });
@@ -93,13 +102,14 @@ async function main(): Promise<void> {
   const reps = Number(arg('reps', '7'));
   const payloadArg = arg('payload', '');
   // Slow-consumer headroom: one thread may fall behind by a whole 64 MB buffer while others publish.
-  const server = await startNatsServer({ extraConfig: ['max_pending: 1073741824'] });
+  const serverMax = arg('max-payload', '');
+  const server = await startNatsServer({ maxPayload: serverMax ? Number(serverMax) : undefined, extraConfig: ['max_pending: 1073741824'] });
   const probe = await connect({ servers: server.url });
   const maxPayload = probe.info!.max_payload;
   await probe.close();
   console.log(`# NATS all-reduce vs raw pub/sub — ${new Date().toISOString()} — ${os.cpus()[0]?.model ?? 'cpu'} × ${os.cpus().length} threads, node ${process.version}, nats-server max_payload ${maxPayload}, median of ${reps}`);
-  console.log('| buffer | R | raw pub→sub MB/s | all-reduce ms | algbw MB/s | busbw MB/s | busbw / raw | CPU ms per rank |');
-  console.log('|---:|---:|---:|---:|---:|---:|---:|---:|');
+  console.log('| buffer | R | raw pub→sub MB/s | all-reduce ms | algbw MB/s | busbw MB/s | busbw / raw | CPU ms per rank | raw CPU ms pub / sub |');
+  console.log('|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
   let seq = 0;
   for (const R of ranksList) {
     for (const mb of sizesMB) {
@@ -109,17 +119,18 @@ async function main(): Promise<void> {
       const pub = await spawn({ kind: 'raw-pub', url: server.url, subject, bytes, msgBytes: maxPayload - 256 });
       const ranks = await Promise.all(Array.from({ length: R }, (_, rank) => spawn({ kind: 'rank', url: server.url, jobId: `bench${seq}`, rank, worldSize: R, floats: bytes / 4, maxPayload: payloadArg ? Number(payloadArg) : undefined })));
       seq++;
-      const raw: number[] = [], ar: number[] = [], cpu: number[] = [];
+      const raw: number[] = [], ar: number[] = [], cpu: number[] = [], pubCpu: number[] = [], subCpu: number[] = [];
       for (let i = 0; i < reps + 3; i++) {
         // Baseline and all-reduce alternate so both see the same machine state; rounds 0–2 warm up (JIT).
         const ready = next<{ ready?: number }>(sub, (m) => m.ready === i);
         sub.postMessage({ go: i });
         await ready;
         // Raw: from the publisher's first publish to the subscriber's last byte.
-        const rawDone = next<{ done?: number; end: number }>(sub, (m) => m.done === i);
-        const pubDone = next<{ done?: number; start: number }>(pub, (m) => m.done === i);
+        const rawDone = next<{ done?: number; end: number; cpuMs: number }>(sub, (m) => m.done === i);
+        const pubDone = next<{ done?: number; start: number; cpuMs: number }>(pub, (m) => m.done === i);
         pub.postMessage({ go: i });
-        const rawMs = (await rawDone).end - (await pubDone).start;
+        const [rawEnd, pubEnd] = [await rawDone, await pubDone];
+        const rawMs = rawEnd.end - pubEnd.start;
         // All-reduce: from the moment the last rank entered the call to the last rank leaving it (a rank
         // that enters early just waits; the commands reach the processes a little apart).
         const dones = ranks.map((w) => next<{ done?: number; start: number; end: number; cpuMs: number; check: number }>(w, (m) => m.done === i));
@@ -128,13 +139,13 @@ async function main(): Promise<void> {
         const arMs = Math.max(...res.map((r) => r.end)) - Math.max(...res.map((r) => r.start));
         const expect = 2 * (R * (R + 1)) / 2;
         for (const r of res) if (r.check !== expect) throw new Error(`wrong all-reduce result ${r.check}, expected ${expect}`);
-        if (i >= 3) { raw.push(rawMs); ar.push(arMs); cpu.push(res.reduce((s, r) => s + r.cpuMs, 0) / R); }
+        if (i >= 3) { raw.push(rawMs); ar.push(arMs); cpu.push(res.reduce((s, r) => s + r.cpuMs, 0) / R); pubCpu.push(pubEnd.cpuMs); subCpu.push(rawEnd.cpuMs); }
       }
       for (const w of [sub, pub, ...ranks]) w.postMessage({ stop: true });
       const rawMBs = mb / (median(raw) / 1000);
       const t = median(ar) / 1000;
       const alg = mb / t, bus = alg * 2 * (R - 1) / R;
-      console.log(`| ${mb} MB | ${R} | ${rawMBs.toFixed(0)} | ${(t * 1000).toFixed(1)} | ${alg.toFixed(0)} | ${bus.toFixed(0)} | ${(bus / rawMBs).toFixed(2)} | ${median(cpu).toFixed(0)} |`);
+      console.log(`| ${mb} MB | ${R} | ${rawMBs.toFixed(0)} | ${(t * 1000).toFixed(1)} | ${alg.toFixed(0)} | ${bus.toFixed(0)} | ${(bus / rawMBs).toFixed(2)} | ${median(cpu).toFixed(0)} | ${median(pubCpu).toFixed(0)} / ${median(subCpu).toFixed(0)} |`);
     }
   }
   await server.stop();

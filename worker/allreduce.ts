@@ -10,20 +10,33 @@
 //      dqlora.<job>.ar.<stage>.ag.<o>; the server fans it out to the R−1 other ranks, which copy it into place.
 //   The phases overlap per chunk: a chunk of the owner's slice is reduced and all-gathered as soon as its R−1
 //   contributions are in. That needs chunk c to cover the same elements on every rank, so all ranks must use
-//   the same maxPayload (checked; the default, the server's max_payload, is the same for every client).
+//   the same maxPayload (checked; the default, the server's max_payload capped at 1 MiB, is the same for every
+//   client of one server).
 //
 // Buckets: one optimizer step (`seq`) may all-reduce its gradients in several buckets (e.g. groups of layers in
 // reverse order, each started as soon as its gradients are final, as DDP does). Every (seq, bucket) is an
 // independent all-reduce with the scheme above; any number of them may be in flight at once, on every rank in any
 // order, and each result is the same fixed-order sum, bit for bit. Messages of a bucket that has not started here
-// yet are kept (bounded) until it does.
+// yet are kept (bounded) until it does — reduce-scatter contributions by reference to the message's bytes, not
+// copied, until their chunk is summed (this keeps nats.js's receive buffer alive: up to about twice the message).
 //
-// Authentication: every message carries, in one NATS header `dq`, a binary header (below) and an HMAC-SHA256 keyed
-// by the job's secret over the job id, that header (kind, rank, stage, seq, bucket, chunk index, chunk count,
-// offset, buffer length) and the payload. A message whose MAC does not check, or that repeats a (seq, bucket,
-// phase, rank, chunk) already received, or belongs to a seq this rank has finished, is counted in
-// `stats.rejected`, logged (rate-limited) and never summed — whoever else can publish on the NATS server cannot
-// change the result. (The key never travels: deriveAllReduceKey makes it from the job token both sides hold.)
+// Authentication: every message carries, in one NATS header `dq`, a binary header (below) ending in a 16-byte
+// ChaCha20-Poly1305 tag computed over no plaintext with AAD = job id ‖ header (kind, rank, stage, seq, bucket,
+// chunk index, chunk count, offset, buffer length, nonce) ‖ payload — the AEAD used as a MAC. It is a sound MAC:
+// for every nonce, ChaCha20 under the job's key turns out a fresh one-time Poly1305 key (r, s), and forging a
+// tag for bytes the key holders never tagged means guessing a polynomial evaluation at an unknown r (chance
+// ≈ ℓ/2^103 per try for ℓ 16-byte blocks: < 2^−83 for an 8 MiB message) — unless a nonce repeats under the key,
+// which would reveal r. So nonces never repeat: the key is shared by every rank and outlives a worker's restart
+// (the same seq may run again), so a counter alone would repeat; the nonce is 64 bits drawn at random per
+// NatsAllReduce ‖ a 32-bit message counter of that instance (an instance refuses to send more than 2^32
+// messages; a new instance draws a new prefix; 2^20 instances under one key collide with chance < 2^−24). It runs
+// at 8–11 GB/s here, 5–8× the HMAC-SHA256 of header version 1, which took a quarter of a rank's busy CPU. A message
+// whose tag does not check, of another header version, that repeats a (seq, bucket, phase, rank, chunk) already
+// received (a replay carries its old nonce and tag, so it checks, and is caught here), or belongs to a seq this
+// rank has finished, is counted in `stats.rejected`, logged (rate-limited) and never summed — whoever else can
+// publish on the NATS server cannot change the result. (The key never travels: deriveAllReduceKey makes the job's
+// secret from the job token both sides hold; the cipher key is derived from that under its own label, so a
+// version-1 key is never reused.)
 //
 // The first call runs a join barrier (a rank publishes "ready" until it has heard from every peer; any message
 // from a peer also counts) so nothing is published to a peer that has not subscribed yet. A call that does not
@@ -44,14 +57,30 @@ const MAX_PENDING_BUCKETS = 512;
 const READY_INTERVAL_MS = 50;
 /** At most one warning per this interval about rejected messages (with the count since the last one). */
 const REJECT_LOG_INTERVAL_MS = 2000;
+/**
+ * Default message size when the server allows more (the local launcher and the k8s manifests set max_payload to
+ * 8 MiB). 8 MiB messages cost a rank ~7 % more CPU than 1 MiB ones in bench/allreduce.ts (bench/RESULTS.md) —
+ * nats.js assembles a message larger than a socket read in a buffer it grows by doubling, so an 8 MiB one passes
+ * through allocations of up to 16 MiB — and smaller chunks let one chunk's reduction and all-gather overlap the
+ * arrival of the next.
+ */
+const DEFAULT_MESSAGE_BYTES = 1 << 20;
 
 // ---- message header ------------------------------------------------------------------------------------
-// 40 bytes, little-endian, then the 32-byte MAC; base64 in the NATS header `dq`.
-//   0 u8 version (1) | 1 u8 kind (1 rs, 2 ag, 3 ready, 4 ready-reply) | 2 u16 rank | 4 u32 stage | 8 f64 seq |
-//  16 u32 bucket | 20 u32 chunk | 24 u32 count | 28 u32 off (elements, in the slice) | 32 f64 n (buffer elements)
-const HDR = 40;
-const MAC = 32;
-const VERSION = 1;
+// 70 bytes, little-endian, base64url (unpadded, 94 characters) in the NATS header `dq`:
+//   0 u8 version (2) | 1 u8 kind (1 rs, 2 ag, 3 ready, 4 ready-reply) | 2 u16 rank | 4 u32 stage | 8 f64 seq |
+//  16 u32 bucket | 20 u32 chunk | 24 u32 count | 28 u32 off (elements, in the slice) | 32 f64 n (buffer elements) |
+//  40 u8[8] nonce prefix | 48 u32 message counter (nonce = bytes 40..52) | 52 u16 0 | 54 u8[16] tag
+// The two zero bytes make the header block nats.js sends ("NATS/1.0\r\ndq: <94>\r\n\r\n", 112 bytes) a multiple of 4,
+// so a payload that nats.js assembled in a fresh buffer (any message larger than one socket read) is 4-byte
+// aligned and its floats are summed in place (floatsOf) instead of copied first.
+const HDR = 54;
+const TAG = 16;
+const NONCE_AT = 40;
+const NONCE = 12;
+const VERSION = 2;
+/** Messages one instance may send before its 32-bit nonce counter would wrap. */
+const MAX_MESSAGES = 2 ** 32;
 const KIND = { rs: 1, ag: 2, ready: 3, readyReply: 4 } as const;
 type Kind = (typeof KIND)[keyof typeof KIND];
 
@@ -60,6 +89,11 @@ interface Header { kind: Kind; rank: number; stage: number; seq: number; bucket:
 /** The per-job all-reduce key, derived from the job token (which the coordinator and every worker hold). */
 export function deriveAllReduceKey(jobToken: string, jobId: string): Uint8Array {
   return crypto.createHmac('sha256', jobToken).update(`dqlora all-reduce v1\0${jobId}`).digest();
+}
+
+/** The ChaCha20-Poly1305 key of header version 2, from the job's all-reduce secret (a label of its own). */
+function tagKey(secret: Uint8Array): Buffer {
+  return crypto.createHmac('sha256', secret).update('dqlora all-reduce v2 chacha20-poly1305 tag key').digest();
 }
 
 /** A step did not complete in time; `missingRanks` are the ranks whose data never (fully) arrived. */
@@ -81,7 +115,7 @@ export interface NatsAllReduceOptions {
   timeoutMs: number;
   /** The job's secret (≥ 16 bytes; deriveAllReduceKey): every message is authenticated with it. Required when worldSize > 1. */
   key?: Uint8Array;
-  /** Max bytes per message; default and upper bound: the server's max_payload (nc.info.max_payload). */
+  /** Max bytes per message; default: the server's max_payload (nc.info.max_payload) capped at 1 MiB; at most the server's. */
   maxPayload?: number;
   /** Largest accepted buffer, in elements (bounds what a peer's `n` can make us allocate). */
   maxElements?: number;
@@ -92,7 +126,7 @@ export interface AllReduceStats {
   bytesReceived: number;
   messagesSent: number;
   messagesReceived: number;
-  /** Messages refused: bad or missing MAC, a repeat of a chunk already received, or of a seq already finished. */
+  /** Messages refused: bad or missing tag, another header version, a repeat of a chunk already received, or of a seq already finished. */
   rejected: number;
   /** Of `rejected`: messages of seqs this rank had finished (late or replayed). */
   staleDropped: number;
@@ -100,8 +134,14 @@ export interface AllReduceStats {
 
 /** One incoming slice (from one sender), assembled from its chunks. */
 interface Incoming {
-  /** [sliceLen] staging; all-gather while the call is active: a view into the caller's buffer. Allocated lazily. */
+  /** all-gather: [sliceLen], a view into the caller's buffer while its call runs, staging before (allocated lazily). */
   data?: Float32Array;
+  /**
+   * reduce-scatter: contributions waiting for their chunk to be reduced, by chunk — the message's bytes, not a
+   * copy, unless they sit unaligned (nats.js never rewrites bytes it has delivered: a message larger than a socket
+   * read gets a buffer of its own, a smaller one is a view of that read's fresh buffer). Dropped once summed.
+   */
+  parts?: (Float32Array | undefined)[];
   seen: Uint8Array; // [count] 1 when chunk i arrived
   count: number;
   chunksGot: number;
@@ -132,6 +172,12 @@ export class NatsAllReduce {
   private readonly opts: Required<NatsAllReduceOptions>;
   private readonly prefix: string;
   private readonly jobBytes: Buffer;
+  private readonly tagKey: Buffer;
+  /** Nonce of the next message: 8 random bytes drawn per instance ‖ u32 counter (see the header). */
+  private readonly nonce = Buffer.alloc(NONCE);
+  private sent = 0;
+  /** Reused per message: the binary header being sealed. */
+  private readonly sealBuf = Buffer.alloc(HDR + TAG);
   private readonly subs: Subscription[] = [];
   private readonly buckets = new Map<string, BucketState>();
   /** Keys of (seq, bucket) calls that completed, for seqs ≥ finishedBelow (replays of them are refused). */
@@ -153,7 +199,7 @@ export class NatsAllReduce {
   constructor(nc: NatsConnection, opts: NatsAllReduceOptions) {
     const serverMax = nc.info?.max_payload ?? 1024 * 1024;
     this.nc = nc;
-    this.opts = { ...opts, maxPayload: opts.maxPayload ?? serverMax, maxElements: opts.maxElements ?? 1 << 28, key: opts.key ?? new Uint8Array(0) };
+    this.opts = { ...opts, maxPayload: opts.maxPayload ?? Math.min(serverMax, DEFAULT_MESSAGE_BYTES), maxElements: opts.maxElements ?? 1 << 28, key: opts.key ?? new Uint8Array(0) };
     const { jobId, stage, rank, worldSize, timeoutMs, maxPayload } = this.opts;
     const key = opts.key;
     if (!/^[A-Za-z0-9_-]{1,128}$/.test(jobId)) throw new ConfigError(`all-reduce: job id "${jobId}" cannot be a NATS subject token`, { hint: 'use letters, digits, "_" and "-" only' });
@@ -170,6 +216,8 @@ export class NatsAllReduce {
     }
     this.prefix = `dqlora.${jobId}.ar.${stage}`;
     this.jobBytes = Buffer.from(jobId);
+    this.tagKey = tagKey(this.opts.key);
+    crypto.randomFillSync(this.nonce, 0, 8);
     if (worldSize === 1) return;
     this.subs.push(nc.subscribe(`${this.prefix}.rs.${rank}`, { callback: (err, m) => this.onMessage(err, m) }));
     for (let o = 0; o < worldSize; o++) {
@@ -281,9 +329,13 @@ export class NatsAllReduce {
   // ----- reducing -----
 
   /**
-   * Reduces chunk c of this rank's slice — acc = x_0 + x_1 + … + x_{R−1} in rank order, every addition rounded to
-   * float32 — writes it into the caller's buffer and publishes it on the all-gather subject. `direct` is the
+   * Reduces chunk c of this rank's slice — x_0 + x_1 + … + x_{R−1} in rank order, every addition rounded to
+   * float32 — in place in the caller's buffer, and publishes it on the all-gather subject. `direct` is the
    * contribution that just arrived (read from the message, not staged).
+   * In place: IEEE 754 addition is commutative (a + b and b + a are the same float; NaN payloads aside), so this
+   * rank's own x_r can be the left operand of its one addition, p_{r−1} + x_r = x_r + p_{r−1}, where
+   * p_{r−1} = x_0 + … + x_{r−1}: rank 0 and 1 start from their own chunk (x_1 + x_0 = x_0 + x_1), a rank ≥ 2 first
+   * sums x_0 + … + x_{r−1} into scratch. The order of the additions, hence the bits, is that of the reference.
    */
   private reduceChunk(st: BucketState, c: number, direct?: { from: number; data: Float32Array }): void {
     const { worldSize, rank } = this.opts;
@@ -292,15 +344,18 @@ export class NatsAllReduce {
     const per = this.chunkElems;
     const a = c * per, b = Math.min(hi - lo, (c + 1) * per);
     const mine = buf.subarray(lo + a, lo + b);
-    const part = (q: number): Float32Array => (q === rank ? mine : direct && direct.from === q ? direct.data : st.rs.get(q)!.data!.subarray(a, b));
-    if (this.scratch.length < mine.length) this.scratch = new Float32Array(per);
-    const acc = this.scratch.subarray(0, mine.length);
-    acc.set(part(0));
-    for (let q = 1; q < worldSize; q++) {
-      const p = part(q);
-      for (let i = 0; i < acc.length; i++) acc[i] += p[i];
+    const part = (q: number): Float32Array => (direct && direct.from === q ? direct.data : st.rs.get(q)!.parts![c]!);
+    if (rank <= 1) {
+      addInto(mine, part(1 - rank));
+    } else {
+      if (this.scratch.length < mine.length) this.scratch = new Float32Array(per);
+      const acc = this.scratch.subarray(0, mine.length);
+      sumInto(acc, part(0), part(1));
+      for (let q = 2; q < rank; q++) addInto(acc, part(q));
+      addInto(mine, acc);
     }
-    mine.set(acc);
+    for (let q = Math.max(2, rank + 1); q < worldSize; q++) addInto(mine, part(q));
+    for (const inc of st.rs.values()) if (inc.parts) inc.parts[c] = undefined;
     st.reduced[c] = 1;
     st.reducedCount++;
     this.publishChunk(`${this.prefix}.ag.${rank}`, KIND.ag, st.seq, st.bucket, st.n, c, st.reduced.length, a, mine);
@@ -315,7 +370,7 @@ export class NatsAllReduce {
 
   /**
    * A float32 view of message bytes, valid until the next call: a copy (into a reused buffer) only when they sit
-   * at an unaligned offset of the connection's read buffer.
+   * at an unaligned offset of the connection's read buffer (a message that arrived within one socket read).
    */
   private floatsOf(b: Uint8Array): Float32Array {
     if (b.byteOffset % 4 === 0) return new Float32Array(b.buffer, b.byteOffset, b.byteLength / 4);
@@ -344,9 +399,14 @@ export class NatsAllReduce {
     this.stats.messagesSent++;
   }
 
-  /** The `dq` header value: header fields + HMAC over job, fields and payload, base64. */
+  /** The `dq` header value: header fields, a fresh nonce and the tag over job, fields and payload, base64url. */
   private seal(hd: Header, payload: Uint8Array): string {
-    const b = Buffer.alloc(HDR + MAC);
+    if (this.sent >= MAX_MESSAGES) {
+      throw new DqloraError(`all-reduce job ${this.opts.jobId} stage ${this.opts.stage} rank ${this.opts.rank}: this instance has sent 2^32 messages, its nonce counter is spent`,
+        { hint: 'create a new NatsAllReduce (it draws a new random nonce prefix) and close this one' });
+    }
+    this.nonce.writeUInt32LE(this.sent++, 8);
+    const b = this.sealBuf;
     b[0] = VERSION;
     b[1] = hd.kind;
     b.writeUInt16LE(hd.rank, 2);
@@ -357,20 +417,31 @@ export class NatsAllReduce {
     b.writeUInt32LE(hd.count, 24);
     b.writeUInt32LE(hd.off, 28);
     b.writeDoubleLE(hd.n, 32);
-    this.mac(b.subarray(0, HDR), payload).copy(b, HDR);
-    return b.toString('base64');
+    this.nonce.copy(b, NONCE_AT);
+    b.writeUInt16LE(0, NONCE_AT + NONCE);
+    this.tag(b.subarray(0, HDR), payload).copy(b, HDR);
+    return b.toString('base64url');
   }
 
-  private mac(header: Uint8Array, payload: Uint8Array): Buffer {
-    return crypto.createHmac('sha256', this.opts.key).update(this.jobBytes).update(header).update(payload).digest();
+  /** ChaCha20-Poly1305 over no plaintext, AAD = job ‖ header ‖ payload, nonce from the header: a MAC (see the top). */
+  private tag(header: Uint8Array, payload: Uint8Array): Buffer {
+    const c = crypto.createCipheriv('chacha20-poly1305', this.tagKey, header.subarray(NONCE_AT, NONCE_AT + NONCE), { authTagLength: TAG });
+    c.setAAD(this.jobBytes, { plaintextLength: 0 });
+    c.setAAD(header, { plaintextLength: 0 });
+    c.setAAD(payload, { plaintextLength: 0 });
+    c.final();
+    return c.getAuthTag();
   }
 
   /** Parses and authenticates a message's `dq` header; undefined (and counted) when it does not check. */
   private open(m: Msg): Header | undefined {
     const v = m.headers?.get('dq');
-    const b = v ? Buffer.from(v, 'base64') : undefined;
-    if (!b || b.length !== HDR + MAC || b[0] !== VERSION) return this.reject('missing or malformed header', m);
-    if (!crypto.timingSafeEqual(this.mac(b.subarray(0, HDR), m.data), b.subarray(HDR))) return this.reject('bad MAC (forged, corrupted, or another job\'s key)', m);
+    // base64url decoding also reads the padded standard alphabet of version 1.
+    const b = v ? Buffer.from(v, 'base64url') : undefined;
+    if (!b || b.length === 0) return this.reject('missing header', m);
+    if (b[0] !== VERSION) return this.reject(`header version ${b[0]}, this rank speaks only version ${VERSION} (a worker of another dqlora release in the job?)`, m);
+    if (b.length !== HDR + TAG) return this.reject(`malformed header (${b.length} bytes, expected ${HDR + TAG})`, m);
+    if (!crypto.timingSafeEqual(this.tag(b.subarray(0, HDR), m.data), b.subarray(HDR))) return this.reject('bad tag (forged, corrupted, or another job\'s key)', m);
     const hd: Header = {
       kind: b[1] as Kind, rank: b.readUInt16LE(2), stage: b.readUInt32LE(4), seq: b.readDoubleLE(8), bucket: b.readUInt32LE(16),
       chunk: b.readUInt32LE(20), count: b.readUInt32LE(24), off: b.readUInt32LE(28), n: b.readDoubleLE(32),
@@ -455,16 +526,17 @@ export class NatsAllReduce {
     if (hd.kind === KIND.ready || hd.kind === KIND.readyReply) {
       // A peer announcing itself may not have heard from us yet (we may not be in a call, or we finished our own
       // barrier before it subscribed): answer. Receiving this proves our subscriptions, made in one ordered batch
-      // before this one, are active on the server. Rate-limited against a flood of joiners.
+      // before this one, are active on the server. Rate-limited against a flood of joiners. (Not once the nonces
+      // are spent: seal would throw into nats.js's dispatch; this rank's next call reports it.)
       const now = Date.now();
-      if (hd.kind === KIND.ready && now - this.lastReadyReply >= READY_INTERVAL_MS / 5) {
+      if (hd.kind === KIND.ready && now - this.lastReadyReply >= READY_INTERVAL_MS / 5 && this.sent < MAX_MESSAGES) {
         this.lastReadyReply = now;
         this.announce(true);
       }
       return;
     }
     const kind = hd.kind === KIND.rs ? 'rs' : 'ag';
-    // The subject must match the header (the MAC covers the header, not the subject).
+    // The subject must match the header (the tag covers the header, not the subject).
     if (m.subject !== `${this.prefix}.${kind}.${kind === 'rs' ? rank : from}`) return this.reject(`${kind} message on subject ${m.subject}`, m);
     const { seq, bucket, chunk, count, off, n } = hd;
     const key = `${seq}:${bucket}`;
@@ -491,13 +563,12 @@ export class NatsAllReduce {
       }
       if (count !== inc.count || chunk >= count) throw new WireError(`all-reduce step ${seq} bucket ${bucket}: rank ${from} sent chunk ${chunk} of ${count}, expected one of ${inc.count}`);
       if (inc.seen[chunk]) { this.reject(`a repeat of step ${seq} bucket ${bucket} ${kind} chunk ${chunk} from rank ${from}`, m); return; }
-      if (kind === 'rs' && (count !== st.reduced.length || off !== chunk * this.chunkElems)) {
-        // Chunk c must mean the same elements on every rank, so that it can be reduced as soon as it is in.
-        throw new WireError(`all-reduce step ${seq} bucket ${bucket}: rank ${from} chunks its slice differently (chunk ${chunk} at element ${off} of ${count}; here ${st.reduced.length} chunks of ${this.chunkElems})`,
-          { hint: 'all replicas must use the same maxPayload (default: the server\'s max_payload)' });
-      }
-      if (m.data.length % 4 !== 0 || off + m.data.length / 4 > len) {
-        throw new WireError(`all-reduce step ${seq} bucket ${bucket}: rank ${from} chunk ${chunk} (${m.data.length} bytes at element ${off}) does not fit its ${len}-element slice`);
+      // Chunk c must mean the same elements on every rank (c·per .. min(len, (c+1)·per)), so that it can be reduced
+      // as soon as it is in, and a chunk covers all of them.
+      const per = this.chunkElems;
+      if (count !== Math.max(1, Math.ceil(len / per)) || off !== chunk * per || m.data.length !== 4 * Math.min(per, len - off)) {
+        throw new WireError(`all-reduce step ${seq} bucket ${bucket}: rank ${from} chunks its ${len}-element slice differently (chunk ${chunk} of ${count}: ${m.data.length} bytes at element ${off}; here chunks of ${per} elements)`,
+          { hint: 'all replicas must use the same maxPayload (default: the server\'s max_payload, at most 1 MiB)' });
       }
       inc.seen[chunk] = 1;
       inc.chunksGot++;
@@ -505,11 +576,10 @@ export class NatsAllReduce {
       if (kind === 'rs') {
         st.rsChunkPeers[chunk]++;
         if (st.rsChunkPeers[chunk] === worldSize - 1 && st.buf) {
-          // The last contribution of this chunk: sum it straight from the message (aligned) — no staging copy.
+          // The last contribution of this chunk: sum it straight from the message.
           this.reduceChunk(st, chunk, { from, data: this.floatsOf(m.data) });
         } else {
-          inc.data ??= new Float32Array(len);
-          copyInto(inc.data, off, m.data);
+          (inc.parts ??= new Array<Float32Array | undefined>(count))[chunk] = ownFloats(m.data);
         }
       } else {
         inc.data ??= new Float32Array(len);
@@ -564,6 +634,42 @@ export class NatsAllReduce {
   }
 }
 
+
+// The two reduce kernels: Float32Array only (monomorphic), unrolled by 8 — TurboFan does not vectorise, and the
+// unrolled loop runs 1.8× faster than the plain one here (0.8 vs 1.4 ns an element). Each element still gets
+// exactly one float32-rounded addition in the same order.
+
+/** acc[i] = acc[i] + x[i], rounded to float32. */
+function addInto(acc: Float32Array, x: Float32Array): void {
+  const n = acc.length;
+  if (x.length < n) throw new RangeError(`all-reduce: adding ${x.length} elements into ${n}`);
+  let i = 0;
+  for (; i + 8 <= n; i += 8) {
+    acc[i] += x[i]; acc[i + 1] += x[i + 1]; acc[i + 2] += x[i + 2]; acc[i + 3] += x[i + 3];
+    acc[i + 4] += x[i + 4]; acc[i + 5] += x[i + 5]; acc[i + 6] += x[i + 6]; acc[i + 7] += x[i + 7];
+  }
+  for (; i < n; i++) acc[i] += x[i];
+}
+
+/** out[i] = x[i] + y[i], rounded to float32. */
+function sumInto(out: Float32Array, x: Float32Array, y: Float32Array): void {
+  const n = out.length;
+  if (x.length < n || y.length < n) throw new RangeError(`all-reduce: summing ${x.length} and ${y.length} elements into ${n}`);
+  let i = 0;
+  for (; i + 8 <= n; i += 8) {
+    out[i] = x[i] + y[i]; out[i + 1] = x[i + 1] + y[i + 1]; out[i + 2] = x[i + 2] + y[i + 2]; out[i + 3] = x[i + 3] + y[i + 3];
+    out[i + 4] = x[i + 4] + y[i + 4]; out[i + 5] = x[i + 5] + y[i + 5]; out[i + 6] = x[i + 6] + y[i + 6]; out[i + 7] = x[i + 7] + y[i + 7];
+  }
+  for (; i < n; i++) out[i] = x[i] + y[i];
+}
+
+/** The message bytes as floats that stay valid: a view when aligned, else a copy. */
+function ownFloats(b: Uint8Array): Float32Array {
+  if (b.byteOffset % 4 === 0) return new Float32Array(b.buffer, b.byteOffset, b.byteLength / 4);
+  const f = new Float32Array(b.byteLength / 4);
+  new Uint8Array(f.buffer).set(b);
+  return f;
+}
 
 /** Copies message bytes into dst at element offset `off` (the bytes may sit at an odd offset). */
 function copyInto(dst: Float32Array, off: number, b: Uint8Array): void {

@@ -1,10 +1,13 @@
 // worker/allreduce.ts against a real nats-server (max_payload 64 KiB so every buffer is chunked), one
 // connection per rank as separate workers would have.
+import crypto from 'node:crypto';
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { connect, headers, type Msg, type NatsConnection } from '@nats-io/transport-node';
 import { NatsAllReduce, AllReduceTimeoutError, deriveAllReduceKey } from '../../worker/allreduce.ts';
 import { WireError } from '../../common/errors.ts';
+import { setLogTerminal } from '../../common/log.ts';
+import { Terminal } from '../../common/terminal.ts';
 import { startNatsServer, natsServerMissing, type NatsServerHandle } from '../helpers/nats.ts';
 import { Philox } from '../helpers/prng.ts';
 
@@ -125,7 +128,38 @@ test('replicas with different buffer lengths get a WireError, not a wrong sum', 
   for (const ar of ars) ar.close();
 });
 
-test('forged, tampered, replayed and stale chunks injected by a third connection are refused and counted; the sums stay bit-identical', { skip }, async () => {
+// ---- the `dq` header as someone else on the server sees it (layout: the header of worker/allreduce.ts) ----
+const HDR = 54, NONCE_AT = 40, NONCE = 12;
+const dqOf = (m: Msg): Buffer => Buffer.from(m.headers!.get('dq'), 'base64url');
+
+/** Ways to turn a genuine message into one that must be refused; each returns the new dq value and payload. */
+const VARIANTS: Record<string, (job: string, dq: Buffer, data: Uint8Array) => [string, Uint8Array]> = {
+  replayed: (_job, dq, data) => [dq.toString('base64url'), data],
+  // (m.data may be a Buffer, whose slice() is a view: copy with Uint8Array.from.)
+  'tampered payload byte': (_job, dq, data) => { const d = Uint8Array.from(data); d[d.length >> 1] ^= 0x10; return [dq.toString('base64url'), d]; },
+  'tampered header byte': (_job, dq, data) => { const b = Buffer.from(dq); b[20] ^= 1; return [b.toString('base64url'), data]; }, // the chunk index
+  'forged tag': (_job, dq, data) => { const b = Buffer.from(dq); b[HDR + 5] ^= 0x40; return [b.toString('base64url'), data]; },
+  // What a worker of the previous release sends: header version 1 with a valid HMAC-SHA256 under the job's secret.
+  'header version 1': (job, dq, data) => {
+    const b = Buffer.alloc(72);
+    dq.copy(b, 0, 0, 40);
+    b[0] = 1;
+    crypto.createHmac('sha256', KEY).update(job).update(b.subarray(0, 40)).update(data).digest().copy(b, 40);
+    return [b.toString('base64'), data];
+  },
+};
+
+function publishVariant(nc: NatsConnection, job: string, m: Msg, variant: string): void {
+  const [dq, data] = VARIANTS[variant](job, dqOf(m), m.data);
+  const h = headers(); h.set('dq', dq); h.set('x-injected', '1');
+  nc.publish(m.subject, data, { headers: h });
+}
+
+async function settle(cond: () => boolean): Promise<void> {
+  for (let t0 = Date.now(); !cond() && Date.now() - t0 < 5000;) await new Promise((r) => setTimeout(r, 10));
+}
+
+test('forged, tampered, replayed, version-1 and stale chunks injected by a third connection are refused and counted; the sums stay bit-identical', { skip }, async () => {
   const ncs = await connections(3);
   const job = jobId();
   const ars = ncs.slice(0, 2).map((nc, rank) => new NatsAllReduce(nc, { jobId: job, stage: 0, rank, worldSize: 2, timeoutMs: 5000, key: KEY }));
@@ -138,13 +172,8 @@ test('forged, tampered, replayed and stale chunks injected by a third connection
   attacker.subscribe(`dqlora.${job}.ar.>`, { callback: (_e, m) => {
     if (m.headers?.get('x-injected') || m.subject.endsWith('.ready')) return;
     seen.push(m);
-    if (!attack) return;
-    // Replay it at once (the bucket may still be running at the receiver), and send a tampered copy.
-    const h1 = headers(); h1.set('dq', m.headers!.get('dq')); h1.set('x-injected', '1');
-    attacker.publish(m.subject, m.data.slice(), { headers: h1 });
-    const bad = m.data.slice(); bad[7] ^= 0x10;
-    const h2 = headers(); h2.set('dq', m.headers!.get('dq')); h2.set('x-injected', '1');
-    attacker.publish(m.subject, bad, { headers: h2 });
+    // While the step runs at the receiver: a replay, and each kind of altered copy, at once.
+    if (attack) for (const v of Object.keys(VARIANTS)) publishVariant(attacker, job, m, v);
   } });
   await attacker.flush();
   const run = async (step: number): Promise<void> => {
@@ -153,17 +182,13 @@ test('forged, tampered, replayed and stale chunks injected by a third connection
     await Promise.all(ars.map((ar, r) => ar.allReduceSum(step, inputs[r])));
     for (let r = 0; r < 2; r++) assert.ok(bitsEqual(inputs[r], expected), `rank ${r} step ${step} differs from the fixed-order sum`);
   };
-  const settle = async (cond: () => boolean): Promise<void> => {
-    for (let t0 = Date.now(); !cond() && Date.now() - t0 < 5000;) await new Promise((r) => setTimeout(r, 10));
-  };
   await run(3);
   await settle(() => seen.length === 8);
   assert.equal(seen.length, 8);
   assert.deepEqual(ars.map((a) => a.stats.rejected), [0, 0]);
   // 1. A replay of step 3 after it finished.
   const old = seen.find((m) => m.subject.endsWith('.rs.0'))!;
-  const h = headers(); h.set('dq', old.headers!.get('dq')); h.set('x-injected', '1');
-  attacker.publish(old.subject, old.data, { headers: h });
+  publishVariant(attacker, job, old, 'replayed');
   // 2. Forged from scratch for the next step: a header sealed with a guessed key, and no header at all.
   const forger = new NatsAllReduce(attacker, { jobId: job, stage: 0, rank: 1, worldSize: 2, timeoutMs: 500, key: deriveAllReduceKey('guessed-token', job) });
   (forger as unknown as { joined: Set<number> }).joined.add(0); // skip its join barrier: it only wants to publish
@@ -175,18 +200,114 @@ test('forged, tampered, replayed and stale chunks injected by a third connection
   const afterForgery = ars.map((a) => a.stats.rejected);
   assert.deepEqual(afterForgery, [4, 0]); // rank 0: the replay, the headerless chunk, the forger's 2 chunks
   assert.equal(ars[0].stats.staleDropped, 1);
-  // 3. During step 4 every genuine message is replayed and tampered with as it flies.
+  // 3. During step 4 every genuine message is replayed, and altered in each way, as it flies.
   forger.close();
   attack = true;
   await run(4);
-  await settle(() => ars.every((a, r) => a.stats.rejected - afterForgery[r] >= 8));
+  const variants = Object.keys(VARIANTS).length;
+  await settle(() => ars.every((a, r) => a.stats.rejected - afterForgery[r] >= 4 * variants));
   await attacker.flush();
   await new Promise((r) => setTimeout(r, 50));
-  // Each rank receives 4 genuine messages a step: 4 replays + 4 tampered copies refused, on top of the forgeries.
+  // Each rank receives 4 genuine messages a step: 4 copies of each variant refused, on top of the forgeries.
   const forged = afterForgery.map((v, r) => ars[r].stats.rejected - v);
-  assert.deepEqual(forged, [8, 8]);
+  assert.deepEqual(forged, [4 * variants, 4 * variants]);
   await run(5); // and the next step is unaffected
   await assert.rejects(ars[0].allReduceSum(5, new Float32Array(n)), /step 5 bucket 0 is not after the last completed step 5/);
+  for (const ar of ars) ar.close();
+});
+
+test('each refused message is counted and logged with its reason: a bad tag, another header version, a finished step, no header', { skip }, async () => {
+  const lines: string[] = [];
+  const prev = setLogTerminal(new Terminal({ write: (s: string) => { lines.push(s); } }));
+  try {
+    const ncs = await connections(3);
+    const job = jobId();
+    const ars = ncs.slice(0, 2).map((nc, rank) => new NatsAllReduce(nc, { jobId: job, stage: 0, rank, worldSize: 2, timeoutMs: 5000, key: KEY }));
+    const seen: Msg[] = [];
+    const attacker = ncs[2];
+    attacker.subscribe(`dqlora.${job}.ar.0.rs.1`, { callback: (_e, m) => { if (!m.headers?.get('x-injected')) seen.push(m); } });
+    await attacker.flush();
+    const inputs = [Float32Array.from([1, 2, 3]), Float32Array.from([10, 20, 30])];
+    await Promise.all(ars.map((ar, r) => ar.allReduceSum(0, inputs[r])));
+    await settle(() => seen.length === 1);
+    const genuine = seen[0]; // rank 0's contribution to rank 1's slice, step 0 (finished now)
+    const cases: [string, RegExp][] = [
+      ['forged tag', /refused 1 message\(s\), latest: bad tag \(forged, corrupted, or another job's key\)/],
+      ['tampered payload byte', /latest: bad tag/],
+      ['tampered header byte', /latest: bad tag/],
+      ['header version 1', /latest: header version 1, this rank speaks only version 2 \(a worker of another dqlora release in the job\?\)/],
+      ['replayed', /latest: a message of step 0 bucket 0, which this rank has finished/],
+    ];
+    const rank1 = ars[1] as unknown as { rejectLog: { last: number } };
+    for (const [variant, reason] of cases) {
+      const before = ars[1].stats.rejected;
+      rank1.rejectLog.last = 0; // the log is rate-limited to a line per 2 s: let this one through
+      lines.length = 0;
+      publishVariant(attacker, job, genuine, variant);
+      await settle(() => ars[1].stats.rejected === before + 1);
+      assert.equal(ars[1].stats.rejected, before + 1, variant);
+      assert.match(lines.join(''), reason, variant);
+    }
+    rank1.rejectLog.last = 0;
+    lines.length = 0;
+    const h = headers(); h.set('x-injected', '1');
+    attacker.publish(genuine.subject, genuine.data, { headers: h });
+    await settle(() => ars[1].stats.rejected === cases.length + 1);
+    assert.match(lines.join(''), /latest: missing header/);
+    assert.deepEqual([ars[0].stats.rejected, ars[1].stats.rejected, ars[1].stats.staleDropped], [0, cases.length + 1, 1]);
+    assert.deepEqual(Array.from(inputs[1]), [11, 22, 33]);
+    for (const ar of ars) ar.close();
+  } finally {
+    setLogTerminal(prev);
+  }
+});
+
+test('nonces never repeat under the job key: 64 random bits per instance ‖ its message counter, across ranks, steps and a restart that re-runs a step', { skip }, async () => {
+  const R = 3;
+  const ncs = await connections(R + 1);
+  const job = jobId();
+  const nonces: Buffer[] = [];
+  const spy = ncs[R];
+  spy.subscribe(`dqlora.${job}.ar.>`, { callback: (_e, m) => { nonces.push(dqOf(m).subarray(NONCE_AT, NONCE_AT + NONCE)); } });
+  await spy.flush();
+  const rng = new Philox(5);
+  const n = 120_001; // 160 KB slices: 3 chunks each under 64 KiB
+  // Two lives of the same job: the second re-runs steps 0 and 1 with the same key (as after a restart).
+  for (const life of [0, 1]) {
+    const ars = ncs.slice(0, R).map((nc, rank) => new NatsAllReduce(nc, { jobId: job, stage: 0, rank, worldSize: R, timeoutMs: 10_000, key: KEY }));
+    for (const step of [0, 1]) {
+      const inputs = Array.from({ length: R }, () => gradients(rng, n));
+      const expected = referenceSum(inputs);
+      await Promise.all(ars.map((ar, r) => ar.allReduceSum(step, inputs[r])));
+      for (let r = 0; r < R; r++) assert.ok(bitsEqual(inputs[r], expected), `life ${life} step ${step} rank ${r}`);
+    }
+    await Promise.all(ncs.map((nc) => nc.flush()));
+    for (const ar of ars) ar.close();
+  }
+  await spy.flush();
+  const dataMessages = 2 * 2 * R * R * 3; // lives × steps × ranks × (R−1 reduce-scatter slices + 1 all-gather slice) × 3 chunks
+  assert.ok(nonces.length > dataMessages, `${nonces.length} messages seen`); // and the join barrier's announcements
+  assert.equal(new Set(nonces.map((x) => x.toString('hex'))).size, nonces.length, 'a nonce repeated');
+  // One random prefix per instance (3 ranks × 2 lives), each with its own counter from 0.
+  const counters = new Map<string, number[]>();
+  for (const x of nonces) {
+    const k = x.subarray(0, 8).toString('hex');
+    counters.set(k, [...(counters.get(k) ?? []), x.readUInt32LE(8)]);
+  }
+  assert.equal(counters.size, 2 * R);
+  for (const cs of counters.values()) assert.ok(cs.includes(0) && new Set(cs).size === cs.length);
+});
+
+test('an instance refuses to send past 2^32 messages (its nonce counter would wrap) and says to make a new one', { skip }, async () => {
+  const ncs = await connections(2);
+  const job = jobId();
+  const ars = ncs.map((nc, rank) => new NatsAllReduce(nc, { jobId: job, stage: 0, rank, worldSize: 2, timeoutMs: 1000, key: KEY }));
+  await Promise.all(ars.map((ar) => ar.allReduceSum(0, new Float32Array(10))));
+  (ars[0] as unknown as { sent: number }).sent = 2 ** 32 - 1; // one nonce left
+  const res = await Promise.allSettled(ars.map((ar) => ar.allReduceSum(1, new Float32Array(100_000)))); // 2 chunks to send
+  assert.equal(res[0].status, 'rejected');
+  assert.match(String((res[0] as PromiseRejectedResult).reason.message), /rank 0: this instance has sent 2\^32 messages, its nonce counter is spent\n {2}hint: create a new NatsAllReduce/);
+  assert.equal(res[1].status, 'rejected'); // rank 1 never gets rank 0's second chunk
   for (const ar of ars) ar.close();
 });
 
@@ -230,6 +351,24 @@ test('a rank with another key is not heard: the others time out naming it, and n
   assert.deepEqual(Array.from(buf), [1, 2, 3]);
   assert.ok(a.stats.rejected > 0);
   a.close(); b.close();
+});
+
+test('messages are at most 1 MiB by default, also when the server allows 8 MiB', { skip }, async () => {
+  const big = await startNatsServer({ maxPayload: 8 << 20 });
+  const ncs = await Promise.all([0, 1].map(() => connect({ servers: big.url })));
+  try {
+    const job = jobId();
+    const ars = ncs.map((nc, rank) => new NatsAllReduce(nc, { jobId: job, stage: 0, rank, worldSize: 2, timeoutMs: 5000, key: KEY }));
+    const bufs = [new Float32Array(768 << 10).fill(1), new Float32Array(768 << 10).fill(2)]; // 3 MiB: 1.5 MiB slices
+    await Promise.all(ars.map((ar, r) => ar.allReduceSum(0, bufs[r])));
+    assert.ok(bufs.every((b) => b.every((x) => x === 3)));
+    // Each rank: its copy of the other's slice and its reduced slice, 2 chunks each (1 MiB less the header reserve).
+    assert.deepEqual(ars.map((a) => a.stats.messagesSent), [4, 4]);
+    for (const ar of ars) ar.close();
+  } finally {
+    await Promise.all(ncs.map((nc) => nc.close()));
+    await big.stop();
+  }
 });
 
 test('invalid options are ConfigErrors', { skip }, async () => {
