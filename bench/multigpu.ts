@@ -73,7 +73,7 @@ for (const [S, R] of layouts) {
   const name = `${S}x${R}`;
   const perReplica = GBS / R;
   const job = parseJob({
-    name: `mgpu-${name}`, model, output_dir: join(out, `run-${name}`), backend: BACKEND,
+    name: `mgpu-${name}`, model, output_dir: join(out, `run-${name}`), backend: BACKEND, http_port: -1,
     data: { train: dataPath, max_length: SEQ, dedup: false },
     lora: { r: 16, alpha: 32, dropout: 0, target_modules: 'all-linear' },
     training: { max_steps: STEPS, micro_batch_size: MICRO, grad_accum: Math.max(1, perReplica / MICRO), lr: 1e-4, schedule: 'constant', seed: 1, resume: false, log_every: 1 },
