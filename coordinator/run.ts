@@ -282,7 +282,11 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
           if (t.save_every > 0 && r.step % t.save_every === 0 && r.step < totalSteps) await checkpoint();
         }
         final = await checkpoint();
-        if (state.step >= totalSteps && ds.validation.length && !stoppedBy) evalLoss = await evaluate();
+        if (state.step >= totalSteps && ds.validation.length && !stoppedBy) {
+          // The last step may have just been evaluated (eval_every divides it): the weights are the same, reuse it.
+          const done = state.evalHistory.at(-1);
+          evalLoss = done && done.step === state.step ? done.loss : await evaluate();
+        }
         break;
       } catch (e) {
         if (!ex.recoverable(e)) throw e;

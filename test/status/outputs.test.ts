@@ -32,9 +32,10 @@ test('train_log.jsonl: one line per step and evaluation with HF log_history keys
     assert.deepEqual(Object.keys(l), ['loss', 'grad_norm', 'learning_rate', 'epoch', 'step']);
     assert.deepEqual(l, { loss: h.loss, grad_norm: h.gradNorm, learning_rate: h.lr, epoch: h.step / rec.state.stepsPerEpoch, step: h.step });
   });
-  // (runJob evaluates at step 8 twice: eval_every and the final evaluation; the log records what happened)
+  // step 8 is evaluated once: by eval_every, and the final evaluation reuses it (the weights did not change)
   const recorded = rec.events.flatMap((r) => (r.kind === 'eval' ? [[r.e.step, r.e.loss]] : []));
   assert.deepEqual(recorded.at(-1), [8, rec.outcome.evalLoss]);
+  assert.equal(recorded.filter(([step]) => step === 8).length, 1, 'the last step was evaluated twice');
   assert.deepEqual(evals.map((l) => [l.step, l.eval_loss]), recorded);
   const last = lines.at(-1)!;
   assert.equal(last.step, 8);
