@@ -182,8 +182,9 @@ function childPid(wrapperPid: number | undefined): number | undefined {
 }
 
 /**
- * Starts nats-server on a free loopback port (max_payload 8 MiB: fewer, larger all-reduce chunks) with per-job
- * credentials; restarts it on the same port (back-off 0.25 s → 5 s, at most `maxRestarts`) when it exits.
+ * Starts nats-server on a free loopback port with per-job credentials (max_payload 8 MiB: headroom; the all-reduce
+ * caps its own messages at 1 MiB, which measured cheaper); restarts it on the same port (back-off 0.25 s → 5 s, at
+ * most `maxRestarts`) when it exits.
  */
 export async function startLocalNats(opts: { maxRestarts?: number } = {}): Promise<LocalNats> {
   if (spawnSync('nats-server', ['--version'], { stdio: 'ignore' }).error) {
