@@ -64,8 +64,8 @@ export class CpuBackend implements Backend {
   readonly threads: number;
   private bytesLive = 0;
   private bytesPeak = 0;
-  /** Storages allocated while a tracker runs (trackAllocations). */
-  private tracked?: Set<Storage>;
+  /** Storages and NF4 weights allocated while a tracker runs (trackAllocations). */
+  private tracked?: Set<{ freed: boolean; readonly bytes: number }>;
   private limit: number | undefined;
   private readonly scratch = new Scratch();
   private readonly philoxOut = new Uint32Array(4);
@@ -222,7 +222,7 @@ export class CpuBackend implements Backend {
 
   trackAllocations(): AllocationTracker {
     if (this.tracked) throw new BackendError('trackAllocations: a tracker is already running on this backend');
-    const set = this.tracked = new Set<Storage>();
+    const set = this.tracked = new Set<{ freed: boolean; readonly bytes: number }>();
     return {
       freeLeftovers: () => {
         let bytes = 0;
@@ -252,6 +252,7 @@ export class CpuBackend implements Backend {
     this.reserve(q.bytes);
     this.bytesLive += q.bytes;
     if (this.bytesLive > this.bytesPeak) this.bytesPeak = this.bytesLive;
+    this.tracked?.add(q);
     return q;
   }
 
@@ -259,6 +260,7 @@ export class CpuBackend implements Backend {
     const c = this.quant(q, 'freeQuantized');
     c.freed = true;
     this.bytesLive -= c.bytes;
+    this.tracked?.delete(c);
   }
 
   dequantize(q: QuantizedTensor): Tensor {

@@ -6,7 +6,7 @@
 // order the device sees.
 import { parentPort } from 'node:worker_threads';
 import { createBackend, type BackendName } from '../../core/engine/index.ts';
-import type { Backend, Tensor } from '../../core/engine/backend.ts';
+import type { AllocationTracker, Backend, Tensor } from '../../core/engine/backend.ts';
 import type { LoraParams } from '../../core/engine/lora.ts';
 import type { LlamaStage, StageBatch } from '../../core/model/llama.ts';
 import { loadStage } from '../../core/model/loader.ts';
@@ -65,6 +65,8 @@ class StageCompute {
   /** Bucket k's params (bucket 0 = the stage's last layers), fixed per assignment so every replica agrees. */
   private bucketParams: LoraParams[][] = [];
   private bucketBytes = 0;
+  /** Records every allocation of the assigned stage, from its load to its release (release() frees them all). */
+  private stageMemory?: AllocationTracker;
   /** Posts of the current backward's gradient buckets, not yet done (their downloads are in flight). */
   private pendingBuckets: Promise<void>[] = [];
   /** The layer (within the stage) whose backward completes bucket k. */
@@ -89,9 +91,15 @@ class StageCompute {
       case 'assign': {
         this.release();
         const be = this.be!, a = r.a;
-        this.stage = loadStage(be, a.modelDir, a.spec, stageLoadOptionsOf(a));
-        this.params = this.stage.loraParams();
-        if (a.resumeFrom) restoreLoraParams(this.params, loadCheckpoint(a.resumeFrom));
+        this.stageMemory = be.trackAllocations();
+        try {
+          this.stage = loadStage(be, a.modelDir, a.spec, stageLoadOptionsOf(a));
+          this.params = this.stage.loraParams();
+          if (a.resumeFrom) restoreLoraParams(this.params, loadCheckpoint(a.resumeFrom));
+        } catch (e) {
+          this.release();
+          throw e;
+        }
         this.bucketParams = []; this.bucketBytes = 0;
         this.assignment = a;
         return { value: { params: this.params.length } };
@@ -213,6 +221,14 @@ class StageCompute {
 
   private release(): void {
     this.stage?.reset();
+    // Everything the stage allocated on the device (weights, LoRA params and moments, what a failed step left):
+    // a recovery re-assigns, and the old stage must not stay on the device beside the new one.
+    if (this.stageMemory) {
+      this.stageMemory.freeLeftovers();
+      this.stageMemory.close();
+      this.stageMemory = undefined;
+      this.be?.releaseCache();
+    }
     this.stage = undefined; this.params = []; this.bucketParams = []; this.assignment = undefined;
   }
 }
