@@ -30,7 +30,7 @@ import { createBackend } from '../core/engine/index.ts';
 import type { Backend } from '../core/engine/backend.ts';
 import { loadModelConfig } from '../core/model/config.ts';
 import { StepPlanner } from '../core/train/steps.ts';
-import type { MicroBatchSplit } from '../core/train/micro-split.ts';
+import { MicroBatchSplitRetry, type MicroBatchSplit } from '../core/train/micro-split.ts';
 import { checkFingerprints } from '../core/train/step.ts';
 import { saveAdapter } from '../core/model/adapter.ts';
 import { loadTokenizer } from '../common/tokenizer.ts';
@@ -218,7 +218,7 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
   };
   try {
     executor = distributed
-      ? await WorkersExecutor.open(job, { ...opts, cfg, lora, stages: S, replicas: R, totalSteps, padId, metrics, print, onWorkers: (ws) => { opts.onWorkers?.(ws); notify(observers, 'onWorkers', ws); } })
+      ? await WorkersExecutor.open(job, { ...opts, cfg, lora, stages: S, replicas: R, totalSteps, padId, metrics, print, onSplit, onWorkers: (ws) => { opts.onWorkers?.(ws); notify(observers, 'onWorkers', ws); } })
       : InProcessExecutor.open(job, { be: be!, cfg, lora, stages: S, tok, padId, microBatchSize: mbPlan.microBatchSize, progress: opts.progress, onSplit });
     const ex = executor;
     if (mbPlan.auto) {
@@ -290,6 +290,16 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
         break;
       } catch (e) {
         if (!ex.recoverable(e)) throw e;
+        if (e instanceof MicroBatchSplitRetry) {
+          // Not a failure (no recovery spent, no back-off): the workers' stages are re-assigned and the steps since
+          // the last checkpoint run again with the smaller micro-batches (onSplit has said so).
+          ex.pause(e.message);
+          if (lastCheckpoint) lastCheckpoint = newestValid(state.step);
+          rollBackTo(lastCheckpoint);
+          print(`re-assigning the stages; going on from ${lastCheckpoint?.dir || 'the initial state'} (step ${state.step}) with micro-batches of ${e.split.toRows}`);
+          started = false;
+          continue;
+        }
         const msg = (e as Error).message.split('\n')[0];
         // An outage (NATS restarting, connections refused) within distributed.outage_window_s is ridden out: the
         // same pause, roll-back and back-off, but it does not use up a recovery.

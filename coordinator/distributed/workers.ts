@@ -29,6 +29,7 @@ import { DEFAULT_CHUNK_BYTES } from '../../wire/tensor.ts';
 import type { Checkpoint } from '../../common/checkpoint.ts';
 import { BackendError, CheckpointError, ConfigError } from '../../common/errors.ts';
 import { isOutOfMemory } from '../../core/engine/oom.ts';
+import { MicroBatchSplitRetry, capMicroBatchRows, halveRows, type MicroBatchSplit } from '../../core/train/micro-split.ts';
 import { logger } from '../../common/log.ts';
 import type { CoordinatorMetrics } from '../../common/metrics.ts';
 import type { StepReport } from '../../proto/gen/dqlora/v1/control.ts';
@@ -66,6 +67,10 @@ export class WorkersExecutor implements StepExecutor {
   private natsUrl = '';
   private readonly specs;
   private readonly stageBytes: number[];
+  /** Rows per micro-batch after out-of-memory splits (undefined: as planned); only ever lowered. */
+  private rowsCap?: number;
+  /** Told of every out-of-memory split (the job loop prints it and tells its observers). */
+  onSplit?: (s: MicroBatchSplit) => void;
 
   private constructor(
     private readonly job: JobConfig,
@@ -84,7 +89,7 @@ export class WorkersExecutor implements StepExecutor {
   get backend(): string { return this.job.backend; }
 
   /** Starts the control service (and, in local mode, NATS and the worker processes). */
-  static async open(job: JobConfig, o: WorkersOptions & { cfg: ModelConfig; lora: LoraConfig; stages: number; replicas: number; totalSteps: number; padId: number; metrics: CoordinatorMetrics; print: (s: string) => void }): Promise<WorkersExecutor> {
+  static async open(job: JobConfig, o: WorkersOptions & { cfg: ModelConfig; lora: LoraConfig; stages: number; replicas: number; totalSteps: number; padId: number; metrics: CoordinatorMetrics; print: (s: string) => void; onSplit?: (s: MicroBatchSplit) => void }): Promise<WorkersExecutor> {
     const d = job.distributed, S = o.stages, R = o.replicas;
     const local = d.workers === 'local';
     if (typeof d.workers === 'number' && d.workers < S * R) throw new ConfigError(`distributed.workers = ${d.workers} is fewer than stages × replicas = ${S * R}`, { hint: 'every (stage, replica) needs its own worker; extra workers are kept as spares' });
@@ -97,6 +102,7 @@ export class WorkersExecutor implements StepExecutor {
     const plane = new ControlPlane({ jobId, jobToken, heartbeatIntervalMs: Math.max(100, Math.round(hbTimeout / 5)), heartbeatTimeoutMs: hbTimeout, metrics: o.metrics, onWorkers: o.onWorkers, requiredCapabilities: requiredWorkerCapabilities(job) });
     plane.progress.totalSteps = o.totalSteps;
     const ex = new WorkersExecutor(job, plane, o.lora, S, R, jobId, o.padId, o.cfg);
+    ex.onSplit = o.onSplit;
     try {
       const address = await plane.listen(o.listen ?? d.listen);
       o.print(`coordinator: job ${jobId}, control service on ${address}, ${S} stage(s) × ${R} replica(s)`);
@@ -164,7 +170,11 @@ export class WorkersExecutor implements StepExecutor {
   async step(input: StepInput): Promise<ExecutedStep> {
     const { S, R } = this;
     // pipeline schedule + all-reduce on the workers
-    const reps = await this.runOnAll(input.micro, input.step, input.epoch, input.labelTokens, input.lr, false).catch((e: unknown) => { throw this.outOfMemory(e, input) ?? e; });
+    // After an out-of-memory split, each planned micro-batch runs as consecutive pieces of at most rowsCap rows: the
+    // same examples, padded length and loss normaliser (core/train/micro-split.ts), more micro-batches.
+    const micro = input.micro.map((mbs) => capMicroBatchRows(mbs, this.rowsCap));
+    const reps = await this.runOnAll(micro, input.step, input.epoch, input.labelTokens, input.lr, false)
+      .catch((e: unknown) => { throw this.outOfMemory(e, micro, 'train', input.step + 1, (cap) => input.micro.map((mbs) => capMicroBatchRows(mbs, cap).length)) ?? e; });
     // global norm: Σ over stages of the stage's ‖g‖² (every replica holds the same reduced gradients)
     let normSq = 0;
     for (let st = 0; st < S; st++) {
@@ -194,7 +204,10 @@ export class WorkersExecutor implements StepExecutor {
 
   async evaluate(examples: readonly Example[]): Promise<{ loss: number; perplexity: number; tokens: number }> {
     const { S, R } = this;
-    const reps = await this.runOnAll(evalBatches(examples, microBatchPlan(this.job).microBatchSize, this.padId, R), this.plane.progress.step, 0, 0, 0, true);
+    const size = Math.min(microBatchPlan(this.job).microBatchSize, this.rowsCap ?? Infinity);
+    const batches = evalBatches(examples, size, this.padId, R);
+    const reps = await this.runOnAll(batches, this.plane.progress.step, 0, 0, 0, true)
+      .catch((e: unknown) => { throw this.outOfMemory(e, batches, 'eval', this.plane.progress.step, (cap) => evalBatches(examples, Math.min(size, cap), this.padId, R).map((b) => b.length)) ?? e; });
     let lossSum = 0, count = 0;
     for (let r = 0; r < R; r++) { lossSum += reps[r][S - 1].stats!.lossSum; count += reps[r][S - 1].stats!.labelTokens; }
     const loss = count > 0 ? lossSum / count : NaN;
@@ -215,21 +228,38 @@ export class WorkersExecutor implements StepExecutor {
   }
 
   /**
-   * A worker that ran out of device memory: not a failure to recover from by rolling back (the same step would fail
-   * the same way), so the job ends with an error that names the worker and the micro-batch size. Workers do not
-   * split micro-batches (the one-process executor does: core/train/micro-split.ts).
+   * A worker that ran out of device memory. Micro-batches of more than one row: the rows cap halves, the split is
+   * reported, and a MicroBatchSplitRetry tells the job loop to re-assign the stages (the aborted step ended their
+   * all-reduce and pipeline state; re-assigning also frees whatever the failed step left on the device) and run on
+   * from the last checkpoint with the smaller micro-batches. One row that does not fit: the job ends with an error
+   * that names the worker, the size and what to change.
    */
-  private outOfMemory(e: unknown, input: StepInput): BackendError | undefined {
+  private outOfMemory(e: unknown, ran: readonly MicroBatch[][], phase: 'train' | 'eval', step: number, countAt: (cap: number) => number[]): Error | undefined {
     if (!(e instanceof WorkerCommandError) || !isOutOfMemory(e)) return undefined;
-    const rows = Math.max(0, ...input.micro.flat().map((mb) => mb.B)), T = Math.max(0, ...input.micro.flat().map((mb) => mb.T));
+    const rows = Math.max(0, ...ran.flat().map((mb) => mb.B)), T = Math.max(0, ...ran.flat().map((mb) => mb.T));
     const t = this.job.training;
-    return new BackendError(`step ${input.step + 1}: worker ${e.workerId} (stage ${e.stage}, replica ${e.replica}) ran out of device memory with micro-batches of ${rows} sequence(s) × ${T} tokens (training.micro_batch_size: ${t.micro_batch_size}): ${e.message}`, {
-      hint: `lower training.micro_batch_size (e.g. ${Math.max(1, Math.ceil(rows / 2))}) and raise training.grad_accum to keep the batch, or add pipeline stages (distributed.stages); a one-process run splits micro-batches that do not fit by itself`,
-      cause: e,
-    });
+    const where = `worker ${e.workerId} (stage ${e.stage}, replica ${e.replica})`;
+    if (rows <= 1) {
+      return new BackendError(`${phase === 'train' ? `step ${step}` : `evaluation after step ${step}`}: ${where} ran out of device memory with micro-batches of ${rows} sequence(s) × ${T} tokens (training.micro_batch_size: ${t.micro_batch_size}), which cannot be split further: ${e.message}`, {
+        hint: 'lower data.max_length, keep training.gradient_checkpointing on, add pipeline stages (distributed.stages), or use devices with more memory',
+        cause: e,
+      });
+    }
+    const toRows = halveRows(rows);
+    this.rowsCap = toRows;
+    const perReplica = (xs: number[]): number => Math.max(0, ...xs);
+    const split: MicroBatchSplit = {
+      step, phase, fromRows: rows, toRows, fromMicroBatches: perReplica(ran.map((r) => r.length)), toMicroBatches: perReplica(countAt(toRows)),
+      error: e.message.split('\n')[0],
+    };
+    log.warn({ ...split }, `out of device memory on ${where}: micro-batch size ${rows} → ${toRows} for the rest of the run (the stages are re-assigned and the run goes on from the last checkpoint)`);
+    this.onSplit?.(split);
+    return new MicroBatchSplitRetry(split);
   }
 
-  recoverable(e: unknown): boolean { return (e instanceof WorkerLostError || e instanceof WorkerCommandError) && !isOutOfMemory(e); }
+  recoverable(e: unknown): boolean {
+    return e instanceof MicroBatchSplitRetry || ((e instanceof WorkerLostError || e instanceof WorkerCommandError) && !isOutOfMemory(e));
+  }
 
   pause(reason: string): void {
     this.plane.jobState = 'paused';

@@ -13,7 +13,19 @@
 //   - `auto`: the largest candidate (the step's batch, then halving through its divisors) whose real forward +
 //     backward on a batch of the longest length fits.
 import { makeMicroBatch, splitMicroBatch, type Example, type MicroBatch } from './batch.ts';
-import { ConfigError } from '../../common/errors.ts';
+import { ConfigError, DqloraError } from '../../common/errors.ts';
+
+/**
+ * Thrown by an executor that cannot undo an out-of-memory step in place (distributed workers: their all-reduce and
+ * pipeline state end with the aborted step): it has lowered its rows cap and reported the split; the job loop
+ * re-assigns the stages, rolls back to the last checkpoint and runs on with the smaller micro-batches. Not a failure:
+ * it spends no recovery.
+ */
+export class MicroBatchSplitRetry extends DqloraError {
+  constructor(readonly split: MicroBatchSplit) {
+    super(`out of device memory with micro-batches of ${split.fromRows} sequence(s): running again with ${split.toRows}`);
+  }
+}
 
 /** An out-of-memory split: micro-batches of `fromRows` rows did not fit; the work runs again with `toRows`. */
 export interface MicroBatchSplit {
