@@ -8,11 +8,7 @@ set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
 ../shared/tools/device-pack >/dev/null
-bundle() {
-  node_modules/.bin/esbuild "$1" --bundle --platform=node --format=esm --target=node20 --log-level=warning \
-    --external:'*.node' --outfile="$2" \
-    --banner:js="import { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);"
-}
+source bench/gpu/pack-common.sh
 bundle bench/multigpu.ts .device/multigpu.mjs
 bundle worker/cli.ts .device/worker.mjs
 bundle worker/runtime/compute-main.ts .device/compute.mjs
@@ -22,7 +18,5 @@ mkdir -p .device/bin .device/tok
 cp "$(command -v nats-server)" .device/bin/
 node --import tsx -e "import('./coordinator/example/assets.ts').then((m) => console.log(m.ensureExampleAssets().modelDir))" >/dev/null
 cp examples-cache/example-v1/model/tokenizer.json examples-cache/example-v1/model/tokenizer_config.json examples-cache/example-v1/model/special_tokens_map.json .device/tok/
-if command -v nvcc >/dev/null && [ ! -f core/engine/cuda/build/dqlora_cuda.node ]; then
-  NAPI_INCLUDE=$root/.device/include DQLORA_CUDA_ARCHS=90 node core/engine/cuda/build.mjs
-fi
+[ -f core/engine/cuda/build/dqlora_cuda.node ] || build_cuda_here
 du -sh .device

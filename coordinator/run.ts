@@ -290,14 +290,19 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
         break;
       } catch (e) {
         if (!ex.recoverable(e)) throw e;
-        if (e instanceof MicroBatchSplitRetry) {
-          // Not a failure (no recovery spent, no back-off): the workers' stages are re-assigned and the steps since
-          // the last checkpoint run again with the smaller micro-batches (onSplit has said so).
-          ex.pause(e.message);
+        // The workers stop; the loop goes on from the newest valid checkpoint (the one on disk may have been damaged
+        // since) once start() has re-assigned the stages.
+        const pauseAndRollBack = (reason: string): void => {
+          ex.pause(reason);
           if (lastCheckpoint) lastCheckpoint = newestValid(state.step);
           rollBackTo(lastCheckpoint);
-          print(`re-assigning the stages; going on from ${lastCheckpoint?.dir || 'the initial state'} (step ${state.step}) with micro-batches of ${e.split.toRows}`);
           started = false;
+        };
+        if (e instanceof MicroBatchSplitRetry) {
+          // Not a failure (no recovery spent, no back-off): the steps since the last checkpoint run again with the
+          // smaller micro-batches (onSplit has said so).
+          pauseAndRollBack(e.message);
+          print(`re-assigning the stages; going on from ${lastCheckpoint?.dir || 'the initial state'} (step ${state.step}) with micro-batches of ${e.split.toRows}`);
           continue;
         }
         const msg = (e as Error).message.split('\n')[0];
@@ -312,14 +317,11 @@ async function runJobLoop(job: JobConfig, opts: RunOptions, held: Held): Promise
         let wait: number;
         if (riddenOut) wait = backoff.next();
         else { recoveries++; wait = budget.spend(msg); }
-        ex.pause(msg);
         const failedAt = state.step;
-        if (lastCheckpoint) lastCheckpoint = newestValid(state.step); // the one on disk may have been damaged since
-        rollBackTo(lastCheckpoint);
+        pauseAndRollBack(msg);
         notify(observers, 'onRecovery', { step: state.step, attempt: recoveries, reason: msg, resumeFrom: lastCheckpoint?.dir ?? '' });
         logRecover({ step: failedAt, attempt: recoveries, maxRecoveries: d.max_recoveries, reason: msg, resumeFrom: lastCheckpoint?.dir ?? '', backoffMs: wait, ...(riddenOut ? { outageSeconds: (Date.now() - outageSince!) / 1000 } : {}) });
         print(`paused; resuming from ${lastCheckpoint?.dir || 'the initial state'} (step ${state.step}) in ${(wait / 1000).toFixed(1)} s, once ${S * R} workers are connected`);
-        started = false;
         // A stop signal during the wait: the last checkpoint is the resume point (the workers are gone: no new one).
         if (!(await sleep(wait, opts.stop?.abort))) {
           stoppedBy = opts.stop?.signalName;

@@ -5,25 +5,9 @@
 # command "bash bench/gpu/features.sh".
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
-mkdir -p .device/include .device/node-addon-api
-node_bin=$(readlink -f "$(command -v node)")
-[ -s .device/node.xz ] && [ .device/node.xz -nt "$node_bin" ] || xz -T0 -6 -c "$node_bin" > .device/node.xz
-hdr=$(dirname "$node_bin")/../include/node; [ -f "$hdr/node_api.h" ] || hdr=/usr/include/node
-cp "$hdr"/node_api.h "$hdr"/node_api_types.h "$hdr"/js_native_api.h "$hdr"/js_native_api_types.h .device/include/
-cp node_modules/node-addon-api/napi.h node_modules/node-addon-api/napi-inl.h node_modules/node-addon-api/napi-inl.deprecated.h .device/node-addon-api/
-cat > .device/env.sh <<'EOS'
-_dev=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-mkdir -p /tmp/node/bin
-[ -x /tmp/node/bin/node ] || { xz -dc "$_dev/node.xz" > /tmp/node/bin/node && chmod +x /tmp/node/bin/node; }
-export PATH=/tmp/node/bin:$PATH
-export NAPI_INCLUDE=$_dev/include
-echo "device env: node $(node --version), GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
-EOS
-bundle() {
-  node_modules/.bin/esbuild "$1" --bundle --platform=node --format=esm --target=node20 --log-level=warning \
-    --external:'*.node' --outfile="$2" \
-    --banner:js="import { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);"
-}
+source bench/gpu/pack-common.sh
+pack_node
+pack_addon_headers
 bundle test/engine/cuda-features.test.ts .device/cuda-features.test.mjs
 bundle bench/packing.ts .device/packing-bench.mjs
 du -sh .device

@@ -7,13 +7,8 @@ set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
 ../shared/tools/device-pack >/dev/null
-mkdir -p .device/node-addon-api
-cp node_modules/node-addon-api/napi.h node_modules/node-addon-api/napi-inl.h node_modules/node-addon-api/napi-inl.deprecated.h .device/node-addon-api/
-bundle() {
-  node_modules/.bin/esbuild "$1" --bundle --platform=node --format=esm --target=node20 --log-level=warning \
-    --external:'*.node' --outfile="$2" \
-    --banner:js="import { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);"
-}
+source bench/gpu/pack-common.sh
+pack_addon_headers
 bundle test/engine/cuda-ops.test.ts .device/cuda-ops.test.mjs
 bundle test/model/cuda-golden.test.ts .device/cuda-golden.test.mjs
 bundle test/model/cuda-train.test.ts .device/cuda-train.test.mjs
@@ -22,7 +17,5 @@ bundle bench/gpu/cuda-bench.ts .device/cuda-bench.mjs
 bundle bench/gpu/model-bench.ts .device/model-bench.mjs
 # A local build (same nvcc 13.0 as the GPU machine, CUDA runtime linked statically) saves the device a minute:
 # carry core/engine/cuda/build too and run with BENCH_PREBUILT=1 (gpu.sh builds there if it does not load).
-if command -v nvcc >/dev/null; then
-  NAPI_INCLUDE=${NAPI_INCLUDE:-$root/.device/include} DQLORA_CUDA_ARCHS=${DQLORA_CUDA_ARCHS:-90} node core/engine/cuda/build.mjs
-fi
+build_cuda_here
 du -sh .device

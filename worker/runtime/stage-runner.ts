@@ -25,7 +25,7 @@ import { PipelineClient } from '../transport/pipeline.ts';
 import { Inbox, StepAbortedError } from './inbox.ts';
 import { ComputeThread } from './stage-compute.ts';
 import type { ComputeInfo, GradBucket, HostActivation } from './compute.ts';
-import { bf16ToTensor, f32ToTensor, hostToF32, type HostTensor } from '../../wire/tensor.ts';
+import { bf16ToTensor, f32ToBf16Tensor, f32ToTensor, hostToF32, type HostTensor } from '../../wire/tensor.ts';
 import { generationId, microBatchFromWire, type Assignment } from '../../wire/assignment.ts';
 import { dropoutKey, lossScale } from '../../core/train/step.ts';
 import { ConfigError, DqloraError, ShapeError } from '../../common/errors.ts';
@@ -164,11 +164,11 @@ export class StageRunner {
     // Sends are not awaited before the next compute: the compute thread is already busy with it while this
     // thread streams the tensor. Only when MAX_SENDS_IN_FLIGHT are unacknowledged does the schedule wait.
     const ship = async (client: PipelineClient, dir: 'forward' | 'backward', i: number, h: HostActivation): Promise<void> => {
-      // Raw bf16 bits go as they are; float32 goes as bf16 where the backend computes in bf16 (the same bits).
-      const pr = h.data instanceof Uint16Array ? client.sendTensor(dir, seq, i, bf16ToTensor(h.data, h.shape), { crc32: h.crc32 })
-        : this.device.actDtype !== 'bf16' ? client.sendTensor(dir, seq, i, f32ToTensor(h.data, h.shape), { crc32: h.crc32 })
-        : dir === 'forward' ? client.sendForward(seq, i, h.data, h.shape, { dtype: this.device.actDtype === 'bf16' ? 'bf16' : 'f32' })
-        : client.sendBackward(seq, i, h.data, h.shape, { dtype: this.device.actDtype === 'bf16' ? 'bf16' : 'f32' });
+      // Raw bf16 bits, and float32 from a backend that computes in f32, go as they are, with the checksum the compute
+      // thread took; float32 from a bf16 backend (DQLORA_SYNC_DOWNLOAD) is rounded to bf16 here (the same bits).
+      const asIs = h.data instanceof Uint16Array || this.device.actDtype !== 'bf16';
+      const tensor = h.data instanceof Uint16Array ? bf16ToTensor(h.data, h.shape) : asIs ? f32ToTensor(h.data, h.shape) : f32ToBf16Tensor(h.data, h.shape);
+      const pr = client.sendTensor(dir, seq, i, tensor, { crc32: asIs ? h.crc32 : undefined });
       pr.catch(() => { /* awaited below */ });
       const q = sends[dir];
       q.push(pr); allSends.push(pr);
