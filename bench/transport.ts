@@ -8,11 +8,15 @@
 // With --inflight k > 1, k tensors of the same size are sent back to back without awaiting acks (the
 // sender's maxInFlight), and the time is to the last ack. The CPU columns (process.cpuUsage of each side,
 // per transfer) show the work per byte, which is what limits loopback and what a loaded machine does not blur.
+// The last column: the longest event-loop stall (monitorEventLoopDelay, 1 ms resolution) on each side during a gRPC
+// transfer, median over the rounds — what a worker's loop-lag metric sees of the transport.
 import net from 'node:net';
 import http2 from 'node:http2';
 import os from 'node:os';
 import { fork, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { crc32 } from '../wire/tensor.ts';
 import { startPipelineServer, PipelineClient, PIPELINE_DEFAULT_CHUNK_BYTES, PIPELINE_FLOW_CONTROL_WINDOW } from '../worker/transport/pipeline.ts';
 
 const MB = 1 << 20;
@@ -20,8 +24,13 @@ const now = (): number => performance.timeOrigin + performance.now();
 
 type Job = { grpc: string; tcpPort: number; h2Port: number; chunk: number };
 type Kind = 'grpc' | 'tcp' | 'h2';
+type Sample = [wallMs: number, sendCpuMs: number, receiveCpuMs: number, sendLagMs: number, receiveLagMs: number];
 type Cmd = { kind: Kind; round: number; bytes: number; inflight: number } | { stop: true };
-type Reply = { round: number; start: number; end: number; cpuMs: number };
+type Reply = { round: number; start: number; end: number; cpuMs: number; lagMs: number };
+/** Event-loop delay of this process during one transfer (1 ms timer resolution): its longest stall, in ms. */
+const loopLag = monitorEventLoopDelay({ resolution: 1 });
+const lagStart = (): void => { loopLag.reset(); loopLag.enable(); };
+const lagEnd = (): number => { loopLag.disable(); return loopLag.count > 0 ? loopLag.max / 1e6 : 0; };
 
 async function childMain(job: Job): Promise<void> {
   const client = new PipelineClient(job.grpc, { jobId: 'bench', jobToken: 'bench-token', chunkBytes: job.chunk, deadlineMs: 120_000 });
@@ -48,21 +57,29 @@ async function childMain(job: Job): Promise<void> {
   const sock = net.connect(job.tcpPort, '127.0.0.1');
   sock.setNoDelay(true);
   await new Promise<void>((r) => sock.once('connect', () => r()));
-  const payloads = new Map<number, Float32Array>();
-  const payload = (bytes: number): Float32Array => {
+  const payloads = new Map<number, { data: Float32Array; crc: number }>();
+  // The checksum is taken once per payload, outside the timed transfer, as a worker's compute thread takes it
+  // where the tensor is made (worker/runtime/compute.ts); the receiver still checks every byte.
+  const payload = (bytes: number): { data: Float32Array; crc: number } => {
     let p = payloads.get(bytes);
-    if (!p) { p = new Float32Array(bytes / 4); for (let i = 0; i < p.length; i++) p[i] = (i % 1000) * 0.5; payloads.set(bytes, p); }
+    if (!p) {
+      const data = new Float32Array(bytes / 4);
+      for (let i = 0; i < data.length; i++) data[i] = (i % 1000) * 0.5;
+      p = { data, crc: crc32(new Uint8Array(data.buffer)) };
+      payloads.set(bytes, p);
+    }
     return p;
   };
   let step = 0;
   process.on('message', async (m: Cmd) => {
     if ('stop' in m) { client.close(); sock.destroy(); h2.close(); process.disconnect(); return; }
-    const data = payload(m.bytes);
+    const { data, crc } = payload(m.bytes);
     const u0 = process.cpuUsage();
+    lagStart();
     const start = now();
     if (m.kind === 'grpc') {
       const s = step++;
-      await Promise.all(Array.from({ length: m.inflight }, (_, i) => client.sendForward(s, i, data, [data.length])));
+      await Promise.all(Array.from({ length: m.inflight }, (_, i) => client.sendForward(s, i, data, [data.length], { crc32: crc })));
     } else if (m.kind === 'h2') {
       const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
       await Promise.all(Array.from({ length: m.inflight }, () => h2Send(bytes)));
@@ -82,7 +99,7 @@ async function childMain(job: Job): Promise<void> {
     }
     const end = now();
     const u = process.cpuUsage(u0);
-    process.send!({ round: m.round, start, end, cpuMs: (u.user + u.system) / 1000 } satisfies Reply);
+    process.send!({ round: m.round, start, end, cpuMs: (u.user + u.system) / 1000, lagMs: lagEnd() } satisfies Reply);
   });
   process.send!({ started: true });
 }
@@ -152,37 +169,38 @@ async function main(): Promise<void> {
   const child = fork(fileURLToPath(import.meta.url), [], { execArgv, env: { ...process.env, DQLORA_BENCH_CHILD: JSON.stringify({ grpc: server.address, tcpPort: tcp.port, h2Port: h2s.port, chunk } satisfies Job) } }) as ChildProcess;
   await new Promise<void>((r) => child.once('message', () => r()));
   let round = 0;
-  /** One transfer: wall ms, sender CPU ms, receiver (this process) CPU ms. */
-  const once = (kind: Kind, bytes: number, inflight: number): Promise<[number, number, number]> => new Promise((res) => {
+  /** One transfer: wall ms, sender CPU ms, receiver (this process) CPU ms, longest event-loop stall ms sender, receiver. */
+  const once = (kind: Kind, bytes: number, inflight: number): Promise<Sample> => new Promise((res) => {
     const r = round++;
     const u0 = process.cpuUsage();
+    lagStart();
     const f = (m: Reply): void => {
       if (m.round !== r) return;
       child.off('message', f);
       const u = process.cpuUsage(u0);
-      res([m.end - m.start, m.cpuMs, (u.user + u.system) / 1000]);
+      res([m.end - m.start, m.cpuMs, (u.user + u.system) / 1000, m.lagMs, lagEnd()]);
     };
     child.on('message', f);
     child.send({ kind, round: r, bytes, inflight } satisfies Cmd);
   });
   console.log(`# pipeline transport vs raw TCP — ${new Date().toISOString()} — ${os.cpus()[0]?.model ?? 'cpu'} × ${os.cpus().length}, load ${os.loadavg()[0].toFixed(1)}, node ${process.version}, chunk ${chunk} B, median of ${reps}`);
-  console.log('| tensor | in flight | raw TCP MB/s | HTTP/2 MB/s | gRPC MB/s | HTTP/2 / raw | gRPC / raw | CPU ms send / receive, raw | HTTP/2 | gRPC |');
-  console.log('|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
+  console.log('| tensor | in flight | raw TCP MB/s | HTTP/2 MB/s | gRPC MB/s | HTTP/2 / raw | gRPC / raw | CPU ms send / receive, raw | HTTP/2 | gRPC | gRPC longest loop stall ms send / receive |');
+  console.log('|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
   for (const inflight of inflights) {
     for (const mb of sizes) {
       const bytes = mb * MB;
-      const g: [number, number, number][] = [], t: [number, number, number][] = [], h: [number, number, number][] = [];
+      const g: Sample[] = [], t: Sample[] = [], h: Sample[] = [];
       for (let i = 0; i < reps + 2; i++) {
         const tm = await once('tcp', bytes, inflight);
         const hm = await once('h2', bytes, inflight);
         const gm = await once('grpc', bytes, inflight);
         if (i >= 2) { t.push(tm); h.push(hm); g.push(gm); } // rounds 0–1 warm up (JIT, connection, windows)
       }
-      const col = (xs: [number, number, number][], k: number): number => median(xs.map((x) => x[k]));
-      const mbs = (xs: [number, number, number][]): number => (mb * inflight) / (col(xs, 0) / 1000);
-      const cpu = (xs: [number, number, number][]): string => `${col(xs, 1).toFixed(0)} / ${col(xs, 2).toFixed(0)}`;
+      const col = (xs: Sample[], k: number): number => median(xs.map((x) => x[k]));
+      const mbs = (xs: Sample[]): number => (mb * inflight) / (col(xs, 0) / 1000);
+      const cpu = (xs: Sample[]): string => `${col(xs, 1).toFixed(0)} / ${col(xs, 2).toFixed(0)}`;
       const rawMBs = mbs(t), h2MBs = mbs(h), grpcMBs = mbs(g);
-      console.log(`| ${mb} MiB | ${inflight} | ${rawMBs.toFixed(0)} | ${h2MBs.toFixed(0)} | ${grpcMBs.toFixed(0)} | ${(h2MBs / rawMBs).toFixed(2)} | ${(grpcMBs / rawMBs).toFixed(2)} | ${cpu(t)} | ${cpu(h)} | ${cpu(g)} |`);
+      console.log(`| ${mb} MiB | ${inflight} | ${rawMBs.toFixed(0)} | ${h2MBs.toFixed(0)} | ${grpcMBs.toFixed(0)} | ${(h2MBs / rawMBs).toFixed(2)} | ${(grpcMBs / rawMBs).toFixed(2)} | ${cpu(t)} | ${cpu(h)} | ${cpu(g)} | ${col(g, 3).toFixed(1)} / ${col(g, 4).toFixed(1)} |`);
     }
   }
   child.send({ stop: true });

@@ -415,12 +415,17 @@ export class PipelineClient {
     const call = direction === 'forward' ? this.client.forward(md, { deadline }, cb) : this.client.backward(md, { deadline }, cb);
     call.on('error', () => { /* reported through the callback */ });
     let bytes = 0;
-    for (const c of chunks) {
+    for (let k = 0; k < chunks.length; k++) {
       if (ended) break; // the receiver already answered (a rejection): stop sending
+      const c = chunks[k];
       bytes += c.tensor?.data.byteLength ?? 0;
       if (!call.write(c)) {
         // Back-pressure: wait for the HTTP/2 window, or for the call to end (rejected or past its deadline).
         await Promise.race([new Promise<void>((r) => call.once('drain', () => r())), done.then(() => undefined, () => undefined)]);
+      } else if (k + 1 < chunks.length) {
+        // One chunk per event-loop turn: writing a whole tensor at once (grpc-js buffers 16 messages before it
+        // pushes back) encodes and frames 16 MiB in one task, which holds timers and received tensors for ms.
+        await new Promise<void>((r) => setImmediate(r));
       }
     }
     if (!ended) call.end();
