@@ -66,7 +66,25 @@ function memorySampler(): { stop: () => Promise<Map<string, number>> } {
   };
 }
 
-interface Row { detail: string; layout: string; tps: number; seconds: number; peak: Map<string, number>; bubble: string; theory: number; diff: string; loss: number; allreduce: string; idle: string; idleShare: string; lag: string }
+interface Row { detail: string; layout: string; tps: number; seconds: number; peak: Map<string, number>; bubble: string; theory: number; diff: string; loss: number; allreduce: string; idle: string; idleShare: string; noneShare: string; lag: string }
+
+/**
+ * Share of a step's schedule during which NO worker had a forward or backward running: 1 − |∪ compute spans| / the
+ * longest schedule. The spans are relative to each worker's own step start; the coordinator sends RunStep to all
+ * workers at once over loopback, so the starts agree to well under a millisecond. Where the workers share one GPU
+ * this is the pipeline's real bubble — the time the device had no work from any stage — while each stage's own
+ * waiting share also counts the time the other stage's kernels occupy the device.
+ */
+function noStageComputingShare(stages: readonly { pipelineSeconds: number; spans?: readonly { kind: string; start: number; end: number }[] }[]): number {
+  const iv = stages.flatMap((x) => (x.spans ?? []).filter((sp) => sp.kind === 'forward' || sp.kind === 'backward').map((sp) => [sp.start, sp.end] as const)).sort((a, b) => a[0] - b[0]);
+  const wall = Math.max(...stages.map((x) => x.pipelineSeconds));
+  let covered = 0, cs = -Infinity, ce = -Infinity;
+  for (const [st, en] of iv) {
+    if (st > ce) { if (ce > cs) covered += ce - cs; cs = st; ce = en; } else ce = Math.max(ce, en);
+  }
+  if (ce > cs) covered += ce - cs;
+  return wall > 0 ? Math.max(0, 1 - covered / wall) : 0;
+}
 const rows: Row[] = [];
 let ref: Map<string, Float32Array> | undefined;
 for (const [S, R] of layouts) {
@@ -107,6 +125,7 @@ for (const [S, R] of layouts) {
     detail, layout: name, tps: (GBS * SEQ) / stepSec, seconds, peak, bubble: S > 1 ? (bubbles.reduce((a, b) => a + b, 0) / bubbles.length).toFixed(3) : '—', theory: S > 1 ? (S - 1) / (m + S - 1) : 0,
     diff, loss: res.lastLoss, allreduce: R > 1 ? mean(steady.map((t) => t.allreduceSeconds)) : '—', idle: S > 1 ? mean(steady.map((t) => t.idleSeconds)) : '—',
     idleShare: S > 1 ? `${(100 * med(steady.map((t) => t.idleSeconds / t.seconds))).toFixed(0)} %` : '—',
+    noneShare: S * R > 1 ? `${(100 * med(steady.map((t) => noStageComputingShare(t.stages ?? [])))).toFixed(0)} %` : '—',
     lag: S * R > 1 ? (1000 * Math.max(...steady.map((t) => t.eventLoopLagP99))).toFixed(1) : '—',
   });
   process.stderr.write(`${name}: ${((GBS * SEQ) / stepSec).toFixed(0)} tokens/s (median step ${(stepSec * 1000).toFixed(0)} ms)\n`);
@@ -115,8 +134,9 @@ const base = rows[0]?.tps ?? 1;
 const lines = [
   `Multi-GPU layouts — ${new Date().toISOString().slice(0, 10)}; model ${model}; seq ${SEQ}, global batch ${GBS} sequences, micro-batch ${MICRO}, ${STEPS} steps, backend ${BACKEND}`,
   'tokens/s from the median step time of steps 2..N (the first step warms up); worker event-loop lag = highest p99 of any worker in any measured step.',
-  '', '| layout (stages×replicas) | tokens/s | vs 1×1 | peak MiB per GPU | bubble measured | bubble theory | all-reduce ms/step | waiting on other stages ms/step | waiting share of step | worker loop lag p99 ms | adapter max rel. diff vs 1×1 | last loss |', '|---|---|---|---|---|---|---|---|---|---|---|---|',
-  ...rows.map((r) => `| ${r.layout} | ${r.tps.toFixed(0)} | ${(r.tps / base).toFixed(2)}× | ${[...r.peak].map(([g, v]) => `${g}: ${v}`).join(', ') || '—'} | ${r.bubble} | ${r.theory.toFixed(3)} | ${r.allreduce} | ${r.idle} | ${r.idleShare} | ${r.lag} | ${r.diff} | ${r.loss.toFixed(4)} |`),
+  'waiting share = one stage\'s gaps between its own compute spans (on a shared GPU this includes the other stage\'s kernels); no stage computing = time no worker had a forward or backward running (union over workers), median over steps.',
+  '', '| layout (stages×replicas) | tokens/s | vs 1×1 | peak MiB per GPU | bubble measured | bubble theory | all-reduce ms/step | waiting on other stages ms/step | waiting share of step | no stage computing, share of schedule | worker loop lag p99 ms | adapter max rel. diff vs 1×1 | last loss |', '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+  ...rows.map((r) => `| ${r.layout} | ${r.tps.toFixed(0)} | ${(r.tps / base).toFixed(2)}× | ${[...r.peak].map(([g, v]) => `${g}: ${v}`).join(', ') || '—'} | ${r.bubble} | ${r.theory.toFixed(3)} | ${r.allreduce} | ${r.idle} | ${r.idleShare} | ${r.noneShare} | ${r.lag} | ${r.diff} | ${r.loss.toFixed(4)} |`),
   '', 'Per stage replica in the median step (ms):', '',
   ...rows.filter((r) => r.detail).map((r) => `- ${r.layout}: ${r.detail}`),
 ];
