@@ -8,24 +8,24 @@
 // Numerics are the single-process run's (core/train/step.ts): same dropout key (seed, step), same loss scale
 // (1 / label tokens of the whole step), same clipping rule.
 //
-// Threads: the kernels run on the stage's compute thread (compute.ts); this thread only schedules, moves tensors
-// and all-reduces. So a send never waits behind the next micro-batch's compute: the next forward is queued on the
-// compute thread the moment the previous one returns, while gRPC streams its output to the next stage (at most
+// Threads: the kernels run on the stage's compute thread (compute.ts), outgoing tensors are encoded and written to
+// gRPC on the send thread (worker/transport/send-thread.ts); this thread schedules, receives tensors (the Pipeline
+// server) and all-reduces. So a send never waits behind the next micro-batch's compute: the next forward is queued on
+// the compute thread the moment the previous one returns, while gRPC streams its output to the next stage (at most
 // MAX_SENDS_IN_FLIGHT per direction before the schedule waits for the oldest), and in the step's last backward
 // the all-reduce of the last layers' gradients runs while the earlier layers are still being computed.
 import { monitorEventLoopDelay } from 'node:perf_hooks';
-import { channelCredentials } from '../../common/tls.ts';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import type { BackendName } from '../../core/engine/index.ts';
 import { natsConnectOptions } from '../../common/nats-options.ts';
 import { connectionError } from '../../common/connection.ts';
 import { NatsAllReduce, deriveAllReduceKey } from '../allreduce.ts';
 import { watchNatsConnection, type NatsLink } from '../../common/nats-link.ts';
-import { PipelineClient } from '../transport/pipeline.ts';
+import { PipelineSender, type Peer } from '../transport/send-thread.ts';
 import { Inbox, StepAbortedError } from './inbox.ts';
 import { ComputeThread } from './stage-compute.ts';
 import type { ComputeInfo, GradBucket, HostActivation } from './compute.ts';
-import { bf16ToTensor, f32ToBf16Tensor, f32ToTensor, hostToF32, type HostTensor } from '../../wire/tensor.ts';
+import { hostToF32, type HostTensor } from '../../wire/tensor.ts';
 import { generationId, microBatchFromWire, type Assignment } from '../../wire/assignment.ts';
 import { dropoutKey, lossScale } from '../../core/train/step.ts';
 import { ConfigError, DqloraError, ShapeError } from '../../common/errors.ts';
@@ -43,8 +43,9 @@ const BUCKET_BYTES = 4 << 20;
 export class StageRunner {
   readonly inbox = new Inbox();
   private a?: Assignment;
-  private prevClient?: PipelineClient;
-  private nextClient?: PipelineClient;
+  /** Outgoing tensors are encoded and written to gRPC on the send thread (worker/transport/send-thread.ts). */
+  private readonly sender: PipelineSender;
+  private peers: { prev?: string; next?: string } = {};
   private nc?: NatsConnection;
   private allreduce?: NatsAllReduce;
   /** Event-loop delay during steps (reported per step: the loop must never wait on compute). */
@@ -59,7 +60,9 @@ export class StageRunner {
   /** Incremented by abort(): a step whose generation is older stops at its next await. */
   private gen = 0;
 
-  private constructor(private readonly compute: ComputeThread, readonly device: ComputeInfo, private readonly jobToken: string, private readonly metrics?: WorkerMetrics) {}
+  private constructor(private readonly compute: ComputeThread, readonly device: ComputeInfo, private readonly jobToken: string, private readonly metrics?: WorkerMetrics) {
+    this.sender = new PipelineSender(metrics?.sentBytes);
+  }
 
   /** Starts the compute thread and its backend (`device`: cpu, cuda or auto). */
   static async start(device: BackendName, jobToken: string, metrics?: WorkerMetrics): Promise<StageRunner> {
@@ -77,9 +80,10 @@ export class StageRunner {
     await this.release();
     const t0 = performance.now();
     const { params } = await this.compute.call({ op: 'assign', a }) as { params: number };
-    const popts = { jobId: generationId(a), jobToken: this.jobToken, maxInFlight: MAX_SENDS_IN_FLIGHT, chunkBytes: a.train.chunkBytes, deadlineMs: a.train.stepTimeoutMs, sentBytes: this.metrics?.sentBytes, credentials: channelCredentials() };
-    if (a.prev) this.prevClient = new PipelineClient(a.prev, popts);
-    if (a.next) this.nextClient = new PipelineClient(a.next, popts);
+    const popts = { jobId: generationId(a), jobToken: this.jobToken, maxInFlight: MAX_SENDS_IN_FLIGHT, chunkBytes: a.train.chunkBytes, deadlineMs: a.train.stepTimeoutMs };
+    if (a.prev) await this.sender.open('prev', a.prev, popts);
+    if (a.next) await this.sender.open('next', a.next, popts);
+    this.peers = { prev: a.prev || undefined, next: a.next || undefined };
     if (a.numReplicas > 1) {
       if (!a.natsUrl) throw new ConfigError(`stage ${a.stage} has ${a.numReplicas} replicas but no NATS URL was given`, { hint: 'start the coordinator with --nats URL (or nats-server on PATH in local mode), or the worker with --nats' });
       // NATS credentials and TLS come from the environment (a Kubernetes Secret, the mtls certificate), never from the
@@ -163,12 +167,12 @@ export class StageRunner {
     };
     // Sends are not awaited before the next compute: the compute thread is already busy with it while this
     // thread streams the tensor. Only when MAX_SENDS_IN_FLIGHT are unacknowledged does the schedule wait.
-    const ship = async (client: PipelineClient, dir: 'forward' | 'backward', i: number, h: HostActivation): Promise<void> => {
+    const ship = async (peer: Peer, dir: 'forward' | 'backward', i: number, h: HostActivation): Promise<void> => {
       // Raw bf16 bits, and float32 from a backend that computes in f32, go as they are, with the checksum the compute
-      // thread took; float32 from a bf16 backend (DQLORA_SYNC_DOWNLOAD) is rounded to bf16 here (the same bits).
-      const asIs = h.data instanceof Uint16Array || this.device.actDtype !== 'bf16';
-      const tensor = h.data instanceof Uint16Array ? bf16ToTensor(h.data, h.shape) : asIs ? f32ToTensor(h.data, h.shape) : f32ToBf16Tensor(h.data, h.shape);
-      const pr = client.sendTensor(dir, seq, i, tensor, { crc32: asIs ? h.crc32 : undefined });
+      // thread took; float32 from a bf16 backend (DQLORA_SYNC_DOWNLOAD) is rounded to bf16 on the send thread (the
+      // same bits). The tensor's memory moves to the send thread.
+      const form = h.data instanceof Uint16Array ? 'bf16' : this.device.actDtype !== 'bf16' ? 'f32' : 'f32-as-bf16';
+      const pr = this.sender.send(peer, dir, seq, i, h.data, h.shape, form, h.crc32);
       pr.catch(() => { /* awaited below */ });
       const q = sends[dir];
       q.push(pr); allSends.push(pr);
@@ -220,7 +224,7 @@ export class StageRunner {
             fwd += rel(done) - rel(start);
             this.metrics?.stageDuration.observe({ phase: 'forward' }, (done - start) / 1000);
             if (r.lossSum !== undefined) { lossSum += r.lossSum; labelTokens += r.count ?? 0; }
-            if (r.hidden) await ship(this.nextClient!, 'forward', i, r.hidden);
+            if (r.hidden) await ship('next', 'forward', i, r.hidden);
           })
           : this.compute.callTimed({ op: 'backward', id: i, d: input, bucketBytes: i === m - 1 && this.allreduce ? BUCKET_BYTES : undefined }).then(async ({ value, start, done }) => {
             const r = value as { dx?: HostActivation };
@@ -228,7 +232,7 @@ export class StageRunner {
             spans.push({ kind: 'backward', micro: i, start: rel(start), end: rel(done) });
             bwd += rel(done) - rel(start);
             this.metrics?.stageDuration.observe({ phase: 'backward' }, (done - start) / 1000);
-            if (r.dx) await ship(this.prevClient!, 'backward', i, r.dx);
+            if (r.dx) await ship('prev', 'backward', i, r.dx);
           });
         done.catch(() => { /* awaited below */ });
         results.push(done);
@@ -270,7 +274,7 @@ export class StageRunner {
     this.metrics?.memoryInUse.set({ device: this.device.name }, mem);
     return {
       lossSum, labelTokens, gradNormSq, forwardSeconds: fwd, backwardSeconds: bwd, allreduceSeconds: arSec, optimizerSeconds: 0,
-      grpcBytesSent: (this.prevClient?.stats.bytesSent ?? 0) + (this.nextClient?.stats.bytesSent ?? 0), grpcBytesReceived: 0,
+      grpcBytesSent: this.sender.bytesSent.prev + this.sender.bytesSent.next, grpcBytesReceived: 0,
       natsBytesSent: this.allreduce?.stats.bytesSent ?? 0, natsBytesReceived: this.allreduce?.stats.bytesReceived ?? 0,
       memoryInUseBytes: mem, checkpointBytes: 0, checkpointSeconds: 0, pipelineSeconds: pipelineSec, idleSeconds: idle, spans, eventLoopLagP99Seconds: lagP99,
     };
@@ -310,8 +314,8 @@ export class StageRunner {
   /** Closes peer connections and drops the loaded stage. */
   async release(): Promise<void> {
     this.inbox.abort('stage released');
-    this.prevClient?.close(); this.nextClient?.close();
-    this.prevClient = this.nextClient = undefined;
+    if (this.peers.prev || this.peers.next) await this.sender.closePeers();
+    this.peers = {};
     this.natsLink?.stop(); this.natsLink = undefined;
     this.allreduce?.close(); this.allreduce = undefined;
     if (this.nc) { await this.nc.close().catch(() => {}); this.nc = undefined; }
@@ -322,6 +326,7 @@ export class StageRunner {
   /** Stops the compute thread (the worker is exiting). */
   async close(): Promise<void> {
     await this.release();
+    await this.sender.close();
     await this.compute.close();
   }
 }
