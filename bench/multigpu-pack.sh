@@ -12,7 +12,7 @@ source bench/gpu/pack-common.sh
 bundle bench/multigpu.ts .device/multigpu.mjs
 bundle worker/cli.ts .device/worker.mjs
 bundle worker/runtime/compute-main.ts .device/compute.mjs
-bundle worker/transport/send-main.ts .device/send.mjs
+bundle worker/transport/thread-main.ts .device/transport.mjs
 # The bundles resolve a few package files at load time (the status page's uPlot): give them a node_modules there.
 mkdir -p .device/node_modules && rm -rf .device/node_modules/uplot && cp -r node_modules/uplot .device/node_modules/
 mkdir -p .device/bin .device/tok

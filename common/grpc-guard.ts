@@ -52,7 +52,7 @@ export class RejectionLog {
 
 export interface GuardOptions {
   readonly service: string;
-  readonly rejections: RejectionLog;
+  readonly rejections: Pick<RejectionLog, 'record'>;
   readonly maxConnectionsPerPeer?: number;
 }
 

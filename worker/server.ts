@@ -8,18 +8,18 @@
 // Exit codes: 0 the coordinator said Shutdown (the job is over: a Kubernetes Indexed Job counts the index done),
 // 75 lost its coordinator (EXIT_COORDINATOR_LOST: the pod is replaced and rejoins the restarted coordinator),
 // 1 this worker failed.
-import { channelCredentials, serverCredentials, tlsMismatchHint } from '../common/tls.ts';
+import { channelCredentials, tlsMismatchHint } from '../common/tls.ts';
 import os from 'node:os';
 import * as grpc from '@grpc/grpc-js';
 import type { BackendName } from '../core/engine/index.ts';
 import { StageRunner } from './runtime/stage-runner.ts';
 import { STAGE_FEATURES_CAPABILITY, assignmentFromWire, generationId } from '../wire/assignment.ts';
 import { chunkState } from '../wire/state.ts';
-import { startPipelineServer, type PipelineServerHandle, type PipelineServerOptions } from './transport/pipeline.ts';
+import { PipelineReceiver } from './transport/receive-thread.ts';
 import { DqloraError, WireError } from '../common/errors.ts';
 import { logger } from '../common/log.ts';
 import { exitWithParent } from '../common/parent-watch.ts';
-import { RejectionLog, SERVER_HYGIENE, listenGuarded } from '../common/grpc-guard.ts';
+import { RejectionLog } from '../common/grpc-guard.ts';
 import { createWorkerMetrics, serveMetrics, type MetricsServer, type WorkerMetrics } from '../common/metrics.ts';
 import { DEFAULT_CHUNK_BYTES } from '../wire/tensor.ts';
 import { freeMemoryBytes, totalMemoryBytes } from '../common/container.ts';
@@ -79,19 +79,15 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   log.info({ backend: backendName, activations: runner.device.actDtype }, 'compute thread ready');
   const rejections = new RejectionLog('pipeline', log, metrics.rejectedRequests);
   const [host, portStr] = splitHostPort(o.listen, '--listen');
-  // The job id is known only after the assignment: until then every tensor is refused as foreign. The
-  // server reads `jobId` from this object on every call, so assigning it here re-targets the server.
-  const popts: PipelineServerOptions = {
+  // The Pipeline server runs on the receive thread (worker/transport/receive-thread.ts): incoming tensors are parsed,
+  // checked and reassembled there and arrive here whole. The job id is known only after the assignment: until then
+  // every tensor is refused as foreign. Hygiene (keepalive, idle/age limits, per-peer connection limit) is set up on
+  // that thread; refusals are counted and logged (rate-limited) here.
+  const pipeline = await PipelineReceiver.start({
     host, port: Number(portStr), jobId: '(unassigned)', jobToken: o.jobToken, receivedBytes: metrics.receivedBytes,
-    maxMessageBytes: 4 * DEFAULT_CHUNK_BYTES, credentials: serverCredentials(),
-    // hygiene: keepalive, idle/age limits, per-peer connection limit, refusals counted and logged rate-limited
-    serverOptions: SERVER_HYGIENE,
-    listen: (server, address, creds) => listenGuarded(server, address, creds, { service: 'pipeline', rejections }),
-    onReject: (unauthenticated, peer, message) => rejections.record(unauthenticated ? 'unauthenticated' : 'invalid', peer, message),
-    onForward: (seq, mb, t) => runner.inbox.put('forward', seq, mb, t),
-    onBackward: (seq, mb, t) => runner.inbox.put('backward', seq, mb, t),
-  };
-  const pipeline: PipelineServerHandle = await startPipelineServer(popts);
+    maxMessageBytes: 4 * DEFAULT_CHUNK_BYTES, rejections,
+    onTensor: (dir, seq, mb, t) => runner.inbox.put(dir, seq, mb, t),
+  });
   const advertise = o.advertise ?? `${host === '0.0.0.0' || host === '::' ? os.hostname() : host}:${pipeline.port}`;
   const client = new ControlClient(o.coordinator, channelCredentials(), { 'grpc.max_send_message_length': 8 << 20, 'grpc.max_receive_message_length': 64 << 20 });
 
@@ -177,7 +173,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
           state = WorkerState.WORKER_STATE_LOADING;
           const a = assignmentFromWire(k.assignStage, o.natsUrl);
           await runner.assign(a);
-          popts.jobId = generationId(a);
+          pipeline.setJobId(generationId(a));
           pipeline.setMinStep(a.firstSeq);
           state = WorkerState.WORKER_STATE_READY;
           await report({ ...base, step: -1, error: '' });

@@ -195,15 +195,17 @@ export async function startPipelineServer(opts: PipelineServerOptions): Promise<
         if (delivered.has(key)) return fail(grpc.status.ALREADY_EXISTS, `pipeline ${direction} step ${step} micro-batch ${microBatch}: already delivered (a duplicate send or a retry after a lost ack)`);
         delivered.add(key);
         stats.tensorsReceived++;
-        stats.bytesReceived += t.data.byteLength;
-        opts.receivedBytes?.inc({ transport: 'grpc' }, t.data.byteLength);
+        // (the handler may move the tensor's memory to another thread: its size is taken first)
+        const nbytes = t.data.byteLength;
+        stats.bytesReceived += nbytes;
+        opts.receivedBytes?.inc({ transport: 'grpc' }, nbytes);
         const handler = direction === 'forward' ? opts.onForward : opts.onBackward;
         Promise.resolve()
           .then(() => handler(step, microBatch, t))
           .then(() => {
             finished = true;
             release();
-            callback(null, { jobId: opts.jobId, step, microBatch, bytesReceived: t.data.byteLength });
+            callback(null, { jobId: opts.jobId, step, microBatch, bytesReceived: nbytes });
           }, (e: unknown) => {
             delivered.delete(key); // not accepted: a resend may succeed once the stage is ready
             fail(e instanceof DqloraError ? grpc.status.FAILED_PRECONDITION : grpc.status.INTERNAL,
@@ -406,6 +408,7 @@ export class PipelineClient {
     const deadline = Date.now() + (o.deadlineMs ?? this.opts.deadlineMs ?? 30_000);
     let settle!: { resolve: (a: ChunkAck) => void; reject: (e: Error) => void };
     const done = new Promise<ChunkAck>((resolve, reject) => { settle = { resolve, reject }; });
+    done.catch(() => { /* awaited below, after the writes (which yield to the event loop between chunks) */ });
     let ended = false;
     const cb = (err: grpc.ServiceError | null, ack?: ChunkAck): void => {
       ended = true;

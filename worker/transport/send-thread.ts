@@ -48,9 +48,7 @@ export class PipelineSender {
 
   /** `sentBytes`: the worker's byte counter (metrics), counted as the receiver acknowledges. */
   constructor(private readonly sentBytes?: { inc(labels: { transport: 'grpc' }, n: number): void }) {
-    // DQLORA_SEND_ENTRY: a bundled build's entry (send-main.ts bundled), else the source tree's bootstrap.
-    const entry = process.env.DQLORA_SEND_ENTRY;
-    this.worker = new Worker(entry ? entry : new URL('./send-thread.mjs', import.meta.url));
+    this.worker = transportThread('send');
     this.worker.unref();
     this.worker.on('message', (m: Reply) => {
       const p = this.pending.get(m.id);
@@ -110,7 +108,16 @@ export class PipelineSender {
   }
 }
 
-/** Runs the send thread's request loop (called from send-thread.mjs / send-main.ts). */
+/**
+ * Starts a transport thread. DQLORA_TRANSPORT_ENTRY: a bundled build's entry (thread-main.ts bundled), else the source
+ * tree's bootstrap (thread.mjs).
+ */
+export function transportThread(role: 'send' | 'receive'): Worker {
+  const entry = process.env.DQLORA_TRANSPORT_ENTRY;
+  return new Worker(entry ? entry : new URL('./thread.mjs', import.meta.url), { workerData: { role } });
+}
+
+/** Runs the send thread's request loop (called from thread.mjs / thread-main.ts). */
 export function serveSender(): void {
   const port = parentPort;
   if (!port) throw new DqloraError('worker/transport/send-thread.ts must run in a worker thread');
