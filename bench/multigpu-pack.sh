@@ -12,7 +12,10 @@ source bench/gpu/pack-common.sh
 bundle bench/multigpu.ts .device/multigpu.mjs
 bundle worker/cli.ts .device/worker.mjs
 bundle worker/runtime/compute-main.ts .device/compute.mjs
-bundle worker/transport/thread-main.ts .device/transport.mjs
+bundle worker/transport/thread-main.ts .device/transport-thread.mjs
+# the transport and all-reduce micro-benchmarks, for the same device call: node .device/transport.mjs, .device/allreduce.mjs
+bundle bench/transport.ts .device/transport.mjs
+bundle bench/allreduce.ts .device/allreduce.mjs
 # The bundles resolve a few package files at load time (the status page's uPlot): give them a node_modules there.
 mkdir -p .device/node_modules && rm -rf .device/node_modules/uplot && cp -r node_modules/uplot .device/node_modules/
 mkdir -p .device/bin .device/tok

@@ -11,9 +11,11 @@ OUT=${OUT:-/tmp/dqlora-mgpu}
 mkdir -p "$OUT"
 export PATH=$PWD/.device/bin:$PATH
 export DQLORA_CUDA_ADDON=$PWD/core/engine/cuda/build/dqlora_cuda.node
-export DQLORA_WORKER_ENTRY=$PWD/.device/worker.mjs
-export DQLORA_COMPUTE_ENTRY=$PWD/.device/compute.mjs
-export DQLORA_TRANSPORT_ENTRY=$PWD/.device/transport.mjs
+# MG_BUNDLES: the directory of the bundles (default .device; e.g. a baseline build packed beside it for an A/B call)
+B=${MG_BUNDLES:-$PWD/.device}
+export DQLORA_WORKER_ENTRY=$B/worker.mjs
+export DQLORA_COMPUTE_ENTRY=$B/compute.mjs
+export DQLORA_TRANSPORT_ENTRY=$B/transport-thread.mjs
 export DQLORA_LOG_LEVEL=${DQLORA_LOG_LEVEL:-warn}
 nvidia-smi -L | tee "$OUT/log.txt"
 node -e 'const a=require(process.env.DQLORA_CUDA_ADDON); console.log("cuda devices:", a.deviceCount().count)' 2>&1 | tee -a "$OUT/log.txt"
@@ -28,8 +30,10 @@ else
   echo "CUDA MPS: not used (MG_MPS=${MG_MPS:-0}; control daemon $(command -v nvidia-cuda-mps-control || echo absent))" | tee -a "$OUT/log.txt"
 fi
 MODEL=/tmp/dqlora-mgpu-model
-PYTHONUNBUFFERED=1 timeout 200 python3 bench/gpu/torch_bench.py --save "$MODEL" --no-train --seq "${MG_SEQ:-1024}" 2>&1 | tail -3 | tee -a "$OUT/log.txt"
-timeout 420 node .device/multigpu.mjs --model "$MODEL" --tokenizer .device/tok --out "$OUT/run" \
+# (written once per machine: a second run in the same call reuses it)
+[ -f "$MODEL/config.json" ] || PYTHONUNBUFFERED=1 timeout 200 python3 bench/gpu/torch_bench.py --save "$MODEL" --no-train --seq "${MG_SEQ:-1024}" 2>&1 | tail -3 | tee -a "$OUT/log.txt"
+MG=$B/multigpu.mjs; [ -f "$MG" ] || MG=$PWD/.device/multigpu.mjs
+timeout ${MG_TIMEOUT:-420} node "$MG" --model "$MODEL" --tokenizer .device/tok --out "$OUT/run" \
   --layouts "${MG_LAYOUTS:-1x1,2x1,1x2,2x2}" --steps "${MG_STEPS:-6}" --seq "${MG_SEQ:-1024}" --global-batch "${MG_GBS:-16}" --micro "${MG_MICRO:-4}" --backend cuda \
   2>&1 | tee -a "$OUT/log.txt"
 cp "$OUT/run/multigpu.md" "$OUT/" 2>/dev/null

@@ -294,6 +294,8 @@ export interface AssemblerOptions {
   maxChunks?: number;
   /** Upper bound on the tensor's data bytes (default maxNumel × 4). */
   maxBytes?: number;
+  /** Where the output array comes from (default: a new one); e.g. a pool of arrays the stage has given back. */
+  alloc?: (bytes: number) => Uint8Array;
 }
 
 /**
@@ -407,7 +409,8 @@ export class ChunkAssembler {
     if (c.numChunks > Math.max(1, total)) throw new ChunkError('malformed', `${at}: ${c.numChunks} chunks for ${total} bytes (chunks may not be empty)`);
     if (!Number.isInteger(c.crc32) || c.crc32 < 0 || c.crc32 > 0xffffffff) throw new ChunkError('malformed', `${at}: invalid crc32`);
     this.first = { step: c.step, microBatch: c.microBatch, numChunks: c.numChunks, dtype, protoDtype: t.dtype, shape: [...t.shape], numel, total, crc: c.crc32 };
-    this.buf = new Uint8Array(total);
+    this.buf = this.opts.alloc ? this.opts.alloc(total) : new Uint8Array(total);
+    if (this.buf.byteLength !== total) throw new WireError(`${at}: the receive buffer has ${this.buf.byteLength} bytes, the tensor needs ${total}`);
   }
 }
 

@@ -85,7 +85,7 @@ export async function runWorker(o: WorkerOptions): Promise<number> {
   // that thread; refusals are counted and logged (rate-limited) here.
   const pipeline = await PipelineReceiver.start({
     host, port: Number(portStr), jobId: '(unassigned)', jobToken: o.jobToken, receivedBytes: metrics.receivedBytes,
-    maxMessageBytes: 4 * DEFAULT_CHUNK_BYTES, rejections,
+    maxMessageBytes: 4 * DEFAULT_CHUNK_BYTES, rejections, recycle: runner.receiverPort(),
     onTensor: (dir, seq, mb, t) => runner.inbox.put(dir, seq, mb, t),
   });
   const advertise = o.advertise ?? `${host === '0.0.0.0' || host === '::' ? os.hostname() : host}:${pipeline.port}`;

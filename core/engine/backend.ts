@@ -143,9 +143,10 @@ export interface Backend {
   downloadAsync(t: Tensor): Promise<Float32Array | Int32Array | Uint8Array>;
   /**
    * As downloadAsync, but a bf16 tensor comes back as its raw bits (Uint16Array: half the bytes, no conversion on
-   * either side of the copy); f32 tensors come back as Float32Array. For activations leaving a stage.
+   * either side of the copy); f32 tensors come back as Float32Array. For activations leaving a stage. `alloc`, when
+   * given, supplies the host memory (exactly `bytes` bytes, e.g. from a BufferPool; it is overwritten whole).
    */
-  downloadActAsync(t: Tensor): Promise<Float32Array | Uint16Array>;
+  downloadActAsync(t: Tensor, alloc?: (bytes: number) => ArrayBuffer): Promise<Float32Array | Uint16Array>;
   /** Releases device memory. Using t afterwards is an error. */
   free(t: Tensor): void;
   /** Same data, new shape (no copy): an alias. Size must match. Free exactly one of the aliases of a storage. */

@@ -163,9 +163,18 @@ export class CpuBackend implements Backend {
     return asCpu(t, 'download').data.slice();
   }
 
-  /** Float tensors are float32 on this backend: the same as downloadAsync. */
-  downloadActAsync(t: Tensor): Promise<Float32Array | Uint16Array> {
-    return this.downloadAsync(t) as Promise<Float32Array>;
+  /** Float tensors are float32 on this backend: the same as downloadAsync (into `alloc`'s memory when given). */
+  downloadActAsync(t: Tensor, alloc?: (bytes: number) => ArrayBuffer): Promise<Float32Array | Uint16Array> {
+    if (!alloc) return this.downloadAsync(t) as Promise<Float32Array>;
+    try {
+      const d = asCpu(t, 'downloadActAsync').data;
+      check(d instanceof Float32Array, 'downloadActAsync: an activation is a float tensor');
+      const o = new Float32Array(alloc(d.byteLength));
+      o.set(d);
+      return Promise.resolve(o);
+    } catch (e) {
+      return Promise.reject(e);
+    }
   }
 
   /** The data is already on the host: a resolved download (errors reject, as on cuda). */

@@ -4,7 +4,7 @@
 // a CUDA download blocks until the stream drains). The main thread (stage-compute.ts) sends one request at a time
 // per operation; requests are executed strictly in arrival order, so the schedule the main thread issues is the
 // order the device sees.
-import { parentPort } from 'node:worker_threads';
+import { parentPort, type MessagePort } from 'node:worker_threads';
 import { createBackend, type BackendName } from '../../core/engine/index.ts';
 import type { AllocationTracker, Backend, Tensor } from '../../core/engine/backend.ts';
 import type { LoraParams } from '../../core/engine/lora.ts';
@@ -17,6 +17,7 @@ import { crc32 } from '../../wire/tensor.ts';
 import { loadCheckpoint } from '../../common/checkpoint.ts';
 import { DqloraError, ShapeError } from '../../common/errors.ts';
 import { computeNice, niceThisThread } from '../../common/thread-priority.ts';
+import { BufferPool } from '../../common/buffer-pool.ts';
 
 /**
  * Activations / gradients crossing between the threads, [rows, hidden]: float32, or raw bfloat16 bits (Uint16Array)
@@ -34,6 +35,9 @@ export interface GradBucket { readonly index: number; readonly data: Float32Arra
 
 export type ComputeRequest =
   | { op: 'init'; device: BackendName }
+  /** The return paths of host arrays (see `pool` below): sent arrays come back from the send thread on `fromSender`;
+   *  received ones, once on the device, go back to the receive thread on `toReceiver`. */
+  | { op: 'ports'; fromSender: MessagePort; toReceiver: MessagePort }
   | { op: 'assign'; a: Assignment }
   | { op: 'forward'; id: number; batch: StageBatch; hidden?: HostActivation; train: boolean; dropout?: StepDropoutKey; gradScale?: number }
   | { op: 'backward'; id: number; d?: HostActivation; bucketBytes?: number }
@@ -71,6 +75,13 @@ class StageCompute {
   private pendingBuckets: Promise<void>[] = [];
   /** The layer (within the stage) whose backward completes bucket k. */
   private bucketEnds: number[] = [];
+  /**
+   * Host arrays of downloaded activations and gradient buckets, reused (common/buffer-pool.ts): a sent activation
+   * comes back from the send thread after the receiver's ack, a bucket after its all-reduced values are written back.
+   */
+  private readonly pool = new BufferPool(32, 512 << 20);
+  /** Where a received tensor's array goes once it is on the device (the receive thread's pool). */
+  private toReceiver?: MessagePort;
 
   constructor(private readonly post: (m: ComputeReply, transfer?: ArrayBuffer[]) => void) {}
 
@@ -104,9 +115,15 @@ class StageCompute {
         this.assignment = a;
         return { value: { params: this.params.length } };
       }
+      case 'ports': {
+        r.fromSender.on('message', (b: ArrayBuffer) => this.pool.give(b));
+        r.fromSender.unref();
+        this.toReceiver = r.toReceiver;
+        return { value: null };
+      }
       case 'forward': {
         const { be, stage } = this.need();
-        const hidden = r.hidden ? be.upload(r.hidden.data, r.hidden.shape, 'act') : undefined;
+        const hidden = r.hidden ? this.uploaded(be.upload(r.hidden.data, r.hidden.shape, 'act'), r.hidden.data) : undefined;
         const out = stage.forward(r.id, r.batch, hidden, r.train ? { train: true, dropout: r.dropout, gradScale: r.gradScale } : { train: false });
         if (!out.hidden) return { value: { lossSum: out.lossSum, count: out.count } };
         // The reply waits for the copy; the next request (the next micro-batch's kernels) does not.
@@ -115,7 +132,7 @@ class StageCompute {
       }
       case 'backward': {
         const { be, stage } = this.need();
-        const d = r.d ? be.upload(r.d.data, r.d.shape, 'act') : undefined;
+        const d = r.d ? this.uploaded(be.upload(r.d.data, r.d.shape, 'act'), r.d.data) : undefined;
         const onLayer = r.bucketBytes ? this.bucketer(stage, r.bucketBytes) : undefined;
         let dx: Tensor | undefined;
         try {
@@ -135,6 +152,7 @@ class StageCompute {
         let off = 0;
         for (const p of this.bucketParams[r.bucket.index]) for (const g of gradients(p)) { overwrite(be, g, r.bucket.data.subarray(off, off + g.size)); off += g.size; }
         if (off !== r.bucket.data.length) throw new ShapeError(`gradient bucket ${r.bucket.index}: ${r.bucket.data.length} values for ${off} gradients`);
+        if (ownsBuffer(r.bucket.data)) this.pool.give(r.bucket.data.buffer as ArrayBuffer);
         return { value: null };
       }
       case 'gradNormSq': return { value: gradNormSq(this.need().be, this.params) };
@@ -184,7 +202,7 @@ class StageCompute {
       // these posts (pendingBuckets), so the main thread has every bucket before it learns the backward is done.
       const parts = ps.flatMap(gradients).map((g) => be.downloadAsync(g));
       this.pendingBuckets.push(Promise.all(parts).then((hs) => {
-        const data = new Float32Array(gradientSize(ps));
+        const data = new Float32Array(this.pool.take(4 * gradientSize(ps)));
         let off = 0;
         for (const h of hs) { data.set(h as Float32Array, off); off += h.length; }
         this.post({ bucket: { index: b, data } }, [data.buffer as ArrayBuffer]);
@@ -213,10 +231,16 @@ class StageCompute {
     const be = this.be!;
     const shape: [number, number] = [t.shape[0], t.shape[1]];
     if (SYNC_DOWNLOAD) { const data = be.download(t) as Float32Array; be.free(t); return { data, shape }; }
-    const pending = be.downloadActAsync(t);
+    const pending = be.downloadActAsync(t, (bytes) => this.pool.take(bytes));
     be.free(t);
     const data = await pending;
     return { data, shape, crc32: crc32(new Uint8Array(data.buffer, data.byteOffset, data.byteLength)) };
+  }
+
+  /** `t`, after `host` (a received tensor) was copied onto the device: its array goes back to the receive thread. */
+  private uploaded(t: Tensor, host: Float32Array | Uint16Array): Tensor {
+    if (this.toReceiver && ownsBuffer(host)) this.toReceiver.postMessage(host.buffer, [host.buffer as ArrayBuffer]);
+    return t;
   }
 
   private release(): void {
@@ -239,6 +263,12 @@ class StageCompute {
  */
 function gradients(p: LoraParams): Tensor[] {
   return p.trainable().map((t) => t.grad);
+}
+
+/** True when `a` spans its whole ArrayBuffer (so the buffer may move to another thread without losing siblings). */
+function ownsBuffer(a: ArrayBufferView): boolean {
+  const b = a.buffer;
+  return b instanceof ArrayBuffer && a.byteOffset === 0 && a.byteLength === b.byteLength;
 }
 
 function gradientSize(ps: readonly LoraParams[]): number {

@@ -1,7 +1,7 @@
 // The main thread's handle on the compute thread (compute.ts): one promise per request, replies matched by id,
 // typed arrays moved (transferred), never copied, between the threads. Gradient buckets that become final during a
 // step's last backward arrive through `onBucket` before that backward's reply.
-import { Worker } from 'node:worker_threads';
+import { Worker, type MessagePort } from 'node:worker_threads';
 import type { BackendName } from '../../core/engine/index.ts';
 import type { ComputeInfo, ComputeReply, ComputeRequest, GradBucket } from './compute.ts';
 import { BackendError, CheckpointError, ConfigError, DqloraError, FormatError, ShapeError, UnsupportedError, WireError } from '../../common/errors.ts';
@@ -70,6 +70,16 @@ export class ComputeThread {
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
       this.worker.postMessage({ id, req }, transferables(req));
+    });
+  }
+
+  /** Hands the thread the return paths of host arrays (ComputeRequest 'ports'). */
+  async connect(fromSender: MessagePort, toReceiver: MessagePort): Promise<void> {
+    if (this.dead) throw this.dead;
+    const id = this.next++;
+    await new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      this.worker.postMessage({ id, req: { op: 'ports', fromSender, toReceiver } }, [fromSender, toReceiver]);
     });
   }
 

@@ -15,6 +15,7 @@
 // MAX_SENDS_IN_FLIGHT per direction before the schedule waits for the oldest), and in the step's last backward
 // the all-reduce of the last layers' gradients runs while the earlier layers are still being computed.
 import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import type { BackendName } from '../../core/engine/index.ts';
 import { natsConnectOptions } from '../../common/nats-options.ts';
@@ -60,14 +61,34 @@ export class StageRunner {
   /** Incremented by abort(): a step whose generation is older stops at its next await. */
   private gen = 0;
 
+  /** The receive thread's end of the path on which the compute thread gives received arrays back (receiverPort()). */
+  private recvPort?: MessagePort;
+
   private constructor(private readonly compute: ComputeThread, readonly device: ComputeInfo, private readonly jobToken: string, private readonly metrics?: WorkerMetrics) {
     this.sender = new PipelineSender(metrics?.sentBytes);
   }
 
-  /** Starts the compute thread and its backend (`device`: cpu, cuda or auto). */
+  /**
+   * Starts the compute thread and its backend (`device`: cpu, cuda or auto) and the send thread. Host arrays of the
+   * tensors that cross between the stages go round instead of being made anew for each (common/buffer-pool.ts): an
+   * activation the compute thread downloaded returns to it from the send thread after the receiver's ack; a tensor
+   * the receive thread reassembled returns to it from the compute thread once it is on the device.
+   */
   static async start(device: BackendName, jobToken: string, metrics?: WorkerMetrics): Promise<StageRunner> {
     const { thread, info } = await ComputeThread.start(device);
-    return new StageRunner(thread, info, jobToken, metrics);
+    const r = new StageRunner(thread, info, jobToken, metrics);
+    const sent = new MessageChannel(), received = new MessageChannel();
+    await thread.connect(sent.port1, received.port1);
+    await r.sender.recycleTo(sent.port2);
+    r.recvPort = received.port2;
+    return r;
+  }
+
+  /** For the receive thread (PipelineReceiver.start `recycle`): where the compute thread gives received arrays back. Once. */
+  receiverPort(): MessagePort | undefined {
+    const p = this.recvPort;
+    this.recvPort = undefined;
+    return p;
   }
 
   get assignment(): Assignment | undefined { return this.a; }

@@ -99,6 +99,8 @@ export interface PipelineServerOptions {
   listen?: (server: grpc.Server, address: string, credentials: grpc.ServerCredentials) => Promise<{ port: number; close(): void }>;
   /** Where refused calls are reported (counted, logged rate-limited); default: one warning per refusal. */
   onReject?: (unauthenticated: boolean, peer: string, message: string) => void;
+  /** The array each received tensor is reassembled into (default: a new one), e.g. from a BufferPool. */
+  allocTensor?: (bytes: number) => Uint8Array;
 }
 
 export interface PipelineServerHandle {
@@ -167,7 +169,7 @@ export async function startPipelineServer(opts: PipelineServerOptions): Promise<
       stats.inFlight[direction]++;
       stats.maxInFlightSeen[direction] = Math.max(stats.maxInFlightSeen[direction], stats.inFlight[direction]);
       call.on('cancelled', () => { finished = true; release(); });
-      const asm = new ChunkAssembler({ jobId: opts.jobId, what: `pipeline ${direction}`, minStep, maxNumel });
+      const asm = new ChunkAssembler({ jobId: opts.jobId, what: `pipeline ${direction}`, minStep, maxNumel, alloc: opts.allocTensor });
       let tensor: HostTensor | undefined;
       call.on('data', (c: TensorChunk) => {
         if (finished) return;

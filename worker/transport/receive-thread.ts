@@ -8,7 +8,8 @@
 // starts), the refusal log and its metric (refusals are reported here, counted and logged there), the received-bytes
 // metric. TLS credentials, the connection guard and the server options are built in this thread from the same
 // environment (common/tls.ts, common/grpc-guard.ts).
-import { parentPort, type Worker } from 'node:worker_threads';
+import { parentPort, type MessagePort, type Worker } from 'node:worker_threads';
+import { BufferPool } from '../../common/buffer-pool.ts';
 import { serverCredentials } from '../../common/tls.ts';
 import { DqloraError } from '../../common/errors.ts';
 import { SERVER_HYGIENE, listenGuarded, type RejectionLog } from '../../common/grpc-guard.ts';
@@ -32,12 +33,14 @@ export interface PipelineReceiverOptions {
   /** Where refusals are counted and logged (connection limit, wrong token, malformed or stale tensors). */
   rejections?: Pick<RejectionLog, 'record'>;
   receivedBytes?: { inc(labels: { transport: 'grpc' }, n: number): void };
+  /** Arrays of delivered tensors come back on this port when the stage is done with them (reused for the next ones). */
+  recycle?: MessagePort;
   /** A complete, validated tensor (its memory moved here); a rejection refuses it on the wire. */
   onTensor(direction: Direction, step: number, microBatch: number, tensor: HostTensor): void | Promise<void>;
 }
 
 type ToThread =
-  | { op: 'start'; o: Omit<PipelineReceiverOptions, 'rejections' | 'receivedBytes' | 'onTensor'> }
+  | { op: 'start'; o: Omit<PipelineReceiverOptions, 'rejections' | 'receivedBytes' | 'onTensor' | 'recycle'>; recycle?: MessagePort }
   | { op: 'jobId'; jobId: string }
   | { op: 'minStep'; step: number }
   | { op: 'answer'; id: number; error?: { message: string; refused: boolean } }
@@ -87,8 +90,8 @@ export class PipelineReceiver {
       });
       worker.on('error', (e) => fail(new DqloraError(`the worker's receive thread failed: ${e.message}`)));
       worker.on('exit', (code) => fail(new DqloraError(`the worker's receive thread exited (code ${code})`)));
-      const { rejections: _r, receivedBytes: _b, onTensor: _t, ...plain } = o;
-      worker.postMessage({ op: 'start', o: plain } satisfies ToThread);
+      const { rejections: _r, receivedBytes: _b, onTensor: _t, recycle, ...plain } = o;
+      worker.postMessage({ op: 'start', o: plain, recycle } satisfies ToThread, recycle ? [recycle] : []);
     });
   }
 
@@ -125,6 +128,7 @@ export function serveReceiver(): void {
   let next = 1;
   let server: PipelineServerHandle | undefined;
   let opts: { jobId: string } | undefined;
+  const pool = new BufferPool(8, 512 << 20);
   const rejections = { record: (reason: RejectReason, peer: string, message: string): void => post({ op: 'reject', reason, peer, message }) };
   const deliver = (direction: Direction) => (step: number, microBatch: number, tensor: HostTensor): Promise<void> => {
     const id = next++;
@@ -137,12 +141,15 @@ export function serveReceiver(): void {
   };
   port.on('message', (m: ToThread) => {
     if (m.op === 'start') {
+      m.recycle?.on('message', (b: ArrayBuffer) => pool.give(b));
+      m.recycle?.unref();
       const popts = {
         ...m.o, credentials: serverCredentials(), serverOptions: SERVER_HYGIENE,
         listen: (s: Parameters<typeof listenGuarded>[0], address: string, creds: Parameters<typeof listenGuarded>[2]) => listenGuarded(s, address, creds, { service: 'pipeline', rejections }),
         onReject: (unauthenticated: boolean, peer: string, message: string) => rejections.record(unauthenticated ? 'unauthenticated' : 'invalid', peer, message),
         onForward: deliver('forward'),
         onBackward: deliver('backward'),
+        allocTensor: (bytes: number) => new Uint8Array(pool.take(bytes)),
       };
       // The server reads `jobId` from this object on every call: assigning it re-targets the server.
       opts = popts;

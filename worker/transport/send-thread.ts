@@ -10,7 +10,7 @@
 // The main thread's handle (PipelineSender) moves each tensor's memory to this thread (transfer, no copy) and gets
 // the receiver's acknowledgement back; errors come back as PipelineSendError with the gRPC status and the hint the
 // in-thread client gives. Clients live here, one per peer (worker/transport/pipeline.ts PipelineClient, unchanged).
-import { Worker, parentPort } from 'node:worker_threads';
+import { Worker, parentPort, type MessagePort } from 'node:worker_threads';
 import { channelCredentials } from '../../common/tls.ts';
 import { DqloraError } from '../../common/errors.ts';
 import { bf16ToTensor, f32ToBf16Tensor, f32ToTensor } from '../../wire/tensor.ts';
@@ -32,7 +32,8 @@ export type WireForm = 'bf16' | 'f32' | 'f32-as-bf16';
 type Request =
   | { id: number; op: 'open'; peer: Peer; address: string; opts: SenderPeerOptions }
   | { id: number; op: 'send'; peer: Peer; dir: Direction; step: number; microBatch: number; data: Uint16Array | Float32Array; shape: number[]; form: WireForm; crc32?: number }
-  | { id: number; op: 'close'; peer?: Peer };
+  | { id: number; op: 'close'; peer?: Peer }
+  | { id: number; op: 'recycle'; port: MessagePort };
 type Reply =
   | { id: number; ok: true; ack?: ChunkAck; bytes?: number }
   | { id: number; ok: false; error: { name: string; message: string; code?: number; hint?: string } };
@@ -68,12 +69,17 @@ export class PipelineSender {
     this.worker.on('exit', (code) => fail(new Error(`exit code ${code}`)));
   }
 
-  private call(req: Request, transfer: ArrayBuffer[] = []): Promise<Reply & { ok: true }> {
+  private call(req: Request, transfer: (ArrayBuffer | MessagePort)[] = []): Promise<Reply & { ok: true }> {
     if (this.dead) return Promise.reject(this.dead);
     return new Promise((resolve, reject) => {
       this.pending.set(req.id, { resolve, reject });
       this.worker.postMessage(req, transfer);
     });
+  }
+
+  /** From now on, the array of every tensor sent goes back on `port` once the receiver has acknowledged it (or refused it). */
+  async recycleTo(port: MessagePort): Promise<void> {
+    await this.call({ id: this.next++, op: 'recycle', port }, [port]);
   }
 
   /** (Re)creates the client for `peer` (closing the previous one: its sends in flight fail). */
@@ -122,6 +128,12 @@ export function serveSender(): void {
   const port = parentPort;
   if (!port) throw new DqloraError('worker/transport/send-thread.ts must run in a worker thread');
   const clients = new Map<Peer, PipelineClient>();
+  let recycle: MessagePort | undefined;
+  /** The sent array, back to its owner's pool once the send has settled (the bytes are no longer needed). */
+  const giveBack = (a: ArrayBufferView): void => {
+    const b = a.buffer;
+    if (recycle && b instanceof ArrayBuffer && a.byteOffset === 0 && a.byteLength === b.byteLength) recycle.postMessage(b, [b]);
+  };
   const post = (m: Reply): void => port.postMessage(m);
   const fail = (id: number, e: unknown): void => {
     const err = e instanceof Error ? e : new Error(String(e));
@@ -133,7 +145,10 @@ export function serveSender(): void {
   };
   port.on('message', (m: Request) => {
     try {
-      if (m.op === 'open') {
+      if (m.op === 'recycle') {
+        recycle = m.port;
+        post({ id: m.id, ok: true });
+      } else if (m.op === 'open') {
         clients.get(m.peer)?.close();
         clients.set(m.peer, new PipelineClient(m.address, { ...m.opts, credentials: channelCredentials() }));
         post({ id: m.id, ok: true });
@@ -148,7 +163,8 @@ export function serveSender(): void {
         // The checksum the compute thread took covers the bytes as they go out; a conversion here makes new bytes.
         const bytes = tensor.data.byteLength;
         c.sendTensor(m.dir, m.step, m.microBatch, tensor, { crc32: m.form === 'f32-as-bf16' ? undefined : m.crc32 })
-          .then((ack) => post({ id: m.id, ok: true, ack, bytes }), (e) => fail(m.id, e));
+          .then((ack) => post({ id: m.id, ok: true, ack, bytes }), (e) => fail(m.id, e))
+          .finally(() => giveBack(m.data));
       }
     } catch (e) {
       fail(m.id, e);

@@ -197,11 +197,18 @@ export class CudaBackend implements Backend {
     return o;
   }
 
-  async downloadActAsync(t: Tensor): Promise<Float32Array | Uint16Array> {
+  async downloadActAsync(t: Tensor, alloc?: (bytes: number) => ArrayBuffer): Promise<Float32Array | Uint16Array> {
     const ct = this.t(t);
-    if (ct.dtype === 'bf16') { const o = new Uint16Array(ct.size); await this.nat.downloadAsync(ct.ptr, o); return o; }
+    if (ct.dtype === 'bf16') {
+      const o = alloc ? new Uint16Array(alloc(2 * ct.size)) : new Uint16Array(ct.size);
+      await this.nat.downloadAsync(ct.ptr, o);
+      return o;
+    }
     check(ct.dtype === 'f32', () => `downloadActAsync: a ${ct.dtype} tensor is not an activation (f32 or bf16)`);
-    return await this.downloadAsync(t) as Float32Array;
+    if (!alloc) return await this.downloadAsync(t) as Float32Array;
+    const o = new Float32Array(alloc(4 * ct.size));
+    await this.nat.downloadAsync(ct.ptr, o);
+    return o;
   }
 
   free(t: Tensor): void {

@@ -1,0 +1,43 @@
+// A small pool of large host arrays, reused by exact size. A fresh multi-megabyte ArrayBuffer costs its first
+// touch of every page (the kernel maps and zeroes them: ~30–45 ms for 64 MiB here, 4 ms to overwrite a reused one),
+// and the worker makes one per activation it downloads and one per tensor it receives — on the critical path of
+// every pipeline hop. The stage gives the arrays back when it is done with them (after the upload to the device, or
+// after the receiver's ack) and the next tensor of the same size reuses one. Sizes that do not repeat just miss.
+// Contents of a reused array are stale: every user overwrites all of it.
+
+export class BufferPool {
+  private readonly free: ArrayBuffer[] = [];
+  private bytes = 0;
+  readonly stats = { hits: 0, misses: 0, given: 0, dropped: 0 };
+
+  /** Keeps at most `maxBuffers` arrays and `maxBytes` bytes (oldest dropped first). */
+  constructor(private readonly maxBuffers = 8, private readonly maxBytes = 1 << 30) {}
+
+  /** An array of exactly `bytes` bytes: a pooled one if there is one, else a new one. */
+  take(bytes: number): ArrayBuffer {
+    for (let i = this.free.length - 1; i >= 0; i--) {
+      if (this.free[i].byteLength === bytes) {
+        const b = this.free.splice(i, 1)[0];
+        this.bytes -= b.byteLength;
+        this.stats.hits++;
+        return b;
+      }
+    }
+    this.stats.misses++;
+    return new ArrayBuffer(bytes);
+  }
+
+  /** Gives an array back (it must not be used elsewhere any more). Detached or oversized arrays are not kept. */
+  give(b: ArrayBuffer): void {
+    this.stats.given++;
+    if (b.byteLength === 0 || b.byteLength > this.maxBytes) { this.stats.dropped++; return; }
+    this.free.push(b);
+    this.bytes += b.byteLength;
+    while (this.free.length > this.maxBuffers || this.bytes > this.maxBytes) {
+      this.bytes -= this.free.shift()!.byteLength;
+      this.stats.dropped++;
+    }
+  }
+
+  get size(): number { return this.free.length; }
+}
