@@ -288,6 +288,13 @@ describe('cpu backend memory bookkeeping', () => {
     const got = await be.downloadActAsync(t);
     assert.ok(got instanceof Float32Array);
     assert.deepEqual(got, want);
+    // into memory the caller supplies (a reused array: stale contents are overwritten whole)
+    const mem = new Float32Array(6).fill(7).buffer;
+    const asked: number[] = [];
+    const into = await be.downloadActAsync(t, (bytes) => { asked.push(bytes); return mem; });
+    assert.deepEqual(asked, [24]);
+    assert.equal(into.buffer, mem);
+    assert.deepEqual(into, want);
     assert.throws(() => be.upload(bits, [6]), /raw bf16 bits, for dtype 'bf16' or 'act'/);
     assert.throws(() => be.upload(bits, [6], 'f32'), /raw bf16 bits/);
   });

@@ -80,6 +80,14 @@ describe('cuda backend vs cpu backend', { skip }, () => {
     assert.deepEqual(b.download(again), bf16ToF32(bits));
     const f = b.upload(x, [3000], 'f32');
     assert.deepEqual(await b.downloadActAsync(f), x);
+    // into memory the caller supplies (a reused array: stale contents are overwritten whole), both dtypes
+    const asked: number[] = [];
+    const stale = (bytes: number): ArrayBuffer => { asked.push(bytes); return new Uint8Array(bytes).fill(0xa5).buffer; };
+    const bits2 = await b.downloadActAsync(viaF32, stale);
+    assert.ok(bits2 instanceof Uint16Array);
+    assert.deepEqual(bits2, f32ToBf16(x));
+    assert.deepEqual(await b.downloadActAsync(f, stale), x);
+    assert.deepEqual(asked, [6000, 12000]);
     assert.throws(() => b.upload(bits, [3000]), /raw bf16 bits/);
     assert.throws(() => b.upload(bits, [3000], 'f32'), /raw bf16 bits/);
   });
