@@ -36,5 +36,5 @@ MG=$B/multigpu.mjs; [ -f "$MG" ] || MG=$PWD/.device/multigpu.mjs
 timeout ${MG_TIMEOUT:-420} node "$MG" --model "$MODEL" --tokenizer .device/tok --out "$OUT/run" \
   --layouts "${MG_LAYOUTS:-1x1,2x1,1x2,2x2}" --steps "${MG_STEPS:-6}" --seq "${MG_SEQ:-1024}" --global-batch "${MG_GBS:-16}" --micro "${MG_MICRO:-4}" --backend cuda \
   2>&1 | tee -a "$OUT/log.txt"
-cp "$OUT/run/multigpu.md" "$OUT/" 2>/dev/null
+cp "$OUT/run/multigpu.md" "$OUT/run"/timeline-*.json "$OUT/" 2>/dev/null
 rm -rf "$OUT/run"

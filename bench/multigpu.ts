@@ -120,6 +120,8 @@ for (const [S, R] of layouts) {
   // Where a stage's time goes in the median step: compute (forward + backward, as the worker's main thread sees
   // it: includes host copies), waiting on the other stage, all-reduce.
   const medStep = [...steady].sort((a, b) => a.seconds - b.seconds)[Math.floor(steady.length / 2)];
+  // The median step's per-worker timelines (seconds from each worker's step start), for a look at where the gaps are.
+  if (medStep?.stages) writeFileSync(join(out, `timeline-${name}.json`), JSON.stringify(medStep.stages.map((x) => ({ stage: x.stage, replica: x.replica, spans: x.spans })), null, 1));
   const detail = (medStep?.stages ?? []).map((x) => `s${x.stage}r${x.replica}: fwd ${(1000 * x.forwardSeconds).toFixed(0)} bwd ${(1000 * x.backwardSeconds).toFixed(0)} wait ${(1000 * x.idleSeconds).toFixed(0)} ar ${(1000 * x.allreduceSeconds).toFixed(0)} sched ${(1000 * x.pipelineSeconds).toFixed(0)}`).join('; ');
   rows.push({
     detail, layout: name, tps: (GBS * SEQ) / stepSec, seconds, peak, bubble: S > 1 ? (bubbles.reduce((a, b) => a + b, 0) / bubbles.length).toFixed(3) : '—', theory: S > 1 ? (S - 1) / (m + S - 1) : 0,
