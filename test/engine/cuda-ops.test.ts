@@ -88,6 +88,10 @@ describe('cuda backend vs cpu backend', { skip }, () => {
     assert.deepEqual(bits2, f32ToBf16(x));
     assert.deepEqual(await b.downloadActAsync(f, stale), x);
     assert.deepEqual(asked, [6000, 12000]);
+    // an array over shared memory (the all-reduce's gradient buckets) uploads as it is, offset included
+    const shared = new Float32Array(new SharedArrayBuffer(4 * 3010), 40, 3000);
+    shared.set(x);
+    assert.deepEqual(b.download(b.upload(shared, [3000], 'f32')), x);
     assert.throws(() => b.upload(bits, [3000]), /raw bf16 bits/);
     assert.throws(() => b.upload(bits, [3000], 'f32'), /raw bf16 bits/);
   });

@@ -45,11 +45,15 @@ bool bArg(const Napi::CallbackInfo& info, size_t i) { return info[i].ToBoolean()
 Napi::Value ptrVal(Napi::Env env, const void* p) { return Napi::Number::New(env, (double)reinterpret_cast<uintptr_t>(p)); }
 
 struct Bytes { void* data; size_t size; };
+// The typed array's bytes. napi_get_typedarray_info gives the data pointer of arrays over a SharedArrayBuffer too
+// (the all-reduce's gradient buckets), where an ArrayBuffer handle (Napi::TypedArray::ArrayBuffer) is refused.
 Bytes viewArg(const Napi::CallbackInfo& info, size_t i) {
   if (!info[i].IsTypedArray()) throw Error("argument " + std::to_string(i) + " must be a typed array");
   Napi::TypedArray t = info[i].As<Napi::TypedArray>();
-  Napi::ArrayBuffer buf = t.ArrayBuffer();
-  return {static_cast<uint8_t*>(buf.Data()) + t.ByteOffset(), t.ByteLength()};
+  void* data = nullptr;
+  if (napi_get_typedarray_info(info.Env(), t, nullptr, nullptr, &data, nullptr, nullptr) != napi_ok || (data == nullptr && t.ByteLength() > 0))
+    throw Error("argument " + std::to_string(i) + ": cannot read the typed array's memory");
+  return {static_cast<uint8_t*>(data), t.ByteLength()};
 }
 
 void requireReady() {
