@@ -1,0 +1,188 @@
+// The two threads of one rank's threaded all-reduce (worker/allreduce-thread.ts starts them; allreduce-thread.mjs
+// and allreduce-main.ts are their entries). Each has its own NATS connection, made with the same URL and options
+// (common/nats-options.ts) as the worker's own.
+//
+//   receive thread: the whole protocol of worker/allreduce.ts (NatsAllReduce: join barrier, buckets, verify, the
+//     fixed-order sum in place in the caller's shared buffer, all-gather copies, timeouts), except that what it
+//     would publish it hands to the send thread (PortSender) — a message of a few fields and a view of the
+//     shared buffer, never the bytes.
+//   send thread: seals (its own random nonce prefix: it is the rank's only sender) and publishes, and acknowledges
+//     what it has published once nats.js has copied it out of the buffer (the receive thread returns a buffer to
+//     the caller only then).
+// Sending and receiving each cost a rank about as much CPU as the raw publisher and subscriber processes; on two
+// threads they overlap, as those processes do (bench/RESULTS.md, NATS all-reduce).
+import { parentPort, workerData, type MessagePort } from 'node:worker_threads';
+import { connect, headers as natsHeaders, type NatsConnection } from '@nats-io/transport-node';
+import { NatsAllReduce, Sealer, statsIn, tagKey, type AllReduceSender, type AllReduceStats, type Header, type NatsAllReduceOptions } from './allreduce.ts';
+import { natsConnectOptions } from '../common/nats-options.ts';
+import { connectionError } from '../common/connection.ts';
+import { DqloraError } from '../common/errors.ts';
+import { threadCpuMs } from '../common/thread-cpu.ts';
+
+/** What worker/allreduce-thread.ts passes each thread. */
+export interface AllReduceThreadData {
+  role: 'receive' | 'send';
+  url: string;
+  /** Connection name (the role is appended). */
+  name: string;
+  opts: NatsAllReduceOptions;
+  /** AllReduceStats slots (statsIn), shared with the caller. */
+  stats: Float64Array;
+  /** The other thread of this rank. */
+  peer: MessagePort;
+}
+
+/** Caller → receive thread. */
+export type ToReceive = { op: 'call'; id: number; seq: number; bucket: number; buf: Float32Array } | { op: 'close' } | { op: 'cpu'; id: number };
+/** Caller → send thread. */
+export type ToSend = { op: 'close' } | { op: 'cpu'; id: number };
+/** Either thread → caller. */
+export type FromThread =
+  | { op: 'ready' }
+  | { op: 'result'; id: number; error?: SerializedError }
+  | { op: 'cpu'; id: number; ms: number };
+/** Receive thread → send thread, and back. */
+type Publish = { op: 'publish'; ticket: number; subject: string; hd: Header; data?: Float32Array };
+type SendReport = { op: 'drained'; ticket: number } | { op: 'failed'; error: SerializedError };
+
+export interface SerializedError { name: string; message: string; missingRanks?: number[]; phase?: string }
+
+export function serializeError(e: unknown): SerializedError {
+  const err = e instanceof Error ? e : new Error(String(e));
+  const x = err as Error & { missingRanks?: number[]; phase?: string };
+  return { name: err.name, message: err.message, missingRanks: x.missingRanks, phase: x.phase };
+}
+
+/** Runs this thread's role (called from the thread's entry). */
+export async function serve(): Promise<void> {
+  const port = parentPort;
+  if (!port) throw new DqloraError('worker/allreduce-serve.ts must run in a worker thread');
+  const d = workerData as AllReduceThreadData;
+  const post = (m: FromThread): void => port.postMessage(m);
+  let nc: NatsConnection;
+  try {
+    nc = await connect({ servers: d.url, name: `${d.name}-${d.role}`, timeout: 10_000, ...natsConnectOptions() })
+      .catch((e: unknown) => { throw connectionError('NATS', d.url, e); });
+  } catch (e) {
+    post({ op: 'result', id: 0, error: serializeError(e) }); // the caller terminates this thread
+    return;
+  }
+  const stats = statsIn(d.stats);
+  const exit = async (): Promise<void> => {
+    await nc.close().catch(() => {});
+    d.peer.close();
+    process.exit(0);
+  };
+  if (d.role === 'send') serveSend(nc, d, stats, port, exit);
+  else serveReceive(nc, d, stats, port, exit);
+}
+
+function serveReceive(nc: NatsConnection, d: AllReduceThreadData, stats: AllReduceStats, port: MessagePort, exit: () => Promise<void>): void {
+  const sender = new PortSender(d.peer);
+  const ar = new NatsAllReduce(nc, d.opts, { sender, stats });
+  sender.onFailure = (e) => ar.fail(e);
+  watchDrops(nc, 'receive', (e) => ar.fail(e));
+  port.on('message', (m: ToReceive) => {
+    if (m.op === 'call') {
+      ar.allReduceBucket(m.seq, m.bucket, m.buf).then(
+        () => port.postMessage({ op: 'result', id: m.id } satisfies FromThread),
+        (e: unknown) => port.postMessage({ op: 'result', id: m.id, error: serializeError(e) } satisfies FromThread));
+    } else if (m.op === 'cpu') {
+      port.postMessage({ op: 'cpu', id: m.id, ms: threadCpuMs() } satisfies FromThread);
+    } else {
+      ar.close();
+      sender.close();
+      void exit();
+    }
+  });
+  // The subscriptions (made by the constructor) are on the server before the caller may start a call.
+  void nc.flush().then(() => port.postMessage({ op: 'ready' } satisfies FromThread));
+}
+
+function serveSend(nc: NatsConnection, d: AllReduceThreadData, stats: AllReduceStats, port: MessagePort, exit: () => Promise<void>): void {
+  const { jobId, stage, rank } = d.opts;
+  const sealer = new Sealer(tagKey(d.opts.key ?? new Uint8Array(0)), Buffer.from(jobId), `all-reduce job ${jobId} stage ${stage} rank ${rank}`);
+  const empty = new Uint8Array(0);
+  let published = 0, ackScheduled = false;
+  // nats.js copies what was published into its outbound buffer on the next microtask; a macrotask later it is out
+  // of the caller's buffer.
+  const ack = (): void => { ackScheduled = false; d.peer.postMessage({ op: 'drained', ticket: published } satisfies SendReport); };
+  d.peer.on('message', (m: Publish) => {
+    try {
+      const payload = m.data ? new Uint8Array(m.data.buffer, m.data.byteOffset, m.data.byteLength) : empty;
+      const h = natsHeaders();
+      h.set('dq', sealer.seal(m.hd, payload));
+      nc.publish(m.subject, payload, { headers: h });
+      if (m.data) {
+        stats.bytesSent += payload.length;
+        stats.messagesSent++;
+      }
+    } catch (e) {
+      d.peer.postMessage({ op: 'failed', error: serializeError(e) } satisfies SendReport);
+    }
+    published = m.ticket;
+    if (!ackScheduled) { ackScheduled = true; setImmediate(ack); }
+  });
+  watchDrops(nc, 'send', (e) => d.peer.postMessage({ op: 'failed', error: serializeError(e) } satisfies SendReport));
+  port.on('message', (m: ToSend) => {
+    if (m.op === 'cpu') port.postMessage({ op: 'cpu', id: m.id, ms: threadCpuMs() } satisfies FromThread);
+    else void exit();
+  });
+  void nc.flush().then(() => port.postMessage({ op: 'ready' } satisfies FromThread));
+}
+
+/** A dropped connection fails the calls in flight at once, naming NATS (as the stage runner's link watch does). */
+function watchDrops(nc: NatsConnection, role: string, fail: (e: Error) => void): void {
+  void (async () => {
+    for await (const st of nc.status()) {
+      if (st.type === 'disconnect') fail(new DqloraError(`cannot reach NATS at ${st.server || nc.getServer()}: the all-reduce's ${role} connection dropped`, { hint: 'is nats-server running and reachable?' }));
+    }
+  })().catch(() => { /* ends with the connection */ });
+}
+
+/** The receive thread's AllReduceSender: hands each message to the send thread (a view of the shared buffer). */
+class PortSender implements AllReduceSender {
+  private ticket = 0;
+  private drainedTicket = 0;
+  private failed = false;
+  private closed = false;
+  private readonly waiters: { ticket: number; resolve: () => void }[] = [];
+  onFailure?: (e: Error) => void;
+
+  constructor(private readonly peer: MessagePort) {
+    peer.on('message', (m: SendReport) => {
+      if (m.op === 'drained') {
+        this.drainedTicket = m.ticket;
+        this.wake();
+      } else {
+        const e = new (m.error.name === 'DqloraError' ? DqloraError : Error)(m.error.message);
+        if (/nonce counter is spent/.test(m.error.message)) this.failed = true;
+        this.onFailure?.(e);
+      }
+    });
+  }
+
+  get canSend(): boolean { return !this.failed && !this.closed; }
+
+  send(subject: string, hd: Header, data?: Float32Array): void {
+    if (this.closed) return;
+    const msg: Publish = { op: 'publish', ticket: ++this.ticket, subject, hd, data };
+    this.peer.postMessage(msg);
+  }
+
+  drained(): Promise<void> {
+    if (this.closed || this.drainedTicket >= this.ticket) return Promise.resolve();
+    return new Promise((resolve) => this.waiters.push({ ticket: this.ticket, resolve }));
+  }
+
+  close(): void {
+    this.closed = true;
+    this.wake();
+  }
+
+  private wake(): void {
+    for (let i = this.waiters.length - 1; i >= 0; i--) {
+      if (this.closed || this.waiters[i].ticket <= this.drainedTicket) { this.waiters[i].resolve(); this.waiters.splice(i, 1); }
+    }
+  }
+}
