@@ -73,8 +73,13 @@ export async function serve(): Promise<void> {
     d.peer.close();
     process.exit(0);
   };
-  if (d.role === 'send') serveSend(nc, d, stats, port, exit);
-  else serveReceive(nc, d, stats, port, exit);
+  try {
+    if (d.role === 'send') serveSend(nc, d, stats, port, exit);
+    else serveReceive(nc, d, stats, port, exit);
+  } catch (e) {
+    post({ op: 'result', id: 0, error: serializeError(e) }); // invalid options: the caller terminates this thread
+    await nc.close().catch(() => {});
+  }
 }
 
 function serveReceive(nc: NatsConnection, d: AllReduceThreadData, stats: AllReduceStats, port: MessagePort, exit: () => Promise<void>): void {

@@ -184,10 +184,11 @@ class StageCompute {
       // these posts (pendingBuckets), so the main thread has every bucket before it learns the backward is done.
       const parts = ps.flatMap(gradients).map((g) => be.downloadAsync(g));
       this.pendingBuckets.push(Promise.all(parts).then((hs) => {
-        const data = new Float32Array(gradientSize(ps));
+        // Shared memory: the all-reduce's threads (worker/allreduce-thread.ts) sum into it and send from it in place.
+        const data = new Float32Array(new SharedArrayBuffer(4 * gradientSize(ps)));
         let off = 0;
         for (const h of hs) { data.set(h as Float32Array, off); off += h.length; }
-        this.post({ bucket: { index: b, data } }, [data.buffer as ArrayBuffer]);
+        this.post({ bucket: { index: b, data } });
       }));
     };
   }
@@ -247,7 +248,9 @@ function gradientSize(ps: readonly LoraParams[]): number {
 
 function overwrite(be: Backend, dst: Tensor, src: Float32Array): void {
   if (dst.size !== src.length) throw new ShapeError(`tensor size mismatch (${dst.size} vs ${src.length})`);
-  const t = be.upload(src, dst.shape, 'f32');
+  // A shared bucket (the all-reduce's threads summed into it) goes to the cuda addon as a private copy: its
+  // upload reads typed arrays through an ArrayBuffer handle, which Node-API does not give for shared memory.
+  const t = be.upload(src.buffer instanceof SharedArrayBuffer && be.name === 'cuda' ? src.slice() : src, dst.shape, 'f32');
   be.scale(dst, 0); be.axpy(dst, t, 1); be.free(t);
 }
 

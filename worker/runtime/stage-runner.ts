@@ -19,7 +19,8 @@ import { connect, type NatsConnection } from '@nats-io/transport-node';
 import type { BackendName } from '../../core/engine/index.ts';
 import { natsConnectOptions } from '../../common/nats-options.ts';
 import { connectionError } from '../../common/connection.ts';
-import { NatsAllReduce, deriveAllReduceKey } from '../allreduce.ts';
+import { NatsAllReduce, deriveAllReduceKey, type AllReduceStats } from '../allreduce.ts';
+import { ThreadedAllReduce } from '../allreduce-thread.ts';
 import { watchNatsConnection, type NatsLink } from '../../common/nats-link.ts';
 import { PipelineClient } from '../transport/pipeline.ts';
 import { Inbox, StepAbortedError } from './inbox.ts';
@@ -40,13 +41,21 @@ const MAX_SENDS_IN_FLIGHT = 4;
 /** Gradient bytes per all-reduce bucket: big enough to amortise a NATS round, small enough to overlap backward. */
 const BUCKET_BYTES = 4 << 20;
 
+/** What the stage runner needs of an all-reduce: NatsAllReduce (this thread) or ThreadedAllReduce (two threads). */
+interface GradientAllReduce {
+  readonly stats: AllReduceStats;
+  allReduceBucket(seq: number, bucket: number, buf: Float32Array): Promise<void>;
+  close(): void;
+  whenClosed?(): Promise<void>;
+}
+
 export class StageRunner {
   readonly inbox = new Inbox();
   private a?: Assignment;
   private prevClient?: PipelineClient;
   private nextClient?: PipelineClient;
   private nc?: NatsConnection;
-  private allreduce?: NatsAllReduce;
+  private allreduce?: GradientAllReduce;
   /** Event-loop delay during steps (reported per step: the loop must never wait on compute). */
   private readonly loopDelay = monitorEventLoopDelay({ resolution: 1 });
   /** Why the last abort() happened (the error a step cut short reports). */
@@ -92,7 +101,13 @@ export class StageRunner {
       this.natsLink = watchNatsConnection(this.nc, {
         onChange: (st, server) => { if (st !== 'up' && this.reducing) this.abort(`cannot reach NATS at ${server}: the connection dropped during the gradient all-reduce`); },
       });
-      this.allreduce = new NatsAllReduce(this.nc, { jobId: generationId(a), stage: a.stage, rank: a.replica, worldSize: a.numReplicas, timeoutMs: a.train.stepTimeoutMs, key: deriveAllReduceKey(this.jobToken, generationId(a)) });
+      const arOpts = { jobId: generationId(a), stage: a.stage, rank: a.replica, worldSize: a.numReplicas, timeoutMs: a.train.stepTimeoutMs, key: deriveAllReduceKey(this.jobToken, generationId(a)) };
+      // Off this thread by default: sending and receiving on threads of their own keep the event loop free for the
+      // pipeline and overlap each other (worker/allreduce-thread.ts). DQLORA_ALLREDUCE_THREADS=0: on this thread, on
+      // this connection (same wire protocol: ranks of either kind can run in one job).
+      this.allreduce = process.env.DQLORA_ALLREDUCE_THREADS === '0'
+        ? new NatsAllReduce(this.nc, arOpts)
+        : await ThreadedAllReduce.start({ ...arOpts, url: a.natsUrl, name: `dqlora-${generationId(a)}-s${a.stage}-r${a.replica}` });
     }
     this.inbox.begin(a.firstSeq);
     this.a = a;
@@ -289,7 +304,7 @@ export class StageRunner {
   /** A replica without micro-batches in this step: its gradients are zero, and its buckets must still take part. */
   private async reduceEmpty(seq: number): Promise<void> {
     const sizes = await this.compute.call({ op: 'bucketSizes', bucketBytes: BUCKET_BYTES }) as number[];
-    await Promise.all(sizes.map((n, k) => this.reduceBucket(seq, { index: k, data: new Float32Array(n) })));
+    await Promise.all(sizes.map((n, k) => this.reduceBucket(seq, { index: k, data: new Float32Array(new SharedArrayBuffer(4 * n)) })));
   }
 
   /** Clipping and AdamW with the coordinator's coefficient and learning rate (core/train/step.ts applyUpdate). */
@@ -313,7 +328,7 @@ export class StageRunner {
     this.prevClient?.close(); this.nextClient?.close();
     this.prevClient = this.nextClient = undefined;
     this.natsLink?.stop(); this.natsLink = undefined;
-    this.allreduce?.close(); this.allreduce = undefined;
+    this.allreduce?.close(); await this.allreduce?.whenClosed?.(); this.allreduce = undefined;
     if (this.nc) { await this.nc.close().catch(() => {}); this.nc = undefined; }
     if (this.a) await this.compute.call({ op: 'release' }).catch(() => {});
     this.a = undefined;
