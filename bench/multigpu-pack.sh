@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run HERE before the device call of bench/multigpu.sh: packs into .device/ (git-ignored) the node binary and
-# headers (../shared/tools/device-pack), esbuild bundles of bench/multigpu.ts and the worker CLI (node_modules is
+# headers (../shared/tools/device-pack), esbuild bundles of bench/multigpu.ts, bench/allreduce.ts and the worker CLI (node_modules is
 # too big to carry), the nats-server binary (for replicas > 1) and the example tokenizer, and builds the CUDA addon
 # here (same nvcc 13.0 as the GPU machine). Then: run tool, carry [".device", "core/engine/cuda/build"],
 # command "bash bench/multigpu.sh".
@@ -12,6 +12,9 @@ source bench/gpu/pack-common.sh
 bundle bench/multigpu.ts .device/multigpu.mjs
 bundle worker/cli.ts .device/worker.mjs
 bundle worker/runtime/compute-main.ts .device/compute.mjs
+# The all-reduce's threads: the bundles above (worker, allreduce bench) start .device/allreduce-thread.mjs, next to them.
+bundle worker/allreduce-main.ts .device/allreduce-thread.mjs
+bundle bench/allreduce.ts .device/allreduce.mjs
 # The bundles resolve a few package files at load time (the status page's uPlot): give them a node_modules there.
 mkdir -p .device/node_modules && rm -rf .device/node_modules/uplot && cp -r node_modules/uplot .device/node_modules/
 mkdir -p .device/bin .device/tok

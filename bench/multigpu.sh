@@ -13,6 +13,7 @@ export PATH=$PWD/.device/bin:$PATH
 export DQLORA_CUDA_ADDON=$PWD/core/engine/cuda/build/dqlora_cuda.node
 export DQLORA_WORKER_ENTRY=$PWD/.device/worker.mjs
 export DQLORA_COMPUTE_ENTRY=$PWD/.device/compute.mjs
+export DQLORA_ALLREDUCE_ENTRY=$PWD/.device/allreduce-thread.mjs
 export DQLORA_LOG_LEVEL=${DQLORA_LOG_LEVEL:-warn}
 nvidia-smi -L | tee "$OUT/log.txt"
 node -e 'const a=require(process.env.DQLORA_CUDA_ADDON); console.log("cuda devices:", a.deviceCount().count)' 2>&1 | tee -a "$OUT/log.txt"

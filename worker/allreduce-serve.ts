@@ -41,8 +41,15 @@ export type FromThread =
   | { op: 'ready' }
   | { op: 'result'; id: number; error?: SerializedError }
   | { op: 'cpu'; id: number; ms: number };
-/** Receive thread → send thread, and back. */
-type Publish = { op: 'publish'; ticket: number; subject: string; hd: Header; data?: Float32Array };
+/**
+ * Receive thread → send thread, in batches (one post per turn of the receive thread's loop): a buffer is shared
+ * once per call (cloning a SharedArrayBuffer handle per message cost the receive thread ~0.3 ms a message), messages
+ * name it by id and element range; `release` when its call is over.
+ */
+type ToSender =
+  | { op: 'buffer'; id: number; buf: Float32Array }
+  | { op: 'publish'; ticket: number; subject: string; hd: Header; buf?: number; lo?: number; hi?: number }
+  | { op: 'release'; id: number };
 type SendReport = { op: 'drained'; ticket: number } | { op: 'failed'; error: SerializedError };
 
 export interface SerializedError { name: string; message: string; missingRanks?: number[]; phase?: string }
@@ -112,13 +119,15 @@ function serveSend(nc: NatsConnection, d: AllReduceThreadData, stats: AllReduceS
   // nats.js copies what was published into its outbound buffer on the next microtask; a macrotask later it is out
   // of the caller's buffer.
   const ack = (): void => { ackScheduled = false; d.peer.postMessage({ op: 'drained', ticket: published } satisfies SendReport); };
-  d.peer.on('message', (m: Publish) => {
+  const bufs = new Map<number, Float32Array>();
+  const publish = (m: Extract<ToSender, { op: 'publish' }>): void => {
     try {
-      const payload = m.data ? new Uint8Array(m.data.buffer, m.data.byteOffset, m.data.byteLength) : empty;
+      const data = m.buf === undefined ? undefined : bufs.get(m.buf)!.subarray(m.lo, m.hi);
+      const payload = data ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength) : empty;
       const h = natsHeaders();
       h.set('dq', sealer.seal(m.hd, payload));
       nc.publish(m.subject, payload, { headers: h });
-      if (m.data) {
+      if (data) {
         stats.bytesSent += payload.length;
         stats.messagesSent++;
       }
@@ -126,6 +135,13 @@ function serveSend(nc: NatsConnection, d: AllReduceThreadData, stats: AllReduceS
       d.peer.postMessage({ op: 'failed', error: serializeError(e) } satisfies SendReport);
     }
     published = m.ticket;
+  };
+  d.peer.on('message', (batch: ToSender[]) => {
+    for (const m of batch) {
+      if (m.op === 'publish') publish(m);
+      else if (m.op === 'buffer') bufs.set(m.id, m.buf);
+      else bufs.delete(m.id);
+    }
     if (!ackScheduled) { ackScheduled = true; setImmediate(ack); }
   });
   watchDrops(nc, 'send', (e) => d.peer.postMessage({ op: 'failed', error: serializeError(e) } satisfies SendReport));
@@ -148,6 +164,10 @@ function watchDrops(nc: NatsConnection, role: string, fail: (e: Error) => void):
 /** The receive thread's AllReduceSender: hands each message to the send thread (a view of the shared buffer). */
 class PortSender implements AllReduceSender {
   private ticket = 0;
+  /** Ids of the buffers shared with the send thread, by the buffer's memory. */
+  private readonly ids = new Map<SharedArrayBuffer, number>();
+  private nextId = 1;
+  private batch: ToSender[] = [];
   private drainedTicket = 0;
   private failed = false;
   private closed = false;
@@ -171,8 +191,30 @@ class PortSender implements AllReduceSender {
 
   send(subject: string, hd: Header, data?: Float32Array): void {
     if (this.closed) return;
-    const msg: Publish = { op: 'publish', ticket: ++this.ticket, subject, hd, data };
-    this.peer.postMessage(msg);
+    let buf: number | undefined, lo: number | undefined, hi: number | undefined;
+    if (data) {
+      const sab = data.buffer as SharedArrayBuffer;
+      buf = this.ids.get(sab);
+      if (buf === undefined) {
+        this.ids.set(sab, buf = this.nextId++);
+        this.queue({ op: 'buffer', id: buf, buf: new Float32Array(sab) });
+      }
+      lo = data.byteOffset / 4;
+      hi = lo + data.length;
+    }
+    this.queue({ op: 'publish', ticket: ++this.ticket, subject, hd, buf, lo, hi });
+  }
+
+  release(data: Float32Array): void {
+    const id = this.ids.get(data.buffer as SharedArrayBuffer);
+    if (id === undefined) return;
+    this.ids.delete(data.buffer as SharedArrayBuffer);
+    this.queue({ op: 'release', id });
+  }
+
+  private queue(m: ToSender): void {
+    if (this.batch.length === 0) queueMicrotask(() => { const b = this.batch; this.batch = []; this.peer.postMessage(b); });
+    this.batch.push(m);
   }
 
   drained(): Promise<void> {

@@ -28,8 +28,9 @@
 // ≈ ℓ/2^103 per try for ℓ 16-byte blocks: < 2^−83 for an 8 MiB message) — unless a nonce repeats under the key,
 // which would reveal r. So nonces never repeat: the key is shared by every rank and outlives a worker's restart
 // (the same seq may run again), so a counter alone would repeat; the nonce is 64 bits drawn at random per
-// NatsAllReduce ‖ a 32-bit message counter of that instance (an instance refuses to send more than 2^32
-// messages; a new instance draws a new prefix; 2^20 instances under one key collide with chance < 2^−24). It runs
+// instance (its Sealer: a rank seals on one thread only — in ThreadedAllReduce, the send thread) ‖ a 32-bit message
+// counter of that instance (an instance refuses to send more than 2^32 messages; a new instance draws a new prefix;
+// 2^20 instances under one key collide with chance < 2^−24). It runs
 // at 8–11 GB/s here, 5–8× the HMAC-SHA256 of header version 1, which took a quarter of a rank's busy CPU. A message
 // whose tag does not check, of another header version, that repeats a (seq, bucket, phase, rank, chunk) already
 // received (a replay carries its old nonce and tag, so it checks, and is caught here), or belongs to a seq this
@@ -37,6 +38,9 @@
 // publish on the NATS server cannot change the result. (The key never travels: deriveAllReduceKey makes the job's
 // secret from the job token both sides hold; the cipher key is derived from that under its own label, so a
 // version-1 key is never reused.)
+//
+// Threads: NatsAllReduce runs all of this on the caller's thread; worker/allreduce-thread.ts (what workers use) runs
+// the same class on a receive thread and hands what it publishes to a send thread (AllReduceSender).
 //
 // The first call runs a join barrier (a rank publishes "ready" until it has heard from every peer; any message
 // from a peer also counts) so nothing is published to a peer that has not subscribed yet. A call that does not
@@ -210,6 +214,8 @@ export interface AllReduceSender {
   send(subject: string, hd: Header, data?: Float32Array): void;
   /** Resolves once no message sent so far reads the caller's buffer any more (nats.js has copied it out). */
   drained(): Promise<void>;
+  /** The call on this buffer is over: nothing more will be sent from it. */
+  release?(buf: Float32Array): void;
 }
 
 const EMPTY = new Uint8Array(0);
@@ -414,6 +420,7 @@ export class NatsAllReduce {
     } finally {
       this.buckets.delete(key);
       this.active.delete(key);
+      this.sender.release?.(buf);
     }
   }
 
