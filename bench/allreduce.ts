@@ -14,8 +14,11 @@
 //   does not blur the way it blurs the times; raw CPU ms pub / sub is the same for the baseline's two processes
 //   (a rank sends and receives as many bytes as the publisher sends and the subscriber receives). CPU ms main / recv
 //   / send: of the threaded rank, its calling thread and its receive and send threads (/proc/thread-self/schedstat).
+//   lag p99: the calling thread's event-loop delay during the call (a worker's main thread schedules the pipeline
+//   meanwhile), the larger of the ranks'.
 import os from 'node:os';
 import { fork, type ChildProcess } from 'node:child_process';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { NatsAllReduce, deriveAllReduceKey } from '../worker/allreduce.ts';
@@ -48,16 +51,20 @@ async function childMain(job: Job): Promise<void> {
     // Shared, as the compute thread allocates gradient buckets (the threads use it in place).
     const buf = new Float32Array(threaded ? new SharedArrayBuffer(job.floats * 4) : new ArrayBuffer(job.floats * 4));
     const threadMs = async (): Promise<number[]> => [threadCpuMs(), ...(threaded ? Object.values(await threaded.threadCpuMs()) : [])];
+    const lag = monitorEventLoopDelay({ resolution: 1 });
     port.on('message', async (m: Cmd) => {
-      if ('stop' in m) { ar.close(); await threaded?.whenClosed(); await nc.close(); port.close(); return; }
+      if ('stop' in m) { ar.close(); if (threaded) await threaded.whenClosed(); await nc.close(); port.close(); return; }
       buf.fill(job.rank + 1);
       const t0 = await threadMs();
+      lag.reset(); lag.enable();
       const u0 = process.cpuUsage();
       const start = now();
       await ar.allReduceSum(m.go, buf);
       const end = now(), u = process.cpuUsage(u0);
+      lag.disable();
+      const lagMs = lag.count > 0 ? lag.percentile(99) / 1e6 : 0;
       const t1 = await threadMs();
-      port.postMessage({ done: m.go, start, end, cpuMs: (u.user + u.system) / 1000, threadMs: t1.map((x, i) => x - t0[i]), check: buf[0] + buf[buf.length - 1] });
+      port.postMessage({ done: m.go, start, end, cpuMs: (u.user + u.system) / 1000, threadMs: t1.map((x, i) => x - t0[i]), lagMs, check: buf[0] + buf[buf.length - 1] });
     });
   } else if (job.kind === 'raw-sub') {
     let got = 0, target = 0, round = -1, u0 = process.cpuUsage();
@@ -122,8 +129,8 @@ async function main(): Promise<void> {
   const maxPayload = probe.info!.max_payload;
   await probe.close();
   console.log(`# NATS all-reduce vs raw pub/sub — ${new Date().toISOString()} — ${os.cpus()[0]?.model ?? 'cpu'} × ${os.cpus().length} threads, node ${process.version}, nats-server max_payload ${maxPayload}, median of ${reps}`);
-  console.log('| buffer | R | impl | raw pub→sub MB/s | all-reduce ms | algbw MB/s | busbw MB/s | busbw / raw | CPU ms per rank | CPU ms main / recv / send | raw CPU ms pub / sub |');
-  console.log('|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|');
+  console.log('| buffer | R | impl | raw pub→sub MB/s | all-reduce ms | algbw MB/s | busbw MB/s | busbw / raw | CPU ms per rank | CPU ms main / recv / send | lag p99 ms | raw CPU ms pub / sub |');
+  console.log('|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
   let seq = 0;
   for (const R of ranksList) {
     for (const mb of sizesMB) {
@@ -135,7 +142,7 @@ async function main(): Promise<void> {
         spawn({ kind: 'rank', impl, url: server.url, jobId: `bench${seq}${impl}`, rank, worldSize: R, floats: bytes / 4, maxPayload: payloadArg ? Number(payloadArg) : undefined }))) })));
       seq++;
       const raw: number[] = [], pubCpu: number[] = [], subCpu: number[] = [];
-      const per = impls.map(() => ({ ar: [] as number[], cpu: [] as number[], threads: [] as number[][] }));
+      const per = impls.map(() => ({ ar: [] as number[], cpu: [] as number[], threads: [] as number[][], lag: [] as number[] }));
       for (let i = 0; i < reps + 3; i++) {
         // Baseline and all-reduce alternate so both see the same machine state; rounds 0–2 warm up (JIT).
         const ready = next<{ ready?: number }>(sub, (m) => m.ready === i);
@@ -151,7 +158,7 @@ async function main(): Promise<void> {
         for (const [g, { ranks }] of groups.entries()) {
           // All-reduce: from the moment the last rank entered the call to the last rank leaving it (a rank
           // that enters early just waits; the commands reach the processes a little apart).
-          const dones = ranks.map((w) => next<{ done?: number; start: number; end: number; cpuMs: number; threadMs: number[]; check: number }>(w, (m) => m.done === i));
+          const dones = ranks.map((w) => next<{ done?: number; start: number; end: number; cpuMs: number; threadMs: number[]; lagMs: number; check: number }>(w, (m) => m.done === i));
           for (const w of ranks) w.postMessage({ go: i });
           const res = await Promise.all(dones);
           const arMs = Math.max(...res.map((r) => r.end)) - Math.max(...res.map((r) => r.start));
@@ -160,6 +167,7 @@ async function main(): Promise<void> {
           if (i >= 3) {
             per[g].ar.push(arMs);
             per[g].cpu.push(res.reduce((s, r) => s + r.cpuMs, 0) / R);
+            per[g].lag.push(Math.max(...res.map((r) => r.lagMs)));
             per[g].threads.push(res[0].threadMs.map((_, k) => res.reduce((s, r) => s + r.threadMs[k], 0) / R));
           }
         }
@@ -170,7 +178,7 @@ async function main(): Promise<void> {
         const t = median(per[g].ar) / 1000;
         const alg = mb / t, bus = alg * 2 * (R - 1) / R;
         const threads = per[g].threads[0].map((_, k) => median(per[g].threads.map((x) => x[k])).toFixed(0)).join(' / ');
-        console.log(`| ${mb} MB | ${R} | ${impl} | ${rawMBs.toFixed(0)} | ${(t * 1000).toFixed(1)} | ${alg.toFixed(0)} | ${bus.toFixed(0)} | ${(bus / rawMBs).toFixed(2)} | ${median(per[g].cpu).toFixed(0)} | ${threads} | ${median(pubCpu).toFixed(0)} / ${median(subCpu).toFixed(0)} |`);
+        console.log(`| ${mb} MB | ${R} | ${impl} | ${rawMBs.toFixed(0)} | ${(t * 1000).toFixed(1)} | ${alg.toFixed(0)} | ${bus.toFixed(0)} | ${(bus / rawMBs).toFixed(2)} | ${median(per[g].cpu).toFixed(0)} | ${threads} | ${median(per[g].lag).toFixed(1)} | ${median(pubCpu).toFixed(0)} / ${median(subCpu).toFixed(0)} |`);
       }
     }
   }

@@ -46,7 +46,6 @@ interface GradientAllReduce {
   readonly stats: AllReduceStats;
   allReduceBucket(seq: number, bucket: number, buf: Float32Array): Promise<void>;
   close(): void;
-  whenClosed?(): Promise<void>;
 }
 
 export class StageRunner {
@@ -328,7 +327,10 @@ export class StageRunner {
     this.prevClient?.close(); this.nextClient?.close();
     this.prevClient = this.nextClient = undefined;
     this.natsLink?.stop(); this.natsLink = undefined;
-    this.allreduce?.close(); await this.allreduce?.whenClosed?.(); this.allreduce = undefined;
+    const ar = this.allreduce;
+    this.allreduce = undefined;
+    ar?.close();
+    if (ar instanceof ThreadedAllReduce) await ar.whenClosed(); // (its threads have closed their connections)
     if (this.nc) { await this.nc.close().catch(() => {}); this.nc = undefined; }
     if (this.a) await this.compute.call({ op: 'release' }).catch(() => {});
     this.a = undefined;
