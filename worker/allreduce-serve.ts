@@ -50,7 +50,7 @@ type ToSender =
   | { op: 'buffer'; id: number; buf: Float32Array }
   | { op: 'publish'; ticket: number; subject: string; hd: Header; buf?: number; lo?: number; hi?: number }
   | { op: 'release'; id: number };
-type SendReport = { op: 'drained'; ticket: number } | { op: 'failed'; error: SerializedError };
+type SendReport = { op: 'drained'; ticket: number } | { op: 'failed'; error: SerializedError; spent?: boolean };
 
 export interface SerializedError { name: string; message: string; missingRanks?: number[]; phase?: string }
 
@@ -132,7 +132,7 @@ function serveSend(nc: NatsConnection, d: AllReduceThreadData, stats: AllReduceS
         stats.messagesSent++;
       }
     } catch (e) {
-      d.peer.postMessage({ op: 'failed', error: serializeError(e) } satisfies SendReport);
+      d.peer.postMessage({ op: 'failed', error: serializeError(e), spent: !sealer.canSeal } satisfies SendReport);
     }
     published = m.ticket;
   };
@@ -180,9 +180,8 @@ class PortSender implements AllReduceSender {
         this.drainedTicket = m.ticket;
         this.wake();
       } else {
-        const e = new (m.error.name === 'DqloraError' ? DqloraError : Error)(m.error.message);
-        if (/nonce counter is spent/.test(m.error.message)) this.failed = true;
-        this.onFailure?.(e);
+        if (m.spent) this.failed = true; // (no more ready replies either)
+        this.onFailure?.(new DqloraError(m.error.message));
       }
     });
   }

@@ -91,7 +91,9 @@ export class StageRunner {
     if (a.numReplicas > 1) {
       if (!a.natsUrl) throw new ConfigError(`stage ${a.stage} has ${a.numReplicas} replicas but no NATS URL was given`, { hint: 'start the coordinator with --nats URL (or nats-server on PATH in local mode), or the worker with --nats' });
       // NATS credentials and TLS come from the environment (a Kubernetes Secret, the mtls certificate), never from the
-      // job or a URL (common/nats-options.ts); a refused connection names the address.
+      // job or a URL (common/nats-options.ts); a refused connection names the address. This connection carries the
+      // link watch below (and the all-reduce with DQLORA_ALLREDUCE_THREADS=0); the all-reduce threads connect the
+      // same way, each on its own, and a drop of theirs fails the call naming NATS too.
       this.nc = await connect({ servers: a.natsUrl, name: `dqlora-${generationId(a)}-s${a.stage}-r${a.replica}`, timeout: 10_000, ...natsConnectOptions() })
         .catch((e: unknown) => { throw connectionError('NATS', a.natsUrl!, e); });
       // A NATS connection that drops while a step all-reduces: fail the step at once, naming NATS (the coordinator
