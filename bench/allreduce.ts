@@ -1,8 +1,9 @@
 // All-reduce throughput over NATS vs raw NATS pub/sub throughput, measured in the same run against a
 // nats-server started here (127.0.0.1, OS-assigned port, default 1 MiB max_payload).
 //   node --import tsx bench/allreduce.ts [--sizes 1,4,16,64] [--ranks 2,4] [--reps 5] [--impl thread,inline] [--payload BYTES] [--max-payload BYTES] [--profile DIR]
-// (--impl: thread = ThreadedAllReduce (worker/allreduce-thread.ts, what workers use), inline = NatsAllReduce on the
-// rank's own thread; several give a row each, run alternately with the raw baseline in the same rounds)
+// (--impl: thread = ThreadedAllReduce (worker/allreduce-thread.ts, what workers use: receive, send and gather
+// threads), thread2 = the same without the gather thread, inline = NatsAllReduce on the rank's own thread; several
+// give a row each, run alternately with the raw baseline in the same rounds)
 // (--payload: the all-reduce's message size, default the server's max_payload capped at 1 MiB; --max-payload: the server's,
 // default nats-server's 1 MiB — the local launcher and the k8s manifests configure 8 MiB; the raw baseline's
 // messages are max_payload − 256 bytes either way)
@@ -13,7 +14,7 @@
 //   rank (process.cpuUsage inside the call, mean over ranks) shows the work per byte, which a loaded machine
 //   does not blur the way it blurs the times; raw CPU ms pub / sub is the same for the baseline's two processes
 //   (a rank sends and receives as many bytes as the publisher sends and the subscriber receives). CPU ms main / recv
-//   / send: of the threaded rank, its calling thread and its receive and send threads (/proc/thread-self/schedstat).
+//   / send / gather: of the threaded rank, its calling thread and its receive, send and gather threads (/proc/thread-self/schedstat).
 //   lag p99: the calling thread's event-loop delay during the call (a worker's main thread schedules the pipeline
 //   meanwhile), the larger of the ranks'.
 import os from 'node:os';
@@ -34,7 +35,7 @@ type Job =
   | { kind: 'rank'; impl: Impl; url: string; jobId: string; rank: number; worldSize: number; floats: number; maxPayload?: number }
   | { kind: 'raw-pub' | 'raw-sub'; url: string; subject: string; bytes: number; msgBytes: number };
 type Cmd = { go: number } | { stop: true };
-type Impl = 'thread' | 'inline';
+type Impl = 'thread' | 'thread2' | 'inline';
 
 /** Child side: waits for {go: i}, does round i, answers with {done: i, ms, check}. */
 async function childMain(job: Job): Promise<void> {
@@ -46,11 +47,11 @@ async function childMain(job: Job): Promise<void> {
   };
   if (job.kind === 'rank') {
     const opts = { jobId: job.jobId, stage: 0, rank: job.rank, worldSize: job.worldSize, timeoutMs: 120_000, key: deriveAllReduceKey('bench-token', job.jobId), maxPayload: job.maxPayload };
-    const threaded = job.impl === 'thread' ? await ThreadedAllReduce.start({ ...opts, url: job.url }) : undefined;
+    const threaded = job.impl !== 'inline' ? await ThreadedAllReduce.start({ ...opts, url: job.url, gatherThread: job.impl === 'thread' }) : undefined;
     const ar = threaded ?? new NatsAllReduce(nc, opts);
     // Shared, as the compute thread allocates gradient buckets (the threads use it in place).
     const buf = new Float32Array(threaded ? new SharedArrayBuffer(job.floats * 4) : new ArrayBuffer(job.floats * 4));
-    const threadMs = async (): Promise<number[]> => [threadCpuMs(), ...(threaded ? Object.values(await threaded.threadCpuMs()) : [])];
+    const threadMs = async (): Promise<number[]> => [threadCpuMs(), ...(threaded ? await threaded.threadCpuMs() : [])];
     const lag = monitorEventLoopDelay({ resolution: 1 });
     port.on('message', async (m: Cmd) => {
       if ('stop' in m) { ar.close(); if (threaded) await threaded.whenClosed(); await nc.close(); port.close(); return; }
@@ -120,7 +121,7 @@ async function main(): Promise<void> {
   const ranksList = arg('ranks', '2,4').split(',').map(Number);
   const reps = Number(arg('reps', '7'));
   const impls = arg('impl', 'thread').split(',') as Impl[];
-  for (const im of impls) if (im !== 'thread' && im !== 'inline') throw new Error(`--impl ${im}: expected thread or inline`);
+  for (const im of impls) if (!['thread', 'thread2', 'inline'].includes(im)) throw new Error(`--impl ${im}: expected thread, thread2 or inline`);
   const payloadArg = arg('payload', '');
   // Slow-consumer headroom: one thread may fall behind by a whole 64 MB buffer while others publish.
   const serverMax = arg('max-payload', '');
@@ -129,7 +130,7 @@ async function main(): Promise<void> {
   const maxPayload = probe.info!.max_payload;
   await probe.close();
   console.log(`# NATS all-reduce vs raw pub/sub — ${new Date().toISOString()} — ${os.cpus()[0]?.model ?? 'cpu'} × ${os.cpus().length} threads, node ${process.version}, nats-server max_payload ${maxPayload}, median of ${reps}`);
-  console.log('| buffer | R | impl | raw pub→sub MB/s | all-reduce ms | algbw MB/s | busbw MB/s | busbw / raw | CPU ms per rank | CPU ms main / recv / send | lag p99 ms | raw CPU ms pub / sub |');
+  console.log('| buffer | R | impl | raw pub→sub MB/s | all-reduce ms | algbw MB/s | busbw MB/s | busbw / raw | CPU ms per rank | CPU ms main / recv / send / gather | lag p99 ms | raw CPU ms pub / sub |');
   console.log('|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
   let seq = 0;
   for (const R of ranksList) {

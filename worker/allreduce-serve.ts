@@ -13,7 +13,7 @@
 // threads they overlap, as those processes do (bench/RESULTS.md, NATS all-reduce).
 import { parentPort, workerData, type MessagePort } from 'node:worker_threads';
 import { connect, headers as natsHeaders, type NatsConnection } from '@nats-io/transport-node';
-import { NatsAllReduce, Sealer, statsIn, tagKey, type AllReduceSender, type AllReduceStats, type Header, type NatsAllReduceOptions } from './allreduce.ts';
+import { NatsAllReduce, Sealer, gatherSubjects, statsIn, tagKey, type AllReduceSender, type AllReduceStats, type Header, type NatsAllReduceOptions } from './allreduce.ts';
 import { natsConnectOptions } from '../common/nats-options.ts';
 import { connectionError } from '../common/connection.ts';
 import { DqloraError } from '../common/errors.ts';
@@ -21,15 +21,17 @@ import { threadCpuMs } from '../common/thread-cpu.ts';
 
 /** What worker/allreduce-thread.ts passes each thread. */
 export interface AllReduceThreadData {
-  role: 'receive' | 'send';
+  role: 'receive' | 'send' | 'gather';
   url: string;
   /** Connection name (the role is appended). */
   name: string;
   opts: NatsAllReduceOptions;
   /** AllReduceStats slots (statsIn), shared with the caller. */
   stats: Float64Array;
-  /** The other thread of this rank. */
+  /** The receive thread's: the send thread; the send and gather threads': the receive thread. */
   peer: MessagePort;
+  /** The receive thread's: the gather thread, when there is one. */
+  gather?: MessagePort;
 }
 
 /** Caller → receive thread. */
@@ -78,10 +80,12 @@ export async function serve(): Promise<void> {
   const exit = async (): Promise<void> => {
     await nc.close().catch(() => {});
     d.peer.close();
+    d.gather?.close();
     process.exit(0);
   };
   try {
     if (d.role === 'send') serveSend(nc, d, stats, port, exit);
+    else if (d.role === 'gather') serveGather(nc, d, port, exit);
     else serveReceive(nc, d, stats, port, exit);
   } catch (e) {
     post({ op: 'result', id: 0, error: serializeError(e) }); // invalid options: the caller terminates this thread
@@ -91,7 +95,13 @@ export async function serve(): Promise<void> {
 
 function serveReceive(nc: NatsConnection, d: AllReduceThreadData, stats: AllReduceStats, port: MessagePort, exit: () => Promise<void>): void {
   const sender = new PortSender(d.peer);
-  const ar = new NatsAllReduce(nc, d.opts, { sender, stats });
+  const ar = new NatsAllReduce(nc, d.opts, { sender, stats, gatherRelayed: !!d.gather });
+  d.gather?.on('message', (batch: (Relayed | { failed: string })[]) => {
+    for (const m of batch) {
+      if ('failed' in m) ar.fail(new DqloraError(m.failed));
+      else ar.deliver(m.subject, m.dq, m.data);
+    }
+  });
   sender.onFailure = (e) => ar.fail(e);
   watchDrops(nc, 'receive', (e) => ar.fail(e));
   port.on('message', (m: ToReceive) => {
@@ -145,6 +155,37 @@ function serveSend(nc: NatsConnection, d: AllReduceThreadData, stats: AllReduceS
     if (!ackScheduled) { ackScheduled = true; setImmediate(ack); }
   });
   watchDrops(nc, 'send', (e) => d.peer.postMessage({ op: 'failed', error: serializeError(e) } satisfies SendReport));
+  port.on('message', (m: ToSend) => {
+    if (m.op === 'cpu') port.postMessage({ op: 'cpu', id: m.id, ms: threadCpuMs() } satisfies FromThread);
+    else void exit();
+  });
+  void nc.flush().then(() => port.postMessage({ op: 'ready' } satisfies FromThread));
+}
+
+/** Gather thread → receive thread: all-gather messages as received, checked there. */
+interface Relayed { subject: string; dq?: string; data: Uint8Array }
+
+/**
+ * The gather thread: receives the all-gather half of the traffic on a connection of its own and hands each message
+ * (its bytes copied out of nats.js's buffer into one that moves, not copies, to the receive thread) to the receive
+ * thread, which checks and places it as any other. So nats.js's receive work (parsing, assembling 1 MiB messages
+ * from socket reads, their garbage) is split between two threads.
+ */
+function serveGather(nc: NatsConnection, d: AllReduceThreadData, port: MessagePort, exit: () => Promise<void>): void {
+  const { jobId, stage, rank, worldSize } = d.opts;
+  let batch: Relayed[] = [], transfer: ArrayBuffer[] = [];
+  const flush = (): void => { d.peer.postMessage(batch, transfer); batch = []; transfer = []; };
+  for (const subject of gatherSubjects(jobId, stage, rank, worldSize)) {
+    nc.subscribe(subject, { callback: (err, m) => {
+      if (err) return;
+      const data = new Uint8Array(m.data.length);
+      data.set(m.data);
+      if (batch.length === 0) queueMicrotask(flush);
+      batch.push({ subject: m.subject, dq: m.headers?.get('dq') || undefined, data });
+      transfer.push(data.buffer);
+    } });
+  }
+  watchDrops(nc, 'gather', (e) => d.peer.postMessage([{ failed: e.message }]));
   port.on('message', (m: ToSend) => {
     if (m.op === 'cpu') port.postMessage({ op: 'cpu', id: m.id, ms: threadCpuMs() } satisfies FromThread);
     else void exit();

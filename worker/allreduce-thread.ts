@@ -11,7 +11,7 @@
 // Buffers: a Float32Array on a SharedArrayBuffer is used in place by both threads (the compute thread allocates
 // gradient buckets that way); any other buffer is copied into a shared one and back — two copies of the buffer,
 // which the stage runner never pays.
-import { MessageChannel, Worker } from 'node:worker_threads';
+import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import { AllReduceTimeoutError, STAT_SLOTS, statsIn, type AllReduceStats, type NatsAllReduceOptions } from './allreduce.ts';
 import type { AllReduceThreadData, FromThread, SerializedError, ToReceive, ToSend } from './allreduce-serve.ts';
 import { ConnectionError } from '../common/connection.ts';
@@ -28,14 +28,21 @@ function rebuild(e: SerializedError): Error {
 export interface ThreadedAllReduceOptions extends NatsAllReduceOptions {
   /** NATS server URL(s), as for nats.js `servers`; credentials and TLS come from the environment (natsConnectOptions). */
   url: string;
-  /** Connection name; "-receive" / "-send" is appended. */
+  /** Connection name; "-receive" / "-send" / "-gather" is appended. */
   name?: string;
+  /**
+   * Receive the all-gather half on a third thread and connection (serveGather in allreduce-serve.ts), default true:
+   * the receive thread then parses and assembles only half of the incoming bytes.
+   */
+  gatherThread?: boolean;
 }
 
 export class ThreadedAllReduce {
   readonly stats: AllReduceStats;
   private readonly receiver: Worker;
   private readonly sender: Worker;
+  private readonly gatherer?: Worker;
+  private readonly threads: Worker[];
   private next = 1;
   private readonly pending = new Map<number, { resolve(v: unknown): void; reject(e: Error): void }>();
   private dead?: Error;
@@ -49,14 +56,17 @@ export class ThreadedAllReduce {
     // DQLORA_ALLREDUCE_ENTRY: a bundled build's entry (allreduce-main.ts bundled), else the bootstrap next to this
     // file — in the source tree allreduce-thread.mjs, next to a bundle in .device/ the bundled entry of that name.
     const entry = process.env.DQLORA_ALLREDUCE_ENTRY || new URL('./allreduce-thread.mjs', import.meta.url);
-    const { port1, port2 } = new MessageChannel();
-    const { url, name, ...ar } = opts;
-    const start = (role: 'receive' | 'send', peer: typeof port1): Worker => {
-      const data: AllReduceThreadData = { role, url, name: name ?? `dqlora-${ar.jobId}-s${ar.stage}-r${ar.rank}`, opts: ar, stats: shared, peer };
-      return new Worker(entry, { workerData: data, transferList: [peer] });
+    const { url, name, gatherThread, ...ar } = opts;
+    const toSender = new MessageChannel();
+    const toGatherer = gatherThread ?? true ? new MessageChannel() : undefined;
+    const start = (role: AllReduceThreadData['role'], peer: MessagePort, gather?: MessagePort): Worker => {
+      const data: AllReduceThreadData = { role, url, name: name ?? `dqlora-${ar.jobId}-s${ar.stage}-r${ar.rank}`, opts: ar, stats: shared, peer, gather };
+      return new Worker(entry, { workerData: data, transferList: gather ? [peer, gather] : [peer] });
     };
-    this.receiver = start('receive', port1);
-    this.sender = start('send', port2);
+    this.receiver = start('receive', toSender.port1, toGatherer?.port1);
+    this.sender = start('send', toSender.port2);
+    this.gatherer = toGatherer && start('gather', toGatherer.port2);
+    this.threads = [this.receiver, this.sender, ...(this.gatherer ? [this.gatherer] : [])];
     const ready = (w: Worker): Promise<void> => new Promise((resolve, reject) => {
       w.on('message', (m: FromThread) => {
         if (m.op === 'ready') resolve();
@@ -65,12 +75,12 @@ export class ThreadedAllReduce {
       });
       w.once('exit', (code) => reject(new DqloraError(`the all-reduce's thread exited (code ${code}) before it was ready`)));
     });
-    this.ready = Promise.all([ready(this.receiver), ready(this.sender)]).then(() => {});
+    this.ready = Promise.all(this.threads.map(ready)).then(() => {});
     const gone = (w: Worker, role: string): Promise<void> => new Promise((resolve) => {
       w.on('error', (e) => this.fail(new DqloraError(`the all-reduce's ${role} thread failed: ${e.message}`)));
       w.once('exit', (code) => { if (!this.closed) this.fail(new DqloraError(`the all-reduce's ${role} thread stopped (exit code ${code})`)); resolve(); });
     });
-    this.exited = Promise.all([gone(this.receiver, 'receive'), gone(this.sender, 'send')]).then(() => {});
+    this.exited = Promise.all([gone(this.receiver, 'receive'), gone(this.sender, 'send'), ...(this.gatherer ? [gone(this.gatherer, 'gather')] : [])]).then(() => {});
   }
 
   /** Starts both threads; resolves once both are connected and subscribed. A refused connection names the address. */
@@ -80,7 +90,7 @@ export class ThreadedAllReduce {
       await ar.ready;
     } catch (e) {
       ar.closed = true;
-      await Promise.all([ar.receiver.terminate(), ar.sender.terminate()]);
+      await Promise.all(ar.threads.map((w) => w.terminate()));
       throw e;
     }
     return ar;
@@ -102,10 +112,9 @@ export class ThreadedAllReduce {
     if (shared !== buf) buf.set(shared);
   }
 
-  /** CPU ms each thread has run since it started (benchmarks). */
-  async threadCpuMs(): Promise<{ receive: number; send: number }> {
-    const [receive, send] = await Promise.all([this.receiver, this.sender].map((w) => this.call(w, (id) => ({ op: 'cpu', id }))));
-    return { receive: receive as number, send: send as number };
+  /** CPU ms each thread has run since it started (benchmarks): receive, send, and gather when there is one. */
+  async threadCpuMs(): Promise<number[]> {
+    return await Promise.all(this.threads.map((w) => this.call(w, (id) => ({ op: 'cpu', id })))) as number[];
   }
 
   /** Fails calls in flight (they reject at once) and lets both threads close their connections and exit. */
@@ -113,9 +122,9 @@ export class ThreadedAllReduce {
     if (this.closed) return;
     this.closed = true;
     this.fail(new DqloraError('all-reduce: closed during a call'));
-    for (const w of [this.receiver, this.sender]) w.postMessage({ op: 'close' });
+    for (const w of this.threads) w.postMessage({ op: 'close' });
     // A thread stuck in a connect or close (NATS unreachable) is ended after a grace period.
-    const t = setTimeout(() => { void this.receiver.terminate(); void this.sender.terminate(); }, 2000);
+    const t = setTimeout(() => { for (const w of this.threads) void w.terminate(); }, 2000);
     t.unref();
     void this.exited.then(() => clearTimeout(t));
   }

@@ -249,6 +249,18 @@ export class NatsSender implements AllReduceSender {
 export interface NatsAllReduceHooks {
   sender?: AllReduceSender;
   stats?: AllReduceStats;
+  /** All-gather messages are received elsewhere (gatherSubjects, on another connection) and handed in by deliver(). */
+  gatherRelayed?: boolean;
+}
+
+/** Subjects of one stage's all-reduce: dqlora.<job>.ar.<stage>.{rs.<owner>, ag.<owner>, ready}. */
+export function subjectPrefix(jobId: string, stage: number): string {
+  return `dqlora.${jobId}.ar.${stage}`;
+}
+
+/** The all-gather subjects a rank receives: every other owner's. */
+export function gatherSubjects(jobId: string, stage: number, rank: number, worldSize: number): string[] {
+  return range(worldSize).filter((o) => o !== rank).map((o) => `${subjectPrefix(jobId, stage)}.ag.${o}`);
 }
 
 /** One incoming slice (from one sender), assembled from its chunks. */
@@ -331,16 +343,14 @@ export class NatsAllReduce {
       throw new ConfigError(`all-reduce job ${jobId} stage ${stage}: a key of at least 16 bytes is required with ${worldSize} replicas (got ${key instanceof Uint8Array ? `${key.length} bytes` : 'none'})`,
         { hint: 'pass key: deriveAllReduceKey(jobToken, jobId) — every replica of the job derives the same one' });
     }
-    this.prefix = `dqlora.${jobId}.ar.${stage}`;
+    this.prefix = subjectPrefix(jobId, stage);
     this.jobBytes = Buffer.from(jobId);
     this.tagKey = tagKey(this.opts.key);
     this.stats = hooks.stats ?? statsIn();
     this.sender = hooks.sender ?? new NatsSender(nc, this.opts.key, jobId, `all-reduce job ${jobId} stage ${stage} rank ${rank}`, this.stats);
     if (worldSize === 1) return;
     this.subs.push(nc.subscribe(`${this.prefix}.rs.${rank}`, { callback: (err, m) => this.onMessage(err, m) }));
-    for (let o = 0; o < worldSize; o++) {
-      if (o !== rank) this.subs.push(nc.subscribe(`${this.prefix}.ag.${o}`, { callback: (err, m) => this.onMessage(err, m) }));
-    }
+    if (!hooks.gatherRelayed) for (const subject of gatherSubjects(jobId, stage, rank, worldSize)) this.subs.push(nc.subscribe(subject, { callback: (err, m) => this.onMessage(err, m) }));
     this.subs.push(nc.subscribe(`${this.prefix}.ready`, { callback: (err, m) => this.onMessage(err, m) }));
   }
 
@@ -431,6 +441,14 @@ export class NatsAllReduce {
     this.subs.length = 0;
     for (const st of this.buckets.values()) st.wake?.();
     this.joinWake?.();
+  }
+
+  /**
+   * A message received on another connection (gatherRelayed): its subject, `dq` header and payload (which must stay
+   * unchanged). Checked exactly as if it had arrived here.
+   */
+  deliver(subject: string, dq: string | undefined, data: Uint8Array): void {
+    this.onMessage(null, { subject, data, headers: dq === undefined ? undefined : { get: () => dq } } as unknown as Msg);
   }
 
   /**

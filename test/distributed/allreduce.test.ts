@@ -38,7 +38,7 @@ async function connections(n: number): Promise<NatsConnection[]> {
   return out;
 }
 
-type Impl = 'inline' | 'thread';
+type Impl = 'inline' | 'thread' | 'thread2'; // thread2: ThreadedAllReduce without its gather thread
 const IMPLS: Impl[] = ['inline', 'thread'];
 interface AllReduce {
   readonly stats: AllReduceStats;
@@ -51,7 +51,7 @@ const threaded: ThreadedAllReduce[] = [];
 /** A rank of either implementation: inline on `nc`, threaded with connections of its own to the same server. */
 async function rank(impl: Impl, nc: NatsConnection, opts: NatsAllReduceOptions, url = server!.url): Promise<AllReduce> {
   if (impl === 'inline') return new NatsAllReduce(nc, opts);
-  const ar = await ThreadedAllReduce.start({ ...opts, url });
+  const ar = await ThreadedAllReduce.start({ ...opts, url, gatherThread: impl === 'thread' });
   threaded.push(ar);
   return ar;
 }
@@ -90,7 +90,7 @@ const KEY = deriveAllReduceKey('test-job-token', 'all-reduce-tests');
 let jobSeq = 0;
 const jobId = (): string => `job-${process.pid}-${jobSeq++}`;
 
-for (const impl of IMPLS) for (const [R, n] of [[2, 50_001], [3, 70_001], [4, 100_003], [3, 2], [4, 1]] as const) {
+for (const impl of [...IMPLS, 'thread2' as const]) for (const [R, n] of [[2, 50_001], [3, 70_001], [4, 100_003], [3, 2], [4, 1]] as const) {
   test(`${impl}: R=${R}, ${n} floats: every rank ends with the fixed-order float32 sum, bit for bit, over 3 steps`, { skip }, async () => {
     const ncs = await connections(R);
     const job = jobId();
@@ -437,7 +437,7 @@ test('a job may mix the implementations (same wire protocol): inline and threade
   const R = 3, n = 90_001;
   const ncs = await connections(R);
   const job = jobId();
-  const impls: Impl[] = ['thread', 'inline', 'thread'];
+  const impls: Impl[] = ['thread', 'inline', 'thread2'];
   const ars = await Promise.all(ncs.map((nc, r) => rank(impls[r], nc, { jobId: job, stage: 0, rank: r, worldSize: R, timeoutMs: 10_000, key: KEY })));
   const rng = new Philox(4242);
   for (const step of [0, 1]) {
