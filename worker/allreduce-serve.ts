@@ -1,4 +1,4 @@
-// The two threads of one rank's threaded all-reduce (worker/allreduce-thread.ts starts them; allreduce-thread.mjs
+// The threads of one rank's threaded all-reduce (worker/allreduce-thread.ts starts them; allreduce-thread.mjs
 // and allreduce-main.ts are their entries). Each has its own NATS connection, made with the same URL and options
 // (common/nats-options.ts) as the worker's own.
 //
@@ -9,8 +9,11 @@
 //   send thread: seals (its own random nonce prefix: it is the rank's only sender) and publishes, and acknowledges
 //     what it has published once nats.js has copied it out of the buffer (the receive thread returns a buffer to
 //     the caller only then).
-// Sending and receiving each cost a rank about as much CPU as the raw publisher and subscriber processes; on two
-// threads they overlap, as those processes do (bench/RESULTS.md, NATS all-reduce).
+//   gather thread (optional, default on): receives the all-gather subjects and relays the messages, unchecked, to
+//     the receive thread — nats.js's receive work (parsing, assembling 1 MiB messages from 64 KiB socket reads,
+//     their garbage) is most of receiving, and this halves it on the receive thread.
+// On one thread a rank spends about as much as the raw publisher and subscriber processes together; on three the
+// longest is 0.60–0.66 of that at 64 MB (bench/RESULTS.md, NATS all-reduce).
 import { parentPort, workerData, type MessagePort } from 'node:worker_threads';
 import { connect, headers as natsHeaders, type NatsConnection } from '@nats-io/transport-node';
 import { NatsAllReduce, Sealer, gatherSubjects, statsIn, tagKey, type AllReduceSender, type AllReduceStats, type Header, type NatsAllReduceOptions } from './allreduce.ts';

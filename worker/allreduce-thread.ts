@@ -1,12 +1,14 @@
-// The all-reduce of worker/allreduce.ts run off the caller's thread: a receive thread and a send thread, each with
-// its own NATS connection (worker/allreduce-serve.ts). Same protocol and wire format, same fixed-order sum bit for
+// The all-reduce of worker/allreduce.ts run off the caller's thread: a receive thread, a send thread and a gather
+// thread, each with its own NATS connection (worker/allreduce-serve.ts). Same protocol and wire format, same fixed-order sum bit for
 // bit, same API as NatsAllReduce (allReduceBucket, allReduceSum, close, stats), so that existing ranks and new ones
 // can run in one job.
 //
 // Why: on one thread a rank sends and receives every byte of its share, and nats.js's copies, the tags and the sums
 // of 1 MiB messages run on the caller's event loop (the worker's main thread, which also schedules the pipeline).
-// Here the caller only posts the buffer and waits; receiving (verify, sum, all-gather copies) and sending (seal,
-// publish) overlap on two threads, as the raw baseline's publisher and subscriber processes do.
+// Here the caller only posts the buffer and waits; receiving (verify, sum, all-gather copies; the all-gather
+// messages' nats.js work on the gather thread) and sending (seal, publish) overlap on threads of their own, as the
+// raw baseline's publisher and subscriber processes do. The cost: more CPU per rank in all (each thread's isolate
+// has its own heap and GC) — a win where cores are free, a loss on a saturated machine (bench/RESULTS.md).
 //
 // Buffers: a Float32Array on a SharedArrayBuffer is used in place by both threads (the compute thread allocates
 // gradient buckets that way); any other buffer is copied into a shared one and back — two copies of the buffer,

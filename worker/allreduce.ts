@@ -40,7 +40,8 @@
 // version-1 key is never reused.)
 //
 // Threads: NatsAllReduce runs all of this on the caller's thread; worker/allreduce-thread.ts (what workers use) runs
-// the same class on a receive thread and hands what it publishes to a send thread (AllReduceSender).
+// the same class on a receive thread, hands what it publishes to a send thread (AllReduceSender) and may be handed
+// the all-gather messages by a gather thread (deliver).
 //
 // The first call runs a join barrier (a rank publishes "ready" until it has heard from every peer; any message
 // from a peer also counts) so nothing is published to a peer that has not subscribed yet. A call that does not

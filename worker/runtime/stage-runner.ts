@@ -41,7 +41,7 @@ const MAX_SENDS_IN_FLIGHT = 4;
 /** Gradient bytes per all-reduce bucket: big enough to amortise a NATS round, small enough to overlap backward. */
 const BUCKET_BYTES = 4 << 20;
 
-/** What the stage runner needs of an all-reduce: NatsAllReduce (this thread) or ThreadedAllReduce (two threads). */
+/** What the stage runner needs of an all-reduce: NatsAllReduce (this thread) or ThreadedAllReduce (threads of its own). */
 interface GradientAllReduce {
   readonly stats: AllReduceStats;
   allReduceBucket(seq: number, bucket: number, buf: Float32Array): Promise<void>;
