@@ -16,6 +16,7 @@ B=${MG_BUNDLES:-$PWD/.device}
 export DQLORA_WORKER_ENTRY=$B/worker.mjs
 export DQLORA_COMPUTE_ENTRY=$B/compute.mjs
 export DQLORA_TRANSPORT_ENTRY=$B/transport-thread.mjs
+export DQLORA_ALLREDUCE_ENTRY=$B/allreduce-thread.mjs
 export DQLORA_LOG_LEVEL=${DQLORA_LOG_LEVEL:-warn}
 nvidia-smi -L | tee "$OUT/log.txt"
 node -e 'const a=require(process.env.DQLORA_CUDA_ADDON); console.log("cuda devices:", a.deviceCount().count)' 2>&1 | tee -a "$OUT/log.txt"

@@ -5,16 +5,19 @@
 // after the receiver's ack) and the next tensor of the same size reuses one. Sizes that do not repeat just miss.
 // Contents of a reused array are stale: every user overwrites all of it.
 
-export class BufferPool {
-  private readonly free: ArrayBuffer[] = [];
+export class BufferPool<B extends ArrayBuffer | SharedArrayBuffer = ArrayBuffer> {
+  private readonly free: B[] = [];
   private bytes = 0;
   readonly stats = { hits: 0, misses: 0, given: 0, dropped: 0 };
 
-  /** Keeps at most `maxBuffers` arrays and `maxBytes` bytes (oldest dropped first). */
-  constructor(private readonly maxBuffers = 8, private readonly maxBytes = 1 << 30) {}
+  /**
+   * Keeps at most `maxBuffers` arrays and `maxBytes` bytes (oldest dropped first). `make` creates a missing one
+   * (default an ArrayBuffer; e.g. `(n) => new SharedArrayBuffer(n)` for memory several threads work on).
+   */
+  constructor(private readonly maxBuffers = 8, private readonly maxBytes = 1 << 30, private readonly make: (bytes: number) => B = (n) => new ArrayBuffer(n) as B) {}
 
   /** An array of exactly `bytes` bytes: a pooled one if there is one, else a new one. */
-  take(bytes: number): ArrayBuffer {
+  take(bytes: number): B {
     for (let i = this.free.length - 1; i >= 0; i--) {
       if (this.free[i].byteLength === bytes) {
         const b = this.free.splice(i, 1)[0];
@@ -24,11 +27,11 @@ export class BufferPool {
       }
     }
     this.stats.misses++;
-    return new ArrayBuffer(bytes);
+    return this.make(bytes);
   }
 
   /** Gives an array back (it must not be used elsewhere any more). Detached or oversized arrays are not kept. */
-  give(b: ArrayBuffer): void {
+  give(b: B): void {
     this.stats.given++;
     if (b.byteLength === 0 || b.byteLength > this.maxBytes) { this.stats.dropped++; return; }
     this.free.push(b);

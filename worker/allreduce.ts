@@ -28,8 +28,9 @@
 // ≈ ℓ/2^103 per try for ℓ 16-byte blocks: < 2^−83 for an 8 MiB message) — unless a nonce repeats under the key,
 // which would reveal r. So nonces never repeat: the key is shared by every rank and outlives a worker's restart
 // (the same seq may run again), so a counter alone would repeat; the nonce is 64 bits drawn at random per
-// NatsAllReduce ‖ a 32-bit message counter of that instance (an instance refuses to send more than 2^32
-// messages; a new instance draws a new prefix; 2^20 instances under one key collide with chance < 2^−24). It runs
+// instance (its Sealer: a rank seals on one thread only — in ThreadedAllReduce, the send thread) ‖ a 32-bit message
+// counter of that instance (an instance refuses to send more than 2^32 messages; a new instance draws a new prefix;
+// 2^20 instances under one key collide with chance < 2^−24). It runs
 // at 8–11 GB/s here, 5–8× the HMAC-SHA256 of header version 1, which took a quarter of a rank's busy CPU. A message
 // whose tag does not check, of another header version, that repeats a (seq, bucket, phase, rank, chunk) already
 // received (a replay carries its old nonce and tag, so it checks, and is caught here), or belongs to a seq this
@@ -37,6 +38,10 @@
 // publish on the NATS server cannot change the result. (The key never travels: deriveAllReduceKey makes the job's
 // secret from the job token both sides hold; the cipher key is derived from that under its own label, so a
 // version-1 key is never reused.)
+//
+// Threads: NatsAllReduce runs all of this on the caller's thread; worker/allreduce-thread.ts (what workers use) runs
+// the same class on a receive thread, hands what it publishes to a send thread (AllReduceSender) and may be handed
+// the all-gather messages by a gather thread (deliver).
 //
 // The first call runs a join barrier (a rank publishes "ready" until it has heard from every peer; any message
 // from a peer also counts) so nothing is published to a peer that has not subscribed yet. A call that does not
@@ -81,10 +86,10 @@ const NONCE = 12;
 const VERSION = 2;
 /** Messages one instance may send before its 32-bit nonce counter would wrap. */
 const MAX_MESSAGES = 2 ** 32;
-const KIND = { rs: 1, ag: 2, ready: 3, readyReply: 4 } as const;
-type Kind = (typeof KIND)[keyof typeof KIND];
+export const KIND = { rs: 1, ag: 2, ready: 3, readyReply: 4 } as const;
+export type Kind = (typeof KIND)[keyof typeof KIND];
 
-interface Header { kind: Kind; rank: number; stage: number; seq: number; bucket: number; chunk: number; count: number; off: number; n: number }
+export interface Header { kind: Kind; rank: number; stage: number; seq: number; bucket: number; chunk: number; count: number; off: number; n: number }
 
 /** The per-job all-reduce key, derived from the job token (which the coordinator and every worker hold). */
 export function deriveAllReduceKey(jobToken: string, jobId: string): Uint8Array {
@@ -92,7 +97,7 @@ export function deriveAllReduceKey(jobToken: string, jobId: string): Uint8Array 
 }
 
 /** The ChaCha20-Poly1305 key of header version 2, from the job's all-reduce secret (a label of its own). */
-function tagKey(secret: Uint8Array): Buffer {
+export function tagKey(secret: Uint8Array): Buffer {
   return crypto.createHmac('sha256', secret).update('dqlora all-reduce v2 chacha20-poly1305 tag key').digest();
 }
 
@@ -132,6 +137,133 @@ export interface AllReduceStats {
   staleDropped: number;
 }
 
+const STAT_FIELDS = ['bytesSent', 'bytesReceived', 'messagesSent', 'messagesReceived', 'rejected', 'staleDropped'] as const;
+/** Float64 slots AllReduceStats takes in a (shared) array: one per field, in STAT_FIELDS order. */
+export const STAT_SLOTS = STAT_FIELDS.length;
+
+/**
+ * AllReduceStats kept in a Float64Array — a SharedArrayBuffer's when the threads of one rank (worker/allreduce-thread.ts)
+ * count into it and the caller reads it. Each field has one writer: the sending side counts sent, the receiving side
+ * received and rejected.
+ */
+export function statsIn(slots: Float64Array = new Float64Array(STAT_SLOTS)): AllReduceStats {
+  const s = {} as AllReduceStats;
+  STAT_FIELDS.forEach((f, i) => Object.defineProperty(s, f, { enumerable: true, get: () => slots[i], set: (v: number) => { slots[i] = v; } }));
+  return s;
+}
+
+/**
+ * Seals one rank's outgoing messages: the header fields, a fresh nonce (this sealer's 64 random bits ‖ its 32-bit
+ * counter) and the tag. One sealer per sending thread of a rank, so that no two senders ever share a nonce.
+ */
+export class Sealer {
+  private readonly nonce = Buffer.alloc(NONCE);
+  private sent = 0;
+  /** Reused per message: the binary header being sealed. */
+  private readonly buf = Buffer.alloc(HDR + TAG);
+
+  constructor(private readonly key: Buffer, private readonly jobBytes: Buffer, private readonly who: string) {
+    crypto.randomFillSync(this.nonce, 0, 8);
+  }
+
+  /** False once the nonce counter is spent. */
+  get canSeal(): boolean { return this.sent < MAX_MESSAGES; }
+
+  /** The `dq` header value: header fields, a fresh nonce and the tag over job, fields and payload, base64url. */
+  seal(hd: Header, payload: Uint8Array): string {
+    if (!this.canSeal) {
+      throw new DqloraError(`${this.who}: this instance has sent 2^32 messages, its nonce counter is spent`,
+        { hint: 'create a new NatsAllReduce (it draws a new random nonce prefix) and close this one' });
+    }
+    this.nonce.writeUInt32LE(this.sent++, 8);
+    const b = this.buf;
+    b[0] = VERSION;
+    b[1] = hd.kind;
+    b.writeUInt16LE(hd.rank, 2);
+    b.writeUInt32LE(hd.stage, 4);
+    b.writeDoubleLE(hd.seq, 8);
+    b.writeUInt32LE(hd.bucket, 16);
+    b.writeUInt32LE(hd.chunk, 20);
+    b.writeUInt32LE(hd.count, 24);
+    b.writeUInt32LE(hd.off, 28);
+    b.writeDoubleLE(hd.n, 32);
+    this.nonce.copy(b, NONCE_AT);
+    b.writeUInt16LE(0, NONCE_AT + NONCE);
+    tagOf(this.key, this.jobBytes, b.subarray(0, HDR), payload).copy(b, HDR);
+    return b.toString('base64url');
+  }
+}
+
+/** ChaCha20-Poly1305 over no plaintext, AAD = job ‖ header ‖ payload, nonce from the header: a MAC (see the top). */
+function tagOf(key: Buffer, jobBytes: Buffer, header: Uint8Array, payload: Uint8Array): Buffer {
+  const c = crypto.createCipheriv('chacha20-poly1305', key, header.subarray(NONCE_AT, NONCE_AT + NONCE), { authTagLength: TAG });
+  c.setAAD(jobBytes, { plaintextLength: 0 });
+  c.setAAD(header, { plaintextLength: 0 });
+  c.setAAD(payload, { plaintextLength: 0 });
+  c.final();
+  return c.getAuthTag();
+}
+
+/**
+ * How a NatsAllReduce's messages leave: sealed and published on its own connection (NatsSender, the default), or
+ * handed to a send thread with a connection of its own (worker/allreduce-thread.ts).
+ */
+export interface AllReduceSender {
+  /** False once no more messages can be sealed (the nonce counter is spent). */
+  readonly canSend: boolean;
+  /** Seals and publishes `data` (none: an empty payload) on `subject`. `data` must not change until drained(). */
+  send(subject: string, hd: Header, data?: Float32Array): void;
+  /** Resolves once no message sent so far reads the caller's buffer any more (nats.js has copied it out). */
+  drained(): Promise<void>;
+  /** The call on this buffer is over: nothing more will be sent from it. */
+  release?(buf: Float32Array): void;
+}
+
+const EMPTY = new Uint8Array(0);
+
+/** Seals and publishes on the given connection, on the caller's thread. */
+export class NatsSender implements AllReduceSender {
+  readonly sealer: Sealer;
+  constructor(private readonly nc: NatsConnection, secret: Uint8Array, jobId: string, who: string, private readonly stats: AllReduceStats) {
+    this.sealer = new Sealer(tagKey(secret), Buffer.from(jobId), who);
+  }
+
+  get canSend(): boolean { return this.sealer.canSeal; }
+
+  send(subject: string, hd: Header, data?: Float32Array): void {
+    const payload = data ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength) : EMPTY;
+    const h = natsHeaders();
+    h.set('dq', this.sealer.seal(hd, payload));
+    // nats.js keeps a reference and copies it into its outbound buffer on the next microtask, before any peer can
+    // have answered, so the caller's buffer cannot change under it.
+    this.nc.publish(subject, payload, { headers: h });
+    if (data) {
+      this.stats.bytesSent += payload.length;
+      this.stats.messagesSent++;
+    }
+  }
+
+  drained(): Promise<void> { return Promise.resolve(); }
+}
+
+/** Hooks of the threaded implementation (worker/allreduce-thread.ts): where messages go, where counts go. */
+export interface NatsAllReduceHooks {
+  sender?: AllReduceSender;
+  stats?: AllReduceStats;
+  /** All-gather messages are received elsewhere (gatherSubjects, on another connection) and handed in by deliver(). */
+  gatherRelayed?: boolean;
+}
+
+/** Subjects of one stage's all-reduce: dqlora.<job>.ar.<stage>.{rs.<owner>, ag.<owner>, ready}. */
+export function subjectPrefix(jobId: string, stage: number): string {
+  return `dqlora.${jobId}.ar.${stage}`;
+}
+
+/** The all-gather subjects a rank receives: every other owner's. */
+export function gatherSubjects(jobId: string, stage: number, rank: number, worldSize: number): string[] {
+  return range(worldSize).filter((o) => o !== rank).map((o) => `${subjectPrefix(jobId, stage)}.ag.${o}`);
+}
+
 /** One incoming slice (from one sender), assembled from its chunks. */
 interface Incoming {
   /** all-gather: [sliceLen], a view into the caller's buffer while its call runs, staging before (allocated lazily). */
@@ -167,17 +299,15 @@ interface BucketState {
 }
 
 export class NatsAllReduce {
-  readonly stats: AllReduceStats = { bytesSent: 0, bytesReceived: 0, messagesSent: 0, messagesReceived: 0, rejected: 0, staleDropped: 0 };
+  readonly stats: AllReduceStats;
   private readonly nc: NatsConnection;
   private readonly opts: Required<NatsAllReduceOptions>;
   private readonly prefix: string;
   private readonly jobBytes: Buffer;
   private readonly tagKey: Buffer;
-  /** Nonce of the next message: 8 random bytes drawn per instance ‖ u32 counter (see the header). */
-  private readonly nonce = Buffer.alloc(NONCE);
-  private sent = 0;
-  /** Reused per message: the binary header being sealed. */
-  private readonly sealBuf = Buffer.alloc(HDR + TAG);
+  private readonly sender: AllReduceSender;
+  /** Set by fail() while joining: the join barrier gives up with it. */
+  private joinFailure?: Error;
   private readonly subs: Subscription[] = [];
   private readonly buckets = new Map<string, BucketState>();
   /** Keys of (seq, bucket) calls that completed, for seqs ≥ finishedBelow (replays of them are refused). */
@@ -196,7 +326,7 @@ export class NatsAllReduce {
   private unaligned = new Float32Array(0);
   private rejectLog = { last: 0, since: 0, reason: '' };
 
-  constructor(nc: NatsConnection, opts: NatsAllReduceOptions) {
+  constructor(nc: NatsConnection, opts: NatsAllReduceOptions, hooks: NatsAllReduceHooks = {}) {
     const serverMax = nc.info?.max_payload ?? 1024 * 1024;
     this.nc = nc;
     this.opts = { ...opts, maxPayload: opts.maxPayload ?? Math.min(serverMax, DEFAULT_MESSAGE_BYTES), maxElements: opts.maxElements ?? 1 << 28, key: opts.key ?? new Uint8Array(0) };
@@ -214,15 +344,14 @@ export class NatsAllReduce {
       throw new ConfigError(`all-reduce job ${jobId} stage ${stage}: a key of at least 16 bytes is required with ${worldSize} replicas (got ${key instanceof Uint8Array ? `${key.length} bytes` : 'none'})`,
         { hint: 'pass key: deriveAllReduceKey(jobToken, jobId) — every replica of the job derives the same one' });
     }
-    this.prefix = `dqlora.${jobId}.ar.${stage}`;
+    this.prefix = subjectPrefix(jobId, stage);
     this.jobBytes = Buffer.from(jobId);
     this.tagKey = tagKey(this.opts.key);
-    crypto.randomFillSync(this.nonce, 0, 8);
+    this.stats = hooks.stats ?? statsIn();
+    this.sender = hooks.sender ?? new NatsSender(nc, this.opts.key, jobId, `all-reduce job ${jobId} stage ${stage} rank ${rank}`, this.stats);
     if (worldSize === 1) return;
     this.subs.push(nc.subscribe(`${this.prefix}.rs.${rank}`, { callback: (err, m) => this.onMessage(err, m) }));
-    for (let o = 0; o < worldSize; o++) {
-      if (o !== rank) this.subs.push(nc.subscribe(`${this.prefix}.ag.${o}`, { callback: (err, m) => this.onMessage(err, m) }));
-    }
+    if (!hooks.gatherRelayed) for (const subject of gatherSubjects(jobId, stage, rank, worldSize)) this.subs.push(nc.subscribe(subject, { callback: (err, m) => this.onMessage(err, m) }));
     this.subs.push(nc.subscribe(`${this.prefix}.ready`, { callback: (err, m) => this.onMessage(err, m) }));
   }
 
@@ -296,10 +425,13 @@ export class NatsAllReduce {
       this.reduceReadyChunks(st);
       await this.waitFor(st, deadline, 'reduce-scatter', () => (st.reducedCount === st.reduced.length ? [] : this.missing(st.rs)));
       await this.waitFor(st, deadline, 'all-gather', () => this.missing(st.ag));
+      // The buffer goes back to the caller only once no message still reads from it.
+      await this.sender.drained();
       this.done.add(key);
     } finally {
       this.buckets.delete(key);
       this.active.delete(key);
+      this.sender.release?.(buf);
     }
   }
 
@@ -310,6 +442,27 @@ export class NatsAllReduce {
     this.subs.length = 0;
     for (const st of this.buckets.values()) st.wake?.();
     this.joinWake?.();
+  }
+
+  /**
+   * A message received on another connection (gatherRelayed): its subject, `dq` header and payload (which must stay
+   * unchanged). Checked exactly as if it had arrived here.
+   */
+  deliver(subject: string, dq: string | undefined, data: Uint8Array): void {
+    this.onMessage(null, { subject, data, headers: dq === undefined ? undefined : { get: () => dq } } as unknown as Msg);
+  }
+
+  /**
+   * Fails the calls running now with `e` (the threaded implementation: its send thread failed, or a connection
+   * dropped); later calls start afresh.
+   */
+  fail(e: Error): void {
+    for (const [k, st] of this.buckets) {
+      if (!this.active.has(k)) continue;
+      st.error ??= e;
+      st.wake?.();
+    }
+    if (this.joinPromise) { this.joinFailure = e; this.joinWake?.(); }
   }
 
   /** Seqs below this are finished here: their messages are refused, their buffered state dropped. */
@@ -389,48 +542,7 @@ export class NatsAllReduce {
   }
 
   private publishChunk(subject: string, kind: Kind, seq: number, bucket: number, n: number, chunk: number, count: number, off: number, data: Float32Array): void {
-    const payload = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
-    const h = natsHeaders();
-    h.set('dq', this.seal({ kind, rank: this.opts.rank, stage: this.opts.stage, seq, bucket, chunk, count, off, n }, payload));
-    // nats.js keeps a reference and writes it out on the next microtask, before any peer can have answered, so
-    // the caller's buffer cannot change under it.
-    this.nc.publish(subject, payload, { headers: h });
-    this.stats.bytesSent += payload.length;
-    this.stats.messagesSent++;
-  }
-
-  /** The `dq` header value: header fields, a fresh nonce and the tag over job, fields and payload, base64url. */
-  private seal(hd: Header, payload: Uint8Array): string {
-    if (this.sent >= MAX_MESSAGES) {
-      throw new DqloraError(`all-reduce job ${this.opts.jobId} stage ${this.opts.stage} rank ${this.opts.rank}: this instance has sent 2^32 messages, its nonce counter is spent`,
-        { hint: 'create a new NatsAllReduce (it draws a new random nonce prefix) and close this one' });
-    }
-    this.nonce.writeUInt32LE(this.sent++, 8);
-    const b = this.sealBuf;
-    b[0] = VERSION;
-    b[1] = hd.kind;
-    b.writeUInt16LE(hd.rank, 2);
-    b.writeUInt32LE(hd.stage, 4);
-    b.writeDoubleLE(hd.seq, 8);
-    b.writeUInt32LE(hd.bucket, 16);
-    b.writeUInt32LE(hd.chunk, 20);
-    b.writeUInt32LE(hd.count, 24);
-    b.writeUInt32LE(hd.off, 28);
-    b.writeDoubleLE(hd.n, 32);
-    this.nonce.copy(b, NONCE_AT);
-    b.writeUInt16LE(0, NONCE_AT + NONCE);
-    this.tag(b.subarray(0, HDR), payload).copy(b, HDR);
-    return b.toString('base64url');
-  }
-
-  /** ChaCha20-Poly1305 over no plaintext, AAD = job ‖ header ‖ payload, nonce from the header: a MAC (see the top). */
-  private tag(header: Uint8Array, payload: Uint8Array): Buffer {
-    const c = crypto.createCipheriv('chacha20-poly1305', this.tagKey, header.subarray(NONCE_AT, NONCE_AT + NONCE), { authTagLength: TAG });
-    c.setAAD(this.jobBytes, { plaintextLength: 0 });
-    c.setAAD(header, { plaintextLength: 0 });
-    c.setAAD(payload, { plaintextLength: 0 });
-    c.final();
-    return c.getAuthTag();
+    this.sender.send(subject, { kind, rank: this.opts.rank, stage: this.opts.stage, seq, bucket, chunk, count, off, n }, data);
   }
 
   /** Parses and authenticates a message's `dq` header; undefined (and counted) when it does not check. */
@@ -441,7 +553,7 @@ export class NatsAllReduce {
     if (!b || b.length === 0) return this.reject('missing header', m);
     if (b[0] !== VERSION) return this.reject(`header version ${b[0]}, this rank speaks only version ${VERSION} (a worker of another dqlora release in the job?)`, m);
     if (b.length !== HDR + TAG) return this.reject(`malformed header (${b.length} bytes, expected ${HDR + TAG})`, m);
-    if (!crypto.timingSafeEqual(this.tag(b.subarray(0, HDR), m.data), b.subarray(HDR))) return this.reject('bad tag (forged, corrupted, or another job\'s key)', m);
+    if (!crypto.timingSafeEqual(tagOf(this.tagKey, this.jobBytes, b.subarray(0, HDR), m.data), b.subarray(HDR))) return this.reject('bad tag (forged, corrupted, or another job\'s key)', m);
     const hd: Header = {
       kind: b[1] as Kind, rank: b.readUInt16LE(2), stage: b.readUInt32LE(4), seq: b.readDoubleLE(8), bucket: b.readUInt32LE(16),
       chunk: b.readUInt32LE(20), count: b.readUInt32LE(24), off: b.readUInt32LE(28), n: b.readDoubleLE(32),
@@ -483,6 +595,12 @@ export class NatsAllReduce {
     const others = (): number[] => range(this.opts.worldSize).filter((q) => q !== this.opts.rank && !this.joined.has(q));
     while (others().length > 0) {
       if (this.closed) throw new DqloraError('all-reduce: closed while joining');
+      if (this.joinFailure) {
+        const e = this.joinFailure;
+        this.joinFailure = undefined;
+        this.joinPromise = undefined; // a later call may try again
+        throw e;
+      }
       if (Date.now() >= deadline) {
         this.joinPromise = undefined; // a later call may try again
         const miss = others();
@@ -499,10 +617,7 @@ export class NatsAllReduce {
 
   /** `reply`: an answer to a peer's announcement (never answered itself, so there is no ping-pong). */
   private announce(reply = false): void {
-    const h = natsHeaders();
-    const empty = new Uint8Array(0);
-    h.set('dq', this.seal({ kind: reply ? KIND.readyReply : KIND.ready, rank: this.opts.rank, stage: this.opts.stage, seq: 0, bucket: 0, chunk: 0, count: 0, off: 0, n: 0 }, empty));
-    this.nc.publish(`${this.prefix}.ready`, empty, { headers: h });
+    this.sender.send(`${this.prefix}.ready`, { kind: reply ? KIND.readyReply : KIND.ready, rank: this.opts.rank, stage: this.opts.stage, seq: 0, bucket: 0, chunk: 0, count: 0, off: 0, n: 0 });
   }
 
   private heardFrom(q: number): void {
@@ -529,7 +644,7 @@ export class NatsAllReduce {
       // before this one, are active on the server. Rate-limited against a flood of joiners. (Not once the nonces
       // are spent: seal would throw into nats.js's dispatch; this rank's next call reports it.)
       const now = Date.now();
-      if (hd.kind === KIND.ready && now - this.lastReadyReply >= READY_INTERVAL_MS / 5 && this.sent < MAX_MESSAGES) {
+      if (hd.kind === KIND.ready && now - this.lastReadyReply >= READY_INTERVAL_MS / 5 && this.sender.canSend) {
         this.lastReadyReply = now;
         this.announce(true);
       }

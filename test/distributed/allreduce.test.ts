@@ -1,14 +1,18 @@
-// worker/allreduce.ts against a real nats-server (max_payload 64 KiB so every buffer is chunked), one
-// connection per rank as separate workers would have.
+// worker/allreduce.ts (NatsAllReduce, on the caller's thread) and worker/allreduce-thread.ts (ThreadedAllReduce,
+// the same protocol on a receive and a send thread with connections of their own) against a real nats-server
+// (max_payload 64 KiB so every buffer is chunked), one connection per rank as separate workers would have. The
+// behaviour tests run against both implementations; a job may mix them (same wire protocol).
 import crypto from 'node:crypto';
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { connect, headers, type Msg, type NatsConnection } from '@nats-io/transport-node';
-import { NatsAllReduce, AllReduceTimeoutError, deriveAllReduceKey } from '../../worker/allreduce.ts';
-import { WireError } from '../../common/errors.ts';
+import { NatsAllReduce, AllReduceTimeoutError, deriveAllReduceKey, type AllReduceStats, type NatsAllReduceOptions } from '../../worker/allreduce.ts';
+import { ThreadedAllReduce } from '../../worker/allreduce-thread.ts';
+import { ConfigError, WireError } from '../../common/errors.ts';
+import { ConnectionError } from '../../common/connection.ts';
 import { setLogTerminal } from '../../common/log.ts';
 import { Terminal } from '../../common/terminal.ts';
-import { startNatsServer, natsServerMissing, type NatsServerHandle } from '../helpers/nats.ts';
+import { startNatsServer, natsServerMissing, freePort, type NatsServerHandle } from '../helpers/nats.ts';
 import { Philox } from '../helpers/prng.ts';
 
 const skip = natsServerMissing();
@@ -20,6 +24,9 @@ before(async () => {
   if (!skip) server = await startNatsServer({ maxPayload: MAX_PAYLOAD });
 });
 after(async () => {
+  // Every thread has exited once closed (or the test file would not end).
+  for (const ar of threaded) ar.close();
+  await Promise.all(threaded.map((ar) => ar.whenClosed()));
   await Promise.all(conns.map((c) => c.close()));
   await server?.stop();
 });
@@ -29,6 +36,36 @@ async function connections(n: number): Promise<NatsConnection[]> {
   for (let i = 0; i < n; i++) out.push(await connect({ servers: server!.url, name: `test-rank-${i}` }));
   conns.push(...out);
   return out;
+}
+
+type Impl = 'inline' | 'thread' | 'thread2'; // thread2: ThreadedAllReduce without its gather thread
+const IMPLS: Impl[] = ['inline', 'thread'];
+interface AllReduce {
+  readonly stats: AllReduceStats;
+  allReduceSum(step: number, buf: Float32Array): Promise<void>;
+  allReduceBucket(seq: number, bucket: number, buf: Float32Array): Promise<void>;
+  close(): void;
+}
+const threaded: ThreadedAllReduce[] = [];
+
+/** A rank of either implementation: inline on `nc`, threaded with connections of its own to the same server. */
+async function rank(impl: Impl, nc: NatsConnection, opts: NatsAllReduceOptions, url = server!.url): Promise<AllReduce> {
+  if (impl === 'inline') return new NatsAllReduce(nc, opts);
+  const ar = await ThreadedAllReduce.start({ ...opts, url, gatherThread: impl === 'thread' });
+  threaded.push(ar);
+  return ar;
+}
+
+/** One rank per connection. */
+function ranks(impl: Impl, ncs: NatsConnection[], opts: (rank: number) => NatsAllReduceOptions): Promise<AllReduce[]> {
+  return Promise.all(ncs.map((nc, r) => rank(impl, nc, opts(r))));
+}
+
+/** A copy in shared memory (what the compute thread hands the all-reduce: the threads use it in place). */
+function shared(x: Float32Array): Float32Array {
+  const b = new Float32Array(new SharedArrayBuffer(x.byteLength));
+  b.set(x);
+  return b;
 }
 
 /** The contract: element-wise float32 sum in rank order 0..R−1 (no float64 accumulation). */
@@ -53,16 +90,16 @@ const KEY = deriveAllReduceKey('test-job-token', 'all-reduce-tests');
 let jobSeq = 0;
 const jobId = (): string => `job-${process.pid}-${jobSeq++}`;
 
-for (const [R, n] of [[2, 50_001], [3, 70_001], [4, 100_003], [3, 2], [4, 1]] as const) {
-  test(`R=${R}, ${n} floats: every rank ends with the fixed-order float32 sum, bit for bit, over 3 steps`, { skip }, async () => {
+for (const impl of [...IMPLS, 'thread2' as const]) for (const [R, n] of [[2, 50_001], [3, 70_001], [4, 100_003], [3, 2], [4, 1]] as const) {
+  test(`${impl}: R=${R}, ${n} floats: every rank ends with the fixed-order float32 sum, bit for bit, over 3 steps`, { skip }, async () => {
     const ncs = await connections(R);
     const job = jobId();
-    const ars = ncs.map((nc, rank) => new NatsAllReduce(nc, { jobId: job, stage: 1, rank, worldSize: R, timeoutMs: 10_000, key: KEY }));
+    const ars = await ranks(impl, ncs, (rank) => ({ jobId: job, stage: 1, rank, worldSize: R, timeoutMs: 10_000, key: KEY }));
     const rng = new Philox(R * 1000 + n);
     for (const step of [0, 1, 5]) {
       const inputs = Array.from({ length: R }, () => gradients(rng, n));
       const expected = referenceSum(inputs);
-      const bufs = inputs.map((x) => Float32Array.from(x));
+      const bufs = inputs.map(shared);
       // Start the ranks at different times, as real replicas would.
       await Promise.all(ars.map(async (ar, rank) => {
         await new Promise((r) => setTimeout(r, rank * 7 * (step % 2)));
@@ -80,19 +117,20 @@ for (const [R, n] of [[2, 50_001], [3, 70_001], [4, 100_003], [3, 2], [4, 1]] as
   });
 }
 
-test('R=1 is a no-op that leaves the buffer untouched', { skip }, async () => {
+for (const impl of IMPLS) test(`${impl}: R=1 is a no-op that leaves the buffer untouched`, { skip }, async () => {
   const [nc] = await connections(1);
-  const ar = new NatsAllReduce(nc, { jobId: jobId(), stage: 0, rank: 0, worldSize: 1, timeoutMs: 100 });
+  const ar = await rank(impl, nc, { jobId: jobId(), stage: 0, rank: 0, worldSize: 1, timeoutMs: 100 });
   const buf = new Float32Array([1, 2, 3]);
   await ar.allReduceSum(0, buf);
   assert.deepEqual(Array.from(buf), [1, 2, 3]);
   assert.equal(ar.stats.messagesSent, 0);
+  ar.close();
 });
 
-test('a rank that never calls: the others fail with AllReduceTimeoutError naming it', { skip }, async () => {
+for (const impl of IMPLS) test(`${impl}: a rank that never calls: the others fail with AllReduceTimeoutError naming it`, { skip }, async () => {
   const ncs = await connections(3);
   const job = jobId();
-  const ars = ncs.map((nc, rank) => new NatsAllReduce(nc, { jobId: job, stage: 0, rank, worldSize: 3, timeoutMs: 600, key: KEY }));
+  const ars = await ranks(impl, ncs, (rank) => ({ jobId: job, stage: 0, rank, worldSize: 3, timeoutMs: 600, key: KEY }));
   const results = await Promise.allSettled([0, 1].map((r) => ars[r].allReduceSum(0, new Float32Array(1000).fill(r))));
   for (const res of results) {
     assert.equal(res.status, 'rejected');
@@ -105,20 +143,20 @@ test('a rank that never calls: the others fail with AllReduceTimeoutError naming
   for (const ar of ars) ar.close();
 });
 
-test('a rank that never joins: the join barrier times out naming it', { skip }, async () => {
+for (const impl of IMPLS) test(`${impl}: a rank that never joins: the join barrier times out naming it`, { skip }, async () => {
   const ncs = await connections(2);
   const job = jobId();
-  const ar = new NatsAllReduce(ncs[0], { jobId: job, stage: 2, rank: 0, worldSize: 3, timeoutMs: 400, key: KEY });
-  new NatsAllReduce(ncs[1], { jobId: job, stage: 2, rank: 1, worldSize: 3, timeoutMs: 400, key: KEY }); // joins, never calls
+  const ar = await rank(impl, ncs[0], { jobId: job, stage: 2, rank: 0, worldSize: 3, timeoutMs: 400, key: KEY });
+  const idle = await rank(impl, ncs[1], { jobId: job, stage: 2, rank: 1, worldSize: 3, timeoutMs: 400, key: KEY }); // joins, never calls
   await assert.rejects(ar.allReduceSum(0, new Float32Array(10)), (e: unknown) =>
     e instanceof AllReduceTimeoutError && e.phase === 'join' && e.missingRanks.join() === '2' && /waiting for rank\(s\) 2 to join/.test(e.message));
-  ar.close();
+  ar.close(); idle.close();
 });
 
-test('replicas with different buffer lengths get a WireError, not a wrong sum', { skip }, async () => {
+for (const impl of IMPLS) test(`${impl}: replicas with different buffer lengths get a WireError, not a wrong sum`, { skip }, async () => {
   const ncs = await connections(2);
   const job = jobId();
-  const ars = ncs.map((nc, rank) => new NatsAllReduce(nc, { jobId: job, stage: 0, rank, worldSize: 2, timeoutMs: 2000, key: KEY }));
+  const ars = await ranks(impl, ncs, (rank) => ({ jobId: job, stage: 0, rank, worldSize: 2, timeoutMs: 2000, key: KEY }));
   const res = await Promise.allSettled([ars[0].allReduceSum(0, new Float32Array(100)), ars[1].allReduceSum(0, new Float32Array(101))]);
   for (const r of res) {
     assert.equal(r.status, 'rejected');
@@ -159,10 +197,10 @@ async function settle(cond: () => boolean): Promise<void> {
   for (let t0 = Date.now(); !cond() && Date.now() - t0 < 5000;) await new Promise((r) => setTimeout(r, 10));
 }
 
-test('forged, tampered, replayed, version-1 and stale chunks injected by a third connection are refused and counted; the sums stay bit-identical', { skip }, async () => {
+for (const impl of IMPLS) test(`${impl}: forged, tampered, replayed, version-1 and stale chunks injected by a third connection are refused and counted; the sums stay bit-identical`, { skip }, async () => {
   const ncs = await connections(3);
   const job = jobId();
-  const ars = ncs.slice(0, 2).map((nc, rank) => new NatsAllReduce(nc, { jobId: job, stage: 0, rank, worldSize: 2, timeoutMs: 5000, key: KEY }));
+  const ars = await ranks(impl, ncs.slice(0, 2), (rank) => ({ jobId: job, stage: 0, rank, worldSize: 2, timeoutMs: 5000, key: KEY }));
   const rng = new Philox(77);
   const n = 50_001; // 2 chunks per slice under the 64 KiB max_payload: each rank gets 2 rs + 2 ag messages a step
   // The attacker sees every message of the job (it can subscribe like anyone on the server).
@@ -262,7 +300,7 @@ test('each refused message is counted and logged with its reason: a bad tag, ano
   }
 });
 
-test('nonces never repeat under the job key: 64 random bits per instance ‖ its message counter, across ranks, steps and a restart that re-runs a step', { skip }, async () => {
+for (const impl of IMPLS) test(`${impl}: nonces never repeat under the job key: 64 random bits per instance ‖ its message counter, across ranks, steps and a restart that re-runs a step`, { skip }, async () => {
   const R = 3;
   const ncs = await connections(R + 1);
   const job = jobId();
@@ -274,7 +312,7 @@ test('nonces never repeat under the job key: 64 random bits per instance ‖ its
   const n = 120_001; // 160 KB slices: 3 chunks each under 64 KiB
   // Two lives of the same job: the second re-runs steps 0 and 1 with the same key (as after a restart).
   for (const life of [0, 1]) {
-    const ars = ncs.slice(0, R).map((nc, rank) => new NatsAllReduce(nc, { jobId: job, stage: 0, rank, worldSize: R, timeoutMs: 10_000, key: KEY }));
+    const ars = await ranks(impl, ncs.slice(0, R), (rank) => ({ jobId: job, stage: 0, rank, worldSize: R, timeoutMs: 10_000, key: KEY }));
     for (const step of [0, 1]) {
       const inputs = Array.from({ length: R }, () => gradients(rng, n));
       const expected = referenceSum(inputs);
@@ -283,6 +321,7 @@ test('nonces never repeat under the job key: 64 random bits per instance ‖ its
     }
     await Promise.all(ncs.map((nc) => nc.flush()));
     for (const ar of ars) ar.close();
+    if (impl === 'thread') await Promise.all((ars as ThreadedAllReduce[]).map((ar) => ar.whenClosed())); // (their connections flushed)
   }
   await spy.flush();
   const dataMessages = 2 * 2 * R * R * 3; // lives × steps × ranks × (R−1 reduce-scatter slices + 1 all-gather slice) × 3 chunks
@@ -303,7 +342,7 @@ test('an instance refuses to send past 2^32 messages (its nonce counter would wr
   const job = jobId();
   const ars = ncs.map((nc, rank) => new NatsAllReduce(nc, { jobId: job, stage: 0, rank, worldSize: 2, timeoutMs: 1000, key: KEY }));
   await Promise.all(ars.map((ar) => ar.allReduceSum(0, new Float32Array(10))));
-  (ars[0] as unknown as { sent: number }).sent = 2 ** 32 - 1; // one nonce left
+  (ars[0] as unknown as { sender: { sealer: { sent: number } } }).sender.sealer.sent = 2 ** 32 - 1; // one nonce left
   const res = await Promise.allSettled(ars.map((ar) => ar.allReduceSum(1, new Float32Array(100_000)))); // 2 chunks to send
   assert.equal(res[0].status, 'rejected');
   assert.match(String((res[0] as PromiseRejectedResult).reason.message), /rank 0: this instance has sent 2\^32 messages, its nonce counter is spent\n {2}hint: create a new NatsAllReduce/);
@@ -311,11 +350,11 @@ test('an instance refuses to send past 2^32 messages (its nonce counter would wr
   for (const ar of ars) ar.close();
 });
 
-test('buckets: several all-reduces of one step in flight at once, started in different orders per rank, each bit-identical to the fixed-order sum', { skip }, async () => {
+for (const impl of IMPLS) test(`${impl}: buckets: several all-reduces of one step in flight at once, started in different orders per rank, each bit-identical to the fixed-order sum`, { skip }, async () => {
   const R = 3;
   const ncs = await connections(R);
   const job = jobId();
-  const ars = ncs.map((nc, rank) => new NatsAllReduce(nc, { jobId: job, stage: 2, rank, worldSize: R, timeoutMs: 10_000, key: KEY }));
+  const ars = await ranks(impl, ncs, (rank) => ({ jobId: job, stage: 2, rank, worldSize: R, timeoutMs: 10_000, key: KEY }));
   const rng = new Philox(91);
   const sizes = [40_000, 7, 100_003, 16_320 * 3];
   for (const step of [0, 1]) {
@@ -340,11 +379,11 @@ test('buckets: several all-reduces of one step in flight at once, started in dif
   for (const ar of ars) ar.close();
 });
 
-test('a rank with another key is not heard: the others time out naming it, and nothing of it is summed', { skip }, async () => {
+for (const impl of IMPLS) test(`${impl}: a rank with another key is not heard: the others time out naming it, and nothing of it is summed`, { skip }, async () => {
   const ncs = await connections(2);
   const job = jobId();
-  const a = new NatsAllReduce(ncs[0], { jobId: job, stage: 0, rank: 0, worldSize: 2, timeoutMs: 500, key: KEY });
-  const b = new NatsAllReduce(ncs[1], { jobId: job, stage: 0, rank: 1, worldSize: 2, timeoutMs: 500, key: deriveAllReduceKey('other-token', job) });
+  const a = await rank(impl, ncs[0], { jobId: job, stage: 0, rank: 0, worldSize: 2, timeoutMs: 500, key: KEY });
+  const b = await rank(impl, ncs[1], { jobId: job, stage: 0, rank: 1, worldSize: 2, timeoutMs: 500, key: deriveAllReduceKey('other-token', job) });
   const buf = new Float32Array([1, 2, 3]);
   const res = await Promise.allSettled([a.allReduceSum(0, buf), b.allReduceSum(0, new Float32Array([5, 5, 5]))]);
   assert.ok(res[0].status === 'rejected' && (res[0] as PromiseRejectedResult).reason instanceof AllReduceTimeoutError);
@@ -353,18 +392,19 @@ test('a rank with another key is not heard: the others time out naming it, and n
   a.close(); b.close();
 });
 
-test('messages are at most 1 MiB by default, also when the server allows 8 MiB', { skip }, async () => {
+for (const impl of IMPLS) test(`${impl}: messages are at most 1 MiB by default, also when the server allows 8 MiB`, { skip }, async () => {
   const big = await startNatsServer({ maxPayload: 8 << 20 });
   const ncs = await Promise.all([0, 1].map(() => connect({ servers: big.url })));
   try {
     const job = jobId();
-    const ars = ncs.map((nc, rank) => new NatsAllReduce(nc, { jobId: job, stage: 0, rank, worldSize: 2, timeoutMs: 5000, key: KEY }));
+    const ars = await Promise.all(ncs.map((nc, r) => rank(impl, nc, { jobId: job, stage: 0, rank: r, worldSize: 2, timeoutMs: 5000, key: KEY }, big.url)));
     const bufs = [new Float32Array(768 << 10).fill(1), new Float32Array(768 << 10).fill(2)]; // 3 MiB: 1.5 MiB slices
     await Promise.all(ars.map((ar, r) => ar.allReduceSum(0, bufs[r])));
     assert.ok(bufs.every((b) => b.every((x) => x === 3)));
     // Each rank: its copy of the other's slice and its reduced slice, 2 chunks each (1 MiB less the header reserve).
     assert.deepEqual(ars.map((a) => a.stats.messagesSent), [4, 4]);
     for (const ar of ars) ar.close();
+    if (impl === 'thread') await Promise.all((ars as ThreadedAllReduce[]).map((ar) => ar.whenClosed()));
   } finally {
     await Promise.all(ncs.map((nc) => nc.close()));
     await big.stop();
@@ -378,4 +418,75 @@ test('invalid options are ConfigErrors', { skip }, async () => {
   assert.throws(() => new NatsAllReduce(nc, { jobId: 'a', stage: 0, rank: 0, worldSize: 2, timeoutMs: 1, key: new Uint8Array(8) }), /got 8 bytes/);
   assert.throws(() => new NatsAllReduce(nc, { jobId: 'a', stage: 0, rank: 2, worldSize: 2, timeoutMs: 1, key: KEY }), /rank 2 outside 0\.\.1/);
   assert.throws(() => new NatsAllReduce(nc, { jobId: 'a', stage: 0, rank: 0, worldSize: 2, timeoutMs: 1, maxPayload: MAX_PAYLOAD * 2, key: KEY }), /exceeds the server's max_payload 65536/);
+});
+
+test('thread: invalid options are the same ConfigErrors, from start()', { skip }, async () => {
+  const [nc] = await connections(1);
+  await assert.rejects(rank('thread', nc, { jobId: 'a.b', stage: 0, rank: 0, worldSize: 2, timeoutMs: 1, key: KEY }), (e: unknown) => e instanceof ConfigError && /cannot be a NATS subject token/.test(e.message));
+  await assert.rejects(rank('thread', nc, { jobId: 'a', stage: 0, rank: 0, worldSize: 2, timeoutMs: 1, maxPayload: MAX_PAYLOAD * 2, key: KEY }), /exceeds the server's max_payload 65536/);
+});
+
+test('thread: a refused connection names the address', { skip }, async () => {
+  const [nc] = await connections(1);
+  const url = `nats://127.0.0.1:${await freePort()}`;
+  await assert.rejects(rank('thread', nc, { jobId: 'a', stage: 0, rank: 0, worldSize: 2, timeoutMs: 1000, key: KEY }, url), (e: unknown) =>
+    e instanceof ConnectionError && e.message.includes(`cannot reach NATS at ${url}`));
+});
+
+test('a job may mix the implementations (same wire protocol): inline and threaded ranks end with the same fixed-order sum, bit for bit', { skip }, async () => {
+  const R = 3, n = 90_001;
+  const ncs = await connections(R);
+  const job = jobId();
+  const impls: Impl[] = ['thread', 'inline', 'thread2'];
+  const ars = await Promise.all(ncs.map((nc, r) => rank(impls[r], nc, { jobId: job, stage: 0, rank: r, worldSize: R, timeoutMs: 10_000, key: KEY })));
+  const rng = new Philox(4242);
+  for (const step of [0, 1]) {
+    const inputs = Array.from({ length: R }, () => gradients(rng, n));
+    const expected = referenceSum(inputs);
+    const bufs = inputs.map((x, r) => (r === 0 ? shared(x) : Float32Array.from(x))); // shared in place, or copied in and out
+    await Promise.all(ars.map((ar, r) => ar.allReduceSum(step, bufs[r])));
+    for (let r = 0; r < R; r++) assert.ok(bitsEqual(bufs[r], expected), `step ${step} rank ${r} (${impls[r]})`);
+  }
+  for (const ar of ars) ar.close();
+});
+
+for (const impl of IMPLS) test(`${impl}: close() during a call: the call fails at once, saying so`, { skip }, async () => {
+  const ncs = await connections(2);
+  const job = jobId();
+  const ars = await ranks(impl, ncs, (r) => ({ jobId: job, stage: 0, rank: r, worldSize: 2, timeoutMs: 30_000, key: KEY }));
+  await Promise.all(ars.map((ar) => ar.allReduceSum(0, shared(new Float32Array(1000)))));
+  const call = ars[0].allReduceSum(1, shared(new Float32Array(1000))); // rank 1 never calls
+  await new Promise((r) => setTimeout(r, 100));
+  const t0 = Date.now();
+  ars[0].close();
+  await assert.rejects(call, /closed during/);
+  assert.ok(Date.now() - t0 < 1000, `took ${Date.now() - t0} ms`);
+  ars[1].close();
+  if (impl === 'thread') {
+    // Both threads of both ranks exit, connections closed.
+    await Promise.all((ars as ThreadedAllReduce[]).map((ar) => ar.whenClosed()));
+    await assert.rejects(ars[0].allReduceSum(2, new Float32Array(10)), /used after close/);
+  }
+});
+
+test('thread: a NATS server gone mid-call fails the call at once, naming NATS (not a timeout blaming a peer)', { skip }, async () => {
+  const own = await startNatsServer({ maxPayload: MAX_PAYLOAD });
+  const ncs = await Promise.all([0, 1].map(() => connect({ servers: own.url, maxReconnectAttempts: -1 })));
+  try {
+    const job = jobId();
+    const ars = await Promise.all(ncs.map((nc, r) => rank('thread', nc, { jobId: job, stage: 0, rank: r, worldSize: 2, timeoutMs: 30_000, key: KEY }, own.url)));
+    await Promise.all(ars.map((ar) => ar.allReduceSum(0, shared(new Float32Array(1000)))));
+    const call = ars[0].allReduceSum(1, shared(new Float32Array(1000))); // rank 1 never calls
+    await new Promise((r) => setTimeout(r, 100));
+    const failed = assert.rejects(call, /cannot reach NATS at .*: the all-reduce's (receive|send) connection dropped/);
+    const t0 = Date.now();
+    await own.stop();
+    await failed;
+    assert.ok(Date.now() - t0 < 3000, `took ${Date.now() - t0} ms`);
+    for (const ar of ars) ar.close();
+    await Promise.all((ars as ThreadedAllReduce[]).map((ar) => ar.whenClosed()));
+  } finally {
+    await Promise.all(ncs.map((nc) => nc.close()));
+    await own.stop();
+  }
 });

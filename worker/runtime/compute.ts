@@ -80,6 +80,8 @@ class StageCompute {
    * comes back from the send thread after the receiver's ack, a bucket after its all-reduced values are written back.
    */
   private readonly pool = new BufferPool(32, 512 << 20);
+  /** Gradient buckets, in shared memory (the all-reduce's threads work on them in place), reused the same way. */
+  private readonly sharedPool = new BufferPool<SharedArrayBuffer>(32, 512 << 20, (n) => new SharedArrayBuffer(n));
   /** Where a received tensor's array goes once it is on the device (the receive thread's pool). */
   private toReceiver?: MessagePort;
 
@@ -152,7 +154,10 @@ class StageCompute {
         let off = 0;
         for (const p of this.bucketParams[r.bucket.index]) for (const g of gradients(p)) { overwrite(be, g, r.bucket.data.subarray(off, off + g.size)); off += g.size; }
         if (off !== r.bucket.data.length) throw new ShapeError(`gradient bucket ${r.bucket.index}: ${r.bucket.data.length} values for ${off} gradients`);
-        if (ownsBuffer(r.bucket.data)) this.pool.give(r.bucket.data.buffer as ArrayBuffer);
+        // The all-reduce is done with the bucket (its sends were copied out before it resolved): reuse it next step.
+        const bb = r.bucket.data.buffer;
+        if (bb instanceof SharedArrayBuffer) { if (r.bucket.data.byteOffset === 0 && r.bucket.data.byteLength === bb.byteLength) this.sharedPool.give(bb); }
+        else if (ownsBuffer(r.bucket.data)) this.pool.give(bb as ArrayBuffer);
         return { value: null };
       }
       case 'gradNormSq': return { value: gradNormSq(this.need().be, this.params) };
@@ -202,10 +207,12 @@ class StageCompute {
       // these posts (pendingBuckets), so the main thread has every bucket before it learns the backward is done.
       const parts = ps.flatMap(gradients).map((g) => be.downloadAsync(g));
       this.pendingBuckets.push(Promise.all(parts).then((hs) => {
-        const data = new Float32Array(this.pool.take(4 * gradientSize(ps)));
+        // Shared memory (reused from step to step): the all-reduce's threads (worker/allreduce-thread.ts) sum into it
+        // and send from it in place.
+        const data = new Float32Array(this.sharedPool.take(4 * gradientSize(ps)));
         let off = 0;
         for (const h of hs) { data.set(h as Float32Array, off); off += h.length; }
-        this.post({ bucket: { index: b, data } }, [data.buffer as ArrayBuffer]);
+        this.post({ bucket: { index: b, data } });
       }));
     };
   }
@@ -277,6 +284,7 @@ function gradientSize(ps: readonly LoraParams[]): number {
 
 function overwrite(be: Backend, dst: Tensor, src: Float32Array): void {
   if (dst.size !== src.length) throw new ShapeError(`tensor size mismatch (${dst.size} vs ${src.length})`);
+  // (a bucket in shared memory uploads as it is: the cuda addon reads any typed array's memory, src/addon.cpp viewArg)
   const t = be.upload(src, dst.shape, 'f32');
   be.scale(dst, 0); be.axpy(dst, t, 1); be.free(t);
 }

@@ -20,7 +20,8 @@ import { connect, type NatsConnection } from '@nats-io/transport-node';
 import type { BackendName } from '../../core/engine/index.ts';
 import { natsConnectOptions } from '../../common/nats-options.ts';
 import { connectionError } from '../../common/connection.ts';
-import { NatsAllReduce, deriveAllReduceKey } from '../allreduce.ts';
+import { NatsAllReduce, deriveAllReduceKey, type AllReduceStats } from '../allreduce.ts';
+import { ThreadedAllReduce } from '../allreduce-thread.ts';
 import { watchNatsConnection, type NatsLink } from '../../common/nats-link.ts';
 import { PipelineSender, type Peer } from '../transport/send-thread.ts';
 import { Inbox, StepAbortedError } from './inbox.ts';
@@ -41,6 +42,13 @@ const MAX_SENDS_IN_FLIGHT = 4;
 /** Gradient bytes per all-reduce bucket: big enough to amortise a NATS round, small enough to overlap backward. */
 const BUCKET_BYTES = 4 << 20;
 
+/** What the stage runner needs of an all-reduce: NatsAllReduce (this thread) or ThreadedAllReduce (threads of its own). */
+interface GradientAllReduce {
+  readonly stats: AllReduceStats;
+  allReduceBucket(seq: number, bucket: number, buf: Float32Array): Promise<void>;
+  close(): void;
+}
+
 export class StageRunner {
   readonly inbox = new Inbox();
   private a?: Assignment;
@@ -48,7 +56,7 @@ export class StageRunner {
   private readonly sender: PipelineSender;
   private peers: { prev?: string; next?: string } = {};
   private nc?: NatsConnection;
-  private allreduce?: NatsAllReduce;
+  private allreduce?: GradientAllReduce;
   /** Event-loop delay during steps (reported per step: the loop must never wait on compute). */
   private readonly loopDelay = monitorEventLoopDelay({ resolution: 1 });
   /** Why the last abort() happened (the error a step cut short reports). */
@@ -108,7 +116,9 @@ export class StageRunner {
     if (a.numReplicas > 1) {
       if (!a.natsUrl) throw new ConfigError(`stage ${a.stage} has ${a.numReplicas} replicas but no NATS URL was given`, { hint: 'start the coordinator with --nats URL (or nats-server on PATH in local mode), or the worker with --nats' });
       // NATS credentials and TLS come from the environment (a Kubernetes Secret, the mtls certificate), never from the
-      // job or a URL (common/nats-options.ts); a refused connection names the address.
+      // job or a URL (common/nats-options.ts); a refused connection names the address. This connection carries the
+      // link watch below (and the all-reduce with DQLORA_ALLREDUCE_THREADS=0); the all-reduce threads connect the
+      // same way, each on its own, and a drop of theirs fails the call naming NATS too.
       this.nc = await connect({ servers: a.natsUrl, name: `dqlora-${generationId(a)}-s${a.stage}-r${a.replica}`, timeout: 10_000, ...natsConnectOptions() })
         .catch((e: unknown) => { throw connectionError('NATS', a.natsUrl!, e); });
       // A NATS connection that drops while a step all-reduces: fail the step at once, naming NATS (the coordinator
@@ -117,7 +127,13 @@ export class StageRunner {
       this.natsLink = watchNatsConnection(this.nc, {
         onChange: (st, server) => { if (st !== 'up' && this.reducing) this.abort(`cannot reach NATS at ${server}: the connection dropped during the gradient all-reduce`); },
       });
-      this.allreduce = new NatsAllReduce(this.nc, { jobId: generationId(a), stage: a.stage, rank: a.replica, worldSize: a.numReplicas, timeoutMs: a.train.stepTimeoutMs, key: deriveAllReduceKey(this.jobToken, generationId(a)) });
+      const arOpts = { jobId: generationId(a), stage: a.stage, rank: a.replica, worldSize: a.numReplicas, timeoutMs: a.train.stepTimeoutMs, key: deriveAllReduceKey(this.jobToken, generationId(a)) };
+      // Off this thread by default: sending and receiving on threads of their own keep the event loop free for the
+      // pipeline and overlap each other (worker/allreduce-thread.ts). DQLORA_ALLREDUCE_THREADS=0: on this thread, on
+      // this connection (same wire protocol: ranks of either kind can run in one job).
+      this.allreduce = process.env.DQLORA_ALLREDUCE_THREADS === '0'
+        ? new NatsAllReduce(this.nc, arOpts)
+        : await ThreadedAllReduce.start({ ...arOpts, url: a.natsUrl, name: `dqlora-${generationId(a)}-s${a.stage}-r${a.replica}` });
     }
     this.inbox.begin(a.firstSeq);
     this.a = a;
@@ -314,7 +330,7 @@ export class StageRunner {
   /** A replica without micro-batches in this step: its gradients are zero, and its buckets must still take part. */
   private async reduceEmpty(seq: number): Promise<void> {
     const sizes = await this.compute.call({ op: 'bucketSizes', bucketBytes: BUCKET_BYTES }) as number[];
-    await Promise.all(sizes.map((n, k) => this.reduceBucket(seq, { index: k, data: new Float32Array(n) })));
+    await Promise.all(sizes.map((n, k) => this.reduceBucket(seq, { index: k, data: new Float32Array(new SharedArrayBuffer(4 * n)) })));
   }
 
   /** Clipping and AdamW with the coordinator's coefficient and learning rate (core/train/step.ts applyUpdate). */
@@ -338,7 +354,10 @@ export class StageRunner {
     if (this.peers.prev || this.peers.next) await this.sender.closePeers();
     this.peers = {};
     this.natsLink?.stop(); this.natsLink = undefined;
-    this.allreduce?.close(); this.allreduce = undefined;
+    const ar = this.allreduce;
+    this.allreduce = undefined;
+    ar?.close();
+    if (ar instanceof ThreadedAllReduce) await ar.whenClosed(); // (its threads have closed their connections)
     if (this.nc) { await this.nc.close().catch(() => {}); this.nc = undefined; }
     if (this.a) await this.compute.call({ op: 'release' }).catch(() => {});
     this.a = undefined;
