@@ -131,19 +131,14 @@ export class CudaBackend implements Backend {
   upload(data: Float32Array | Int32Array | Uint8Array | Uint16Array, shape: readonly number[], dtype?: DType | 'act'): Tensor {
     const n = shapeSize(shape);
     check(data.length === n, () => `upload: data has ${data.length} elements, shape [${shape.join(', ')}] needs ${n}`);
-    // Activations (from another stage) are staged: the copy is queued behind the kernels already on the stream instead
-    // of waiting for them, so the next micro-batch's kernels follow without a gap. Weights go synchronously.
-    const put = dtype === 'act' && this.nat.uploadStaged
-      ? (p: DevicePtr, d: Float32Array | Uint16Array) => this.nat.uploadStaged(p, d)
-      : (p: DevicePtr, d: Float32Array | Int32Array | Uint8Array | Uint16Array) => this.nat.upload(p, d);
     if (data instanceof Uint16Array) {
       // Raw bf16 bits: copied as they are into a bf16 tensor, widened on the device into an f32 one.
       check(dtype === 'bf16' || dtype === 'act', () => `upload: a Uint16Array is raw bf16 bits, for dtype 'bf16' or 'act' (got ${dtype ?? 'none'})`);
       const dt = this.resolve(dtype);
       const t = this.alloc(shape, dt);
-      if (dt === 'bf16') { put(t.ptr, data); return t; }
+      if (dt === 'bf16') { this.nat.upload(t.ptr, data); return t; }
       const tmp = this.alloc(shape, 'bf16');
-      put(tmp.ptr, data);
+      this.nat.upload(tmp.ptr, data);
       this.nat.convert(tmp.ptr, DTYPE_CODE.bf16, t.ptr, DTYPE_CODE[dt], n);
       this.free(tmp);
       return t;
@@ -153,13 +148,13 @@ export class CudaBackend implements Backend {
     if (dt === 'bf16') {
       check(data instanceof Float32Array, 'upload: bf16 tensors are uploaded from a Float32Array');
       const tmp = this.alloc(shape, 'f32');
-      put(tmp.ptr, data as Float32Array);
+      this.nat.upload(tmp.ptr, data);
       this.nat.convert(tmp.ptr, DTYPE_CODE.f32, t.ptr, DTYPE_CODE.bf16, n);
       this.free(tmp);
     } else {
       const want = dt === 'f32' ? Float32Array : dt === 'i32' ? Int32Array : Uint8Array;
       check(data instanceof want, () => `upload: a ${dt} tensor needs a ${want.name}, got ${data.constructor.name}`);
-      put(t.ptr, data as Float32Array);
+      this.nat.upload(t.ptr, data);
     }
     return t;
   }

@@ -62,11 +62,6 @@ export interface NativeAddon {
   free(p: Ptr): void;
   /** Synchronous host → device copy of the array's bytes. */
   upload(dst: Ptr, src: Float32Array | Int32Array | Uint8Array | Uint16Array): void;
-  /**
-   * Host → device copy queued on the stream without waiting for it: the bytes go to pinned staging first, so the
-   * array may be reused as soon as this returns (src/download_async.cpp). For activations from another stage.
-   */
-  uploadStaged(dst: Ptr, src: Float32Array | Uint16Array): void;
   /** Synchronous device → host copy into the array. */
   download(src: Ptr, dst: Float32Array | Int32Array | Uint8Array | Uint16Array): void;
   /**

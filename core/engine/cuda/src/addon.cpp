@@ -15,7 +15,6 @@ using namespace dq;
 
 namespace dq {
 Napi::Value downloadAsyncJs(const Napi::CallbackInfo& info);  // download_async.cpp
-Napi::Value uploadStagedJs(const Napi::CallbackInfo& info);    // download_async.cpp
 void pinnedTrim();
 
 // The JS error of a C++ exception: "dqlora cuda: <what>"; an OutOfMemory also gets code 'DQLORA_OOM' (the value
@@ -392,7 +391,6 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   EXPORT("upload", upload);
   EXPORT("download", download);
   EXPORT("downloadAsync", dq::downloadAsyncJs);
-  EXPORT("uploadStaged", dq::uploadStagedJs);
   EXPORT("memsetZero", memsetZero);
   EXPORT("copy", copy);
   EXPORT("synchronize", synchronize);

@@ -20,7 +20,6 @@
 #include "common.h"
 
 #include <cstring>
-#include <deque>
 #include <map>
 #include <mutex>
 
@@ -135,73 +134,8 @@ static cudaStream_t copyStream() {
   return g_copyStream;
 }
 
-// ---- staged uploads ------------------------------------------------------------------------------------------
-// uploadStaged(dst, src: TypedArray): the bytes are copied into pinned staging at once (the JS array may be reused
-// when the call returns) and the host → device copy is queued on the compute stream, behind the work already there,
-// without waiting for it: the JS thread goes on queueing kernels. The staging block returns to the cache once the
-// copy has run (checked at the next call, or waited for by pinnedTrim). For activations arriving from another stage;
-// `upload` (synchronous) stays for weights, whose sizes would churn the pinned cache.
-namespace {
-struct PendingUpload {
-  cudaEvent_t done;
-  Pinned pinned;
-};
-std::mutex uploadsMu;
-std::deque<PendingUpload> pendingUploads;
-
-void reapUploads(bool wait) {
-  std::lock_guard<std::mutex> lock(uploadsMu);
-  while (!pendingUploads.empty()) {
-    PendingUpload& u = pendingUploads.front();
-    cudaError_t e = wait ? cudaEventSynchronize(u.done) : cudaEventQuery(u.done);
-    if (e == cudaErrorNotReady) break;
-    (void)cudaGetLastError();  // a failed copy is reported by the next synchronising call; the block is returned anyway
-    pinnedRelease(u.pinned);
-    cudaEventDestroy(u.done);
-    pendingUploads.pop_front();
-  }
-}
-}  // namespace
-
-Napi::Value uploadStagedJs(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  try {
-    if (info.Length() < 2 || !info[0].IsNumber() || !info[1].IsTypedArray())
-      throw Error("uploadStaged(dst, src): expected a device pointer and a typed array");
-    void* dst = reinterpret_cast<void*>(static_cast<uintptr_t>(info[0].As<Napi::Number>().DoubleValue()));
-    Napi::TypedArray src = info[1].As<Napi::TypedArray>();
-    void* data = nullptr;
-    if (napi_get_typedarray_info(env, src, nullptr, nullptr, &data, nullptr, nullptr) != napi_ok)
-      throw Error("uploadStaged: cannot read the typed array's memory");
-    size_t bytes = src.ByteLength();
-    if (bytes == 0) return env.Undefined();
-    reapUploads(false);
-    Pinned pinned = pinnedAcquire(bytes);
-    cudaEvent_t done = nullptr;
-    try {
-      std::memcpy(pinned.p, data, bytes);
-      CUDA_CHECK(cudaMemcpyAsync(dst, pinned.p, bytes, cudaMemcpyHostToDevice, stream()));
-      CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
-      CUDA_CHECK(cudaEventRecord(done, stream()));
-    } catch (...) {
-      cudaStreamSynchronize(stream());  // a queued copy may still read the block
-      if (done) cudaEventDestroy(done);
-      pinnedRelease(pinned);
-      throw;
-    }
-    std::lock_guard<std::mutex> lock(uploadsMu);
-    pendingUploads.push_back(PendingUpload{done, pinned});
-    return env.Undefined();
-  } catch (const Napi::Error&) {
-    throw;
-  } catch (const std::exception& e) {
-    throw toJsError(env, e);
-  }
-}
-
-/** Frees the cached pinned staging blocks (called with the device pool's trim), after the staged uploads in flight. */
+/** Frees the cached pinned staging blocks (called with the device pool's trim). */
 void pinnedTrim() {
-  reapUploads(true);
   std::lock_guard<std::mutex> lock(pinnedMu);
   for (auto& kv : pinnedFree) cudaFreeHost(kv.second);
   pinnedFree.clear();
