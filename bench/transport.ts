@@ -10,6 +10,9 @@
 // per transfer) show the work per byte, which is what limits loopback and what a loaded machine does not blur.
 // The last column: the longest event-loop stall (monitorEventLoopDelay, 1 ms resolution) on each side during a gRPC
 // transfer, median over the rounds — what a worker's loop-lag metric sees of the transport.
+// "worker threads": the same gRPC transport as a worker runs it — PipelineSender (send thread) to PipelineReceiver
+// (receive thread), host arrays taken from and given back to pools as the compute thread does (CPU columns: the
+// whole process, all threads).
 import net from 'node:net';
 import http2 from 'node:http2';
 import os from 'node:os';
@@ -17,13 +20,18 @@ import { fork, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { crc32 } from '../wire/tensor.ts';
+import { PipelineSender } from '../worker/transport/send-thread.ts';
+import { PipelineReceiver } from '../worker/transport/receive-thread.ts';
+import { BufferPool } from '../common/buffer-pool.ts';
+import { MessageChannel } from 'node:worker_threads';
 import { startPipelineServer, PipelineClient, PIPELINE_DEFAULT_CHUNK_BYTES, PIPELINE_FLOW_CONTROL_WINDOW } from '../worker/transport/pipeline.ts';
 
 const MB = 1 << 20;
 const now = (): number => performance.timeOrigin + performance.now();
 
-type Job = { grpc: string; tcpPort: number; h2Port: number; chunk: number };
-type Kind = 'grpc' | 'tcp' | 'h2';
+type Job = { grpc: string; stage: string; tcpPort: number; h2Port: number; chunk: number };
+/** grpc: PipelineClient → startPipelineServer on the calling threads; stage: the worker's send thread → receive thread. */
+type Kind = 'grpc' | 'stage' | 'tcp' | 'h2';
 type Sample = [wallMs: number, sendCpuMs: number, receiveCpuMs: number, sendLagMs: number, receiveLagMs: number];
 type Cmd = { kind: Kind; round: number; bytes: number; inflight: number } | { stop: true };
 type Reply = { round: number; start: number; end: number; cpuMs: number; lagMs: number };
@@ -54,6 +62,15 @@ async function childMain(job: Job): Promise<void> {
     };
     pump();
   });
+  // The worker's path: a send thread whose sent arrays come back (after the ack) to a pool, as a compute thread's
+  // downloads do; the payload is copied into a pooled array before the timed send, as the download would write it.
+  const sender = new PipelineSender();
+  await sender.open('next', job.stage, { jobId: 'bench', jobToken: 'bench-token', chunkBytes: job.chunk, deadlineMs: 120_000, maxInFlight: 4 });
+  const sendPool = new BufferPool(16, 1 << 30);
+  const back = new MessageChannel();
+  back.port1.on('message', (b: ArrayBuffer) => sendPool.give(b));
+  back.port1.unref();
+  await sender.recycleTo(back.port2);
   const sock = net.connect(job.tcpPort, '127.0.0.1');
   sock.setNoDelay(true);
   await new Promise<void>((r) => sock.once('connect', () => r()));
@@ -72,14 +89,18 @@ async function childMain(job: Job): Promise<void> {
   };
   let step = 0;
   process.on('message', async (m: Cmd) => {
-    if ('stop' in m) { client.close(); sock.destroy(); h2.close(); process.disconnect(); return; }
+    if ('stop' in m) { client.close(); await sender.close(); sock.destroy(); h2.close(); process.disconnect(); return; }
     const { data, crc } = payload(m.bytes);
+    const staged = m.kind === 'stage' ? Array.from({ length: m.inflight }, () => { const a = new Float32Array(sendPool.take(m.bytes)); a.set(data); return a; }) : [];
     const u0 = process.cpuUsage();
     lagStart();
     const start = now();
     if (m.kind === 'grpc') {
       const s = step++;
       await Promise.all(Array.from({ length: m.inflight }, (_, i) => client.sendForward(s, i, data, [data.length], { crc32: crc })));
+    } else if (m.kind === 'stage') {
+      const s = step++;
+      await Promise.all(staged.map((a, i) => sender.send('next', 'forward', s, i, a, [a.length], 'f32', crc)));
     } else if (m.kind === 'h2') {
       const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
       await Promise.all(Array.from({ length: m.inflight }, () => h2Send(bytes)));
@@ -161,12 +182,18 @@ async function main(): Promise<void> {
   const chunk = Number(arg('chunk', String(PIPELINE_DEFAULT_CHUNK_BYTES)));
   const inflights = arg('inflight', '1').split(',').map(Number);
   const server = await startPipelineServer({ jobId: 'bench', jobToken: 'bench-token', maxMessageBytes: Math.max(chunk, PIPELINE_DEFAULT_CHUNK_BYTES), onForward: () => {}, onBackward: () => {} });
+  // The worker's receive thread, with its pool of arrays fed back as a compute thread does once a tensor is on the device.
+  const given = new MessageChannel();
+  const stage = await PipelineReceiver.start({
+    host: '127.0.0.1', port: 0, jobId: 'bench', jobToken: 'bench-token', maxMessageBytes: Math.max(chunk, PIPELINE_DEFAULT_CHUNK_BYTES), recycle: given.port2,
+    onTensor: (_d, _s, _m, t) => { const b = t.data.buffer; if (b instanceof ArrayBuffer) given.port1.postMessage(b, [b]); },
+  });
   const tcp = await startTcpSink();
   const h2s = await startH2Sink();
   // --profile DIR: the sender (child) writes a V8 CPU profile there (run this process with --cpu-prof for the receiver).
   const profDir = arg('profile', '');
   const execArgv = [...(import.meta.url.endsWith('.ts') ? ['--import', 'tsx'] : []), ...(profDir ? ['--cpu-prof', `--cpu-prof-dir=${profDir}`] : [])];
-  const child = fork(fileURLToPath(import.meta.url), [], { execArgv, env: { ...process.env, DQLORA_BENCH_CHILD: JSON.stringify({ grpc: server.address, tcpPort: tcp.port, h2Port: h2s.port, chunk } satisfies Job) } }) as ChildProcess;
+  const child = fork(fileURLToPath(import.meta.url), [], { execArgv, env: { ...process.env, DQLORA_BENCH_CHILD: JSON.stringify({ grpc: server.address, stage: stage.address, tcpPort: tcp.port, h2Port: h2s.port, chunk } satisfies Job) } }) as ChildProcess;
   await new Promise<void>((r) => child.once('message', () => r()));
   let round = 0;
   /** One transfer: wall ms, sender CPU ms, receiver (this process) CPU ms, longest event-loop stall ms sender, receiver. */
@@ -184,28 +211,30 @@ async function main(): Promise<void> {
     child.send({ kind, round: r, bytes, inflight } satisfies Cmd);
   });
   console.log(`# pipeline transport vs raw TCP — ${new Date().toISOString()} — ${os.cpus()[0]?.model ?? 'cpu'} × ${os.cpus().length}, load ${os.loadavg()[0].toFixed(1)}, node ${process.version}, chunk ${chunk} B, median of ${reps}`);
-  console.log('| tensor | in flight | raw TCP MB/s | HTTP/2 MB/s | gRPC MB/s | HTTP/2 / raw | gRPC / raw | CPU ms send / receive, raw | HTTP/2 | gRPC | gRPC longest loop stall ms send / receive |');
-  console.log('|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
+  console.log('| tensor | in flight | raw TCP MB/s | HTTP/2 MB/s | gRPC MB/s | HTTP/2 / raw | gRPC / raw | CPU ms send / receive, raw | HTTP/2 | gRPC | gRPC longest loop stall ms send / receive | gRPC, worker threads MB/s | / raw | CPU ms send / receive |');
+  console.log('|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
   for (const inflight of inflights) {
     for (const mb of sizes) {
       const bytes = mb * MB;
-      const g: Sample[] = [], t: Sample[] = [], h: Sample[] = [];
+      const g: Sample[] = [], t: Sample[] = [], h: Sample[] = [], st: Sample[] = [];
       for (let i = 0; i < reps + 2; i++) {
         const tm = await once('tcp', bytes, inflight);
         const hm = await once('h2', bytes, inflight);
         const gm = await once('grpc', bytes, inflight);
-        if (i >= 2) { t.push(tm); h.push(hm); g.push(gm); } // rounds 0–1 warm up (JIT, connection, windows)
+        const sm = await once('stage', bytes, inflight);
+        if (i >= 2) { t.push(tm); h.push(hm); g.push(gm); st.push(sm); } // rounds 0–1 warm up (JIT, connection, windows, pools)
       }
       const col = (xs: Sample[], k: number): number => median(xs.map((x) => x[k]));
       const mbs = (xs: Sample[]): number => (mb * inflight) / (col(xs, 0) / 1000);
       const cpu = (xs: Sample[]): string => `${col(xs, 1).toFixed(0)} / ${col(xs, 2).toFixed(0)}`;
-      const rawMBs = mbs(t), h2MBs = mbs(h), grpcMBs = mbs(g);
-      console.log(`| ${mb} MiB | ${inflight} | ${rawMBs.toFixed(0)} | ${h2MBs.toFixed(0)} | ${grpcMBs.toFixed(0)} | ${(h2MBs / rawMBs).toFixed(2)} | ${(grpcMBs / rawMBs).toFixed(2)} | ${cpu(t)} | ${cpu(h)} | ${cpu(g)} | ${col(g, 3).toFixed(1)} / ${col(g, 4).toFixed(1)} |`);
+      const rawMBs = mbs(t), h2MBs = mbs(h), grpcMBs = mbs(g), stageMBs = mbs(st);
+      console.log(`| ${mb} MiB | ${inflight} | ${rawMBs.toFixed(0)} | ${h2MBs.toFixed(0)} | ${grpcMBs.toFixed(0)} | ${(h2MBs / rawMBs).toFixed(2)} | ${(grpcMBs / rawMBs).toFixed(2)} | ${cpu(t)} | ${cpu(h)} | ${cpu(g)} | ${col(g, 3).toFixed(1)} / ${col(g, 4).toFixed(1)} | ${stageMBs.toFixed(0)} | ${(stageMBs / rawMBs).toFixed(2)} | ${cpu(st)} |`);
     }
   }
   child.send({ stop: true });
   tcp.close();
   h2s.close();
+  await stage.close();
   await server.close();
   if (server.stats.rejected) throw new Error(`${server.stats.rejected} transfers were rejected`);
 }
