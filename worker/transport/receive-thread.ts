@@ -66,7 +66,10 @@ export class PipelineReceiver {
       let r: PipelineReceiver | undefined;
       const fail = (e: Error): void => {
         if (!r) { reject(e); return; }
-        r.dead = e;
+        // After close() the thread's exit is expected; before it, no tensor can arrive any more: the next step times
+        // out on it and the coordinator recovers (re-assigns), so say why here.
+        if (!r.dead) log.error({ err: e.message }, 'the pipeline receive thread stopped: this worker can no longer receive tensors');
+        r.dead ??= e;
         r.onClosed?.();
       };
       worker.on('message', (m: FromThread) => {
