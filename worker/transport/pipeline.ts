@@ -16,7 +16,8 @@
 // PIPELINE_RETRYABLE below is that list in code, for the one retry loop (in the coordinator/worker).
 //
 // Throughput (bench/transport.ts; bench/RESULTS.md has the numbers). Loopback HTTP/2 in grpc-js is CPU-bound,
-// not wire-bound, so what matters is the work per byte on both event loops:
+// not wire-bound, so what matters is the work per byte on both event loops (in a worker: the send thread's and the
+// receive thread's, send-thread.ts and receive-thread.ts):
 // - Flow control: HTTP/2 starts every stream and the connection at a 64 KiB window, and each refill needs a
 //   WINDOW_UPDATE from the receiver's event loop. Both ends here open the stream and connection windows to
 //   PIPELINE_FLOW_CONTROL_WINDOW (measured: ~10 % less CPU per byte than 64 KiB on loopback). grpc-js sets the
