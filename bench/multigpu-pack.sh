@@ -17,6 +17,8 @@ bundle worker/transport/thread-main.ts .device/transport-thread.mjs
 bundle worker/allreduce-main.ts .device/allreduce-thread.mjs
 # the transport and all-reduce micro-benchmarks, for the same device call: node .device/transport.mjs, .device/allreduce.mjs
 bundle bench/transport.ts .device/transport.mjs
+# the cuda op tests (bench/gpu/distributed-all.sh runs them first)
+bundle test/engine/cuda-ops.test.ts .device/cuda-ops.test.mjs
 bundle bench/allreduce.ts .device/allreduce.mjs
 # The bundles resolve a few package files at load time (the status page's uPlot): give them a node_modules there.
 mkdir -p .device/node_modules && rm -rf .device/node_modules/uplot && cp -r node_modules/uplot .device/node_modules/
