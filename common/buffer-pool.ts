@@ -5,6 +5,21 @@
 // after the receiver's ack) and the next tensor of the same size reuses one. Sizes that do not repeat just miss.
 // Contents of a reused array are stale: every user overwrites all of it.
 
+/**
+ * The memory behind `a` when `a` spans all of it: what may move to another thread (transfer) or back into a pool
+ * without taking sibling views along. undefined for a view into a larger buffer (a Node Buffer pool slice, a chunk).
+ */
+export function wholeBuffer(a: ArrayBufferView): ArrayBuffer | SharedArrayBuffer | undefined {
+  const b = a.buffer;
+  return a.byteOffset === 0 && a.byteLength === b.byteLength ? b : undefined;
+}
+
+/** wholeBuffer, for a non-shared ArrayBuffer only (what postMessage can transfer). */
+export function wholeArrayBuffer(a: ArrayBufferView): ArrayBuffer | undefined {
+  const b = wholeBuffer(a);
+  return b instanceof ArrayBuffer ? b : undefined;
+}
+
 export class BufferPool<B extends ArrayBuffer | SharedArrayBuffer = ArrayBuffer> {
   private readonly free: B[] = [];
   private bytes = 0;

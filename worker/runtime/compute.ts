@@ -17,7 +17,7 @@ import { crc32 } from '../../wire/tensor.ts';
 import { loadCheckpoint } from '../../common/checkpoint.ts';
 import { DqloraError, ShapeError } from '../../common/errors.ts';
 import { computeNice, niceThisThread } from '../../common/thread-priority.ts';
-import { BufferPool } from '../../common/buffer-pool.ts';
+import { BufferPool, wholeArrayBuffer, wholeBuffer } from '../../common/buffer-pool.ts';
 
 /**
  * Activations / gradients crossing between the threads, [rows, hidden]: float32, or raw bfloat16 bits (Uint16Array)
@@ -155,9 +155,9 @@ class StageCompute {
         for (const p of this.bucketParams[r.bucket.index]) for (const g of gradients(p)) { overwrite(be, g, r.bucket.data.subarray(off, off + g.size)); off += g.size; }
         if (off !== r.bucket.data.length) throw new ShapeError(`gradient bucket ${r.bucket.index}: ${r.bucket.data.length} values for ${off} gradients`);
         // The all-reduce is done with the bucket (its sends were copied out before it resolved): reuse it next step.
-        const bb = r.bucket.data.buffer;
-        if (bb instanceof SharedArrayBuffer) { if (r.bucket.data.byteOffset === 0 && r.bucket.data.byteLength === bb.byteLength) this.sharedPool.give(bb); }
-        else if (ownsBuffer(r.bucket.data)) this.pool.give(bb as ArrayBuffer);
+        const bb = wholeBuffer(r.bucket.data);
+        if (bb instanceof SharedArrayBuffer) this.sharedPool.give(bb);
+        else if (bb) this.pool.give(bb);
         return { value: null };
       }
       case 'gradNormSq': return { value: gradNormSq(this.need().be, this.params) };
@@ -246,7 +246,8 @@ class StageCompute {
 
   /** `t`, after `host` (a received tensor) was copied onto the device: its array goes back to the receive thread. */
   private uploaded(t: Tensor, host: Float32Array | Uint16Array): Tensor {
-    if (this.toReceiver && ownsBuffer(host)) this.toReceiver.postMessage(host.buffer, [host.buffer as ArrayBuffer]);
+    const b = wholeArrayBuffer(host);
+    if (this.toReceiver && b) this.toReceiver.postMessage(b, [b]);
     return t;
   }
 
@@ -270,12 +271,6 @@ class StageCompute {
  */
 function gradients(p: LoraParams): Tensor[] {
   return p.trainable().map((t) => t.grad);
-}
-
-/** True when `a` spans its whole ArrayBuffer (so the buffer may move to another thread without losing siblings). */
-function ownsBuffer(a: ArrayBufferView): boolean {
-  const b = a.buffer;
-  return b instanceof ArrayBuffer && a.byteOffset === 0 && a.byteLength === b.byteLength;
 }
 
 function gradientSize(ps: readonly LoraParams[]): number {

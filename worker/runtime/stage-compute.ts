@@ -3,6 +3,7 @@
 // step's last backward arrive through `onBucket` before that backward's reply.
 import { Worker, type MessagePort } from 'node:worker_threads';
 import type { BackendName } from '../../core/engine/index.ts';
+import { wholeArrayBuffer } from '../../common/buffer-pool.ts';
 import type { ComputeInfo, ComputeReply, ComputeRequest, GradBucket } from './compute.ts';
 import { BackendError, CheckpointError, ConfigError, DqloraError, FormatError, ShapeError, UnsupportedError, WireError } from '../../common/errors.ts';
 
@@ -11,9 +12,9 @@ const ERRORS: Record<string, new (m: string) => Error> = { BackendError, Checkpo
 /** Buffers of the typed arrays in `v` (one level of object nesting) that may be moved to the other thread. */
 function transferables(v: unknown, out: ArrayBuffer[] = [], depth = 0): ArrayBuffer[] {
   if (ArrayBuffer.isView(v)) {
-    const b = v.buffer;
     // A view into a larger buffer (a Node Buffer pool, a chunk assembly) cannot be moved without losing its siblings.
-    if (b instanceof ArrayBuffer && v.byteOffset === 0 && v.byteLength === b.byteLength && !out.includes(b)) out.push(b);
+    const b = wholeArrayBuffer(v);
+    if (b && !out.includes(b)) out.push(b);
   } else if (v && typeof v === 'object' && depth < 3) {
     for (const x of Object.values(v)) transferables(x, out, depth + 1);
   }

@@ -54,7 +54,6 @@ export class StageRunner {
   private a?: Assignment;
   /** Outgoing tensors are encoded and written to gRPC on the send thread (worker/transport/send-thread.ts). */
   private readonly sender: PipelineSender;
-  private peers: { prev?: string; next?: string } = {};
   private nc?: NatsConnection;
   private allreduce?: GradientAllReduce;
   /** Event-loop delay during steps (reported per step: the loop must never wait on compute). */
@@ -112,7 +111,6 @@ export class StageRunner {
     const popts = { jobId: generationId(a), jobToken: this.jobToken, maxInFlight: MAX_SENDS_IN_FLIGHT, chunkBytes: a.train.chunkBytes, deadlineMs: a.train.stepTimeoutMs };
     if (a.prev) await this.sender.open('prev', a.prev, popts);
     if (a.next) await this.sender.open('next', a.next, popts);
-    this.peers = { prev: a.prev || undefined, next: a.next || undefined };
     if (a.numReplicas > 1) {
       if (!a.natsUrl) throw new ConfigError(`stage ${a.stage} has ${a.numReplicas} replicas but no NATS URL was given`, { hint: 'start the coordinator with --nats URL (or nats-server on PATH in local mode), or the worker with --nats' });
       // NATS credentials and TLS come from the environment (a Kubernetes Secret, the mtls certificate), never from the
@@ -351,8 +349,7 @@ export class StageRunner {
   /** Closes peer connections and drops the loaded stage. */
   async release(): Promise<void> {
     this.inbox.abort('stage released');
-    if (this.peers.prev || this.peers.next) await this.sender.closePeers();
-    this.peers = {};
+    await this.sender.closePeers();
     this.natsLink?.stop(); this.natsLink = undefined;
     const ar = this.allreduce;
     this.allreduce = undefined;

@@ -9,7 +9,7 @@
 // metric. TLS credentials, the connection guard and the server options are built in this thread from the same
 // environment (common/tls.ts, common/grpc-guard.ts).
 import { parentPort, type MessagePort, type Worker } from 'node:worker_threads';
-import { BufferPool } from '../../common/buffer-pool.ts';
+import { BufferPool, wholeArrayBuffer } from '../../common/buffer-pool.ts';
 import { serverCredentials } from '../../common/tls.ts';
 import { DqloraError } from '../../common/errors.ts';
 import { SERVER_HYGIENE, listenGuarded, type RejectionLog } from '../../common/grpc-guard.ts';
@@ -135,11 +135,10 @@ export function serveReceiver(): void {
   const rejections = { record: (reason: RejectReason, peer: string, message: string): void => post({ op: 'reject', reason, peer, message }) };
   const deliver = (direction: Direction) => (step: number, microBatch: number, tensor: HostTensor): Promise<void> => {
     const id = next++;
-    const b = tensor.data.buffer;
-    const whole = b instanceof ArrayBuffer && tensor.data.byteOffset === 0 && tensor.data.byteLength === b.byteLength;
+    const b = wholeArrayBuffer(tensor.data);
     return new Promise<void>((resolve, reject) => {
       answers.set(id, { resolve, reject });
-      post({ op: 'tensor', id, direction, step, microBatch, tensor }, whole ? [b as ArrayBuffer] : []);
+      post({ op: 'tensor', id, direction, step, microBatch, tensor }, b ? [b] : []);
     });
   };
   port.on('message', (m: ToThread) => {

@@ -13,6 +13,7 @@
 import { Worker, parentPort, type MessagePort } from 'node:worker_threads';
 import { channelCredentials } from '../../common/tls.ts';
 import { DqloraError } from '../../common/errors.ts';
+import { wholeArrayBuffer } from '../../common/buffer-pool.ts';
 import { bf16ToTensor, f32ToBf16Tensor, f32ToTensor } from '../../wire/tensor.ts';
 import type { ChunkAck } from '../../proto/gen/dqlora/v1/pipeline.ts';
 import { PipelineClient, PipelineSendError, type Direction, type PipelineClientOptions } from './pipeline.ts';
@@ -92,8 +93,8 @@ export class PipelineSender {
    * whole buffer (it is detached here then: do not use it after the call), else it is copied.
    */
   async send(peer: Peer, dir: Direction, step: number, microBatch: number, data: Uint16Array | Float32Array, shape: readonly number[], form: WireForm, crc32?: number): Promise<ChunkAck> {
-    const b = data.buffer;
-    const transfer = b instanceof ArrayBuffer && data.byteOffset === 0 && data.byteLength === b.byteLength ? [b] : [];
+    const b = wholeArrayBuffer(data);
+    const transfer = b ? [b] : [];
     const r = await this.call({ id: this.next++, op: 'send', peer, dir, step, microBatch, data, shape: [...shape], form, crc32 }, transfer);
     this.bytesSent[peer] += r.bytes ?? 0;
     this.sentBytes?.inc({ transport: 'grpc' }, r.bytes ?? 0);
@@ -131,8 +132,8 @@ export function serveSender(): void {
   let recycle: MessagePort | undefined;
   /** The sent array, back to its owner's pool once the send has settled (the bytes are no longer needed). */
   const giveBack = (a: ArrayBufferView): void => {
-    const b = a.buffer;
-    if (recycle && b instanceof ArrayBuffer && a.byteOffset === 0 && a.byteLength === b.byteLength) recycle.postMessage(b, [b]);
+    const b = wholeArrayBuffer(a);
+    if (recycle && b) recycle.postMessage(b, [b]);
   };
   const post = (m: Reply): void => port.postMessage(m);
   const fail = (id: number, e: unknown): void => {
